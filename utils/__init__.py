@@ -1,0 +1,1 @@
+"""EOSS library code: data, models, losses, curvature measurements, run folders."""
