@@ -1,0 +1,185 @@
+"""training.py end to end, in-process through main(argv), plus two subprocess smoke tests."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+import training
+from utils.checkpoints import list_checkpoints, load_checkpoint
+from utils.results import is_timing_column, read_results
+
+SMALL = ["--width", "16", "--num-data", "200", "--batch", "16", "--quiet"]
+
+
+def train(tmp_path, *extra, name="run"):
+    run_dir = tmp_path / name
+    code = training.main([*SMALL, "--run-dir", str(run_dir), *extra])
+    return code, run_dir
+
+
+def without_timing(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[[c for c in frame.columns if not is_timing_column(c)]]
+
+
+def test_run_folder_contract(results_env, capsys):
+    code, run_dir = train(results_env, "--steps", "30", "--checkpoint-every", "10")
+    assert code == 0
+    assert f"run folder: {run_dir}" in capsys.readouterr().out
+    frame = read_results(run_dir / "results.txt")
+    for column in ("epoch", "step", "batch_loss", "full_loss", "full_accuracy", "wall_time"):
+        assert column in frame.columns
+    assert list(frame["step"]) == list(range(30))
+    assert frame["full_loss"].notna().iloc[0] and frame["batch_loss"].notna().all()
+    assert (frame["wall_time"].diff().dropna() >= 0).all()
+    lines = (run_dir / "results.txt").read_text().splitlines()
+    assert lines[0].startswith("# ") and lines[1].startswith("# command: training.py")
+
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["version"] == 1
+    assert record["config"]["lr"] == 0.05 and record["config"]["dataset"] == "digits"
+    assert record["resolved"]["num_train"] == 200 and record["resolved"]["total_steps"] == 30
+    assert record["resolved"]["num_params"] == 64 * 16 + 16 + 16 * 16 + 16 + 16 * 10 + 10
+    assert "torch" in record["versions"] and record["device"] == "cpu"
+
+    steps = [step for step, _ in list_checkpoints(run_dir)]
+    assert steps == [0, 10, 20, 30]
+    state = load_checkpoint(list_checkpoints(run_dir)[-1][1])
+    assert {"model", "optimizer", "step", "epoch", "rng"} <= set(state)
+    assert state["step"] == 30
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["final_step"] == 30
+    assert 0 <= summary["final_test_accuracy"] <= 1
+
+
+def test_identical_seeds_give_identical_results(results_env):
+    args = ("--steps", "25", "--lambdamax", "--batch-sharpness", "--measure-every", "8")
+    train(results_env, *args, name="a")
+    train(results_env, *args, name="b")
+    a = read_results(results_env / "a" / "results.txt")
+    b = read_results(results_env / "b" / "results.txt")
+    pd.testing.assert_frame_equal(without_timing(a), without_timing(b))
+    assert a["lambda_max"].notna().sum() == 4  # steps 0, 8, 16, 24
+    c_code, _ = train(results_env, "--steps", "25", "--init-seed", "3", name="c")
+    c = read_results(results_env / "c" / "results.txt")
+    assert not c["batch_loss"].equals(a["batch_loss"])
+
+
+def test_trained_parameters_match_a_manual_sgd_loop(results_env):
+    """The loop is plain SGD over seeded per-epoch permutations, nothing hidden."""
+    from utils.data import load_dataset
+    from utils.losses import mse_loss
+    from utils.models import build_model
+    from utils.training import epoch_permutation
+
+    _, run_dir = train(results_env, "--steps", "15", "--checkpoint-every", "100")
+    data = load_dataset("digits", root=".", num_data=200)
+    model = build_model("mlp", data.input_shape, data.output_dim, width=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    per_epoch = 200 // 16
+    for step in range(15):
+        epoch, pos = divmod(step, per_epoch)
+        idx = epoch_permutation(1, epoch, 200)[pos * 16:(pos + 1) * 16]
+        opt.zero_grad()
+        mse_loss(model(data.X_train[idx]), data.Y_train[idx]).backward()
+        opt.step()
+    saved = load_checkpoint(str(run_dir / "checkpoints" / "step_15.pt"))["model"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(saved[name], tensor), name
+
+
+def test_epochs_drop_the_last_partial_batch(results_env):
+    code, run_dir = train(results_env, "--epochs", "2")
+    frame = read_results(run_dir / "results.txt")
+    assert len(frame) == 2 * (200 // 16)
+    assert list(frame["epoch"].unique()) == [0, 1]
+
+
+def test_log_every_and_keep_checkpoints(results_env):
+    code, run_dir = train(results_env, "--steps", "20", "--log-every", "5", "--full-loss-every", "10",
+                          "--checkpoint-every", "4", "--keep-checkpoints", "2")
+    frame = read_results(run_dir / "results.txt")
+    assert list(frame["step"]) == [0, 5, 10, 15, 19]
+    assert [s for s, _ in list_checkpoints(run_dir)] == [16, 20]
+
+
+def test_stop_loss_and_divergence(results_env):
+    code, run_dir = train(results_env, "--steps", "20", "--stop-loss", "100", name="stop")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert code == 0 and summary["status"] == "stopped_at_loss" and summary["final_step"] == 0
+
+    code, run_dir = train(results_env, "--steps", "50", "--lr", "1e4", name="div")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert code == 0 and summary["status"] == "diverged"
+    frame = read_results(run_dir / "results.txt")
+    assert not torch.isfinite(torch.tensor(frame["batch_loss"].iloc[-1]))
+    assert len(frame) == summary["final_step"] + 1
+
+
+def test_default_run_folder_name(results_env):
+    code = training.main([*SMALL, "--steps", "3", "--lr", "0.02"])
+    code2 = training.main([*SMALL, "--steps", "3", "--lr", "0.02"])
+    folders = sorted(os.listdir(results_env / "results" / "digits_mlp"))
+    assert code == code2 == 0 and len(folders) == 2
+    assert all("_lr0.02_b16" in f for f in folders)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--lr", "0"], "--lr"),
+    (["--lr", "-1"], "--lr"),
+    (["--batch", "0"], "--batch"),
+    (["--num-data", "100", "--batch", "500"], "larger than the training set"),
+    (["--steps", "5", "--epochs", "1"], "either --steps or --epochs"),
+    (["--dataset", "imagenet"], "unknown data set"),
+    (["--model", "vit"], "unknown model"),
+    (["--loss", "hinge"], "unknown loss"),
+    (["--activation", "relu6"], "unknown activation"),
+    (["--model", "cnn"], "cnn"),
+    (["--classes", "1", "11"], "11"),
+    (["--num-data", "5000"], "5000"),
+    (["--momentum", "0.9", "--adam"], "--adam"),
+    (["--lr", "abc"], "--lr"),
+    (["--no-such-flag"], "--no-such-flag"),
+    (["--dataset", "cifar10"], "--download"),
+])
+def test_user_errors_exit_2_with_one_line(results_env, capsys, argv, fragment):
+    code = training.main(["--quiet", "--steps", "2", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("training.py: error:") and fragment in err
+    assert not (results_env / "results").exists() or not any((results_env / "results").rglob("config.json"))
+
+
+def test_unwritable_results_folder(results_env, capsys, monkeypatch):
+    blocker = results_env / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("RESULTS", str(blocker / "results"))
+    code = training.main([*SMALL, "--steps", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "$RESULTS" in err
+
+
+def test_existing_run_dir_is_never_overwritten(results_env, capsys):
+    train(results_env, "--steps", "2")
+    before = (results_env / "run" / "results.txt").read_text()
+    code, _ = train(results_env, "--steps", "3")
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert (results_env / "run" / "results.txt").read_text() == before
+
+
+def test_subprocess_smoke(results_env):
+    env = {**os.environ, "RESULTS": str(results_env / "results")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "training.py", *SMALL, "--steps", "5"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    run_dir = done.stdout.strip().splitlines()[-1].removeprefix("run folder: ")
+    assert os.path.isfile(os.path.join(run_dir, "results.txt"))
+    bad = subprocess.run([sys.executable, "training.py", "--lr", "-1"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr

@@ -1,0 +1,14 @@
+"""Shared behaviour of the command-line scripts: user errors become one line and exit code 2."""
+
+import sys
+
+from utils.errors import UserError
+
+
+def run_cli(work, prog: str) -> int:
+    """Call ``work()`` and return its exit code; a UserError prints ``prog: error: ...`` and gives 2."""
+    try:
+        return work() or 0
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2

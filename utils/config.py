@@ -1,0 +1,236 @@
+"""Run configuration: the command-line flags of ``training.py``, their defaults and validation.
+
+:class:`RunConfig` holds every setting of a run with defaults resolved. It is written to the
+run folder's ``config.json`` and is enough to rebuild data, model and optimiser without the
+command line. All checks of user input live in :func:`validate`, so every mistake ends in one
+:class:`~utils.errors.UserError` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+
+from utils.data import DATASET_NAMES
+from utils.errors import UserError
+from utils.losses import LOSS_NAMES
+from utils.models import ACTIVATIONS, MODEL_NAMES
+
+CONFIG_VERSION = 1
+EIGEN_METHODS = ("lanczos", "lobpcg", "power")
+MEASUREMENTS = ("lambdamax", "batch_sharpness", "step_sharpness", "gni")
+
+
+@dataclass
+class RunConfig:
+    # data
+    dataset: str = "digits"
+    num_data: int | None = None
+    classes: list[int] | None = None
+    input_shape: list[int] | None = None
+    num_classes: int = 10
+    dataset_seed: int = 888
+    download: bool = False
+    # model
+    model: str = "mlp"
+    width: int = 512
+    depth: int = 2
+    activation: str = "relu"
+    init_scale: float = 0.2
+    init_seed: int = 8888
+    no_init: bool = False
+    # optimisation
+    loss: str = "mse"
+    lr: float = 0.05
+    batch: int = 64
+    momentum: float = 0.0
+    nesterov: bool = False
+    adam: bool = False
+    steps: int | None = None
+    epochs: int | None = None
+    data_ordering_seed: int = 1
+    stop_loss: float | None = None
+    # logging and checkpoints
+    full_loss_every: int | None = None
+    log_every: int = 1
+    checkpoint_every: int | None = None
+    keep_checkpoints: int | None = None
+    # measurements
+    lambdamax: bool = False
+    num_eigenvalues: int = 1
+    eig_method: str = "lanczos"
+    eig_tol: float = 1e-3
+    batch_sharpness: bool = False
+    step_sharpness: bool = False
+    gni: bool = False
+    final: bool = False
+    measure_every: int | None = None
+    lambdamax_every: int | None = None
+    batch_sharpness_every: int | None = None
+    step_sharpness_every: int | None = None
+    gni_every: int | None = None
+    hvp_chunk: int | None = None
+    measure_seed: int = 0
+    # where and how
+    cpu: bool = False
+    quiet: bool = False
+    run_dir: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"config has unknown settings {', '.join(unknown)}; it was written by a newer EOSS, update the code")
+        return cls(**values)
+
+
+DEFAULT_STEPS = 1000
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports mistakes as a UserError (one line) instead of printing usage."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``training.py`` command line; defaults come from :class:`RunConfig`."""
+    d = RunConfig()
+    p = _OneLineParser(prog="training.py", description="Train a network with SGD and measure its curvature.")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(DATASET_NAMES)} (default digits, offline)")
+    g.add_argument("--num-data", type=int, default=None, help="training subset size n (default: the whole training split)")
+    g.add_argument("--classes", type=int, nargs="+", default=None, help="keep only these labels (two classes with mse: one ±1 output)")
+    g.add_argument("--input-shape", default=None, help="synthetic data: input shape such as 3,32,32")
+    g.add_argument("--num-classes", type=int, default=d.num_classes, help="synthetic data: number of classes")
+    g.add_argument("--dataset-seed", type=int, default=d.dataset_seed, help="seed of the --num-data subset")
+    g.add_argument("--download", action="store_true", help="fetch missing torchvision data sets into $DATASETS")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model, help=f"one of {', '.join(MODEL_NAMES)}")
+    g.add_argument("--width", type=int, default=d.width, help="mlp hidden width")
+    g.add_argument("--depth", type=int, default=d.depth, help="mlp hidden layers")
+    g.add_argument("--activation", default=d.activation, help=f"one of {', '.join(ACTIVATIONS)}")
+    g.add_argument("--init-scale", type=float, default=d.init_scale, help="multiplies the Kaiming-normal initial weights")
+    g.add_argument("--init-seed", type=int, default=d.init_seed)
+    g.add_argument("--no-init", action="store_true", help="keep PyTorch's default initialisation")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--loss", default=d.loss, help="mse (sum over outputs, no 1/2, mean over samples) or ce")
+    g.add_argument("--lr", type=float, default=d.lr, help="step size eta")
+    g.add_argument("--batch", type=int, default=d.batch, help="mini-batch size b")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD heavy-ball momentum mu")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum)")
+    g.add_argument("--adam", action="store_true", help="Adam with betas (0.9, 0.999) instead of SGD")
+    g.add_argument("--steps", type=int, default=None, help=f"number of steps (default {DEFAULT_STEPS})")
+    g.add_argument("--epochs", type=int, default=None, help="number of epochs instead of --steps")
+    g.add_argument("--data-ordering-seed", type=int, default=d.data_ordering_seed, help="seed of the per-epoch shuffles")
+    g.add_argument("--stop-loss", type=float, default=None, help="stop once the full training loss is below this")
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--full-loss-every", type=int, default=None, help="full training loss cadence (default: dense early)")
+    g.add_argument("--log-every", type=int, default=d.log_every, help="write every k-th step to results.txt")
+    g.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint cadence in steps (default: about 20 per run)")
+    g.add_argument("--keep-checkpoints", type=int, default=None, help="keep only the newest K checkpoints (default: all)")
+    g = p.add_argument_group("measurements")
+    g.add_argument("--lambdamax", action="store_true", help="full-batch top Hessian eigenvalue lambda_max")
+    g.add_argument("--num-eigenvalues", type=int, default=d.num_eigenvalues, help="top-k eigenvalues with --lambdamax")
+    g.add_argument("--eig-method", default=d.eig_method, help=f"one of {', '.join(EIGEN_METHODS)}")
+    g.add_argument("--eig-tol", type=float, default=d.eig_tol, help="relative residual tolerance of the eigen-solver")
+    g.add_argument("--batch-sharpness", action="store_true", help="E_B[g_B^T H_B g_B / |g_B|^2] over random batches")
+    g.add_argument("--step-sharpness", action="store_true", help="the same Rayleigh quotient on the step's own batch")
+    g.add_argument("--gni", action="store_true", help="gradient-noise interaction E_B[g_B^T H g_B] / |g|^2")
+    g.add_argument("--final", action="store_true", help="measure lambda_max, batch sharpness and GNI at the end into final.json")
+    g.add_argument("--measure-every", type=int, default=None, help="cadence of every measurement")
+    for name in ("lambdamax", "batch-sharpness", "step-sharpness", "gni"):
+        g.add_argument(f"--{name}-every", type=int, default=None, help=f"cadence of --{name} (overrides --measure-every)")
+    g.add_argument("--hvp-chunk", type=int, default=None, help="samples per chunk of full-batch Hessian products (bounds memory)")
+    g.add_argument("--measure-seed", type=int, default=d.measure_seed, help="seed of the Monte Carlo batches of measurements")
+    g = p.add_argument_group("where and how")
+    g.add_argument("--cpu", action="store_true", help="use the CPU even when CUDA is available")
+    g.add_argument("--quiet", action="store_true", help="no progress output")
+    g.add_argument("--run-dir", default=None, help="write the run exactly into this folder instead of $RESULTS/...")
+    g = p.add_argument_group("continuing runs")
+    g.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue this run folder from its newest checkpoint")
+    g.add_argument("--resume-step", type=int, default=None, help="with --resume: continue from the checkpoint at this step")
+    g.add_argument("--cont-run", metavar="RUN_DIR", default=None, help="start a new run (a fork) from a checkpoint of this run")
+    g.add_argument("--cont-step", type=int, default=None, help="with --cont-run: fork from the newest checkpoint at or before this step")
+    return p
+
+
+def explicit_settings(argv: list[str]) -> dict:
+    """Only the flags actually given on the command line, as {dest: value}."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(**settings_from_args(vars(args)))
+
+
+def settings_from_args(values: dict) -> dict:
+    """The RunConfig fields among parsed arguments, with --input-shape turned into a list."""
+    values = dict(values)
+    if values.get("input_shape") is not None:
+        try:
+            values["input_shape"] = [int(part) for part in str(values["input_shape"]).split(",")]
+        except ValueError:
+            raise UserError(f"--input-shape {values['input_shape']!r} is not a comma-separated list of integers; write it like 3,32,32")
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    return {k: v for k, v in values.items() if k in known}
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check every setting a user can get wrong; raise one UserError line naming the fix."""
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise UserError(message)
+
+    need(cfg.dataset in DATASET_NAMES, f"unknown data set {cfg.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
+    need(cfg.model in MODEL_NAMES, f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+    need(cfg.loss in LOSS_NAMES, f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSS_NAMES)}")
+    need(cfg.activation in ACTIVATIONS, f"unknown activation {cfg.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+    need(cfg.eig_method in EIGEN_METHODS, f"unknown --eig-method {cfg.eig_method!r}; choose one of {', '.join(EIGEN_METHODS)}")
+    need(math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a positive number, got {cfg.lr}")
+    need(cfg.batch >= 1, f"--batch must be at least 1, got {cfg.batch}")
+    need(cfg.steps is None or cfg.epochs is None, "give either --steps or --epochs, not both")
+    need(cfg.steps is None or cfg.steps >= 1, f"--steps must be at least 1, got {cfg.steps}")
+    need(cfg.epochs is None or cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}")
+    need(cfg.num_data is None or cfg.num_data >= 1, f"--num-data must be at least 1, got {cfg.num_data}")
+    need(math.isfinite(cfg.momentum) and 0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
+    need(not (cfg.adam and cfg.momentum > 0), "--momentum and --adam cannot be combined; drop one of them")
+    need(not (cfg.nesterov and cfg.momentum == 0), "--nesterov needs --momentum > 0")
+    need(not (cfg.adam and cfg.nesterov), "--nesterov and --adam cannot be combined; drop one of them")
+    need(cfg.init_scale > 0 and math.isfinite(cfg.init_scale), f"--init-scale must be positive, got {cfg.init_scale}")
+    need(cfg.width >= 1 and cfg.depth >= 1, "--width and --depth must be at least 1")
+    need(cfg.num_classes >= 2, f"--num-classes must be at least 2, got {cfg.num_classes}")
+    need(cfg.input_shape is None or (len(cfg.input_shape) in (1, 2, 3) and all(s >= 1 for s in cfg.input_shape)),
+         "--input-shape needs one to three positive sizes, such as 3,32,32")
+    need(cfg.input_shape is None or cfg.dataset == "synthetic", "--input-shape only applies to --dataset synthetic")
+    need(cfg.classes is None or len(set(cfg.classes)) == len(cfg.classes) and len(cfg.classes) >= 2,
+         "--classes needs at least two different labels, such as --classes 1 9")
+    need(cfg.num_eigenvalues >= 1, f"--num-eigenvalues must be at least 1, got {cfg.num_eigenvalues}")
+    need(cfg.num_eigenvalues == 1 or cfg.eig_method != "power", "power iteration finds one eigenvalue; use --eig-method lobpcg for --num-eigenvalues > 1")
+    need(0 < cfg.eig_tol < 1, f"--eig-tol must be in (0, 1), got {cfg.eig_tol}")
+    need(cfg.stop_loss is None or cfg.stop_loss > 0, f"--stop-loss must be positive, got {cfg.stop_loss}")
+    need(cfg.log_every >= 1, f"--log-every must be at least 1, got {cfg.log_every}")
+    for flag in ("full_loss_every", "checkpoint_every", "keep_checkpoints", "measure_every", "lambdamax_every",
+                 "batch_sharpness_every", "step_sharpness_every", "gni_every", "hvp_chunk"):
+        value = getattr(cfg, flag)
+        need(value is None or value >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+
+
+def results_root() -> str:
+    return os.environ.get("RESULTS") or "./results"
+
+
+def datasets_root() -> str:
+    return os.environ.get("DATASETS") or "./datasets"

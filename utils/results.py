@@ -1,0 +1,114 @@
+"""The run folder contract: results.txt, json files and atomic writes.
+
+``results.txt`` holds ``#`` comment lines (a title and the command line), one header line of
+column names and one comma-separated row per logged step, ``nan`` where a value was not
+measured. ``pandas.read_csv(path, comment='#')`` returns named columns; readers use names,
+never positions. Columns that measure elapsed time are ``wall_time`` or end in ``_seconds``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+
+BASE_COLUMNS = ("epoch", "step", "batch_loss", "full_loss", "full_accuracy")
+TIME_COLUMN = "wall_time"
+
+
+def is_timing_column(name: str) -> bool:
+    """Columns that depend on elapsed time and so differ between identical runs."""
+    return name == TIME_COLUMN or name.endswith("_seconds")
+
+
+def format_value(value) -> str:
+    if value is None:
+        return "nan"
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if math.isnan(value):
+        return "nan"
+    return repr(value)  # shortest string that round-trips the float exactly
+
+
+class ResultsWriter:
+    """Appends rows to results.txt, flushing each one so a killed run keeps what it logged."""
+
+    def __init__(self, path: str, columns: list[str], comments: list[str] | None = None, append: bool = False):
+        self.path = path
+        self.columns = list(columns)
+        if append:
+            self._file = open(path, "a", encoding="utf-8")
+            return
+        self._file = open(path, "x", encoding="utf-8")
+        for line in comments or []:
+            self._file.write(f"# {line}\n")
+        self._file.write(",".join(self.columns) + "\n")
+        self._file.flush()
+
+    def write_row(self, values: dict) -> None:
+        unknown = set(values) - set(self.columns)
+        if unknown:
+            raise KeyError(f"values for columns that results.txt does not have: {sorted(unknown)}")
+        self._file.write(",".join(format_value(values.get(c)) for c in self.columns) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_results(path: str):
+    """results.txt as a pandas DataFrame with named columns."""
+    import pandas as pd
+
+    return pd.read_csv(path, comment="#")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write through a temporary file in the same folder and rename, so readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=True) + "\n")
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def make_run_folder(root: str, dataset: str, model: str, lr: float, batch: int) -> str:
+    """Create ``root/<dataset>_<model>/<YYYYmmdd_HHMMSS>_lr<lr>_b<batch>[_<k>]/`` and return it.
+
+    ``os.mkdir`` is atomic, so runs started in the same second get distinct suffixes instead
+    of sharing a folder.
+    """
+    parent = os.path.join(root, f"{dataset}_{model}")
+    os.makedirs(parent, exist_ok=True)
+    stem = f"{time.strftime('%Y%m%d_%H%M%S')}_lr{lr:g}_b{batch}"
+    for attempt in range(1, 10_000):
+        name = stem if attempt == 1 else f"{stem}_{attempt}"
+        path = os.path.join(parent, name)
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run folder under {parent}")

@@ -1,0 +1,492 @@
+"""The training loop: SGD (or momentum / Adam) on a data set held on the device.
+
+Steps are numbered 0..N-1. At step t the loop (1) checkpoints the state before update t when
+due, (2) lets the monitor take the measurements due at t on the parameters before update t,
+(3) computes the batch loss and gradient and applies update t, (4) writes row t of
+results.txt. Epoch e visits a permutation of the training set drawn from
+(data_ordering_seed, e); the last partial batch is dropped. Because the batch order and every
+measurement's randomness are pure functions of seeds and the step number, a run can be
+recomputed or continued from any checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from utils import schedule
+from utils.checkpoints import (checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
+                               rng_state, save_checkpoint, set_rng_state)
+from utils.config import CONFIG_VERSION, DEFAULT_STEPS, RunConfig, datasets_root, results_root, validate
+from utils.data import load_dataset
+from utils.errors import UserError
+from utils.losses import accuracy, get_loss
+from utils.models import build_model, count_parameters
+from utils.monitor import Monitor
+from utils.results import (BASE_COLUMNS, TIME_COLUMN, ResultsWriter, atomic_write_json, atomic_write_text,
+                           make_run_folder, read_json)
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built and checked before any file is written."""
+
+    cfg: RunConfig
+    device: torch.device
+    data: object
+    model: torch.nn.Module
+    loss_fn: object
+    optimizer: torch.optim.Optimizer
+    total_steps: int
+    steps_per_epoch: int
+
+
+def pick_device(force_cpu: bool) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and not force_cpu else "cpu")
+
+
+def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.adam:
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def epoch_permutation(data_ordering_seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The visiting order of epoch ``epoch``: a pure function of the seed and the epoch."""
+    generator = torch.Generator().manual_seed((data_ordering_seed * 1_000_003 + epoch) % (2**63 - 1))
+    return torch.randperm(n, generator=generator)
+
+
+def build(cfg: RunConfig) -> Setup:
+    """Validate ``cfg`` and build data, model, loss and optimiser (no files written)."""
+    validate(cfg)
+    device = pick_device(cfg.cpu)
+    data = load_dataset(cfg.dataset, root=datasets_root(), loss=cfg.loss, num_data=cfg.num_data,
+                        dataset_seed=cfg.dataset_seed, classes=cfg.classes,
+                        input_shape=tuple(cfg.input_shape) if cfg.input_shape else None,
+                        num_classes=cfg.num_classes, download=cfg.download, device=device)
+    n = data.X_train.shape[0]
+    if cfg.batch > n:
+        raise UserError(f"--batch {cfg.batch} is larger than the training set ({n} samples); use a smaller --batch or more --num-data")
+    model = build_model(cfg.model, data.input_shape, data.output_dim, width=cfg.width, depth=cfg.depth,
+                        activation=cfg.activation, init_scale=cfg.init_scale, init_seed=cfg.init_seed,
+                        no_init=cfg.no_init).to(device)
+    steps_per_epoch = n // cfg.batch
+    total_steps = cfg.epochs * steps_per_epoch if cfg.epochs else (cfg.steps or DEFAULT_STEPS)
+    return Setup(cfg, device, data, model, get_loss(cfg.loss), make_optimizer(cfg, model), total_steps, steps_per_epoch)
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, X, Y, chunk_size: int = 4096) -> tuple[float, float]:
+    """Mean loss and accuracy over (X, Y) in eval mode, in chunks; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    total, correct = 0.0, 0.0
+    for start in range(0, X.shape[0], chunk_size):
+        xb, yb = X[start:start + chunk_size], Y[start:start + chunk_size]
+        out = model(xb)
+        total += loss_fn(out, yb, reduction="sum").item()
+        correct += accuracy(out, yb) * xb.shape[0]
+    model.train(was_training)
+    return total / X.shape[0], correct / X.shape[0]
+
+
+def default_checkpoint_every(total_steps: int) -> int:
+    return max(1, total_steps // 20)
+
+
+def full_loss_schedule(cfg: RunConfig, total_steps: int):
+    if cfg.full_loss_every:
+        return schedule.every(cfg.full_loss_every)
+    return schedule.dense_early(total_steps, 50, 100)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def config_record(setup: Setup, measurement_plan: dict, command_line: list[str] | None) -> dict:
+    """The contents of config.json: every setting resolved, plus what the run was built from."""
+    import numpy
+    import torchvision
+
+    cfg, data = setup.cfg, setup.data
+    return {
+        "version": CONFIG_VERSION,
+        "config": cfg.to_dict(),
+        "resolved": {
+            "total_steps": setup.total_steps,
+            "steps_per_epoch": setup.steps_per_epoch,
+            "num_train": int(data.X_train.shape[0]),
+            "num_test": int(data.X_test.shape[0]),
+            "input_shape": list(data.input_shape),
+            "output_dim": data.output_dim,
+            "num_params": count_parameters(setup.model),
+            "checkpoint_every": cfg.checkpoint_every or default_checkpoint_every(setup.total_steps),
+            "schedule": {"full_loss": full_loss_schedule(cfg, setup.total_steps), **measurement_plan},
+            "measurement_mode": "train",
+        },
+        "device": str(setup.device),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "numpy": numpy.__version__},
+        "git_commit": _git_commit(),
+        "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command_line": command_line,
+    }
+
+
+class _SignalCatcher:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in EXIT_CODES:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _Progress:
+    """tqdm on a terminal; a plain line every tenth of the run otherwise; nothing when quiet."""
+
+    def __init__(self, total: int, initial: int, quiet: bool):
+        self.total, self.quiet, self.bar = total, quiet, None
+        self.interactive = sys.stderr.isatty()
+        if not quiet and self.interactive:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self.every = max(1, total // 10)
+
+    def update(self, step: int, info: dict) -> None:
+        if self.quiet:
+            return
+        text = ", ".join(f"{k}={v:.4g}" for k, v in info.items() if v is not None and not math.isnan(v))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(text, refresh=False)
+        elif (step + 1) % self.every == 0 or step + 1 == self.total:
+            print(f"step {step + 1}/{self.total}: {text}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def create_run_dir(cfg: RunConfig) -> str:
+    """The run folder: exactly --run-dir (which must not hold a run), or a new timestamped one."""
+    try:
+        if cfg.run_dir:
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.run_dir)), exist_ok=True)
+            try:
+                os.mkdir(cfg.run_dir)
+            except FileExistsError:
+                if os.listdir(cfg.run_dir):
+                    raise UserError(f"--run-dir {cfg.run_dir} already exists and is not empty; choose a new folder")
+            return cfg.run_dir
+        return make_run_folder(results_root(), cfg.dataset, cfg.model, cfg.lr, cfg.batch)
+    except PermissionError as exc:
+        raise UserError(f"cannot write the run folder ({exc.strerror}: {exc.filename}); set $RESULTS or --run-dir to a writable folder")
+    except OSError as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"cannot create the run folder ({exc.strerror}: {exc.filename}); set $RESULTS or --run-dir to a writable folder")
+
+
+def _results_comments(cfg: RunConfig, command_line) -> list[str]:
+    return [f"EOSS results: dataset {cfg.dataset}, model {cfg.model}, loss {cfg.loss}, lr {cfg.lr:g}, batch {cfg.batch}",
+            "command: " + " ".join(command_line or [])]
+
+
+def _finish(run_dir: str, setup: Setup, monitor: Monitor, writer: ResultsWriter, start_step: int,
+            elapsed_before: float) -> dict:
+    try:
+        summary = train_loop(setup, monitor, writer, run_dir, start_step=start_step, elapsed_before=elapsed_before)
+    finally:
+        writer.close()
+    atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
+    return summary
+
+
+def run(cfg: RunConfig, command_line: list[str] | None = None) -> tuple[str, dict]:
+    """Train one run into a new run folder; return (run folder, summary).
+
+    The summary's ``status`` is ``finished``, ``stopped_at_loss``, ``diverged`` or
+    ``interrupted`` (then ``signal`` names SIGINT or SIGTERM and ``exit_code`` is 130 / 143).
+    """
+    setup = build(cfg)
+    monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train)
+    record = config_record(setup, monitor.schedule, command_line)
+    run_dir = create_run_dir(cfg)
+    atomic_write_json(os.path.join(run_dir, "config.json"), record)
+    columns = list(BASE_COLUMNS) + monitor.columns + [TIME_COLUMN]
+    writer = ResultsWriter(os.path.join(run_dir, "results.txt"), columns, _results_comments(cfg, command_line))
+    return run_dir, _finish(run_dir, setup, monitor, writer, start_step=0, elapsed_before=0.0)
+
+
+def restore(setup: Setup, monitor: Monitor, state: dict, *, keep_optimizer_settings: bool = False) -> None:
+    """Load model, optimiser, random generators and eigenvector cache from a checkpoint.
+
+    With ``keep_optimizer_settings`` the optimiser's hyper-parameters (lr, momentum, ...) stay
+    those of ``setup.cfg`` while its state (momentum buffers, Adam moments) comes from the
+    checkpoint: what a continuation fork with a changed ``--lr`` needs.
+    """
+    try:
+        setup.model.load_state_dict(state["model"])
+    except RuntimeError:
+        raise UserError("the checkpoint's parameters do not fit this model; a fork must keep --model, --width, "
+                        "--depth and the data set of its parent")
+    saved_kind = state.get("optimizer_kind")
+    if saved_kind is None or saved_kind == type(setup.optimizer).__name__:
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in setup.optimizer.param_groups]
+        setup.optimizer.load_state_dict(state["optimizer"])
+        if keep_optimizer_settings:
+            for group, own in zip(setup.optimizer.param_groups, settings):
+                group.update(own)
+    set_rng_state(state["rng"])
+    monitor.eigenvectors = state.get("eigenvectors")
+    if monitor.eigenvectors is not None:
+        monitor.eigenvectors = monitor.eigenvectors.to(setup.device)
+
+
+def read_run_config(run_dir: str) -> dict:
+    """config.json of a run folder, checked; a folder that is not a run is a UserError."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir} does not exist; pass the folder of an EOSS run")
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir} is not an EOSS run folder (no config.json); pass the folder that training.py printed")
+    try:
+        record = read_json(path)
+    except (OSError, ValueError):
+        raise UserError(f"{path} is not valid JSON; the run folder is damaged")
+    if not isinstance(record, dict) or record.get("version") != CONFIG_VERSION or "config" not in record:
+        raise UserError(f"{path} has config format version {record.get('version') if isinstance(record, dict) else None!r}, "
+                        f"this code reads version {CONFIG_VERSION}; use the EOSS version that wrote the run")
+    return record
+
+
+def _pick_checkpoint(run_dir: str, step: int | None, at_or_before: bool) -> tuple[int, str]:
+    available = list_checkpoints(run_dir)
+    if not available:
+        raise UserError(f"{run_dir} has no checkpoints; a run can only be continued from checkpoints/step_<N>.pt")
+    if step is None:
+        return available[-1]
+    candidates = [(s, p) for s, p in available if (s <= step if at_or_before else s == step)]
+    if not candidates:
+        steps = ", ".join(str(s) for s, _ in available)
+        raise UserError(f"{run_dir} has no checkpoint {'at or before' if at_or_before else 'at'} step {step}; available steps: {steps}")
+    return candidates[-1]
+
+
+def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None = None,
+           command_line: list[str] | None = None) -> tuple[str, dict]:
+    """Continue the run in ``run_dir`` from its newest checkpoint (or the one at ``resume_step``).
+
+    Rows of results.txt at or after the checkpoint's step, and a truncated last line left by a
+    hard kill, are dropped before training continues, so the finished file equals that of a
+    run never interrupted (elapsed-time columns aside).
+    """
+    record = read_run_config(run_dir)
+    cfg = RunConfig.from_dict(record["config"])
+    if quiet is not None:
+        cfg.quiet = quiet
+    summary_path = os.path.join(run_dir, "summary.json")
+    if resume_step is None and os.path.isfile(summary_path):
+        previous = read_json(summary_path)
+        if previous.get("status") in ("finished", "stopped_at_loss", "diverged"):
+            return run_dir, {**previous, "already_done": True}
+    step, path = _pick_checkpoint(run_dir, resume_step, at_or_before=False)
+    setup = build(cfg)
+    monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train)
+    state = load_checkpoint(path, map_location=setup.device)
+    restore(setup, monitor, state)
+    results_path = os.path.join(run_dir, "results.txt")
+    columns = list(BASE_COLUMNS) + monitor.columns + [TIME_COLUMN]
+    truncate_results(results_path, before_step=step)
+    for later, later_path in list_checkpoints(run_dir):
+        if later > step:
+            os.unlink(later_path)
+    if os.path.isfile(summary_path):
+        os.unlink(summary_path)
+    writer = ResultsWriter(results_path, columns, append=True)
+    return run_dir, _finish(run_dir, setup, monitor, writer, start_step=step, elapsed_before=state.get("wall_time", 0.0))
+
+
+def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[str] | None = None) -> tuple[str, dict]:
+    """Start a new run from the parent's newest checkpoint at or before ``cont_step``.
+
+    Model, optimiser state, random generators, data order and the step counter continue from
+    the checkpoint; the settings in ``overrides`` (for example a larger ``lr`` or a smaller
+    ``batch``) replace the parent's. A changed optimiser type starts with fresh optimiser
+    state. config.json records the parent folder and step.
+    """
+    record = read_run_config(parent_dir)
+    values = {**record["config"], **overrides}
+    values["run_dir"] = overrides.get("run_dir")
+    cfg = RunConfig.from_dict(values)
+    step, path = _pick_checkpoint(parent_dir, cont_step, at_or_before=True)
+    setup = build(cfg)
+    if step >= setup.total_steps:
+        raise UserError(f"the fork starts at step {step} but the run has only {setup.total_steps} steps; give a larger --steps")
+    monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train)
+    state = load_checkpoint(path, map_location=setup.device)
+    restore(setup, monitor, state, keep_optimizer_settings=True)
+    record = config_record(setup, monitor.schedule, command_line)
+    record["parent"] = {"run_dir": os.path.abspath(parent_dir), "step": step, "checkpoint": os.path.basename(path)}
+    run_dir = create_run_dir(cfg)
+    atomic_write_json(os.path.join(run_dir, "config.json"), record)
+    columns = list(BASE_COLUMNS) + monitor.columns + [TIME_COLUMN]
+    comments = _results_comments(cfg, command_line) + [f"continued from {os.path.abspath(parent_dir)} at step {step}"]
+    writer = ResultsWriter(os.path.join(run_dir, "results.txt"), columns, comments)
+    return run_dir, _finish(run_dir, setup, monitor, writer, start_step=step, elapsed_before=state.get("wall_time", 0.0))
+
+
+def truncate_results(path: str, before_step: int) -> None:
+    """Keep the comments, the header and the complete rows with step < before_step.
+
+    A row cut short by a hard kill (no newline, or the wrong number of fields) is dropped;
+    the file is rewritten atomically.
+    """
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.split("\n")
+    complete = lines[:-1]  # the piece after the last newline is unfinished (or empty)
+    kept, header = [], None
+    for line in complete:
+        if line.startswith("#"):
+            kept.append(line)
+        elif header is None:
+            header = line.split(",")
+            kept.append(line)
+        else:
+            fields = line.split(",")
+            if len(fields) != len(header):
+                break
+            if int(fields[header.index("step")]) >= before_step:
+                break
+            kept.append(line)
+    if header is None:
+        raise UserError(f"{path} has no header line; the run folder is damaged")
+    atomic_write_text(path, "\n".join(kept) + "\n")
+
+
+def checkpoint_state(setup: Setup, monitor: Monitor, step: int, elapsed: float) -> dict:
+    return {
+        "model": setup.model.state_dict(),
+        "optimizer": setup.optimizer.state_dict(),
+        "step": step,
+        "epoch": step // setup.steps_per_epoch,
+        "rng": rng_state(),
+        "eigenvectors": monitor.eigenvectors,
+        "optimizer_kind": type(setup.optimizer).__name__,
+        "wall_time": elapsed,
+    }
+
+
+def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: str,
+               start_step: int, elapsed_before: float) -> dict:
+    cfg, model, optimizer, loss_fn = setup.cfg, setup.model, setup.optimizer, setup.loss_fn
+    X, Y = setup.data.X_train, setup.data.Y_train
+    n, b, total = X.shape[0], cfg.batch, setup.total_steps
+    checkpoint_every = cfg.checkpoint_every or default_checkpoint_every(total)
+    loss_schedule = full_loss_schedule(cfg, total)
+    started = time.perf_counter() - elapsed_before
+    progress = _Progress(total, start_step, cfg.quiet)
+    status, step, permutation, perm_epoch = "finished", start_step, None, None
+    last_info = {}
+
+    def elapsed():
+        return time.perf_counter() - started
+
+    def save(at_step):
+        path = checkpoint_path(run_dir, at_step)
+        if not os.path.exists(path):
+            save_checkpoint(path, checkpoint_state(setup, monitor, at_step, elapsed()))
+            prune_checkpoints(run_dir, cfg.keep_checkpoints)
+
+    model.train()
+    with _SignalCatcher() as signals:
+        while step < total:
+            epoch, position = divmod(step, setup.steps_per_epoch)
+            if step % checkpoint_every == 0:
+                save(step)
+            if perm_epoch != epoch:
+                permutation, perm_epoch = epoch_permutation(cfg.data_ordering_seed, epoch, n).to(X.device), epoch
+            idx = permutation[position * b:(position + 1) * b]
+            xb, yb = X[idx], Y[idx]
+
+            row = {"epoch": epoch, "step": step}
+            if schedule.is_due(loss_schedule, step):
+                row["full_loss"], row["full_accuracy"] = evaluate(model, loss_fn, X, Y)
+            row.update(monitor.measure(step, xb, yb))
+
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss = loss_fn(model(xb), yb)
+            row["batch_loss"] = batch_loss.item()
+            diverged = not math.isfinite(row["batch_loss"]) or not math.isfinite(row.get("full_loss", 0.0))
+            reached = cfg.stop_loss is not None and row.get("full_loss", math.inf) < cfg.stop_loss
+            if not diverged and not reached:
+                batch_loss.backward()
+                optimizer.step()
+            row[TIME_COLUMN] = elapsed()
+            if step % cfg.log_every == 0 or len(row) > 5 or diverged or reached or step == total - 1:
+                writer.write_row(row)
+            last_info = {k: row[k] for k in ("batch_loss", "full_loss", "lambda_max", "batch_sharpness") if k in row}
+            progress.update(step, last_info)
+            if diverged:
+                status = "diverged"
+                print(f"training diverged at step {step}: the loss is {row['batch_loss']:g}; the run folder keeps everything up to this step",
+                      file=sys.stderr)
+                break
+            if reached:
+                status = "stopped_at_loss"
+                break
+            step += 1
+            if signals.received is not None:
+                status = "interrupted"
+                break
+    progress.close()
+    save(step)
+
+    summary = {"status": status, "final_step": step}
+    if status == "interrupted":
+        summary["signal"] = signals.received.name
+        summary["exit_code"] = EXIT_CODES[signals.received]
+    if status != "interrupted" and cfg.final:
+        final = monitor.final(step)
+        atomic_write_json(os.path.join(run_dir, "final.json"), final)
+    train_loss, train_acc = evaluate(model, loss_fn, X, Y)
+    test_loss, test_acc = evaluate(model, loss_fn, setup.data.X_test, setup.data.Y_test)
+    summary.update({"final_train_loss": train_loss, "final_train_accuracy": train_acc,
+                    "final_test_loss": test_loss, "final_test_accuracy": test_acc,
+                    "wall_time": elapsed()})
+    return summary
