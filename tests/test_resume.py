@@ -1,0 +1,208 @@
+"""Runs that survive: interrupts, exact resume, hard kills, continuation forks, concurrent starts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+import training
+import utils.training
+from utils.checkpoints import list_checkpoints, load_checkpoint
+from utils.results import is_timing_column, read_results
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = ["--width", "16", "--num-data", "120", "--batch", "8", "--quiet", "--steps", "40",
+        "--checkpoint-every", "6", "--full-loss-every", "3"]
+MEASURED = ["--lambdamax", "--batch-sharpness", "--step-sharpness", "--gni", "--measure-every", "5"]
+
+
+def same_results(a, b):
+    fa, fb = read_results(a / "results.txt"), read_results(b / "results.txt")
+    keep = [c for c in fa.columns if not is_timing_column(c)]
+    pd.testing.assert_frame_equal(fa[keep], fb[keep])
+
+
+def same_parameters(a, b, step):
+    sa = load_checkpoint(str(a / "checkpoints" / f"step_{step}.pt"))
+    sb = load_checkpoint(str(b / "checkpoints" / f"step_{step}.pt"))
+    for name in sa["model"]:
+        assert torch.equal(sa["model"][name], sb["model"][name]), name
+    assert str(sa["optimizer"]) == str(sb["optimizer"])
+
+
+def interrupt_at(monkeypatch, at_step, sig=signal.SIGINT):
+    """Deliver a real signal to this process right after step ``at_step`` is logged."""
+    original = utils.training._Progress.update
+
+    def update(self, step, info):
+        original(self, step, info)
+        if step == at_step:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(utils.training._Progress, "update", update)
+
+
+@pytest.mark.parametrize("extra, at_step", [
+    (MEASURED, 0), (MEASURED, 11), (MEASURED, 17), (["--momentum", "0.9", "--nesterov"], 23), (["--adam", "--lr", "0.003"], 29),
+])
+def test_interrupted_and_resumed_run_is_bit_identical(results_env, monkeypatch, capsys, extra, at_step):
+    reference, interrupted = results_env / "ref", results_env / "int"
+    assert training.main([*BASE, *extra, "--run-dir", str(reference)]) == 0
+
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, at_step)
+        assert training.main([*BASE, *extra, "--run-dir", str(interrupted)]) == 130
+    summary = json.loads((interrupted / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["final_step"] == at_step + 1
+    assert list_checkpoints(interrupted)[-1][0] == at_step + 1
+
+    assert training.main(["--resume", str(interrupted), "--quiet"]) == 0
+    same_results(reference, interrupted)
+    same_parameters(reference, interrupted, 40)
+    assert json.loads((interrupted / "summary.json").read_text())["status"] == "finished"
+
+
+def test_sigterm_exits_143(results_env, monkeypatch):
+    interrupt_at(monkeypatch, 4, signal.SIGTERM)
+    assert training.main([*BASE, "--run-dir", str(results_env / "t")]) == 143
+    assert json.loads((results_env / "t" / "summary.json").read_text())["signal"] == "SIGTERM"
+
+
+def test_hard_kill_truncated_row_is_dropped_and_rows_replaced(results_env):
+    reference, killed = results_env / "ref", results_env / "kill"
+    training.main([*BASE, *MEASURED, "--run-dir", str(reference)])
+    training.main([*BASE, *MEASURED, "--run-dir", str(killed)])
+    # Make the finished run look like one killed during step 27: checkpoints after 24 gone,
+    # rows up to 26 written, the row of step 27 cut in half, no summary.
+    for step, path in list_checkpoints(killed):
+        if step > 24:
+            os.unlink(path)
+    os.unlink(killed / "summary.json")
+    lines = (killed / "results.txt").read_text().splitlines(keepends=True)
+    header_at = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    kept = lines[:header_at + 1 + 27] + [lines[header_at + 1 + 27][:9]]
+    (killed / "results.txt").write_text("".join(kept))
+
+    assert training.main(["--resume", str(killed), "--quiet"]) == 0
+    same_results(reference, killed)
+    same_parameters(reference, killed, 40)
+    steps = read_results(killed / "results.txt")["step"]
+    assert list(steps) == list(range(40))
+
+
+def test_resume_step_replays_from_that_checkpoint(results_env):
+    reference, again = results_env / "ref", results_env / "again"
+    training.main([*BASE, *MEASURED, "--run-dir", str(reference)])
+    training.main([*BASE, *MEASURED, "--run-dir", str(again)])
+    assert training.main(["--resume", str(again), "--resume-step", "12", "--quiet"]) == 0
+    same_results(reference, again)
+    same_parameters(reference, again, 40)
+
+
+def test_resume_a_finished_run_says_so(results_env, capsys):
+    training.main([*BASE, "--steps", "5", "--run-dir", str(results_env / "done")])
+    capsys.readouterr()
+    assert training.main(["--resume", str(results_env / "done")]) == 0
+    assert "nothing to resume" in capsys.readouterr().out
+
+
+def test_fork_continues_step_numbering_and_matches_parent(results_env):
+    parent = results_env / "parent"
+    training.main([*BASE, *MEASURED, "--run-dir", str(parent)])
+    same_fork, faster = results_env / "same", results_env / "faster"
+    assert training.main(["--cont-run", str(parent), "--cont-step", "20", "--quiet", "--run-dir", str(same_fork)]) == 0
+    record = json.loads((same_fork / "config.json").read_text())
+    assert record["parent"]["step"] == 18 and record["parent"]["run_dir"] == str(parent)
+    fork_rows = read_results(same_fork / "results.txt")
+    parent_rows = read_results(parent / "results.txt")
+    assert fork_rows["step"].iloc[0] == 18
+    keep = [c for c in fork_rows.columns if not is_timing_column(c)]
+    pd.testing.assert_frame_equal(fork_rows[keep].reset_index(drop=True),
+                                  parent_rows[parent_rows["step"] >= 18][keep].reset_index(drop=True))
+
+    assert training.main(["--cont-run", str(parent), "--cont-step", "20", "--lr", "0.2", "--quiet",
+                          "--run-dir", str(faster)]) == 0
+    assert json.loads((faster / "config.json").read_text())["config"]["lr"] == 0.2
+    state = load_checkpoint(str(faster / "checkpoints" / "step_40.pt"))
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.2
+    assert not read_results(faster / "results.txt")["batch_loss"].iloc[1:].equals(
+        parent_rows[parent_rows["step"] >= 18]["batch_loss"].iloc[1:].reset_index(drop=True))
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--resume", "{tmp}/nowhere"], "does not exist"),
+    (["--resume", "{tmp}"], "not an EOSS run folder"),
+    (["--resume", "{run}", "--lr", "0.1"], "--lr"),
+    (["--resume-step", "3"], "--resume"),
+    (["--cont-run", "{run}"], "--cont-step"),
+    (["--cont-run", "{run}", "--cont-step", "3", "--width", "32"], "--width"),
+    (["--resume", "{run}", "--resume-step", "7"], "available steps"),
+])
+def test_continuation_errors(results_env, capsys, argv, fragment):
+    run_dir = results_env / "run"
+    training.main([*BASE, "--steps", "12", "--run-dir", str(run_dir)])
+    os.unlink(run_dir / "summary.json")
+    capsys.readouterr()
+    argv = [a.format(tmp=results_env, run=run_dir) for a in argv]
+    assert training.main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err
+
+
+def test_corrupt_checkpoint_is_named(results_env, capsys):
+    run_dir = results_env / "run"
+    training.main([*BASE, "--steps", "12", "--run-dir", str(run_dir)])
+    os.unlink(run_dir / "summary.json")
+    newest = list_checkpoints(run_dir)[-1][1]
+    with open(newest, "r+b") as f:
+        f.truncate(100)
+    capsys.readouterr()
+    assert training.main(["--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert newest in err and "corrupt" in err
+
+
+def test_config_version_mismatch(results_env, capsys):
+    run_dir = results_env / "run"
+    training.main([*BASE, "--steps", "3", "--run-dir", str(run_dir)])
+    record = json.loads((run_dir / "config.json").read_text())
+    record["version"] = 99
+    (run_dir / "config.json").write_text(json.dumps(record))
+    os.unlink(run_dir / "summary.json")
+    assert training.main(["--resume", str(run_dir)]) == 2
+    assert "version" in capsys.readouterr().err
+
+
+def test_real_signals_and_concurrent_starts(results_env):
+    """Subprocesses: SIGTERM mid-run gives 143 and a resumable run; eight starts never collide."""
+    env = {**os.environ, "RESULTS": str(results_env / "results"), "OMP_NUM_THREADS": "1"}
+    run_dir = results_env / "signalled"
+    proc = subprocess.Popen([sys.executable, "training.py", *BASE, "--steps", "100000", "--checkpoint-every", "50",
+                             "--run-dir", str(run_dir)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        results = run_dir / "results.txt"
+        if results.exists() and len(results.read_text().splitlines()) > 20:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert list_checkpoints(run_dir)[-1][0] == summary["final_step"]
+
+    procs = [subprocess.Popen([sys.executable, "training.py", *BASE, "--steps", "1"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outputs]
+    folders = {o.strip().splitlines()[-1] for o, _ in outputs}
+    assert len(folders) == 8
+    assert all(os.path.isfile(os.path.join(f.removeprefix("run folder: "), "summary.json")) for f in folders)
