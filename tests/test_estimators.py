@@ -1,0 +1,156 @@
+import math
+from collections import Counter
+from itertools import combinations
+
+import numpy as np
+import pytest
+import torch
+
+from utils.errors import UserError
+from utils.estimators import (Estimate, exact_estimate, mean_with_stopping, measurement_generator,
+                              ratio_of_means_with_stopping, sample_batch_indices)
+
+
+def test_measurement_generator_is_a_deterministic_private_stream():
+    state = torch.get_rng_state()
+    a = torch.randn(5, generator=measurement_generator(7, 100))
+    b = torch.randn(5, generator=measurement_generator(7, 100))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, torch.randn(5, generator=measurement_generator(7, 101)))
+    assert not torch.equal(a, torch.randn(5, generator=measurement_generator(8, 100)))
+    seed = measurement_generator(7, 100).initial_seed()
+    assert 0 <= seed < 2 ** 63
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_batch_indices_are_uniform_subsets():
+    n, b = 5, 2
+    generator = measurement_generator(0, 0)
+    counts = Counter()
+    for _ in range(5000):
+        idx = sample_batch_indices(n, b, generator, "cpu")
+        assert idx.shape == (b,) and len(set(idx.tolist())) == b
+        assert 0 <= idx.min() and idx.max() < n
+        counts[tuple(sorted(idx.tolist()))] += 1
+    # 10 subsets, 500 expected each, binomial std about 21.
+    assert set(counts) == set(combinations(range(n), b))
+    assert all(abs(c - 500) < 90 for c in counts.values())
+    with pytest.raises(UserError):
+        sample_batch_indices(3, 4, generator, "cpu")
+
+
+def stream(values):
+    """A sample_fn that hands out ``values`` in order."""
+    position = 0
+
+    def sample(m):
+        nonlocal position
+        position += m
+        return torch.as_tensor(values[position - m:position])
+
+    return sample
+
+
+def brute_force_stop(x, min_samples, max_samples, rel_se):
+    for k in range(min_samples, max_samples + 1):
+        mean, se = x[:k].mean(), x[:k].std(ddof=1) / math.sqrt(k)
+        if se < rel_se * abs(mean):
+            return k
+    return max_samples
+
+
+def test_mean_stops_at_the_first_sample_that_meets_the_rule_whatever_the_block():
+    x = np.random.default_rng(0).normal(3.0, 1.0, size=2000)
+    k = brute_force_stop(x, 20, 1000, 0.03)
+    assert 20 < k < 1000
+    for block_size in (1, 7, 64):
+        est = mean_with_stopping(stream(x), min_samples=20, max_samples=1000, rel_se=0.03,
+                                 block_size=block_size)
+        assert est.n == k
+        assert est.value == pytest.approx(x[:k].mean(), rel=1e-13)
+        assert est.se == pytest.approx(x[:k].std(ddof=1) / math.sqrt(k), rel=1e-10)
+        assert est.hvps == 0 and est.seconds >= 0
+
+
+def test_mean_stops_at_max_samples_and_is_exact_for_constant_samples():
+    x = np.random.default_rng(1).normal(0.0, 1.0, size=500)
+    est = mean_with_stopping(stream(x), min_samples=10, max_samples=300, rel_se=1e-3, block_size=32)
+    assert est.n == 300 and est.value == pytest.approx(x[:300].mean(), abs=1e-14)
+    constant = mean_with_stopping(stream(np.full(50, 2.5)), min_samples=5, max_samples=50,
+                                  rel_se=0.01)
+    assert (constant.value, constant.se, constant.n) == (2.5, 0.0, 5)
+
+
+def delta_method(a, b):
+    R = a.mean() / b.mean()
+    cov = np.cov(a, b, ddof=1)
+    return R, math.sqrt((cov[0, 0] - 2 * R * cov[0, 1] + R * R * cov[1, 1]) / len(a)) / b.mean()
+
+
+def test_ratio_value_se_and_stopping():
+    rng = np.random.default_rng(2)
+    b = rng.gamma(4.0, 1.0, size=3000)
+    a = 2.0 * b + rng.normal(0, 1.0, size=3000)
+    rel_se = 0.01
+    for block_size in (1, 10):
+        position = 0
+
+        def sample(m):
+            nonlocal position
+            position += m
+            return a[position - m:position], b[position - m:position]
+
+        est = ratio_of_means_with_stopping(sample, min_samples=20, max_samples=3000,
+                                           rel_se=rel_se, block_size=block_size)
+        k = est.n
+        R, se = delta_method(a[:k], b[:k])
+        assert est.value == pytest.approx(R, rel=1e-13)
+        assert est.se == pytest.approx(se, rel=1e-9)
+        assert est.se < rel_se * est.value
+        R_before, se_before = delta_method(a[:k - 1], b[:k - 1])  # the rule had not fired yet
+        assert se_before >= rel_se * R_before
+
+
+def test_ratio_standard_errors_are_honest():
+    """Over many repeats the delta-method SE matches the spread and 95% intervals cover."""
+    true_ratio = 2.0 / 4.0  # E[a] / E[b] with b ~ Gamma(4, 1), a = 0.5 b + noise
+    rng = np.random.default_rng(3)
+
+    def sample(m):
+        b = rng.gamma(4.0, 1.0, size=m)
+        return 0.5 * b + rng.normal(0.0, 1.0, size=m), b
+
+    estimates = [ratio_of_means_with_stopping(sample, min_samples=30, max_samples=30, rel_se=0)
+                 for _ in range(400)]
+    values = np.array([e.value for e in estimates])
+    ses = np.array([e.se for e in estimates])
+    assert 0.75 <= values.std(ddof=1) / ses.mean() <= 1.33
+    assert np.mean(np.abs(values - true_ratio) <= 1.96 * ses) >= 0.88
+
+
+def test_mean_standard_errors_are_honest_under_the_stopping_rule():
+    rng = np.random.default_rng(4)  # Gamma(4, 1): mean 4, skewness 1
+    estimates = [mean_with_stopping(lambda m: rng.gamma(4.0, 1.0, size=m), min_samples=20,
+                                    max_samples=5000, rel_se=0.02, block_size=100)
+                 for _ in range(400)]
+    values = np.array([e.value for e in estimates])
+    ses = np.array([e.se for e in estimates])
+    assert all(200 < e.n < 5000 for e in estimates)
+    assert 0.75 <= values.std(ddof=1) / ses.mean() <= 1.33
+    assert np.mean(np.abs(values - 4.0) <= 1.96 * ses) >= 0.88
+
+
+def test_invalid_rules_are_user_errors():
+    sample = stream(np.ones(10))
+    with pytest.raises(UserError):
+        mean_with_stopping(sample, min_samples=1, max_samples=5, rel_se=0.1)
+    with pytest.raises(UserError):
+        mean_with_stopping(sample, min_samples=6, max_samples=5, rel_se=0.1)
+    with pytest.raises(UserError):
+        mean_with_stopping(sample, min_samples=2, max_samples=5, rel_se=-1)
+
+
+def test_exact_estimate():
+    est = exact_estimate(3.5, hvps=12, seconds=0.25)
+    assert isinstance(est, Estimate)
+    assert (est.value, est.n, est.hvps, est.seconds) == (3.5, 1, 12, 0.25) and math.isnan(est.se)

@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+from curvature_reference import (LOSSES, dense_gradient, dense_hessian, dense_loss,
+                                 finite_difference_hessian, tiny_data, tiny_mlp)
+from utils.hvp import HessianOperator, flat_grad, flat_params, num_params
+
+N = 10
+
+
+def random_block(P, m, seed=3):
+    return torch.randn(P, m, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "ce"])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_matvec_matches_dense_hessian(loss_name, chunk_size):
+    model, (X, Y) = tiny_mlp(), tiny_data(N, loss_name)
+    loss_fn = LOSSES[loss_name]
+    H = dense_hessian(model, loss_fn, X, Y)
+    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size)
+    V = random_block(op.dim, 4)
+    assert op.dim == num_params(model) == 26 == H.shape[0]
+    torch.testing.assert_close(op.matvec(V), H @ V, rtol=0, atol=1e-12)
+    torch.testing.assert_close(op.matvec(V[:, 0]), H @ V[:, 0], rtol=0, atol=1e-12)
+    assert op.hvps == 5
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "ce"])
+def test_chunked_equals_unchunked_and_block_equals_columns(loss_name):
+    model, (X, Y) = tiny_mlp(), tiny_data(N, loss_name)
+    loss_fn = LOSSES[loss_name]
+    full = HessianOperator(model, loss_fn, X, Y)
+    V = random_block(full.dim, 3)
+    reference = full.matvec(V)
+    for chunk_size in (1, 3, 4, N, 100):
+        chunked = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size)
+        assert (chunked.matvec(V) - reference).abs().max() < 1e-10
+        columns = torch.stack([chunked.matvec(V[:, j]) for j in range(3)], dim=1)
+        assert (columns - reference).abs().max() < 1e-10
+        assert (chunked.gradient() - full.gradient()).abs().max() < 1e-12
+        assert chunked.loss() == pytest.approx(full.loss(), abs=1e-13)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_gradient_and_loss_match_dense(chunk_size):
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
+    loss_fn = LOSSES["ce"]
+    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size)
+    g = dense_gradient(model, loss_fn, X, Y)
+    torch.testing.assert_close(op.gradient(), g, rtol=0, atol=1e-13)
+    torch.testing.assert_close(flat_grad(model, loss_fn, X, Y, chunk_size=chunk_size), g,
+                               rtol=0, atol=1e-13)
+    assert op.loss() == pytest.approx(dense_loss(model, loss_fn, X, Y), abs=1e-13)
+    assert op.hvps == 0
+
+
+def test_flat_params_and_frozen_parameters():
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
+    loss_fn = LOSSES["mse"]
+    H_all = dense_hessian(model, loss_fn, X, Y)
+    torch.testing.assert_close(flat_params(model),
+                               torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    model[0].bias.requires_grad_(False)  # parameters 12..15 of the flat vector
+    keep = [i for i in range(26) if not 12 <= i < 16]
+    op = HessianOperator(model, loss_fn, X, Y)
+    V = random_block(22, 2)
+    assert num_params(model) == op.dim == flat_params(model).numel() == 22
+    torch.testing.assert_close(op.matvec(V), H_all[keep][:, keep] @ V, rtol=0, atol=1e-12)
+
+
+def test_no_side_effects_and_mode_restored():
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
+    model.eval()
+    model[1].train()  # a mixed per-module state must come back as it was
+    before = [p.detach().clone() for p in model.parameters()]
+    for chunk_size in (None, 3):
+        op = HessianOperator(model, LOSSES["mse"], X, Y, chunk_size=chunk_size, train_mode=True)
+        op.matvec(random_block(op.dim, 2))
+        op.gradient()
+        assert op.train_mode is True
+    assert [m.training for m in model.modules()] == [False, False, True, False]
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_batchnorm_mode_matters_and_is_exact(train_mode):
+    model, (X, Y) = tiny_mlp(batchnorm=True), tiny_data(N, "mse")
+    loss_fn = LOSSES["mse"]
+    with torch.no_grad():  # eval mode must use non-trivial running statistics
+        model[1].running_mean.copy_(torch.tensor([0.3, -0.2, 0.1, 0.5]))
+        model[1].running_var.copy_(torch.tensor([0.5, 2.0, 1.5, 0.8]))
+    buffers = [b.clone() for b in model.buffers()]
+    model.train(not train_mode)
+    op = HessianOperator(model, loss_fn, X, Y, train_mode=train_mode)
+    other = HessianOperator(model, loss_fn, X, Y, train_mode=not train_mode)
+    V = random_block(op.dim, 2)
+    HV = op.matvec(V)
+    H = dense_hessian(model, loss_fn, X, Y, train_mode=train_mode)
+    torch.testing.assert_close(HV, H @ V, rtol=0, atol=1e-12)
+    H_fd = finite_difference_hessian(model, loss_fn, X, Y, train_mode=train_mode)
+    torch.testing.assert_close(HV, H_fd @ V, rtol=1e-6, atol=1e-6)
+    assert op.train_mode is train_mode and other.train_mode is (not train_mode)
+    assert (HV - other.matvec(V)).abs().max() > 1e-3
+    assert model.training is (not train_mode)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+
+
+def test_float32_model():
+    model64, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
+    model32 = tiny_mlp().float()
+    op = HessianOperator(model32, LOSSES["ce"], X, Y)  # float64 data follow the model's dtype
+    V = random_block(op.dim, 2)
+    HV = op.matvec(V)
+    assert op.dtype == torch.float32 and HV.dtype == torch.float32
+    assert op.device == torch.device("cpu")
+    H = dense_hessian(model64, LOSSES["ce"], X, Y)
+    torch.testing.assert_close(HV.double(), H @ V, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_vector_shape():
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
+    op = HessianOperator(model, LOSSES["mse"], X, Y)
+    with pytest.raises(ValueError):
+        op.matvec(torch.zeros(op.dim + 1, dtype=torch.float64))
