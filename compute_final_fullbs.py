@@ -1,0 +1,114 @@
+"""Full-batch sharpness λ_max (or the top k eigenvalues) of the Hessian at a run's final checkpoint.
+
+    python compute_final_fullbs.py                         # the newest run under $RESULTS
+    python compute_final_fullbs.py RUN_DIR --num-eigenvalues 3 --all-checkpoints
+
+The run is rebuilt from its config.json and checkpoint. Writes ``final_fullbs.json`` (the
+final checkpoint) and, with ``--all-checkpoints``, ``fullbs_checkpoints.csv`` (one row per
+checkpoint) into the run folder or ``--out DIR``, and prints a table.
+"""
+
+import json
+import os
+import sys
+import warnings
+
+import pandas as pd
+from tqdm import tqdm
+
+from utils.analysis import full_batch_sharpness, stability_label, stability_threshold
+from utils.cli import run_cli
+from utils.config import EIGEN_METHODS
+from utils.errors import UserError
+from utils.estimators import measurement_generator
+from utils.runs import (build_analysis_parser, checkpoint_list, load_weights, output_folders,
+                        rebuild, runs_from_args, write_text_files)
+
+PROG = "compute_final_fullbs.py"
+DEFAULT_TOL = 1e-5
+
+
+def build_parser():
+    p = build_analysis_parser(PROG, "Full-batch Hessian eigenvalues at the final checkpoint of runs.",
+                              default_latest=True, rebuilds=True)
+    g = p.add_argument_group("measurement")
+    g.add_argument("--num-eigenvalues", type=int, default=1, metavar="K", help="the top K eigenvalues (default 1)")
+    g.add_argument("--tol", type=float, default=DEFAULT_TOL, help=f"relative residual tolerance (default {DEFAULT_TOL:g})")
+    g.add_argument("--eig-method", default=None, help=f"one of {', '.join(EIGEN_METHODS)} (default lanczos, lobpcg for K > 1)")
+    g.add_argument("--all-checkpoints", action="store_true", help="every checkpoint, not only the final one")
+    g.add_argument("--hvp-chunk", type=int, default=None, help="samples per chunk of Hessian products (default: the run's)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the solver's random start (default: the run's --measure-seed)")
+    return p
+
+
+def check_args(args) -> None:
+    if args.num_eigenvalues < 1:
+        raise UserError(f"--num-eigenvalues must be at least 1, got {args.num_eigenvalues}")
+    if not 0 < args.tol < 1:
+        raise UserError(f"--tol must be in (0, 1), got {args.tol}")
+    if args.eig_method is not None and args.eig_method not in EIGEN_METHODS:
+        raise UserError(f"unknown --eig-method {args.eig_method!r}; choose one of {', '.join(EIGEN_METHODS)}")
+    if args.hvp_chunk is not None and args.hvp_chunk < 1:
+        raise UserError(f"--hvp-chunk must be at least 1, got {args.hvp_chunk}")
+
+
+def measure_run(run, checkpoints, args) -> tuple[list[dict], str]:
+    """One record per checkpoint (step, eigenvalues, residual, cost), each solve warm-started by
+    the last; and the device they were computed on."""
+    setup = rebuild(run, cpu=args.cpu)
+    seed = run.cfg.measure_seed if args.seed is None else args.seed
+    chunk = args.hvp_chunk or run.cfg.hvp_chunk
+    X, Y = setup.data.X_train, setup.data.Y_train
+    records, previous = [], None
+    for _, path in tqdm(checkpoints, desc=run.name, unit="checkpoint", disable=args.quiet or len(checkpoints) == 1):
+        step = load_weights(setup, path)
+        record, previous = full_batch_sharpness(
+            setup.model, setup.loss_fn, X, Y, k=args.num_eigenvalues, tol=args.tol, method=args.eig_method,
+            chunk_size=chunk, warm_start=previous, generator=measurement_generator(seed, step, device=setup.device))
+        if not record["converged"]:
+            warnings.warn(f"{run.run_dir} step {step}: the eigen-solver stopped at relative residual "
+                          f"{record['residual']:.2e}, above --tol {args.tol:g}")
+        records.append({"step": step, "checkpoint": os.path.basename(path), **record})
+    return records, str(setup.device)
+
+
+def final_record(run, records, args, device) -> dict:
+    return {**records[-1], "num_eigenvalues": args.num_eigenvalues, "tol": args.tol,
+            "method": args.eig_method or ("lanczos" if args.num_eigenvalues == 1 else "lobpcg"),
+            "measure_seed": run.cfg.measure_seed if args.seed is None else args.seed, "device": device,
+            "threshold": stability_threshold(run.cfg), "threshold_label": stability_label(run.cfg)}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def work():
+        args = build_parser().parse_args(argv)
+        check_args(args)
+        runs = runs_from_args(args, default_latest=True)
+        checkpoints = [checkpoint_list(run) for run in runs]
+        chosen = [found if args.all_checkpoints else found[-1:] for found in checkpoints]
+        results = [measure_run(run, found, args) for run, found in zip(runs, chosen)]
+        outputs = {}
+        for run, folder, (records, device) in zip(runs, output_folders(runs, args.out), results):
+            outputs[os.path.join(folder, "final_fullbs.json")] = json.dumps(final_record(run, records, args, device),
+                                                                            indent=2) + "\n"
+            if args.all_checkpoints:
+                outputs[os.path.join(folder, "fullbs_checkpoints.csv")] = pd.DataFrame(records).to_csv(index=False)
+            print(run.run_dir)
+            print(table(records))
+        for path in write_text_files(outputs):
+            print(f"wrote {path}")
+        return 0
+
+    return run_cli(work, prog=PROG)
+
+
+def table(records) -> str:
+    frame = pd.DataFrame(records)
+    columns = ["step"] + [c for c in frame.columns if c == "lambda_max" or c.startswith("lambda_")] + ["residual", "hvps"]
+    return frame[columns].to_string(index=False, float_format=lambda v: f"{v:.6g}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

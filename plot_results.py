@@ -1,0 +1,61 @@
+"""Figures of training curves from the results.txt of one run, or several overlaid.
+
+    python plot_results.py                                 # the newest run under $RESULTS
+    python plot_results.py RUN_A RUN_B --out figures/      # overlay, legend from their configs
+
+Panels (those the runs have data for): losses on a log scale, λ_max, Batch Sharpness with its
+standard-error band, step sharpness smoothed, GNI, accuracy, with the dashed stability line of
+each run's optimiser (2/η for SGD, (2 + 2μ)/η with momentum μ). Writes ``results.png`` and
+``results.pdf`` (``results_overlay.*`` for several runs) into the run folder, the runs' common
+folder, or ``--out DIR``.
+"""
+
+import sys
+
+from utils.cli import run_cli
+from utils.errors import UserError
+from utils.plotting import plot_runs, save_figure
+from utils.runs import build_analysis_parser, common_folder, make_output_folder, read_run_results, runs_from_args
+
+PROG = "plot_results.py"
+
+
+def build_parser():
+    p = build_analysis_parser(PROG, "Plot losses and curvature measurements of runs from their results.txt.",
+                              default_latest=True, rebuilds=False)
+    g = p.add_argument_group("figure")
+    g.add_argument("--smooth", type=int, default=None, metavar="K",
+                   help="rolling mean over K measurements for step sharpness (default: a twentieth of them)")
+    g.add_argument("--dpi", type=int, default=150, help="resolution of the PNG (default 150)")
+    g.add_argument("--name", default=None, help="file name stem (default results, or results_overlay for several runs)")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def work():
+        args = build_parser().parse_args(argv)
+        if args.smooth is not None and args.smooth < 1:
+            raise UserError(f"--smooth must be at least 1, got {args.smooth}")
+        if args.dpi < 10:
+            raise UserError(f"--dpi must be at least 10, got {args.dpi}")
+        if args.name is not None and (not args.name or "/" in args.name or args.name.startswith(".")):
+            raise UserError(f"--name {args.name!r} must be a plain file name stem such as results")
+        runs = runs_from_args(args, default_latest=True)
+        frames = [read_run_results(run.run_dir) for run in runs]
+        for run, frame in zip(runs, frames):
+            if frame.empty:
+                raise UserError(f"{run.run_dir}/results.txt has no rows yet; let the run train first")
+        figure = plot_runs(runs, frames, smooth=args.smooth)
+        folder = make_output_folder(args.out or common_folder(runs))
+        stem = args.name or ("results" if len(runs) == 1 else "results_overlay")
+        for path in save_figure(figure, folder, stem, dpi=args.dpi):
+            print(f"wrote {path}")
+        return 0
+
+    return run_cli(work, prog=PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

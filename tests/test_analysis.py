@@ -1,0 +1,270 @@
+"""The analysis scripts end to end on short digits runs, their library functions, and bad inputs."""
+
+import json
+import math
+import os
+
+import matplotlib.image
+import pandas as pd
+import pytest
+import torch
+
+import compute_final_fullbs
+import plot_results
+import sharpness_gap
+import training
+from analysis_runs import (check_bad_input, copy_run, final_model, missing_folder, no_checkpoints, runs,  # noqa: F401
+                           truncated_results, unknown_version)
+from curvature_reference import dense_hessian
+from utils.analysis import sharpness_plateaus, stability_label, stability_threshold, tail_median
+from utils.config import RunConfig
+from utils.errors import UserError
+from utils.estimators import measurement_generator
+from utils.measures import lambda_max
+from utils.plotting import plot_runs, run_labels
+from utils.runs import load_run, load_weights, read_run_results, select_runs
+
+
+# Stability thresholds
+
+
+def diverges(optimizer_factory, curvature, steps=400):
+    """Whether the optimiser diverges on L(x) = curvature x^2 / 2 from x = 1."""
+    x = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    optimizer = optimizer_factory([x])
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (0.5 * curvature * x ** 2).sum().backward()
+        optimizer.step()
+    return abs(x.item()) > 1
+
+
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.5, False), (0.9, False), (0.5, True), (0.9, True)])
+def test_stability_threshold_separates_stable_from_divergent_sgd(momentum, nesterov):
+    cfg = RunConfig(lr=0.1, momentum=momentum, nesterov=nesterov)
+    line = stability_threshold(cfg)
+
+    def sgd(params):
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=momentum, nesterov=nesterov)
+
+    assert not diverges(sgd, 0.98 * line)
+    assert diverges(sgd, 1.02 * line)
+
+
+def test_stability_threshold_values_and_labels():
+    assert stability_threshold(RunConfig(lr=0.05)) == pytest.approx(40.0)
+    assert stability_threshold(RunConfig(lr=0.1, momentum=0.9)) == pytest.approx(38.0)
+    assert stability_threshold(RunConfig(lr=0.1, momentum=0.5, nesterov=True)) == pytest.approx(15.0)
+    assert stability_threshold(RunConfig(lr=0.01, adam=True)) == pytest.approx(3800.0)
+    assert [stability_label(c) for c in (RunConfig(), RunConfig(momentum=0.9), RunConfig(adam=True))] == \
+        ["2/η", "(2+2μ)/η", "38/η"]
+
+
+# compute_final_fullbs.py
+
+
+def test_fullbs_all_checkpoints_against_dense_hessian(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert compute_final_fullbs.main([str(runs["a"]), "--num-eigenvalues", "2", "--all-checkpoints",
+                                      "--out", str(out), "--cpu", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out / 'final_fullbs.json'}" in printed and "lambda_2" in printed
+    record = json.loads((out / "final_fullbs.json").read_text())
+    table = pd.read_csv(out / "fullbs_checkpoints.csv")
+    assert list(table["step"]) == [0, 10, 20, 30]
+    assert table["converged"].all() and (table["residual"] <= 1e-5).all()
+    assert record["step"] == 30 and record["lambda_max"] == table["lambda_max"].iloc[-1]
+    assert record["threshold"] == pytest.approx(40.0) and record["tol"] == 1e-5
+
+    run, setup, step = final_model(runs["a"])
+    model = setup.model.double()
+    X, Y = setup.data.X_train.double(), setup.data.Y_train.double()
+    exact = torch.linalg.eigvalsh(dense_hessian(model, setup.loss_fn, X, Y)).flip(0)[:2]
+    assert record["lambda_max"] == pytest.approx(exact[0].item(), rel=1e-4)
+    assert record["lambda_2"] == pytest.approx(exact[1].item(), rel=1e-4)
+
+
+def test_fullbs_final_checkpoint_equals_the_measurement_function(runs, tmp_path):
+    out = tmp_path / "out"
+    assert compute_final_fullbs.main([str(runs["a"]), "--out", str(out), "--cpu"]) == 0
+    assert not (out / "fullbs_checkpoints.csv").exists()
+    record = json.loads((out / "final_fullbs.json").read_text())
+    run, setup, step = final_model(runs["a"])
+    _, direct = lambda_max(setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train, tol=1e-5,
+                           generator=measurement_generator(run.cfg.measure_seed, step))
+    assert record["lambda_max"] == direct.value and record["method"] == "lanczos"
+
+
+def test_fullbs_writes_into_the_latest_run_by_default(runs, tmp_path, monkeypatch):
+    root = tmp_path / "results"
+    older = copy_run(runs["a"], root, "older")
+    newer = copy_run(runs["b"], root, "newer")
+    record = json.loads((older / "config.json").read_text())
+    record["start_time"] = "2000-01-01T00:00:00+00:00"
+    (older / "config.json").write_text(json.dumps(record))
+    monkeypatch.setenv("RESULTS", str(root))
+    assert compute_final_fullbs.main(["--cpu"]) == 0
+    assert (newer / "final_fullbs.json").exists() and not (older / "final_fullbs.json").exists()
+
+
+# sharpness_gap.py
+
+
+def test_sharpness_gap_table_and_figure(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert sharpness_gap.main([str(runs["a"]), str(runs["b"]), "--tail", "0.75", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out / 'sharpness_gap.png'}" in printed
+    table = pd.read_csv(out / "sharpness_gap.csv")
+    assert list(table["batch"]) == [8, 16] and list(table["lr"]) == [0.05, 0.1]
+
+    frame = read_run_results(str(runs["a"]))
+    late = frame[frame["step"] >= 7.5]
+    a = table.iloc[0]
+    assert a["lambda_max"] == late["lambda_max"].dropna().median() and a["lambda_max_count"] == 2
+    assert a["batch_sharpness"] == late["batch_sharpness"].dropna().median()
+    assert a["lambda_max_source"] == "results.txt" and a["threshold"] == pytest.approx(40.0)
+
+    final = json.loads((runs["b"] / "final.json").read_text())
+    b = table.iloc[1]
+    assert b["lambda_max_source"] == "final.json" and b["lambda_max"] == final["lambda_max"]
+    assert b["batch_sharpness_se"] == final["batch_sharpness_se"]
+    assert b["gap"] == final["batch_sharpness"] - final["lambda_max"] and b["threshold"] == pytest.approx(20.0)
+
+    image = matplotlib.image.imread(out / "sharpness_gap.png")
+    assert image.shape[1] == 7 * 150
+    assert (out / "sharpness_gap.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_sharpness_gap_prefers_final_fullbs_json_unless_tail_only(runs, tmp_path):
+    run_dir = copy_run(runs["a"], tmp_path)
+    assert compute_final_fullbs.main([str(run_dir), "--cpu"]) == 0
+    assert sharpness_gap.main([str(run_dir), "--tail", "0.5"]) == 0
+    row = pd.read_csv(run_dir / "sharpness_gap.csv").iloc[0]
+    fullbs = json.loads((run_dir / "final_fullbs.json").read_text())
+    assert row["lambda_max_source"] == "final_fullbs.json" and row["lambda_max"] == fullbs["lambda_max"]
+    assert row["batch_sharpness_source"] == "results.txt"
+    assert sharpness_gap.main([str(run_dir), "--tail-only", "--tail", "0.5"]) == 0
+    assert pd.read_csv(run_dir / "sharpness_gap.csv").iloc[0]["lambda_max_source"] == "results.txt"
+
+
+def test_plateaus_from_a_results_table():
+    frame = pd.DataFrame({"step": range(10), "lambda_max": [9, math.nan, 9, 9, 9, math.nan, 1, math.nan, 3, 2]})
+    assert tail_median(frame, "lambda_max", 0.5) == (2.0, 3)
+    value, count = tail_median(frame, "batch_sharpness", 0.5)
+    assert math.isnan(value) and count == 0
+    frame["batch_sharpness"] = 5.0
+    row = sharpness_plateaus(RunConfig(lr=0.1), frame, tail=0.5, final={"batch_sharpness": 4.0, "batch_sharpness_se": 0.1})
+    assert (row["lambda_max"], row["batch_sharpness"], row["gap"], row["threshold"]) == (2.0, 4.0, 2.0, pytest.approx(20.0))
+    assert (row["lambda_max_source"], row["batch_sharpness_source"]) == ("results.txt", "final.json")
+
+
+def test_sharpness_gap_needs_both_sharpnesses(results_env, tmp_path, capsys):
+    run_dir = tmp_path / "plain"
+    assert training.main(["--width", "8", "--num-data", "60", "--batch", "8", "--steps", "5", "--quiet",
+                          "--run-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    assert sharpness_gap.main([str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no lambda_max" in err and "--lambdamax" in err
+    assert not (run_dir / "sharpness_gap.csv").exists()
+
+
+# plot_results.py
+
+
+def test_plot_results_single_run_panels_and_stability_line(runs):
+    run = load_run(str(runs["a"]))
+    figure = plot_runs([run], [read_run_results(run.run_dir)])
+    axes = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["loss", "λ_max", "Batch Sharpness", "accuracy"]
+    assert axes[0].get_yscale() == "log"
+    for ax in axes[1:3]:
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert list(lines["2/η = 40"].get_ydata()) == [40, 40] and lines["2/η = 40"].get_linestyle() == "--"
+    assert len(axes[2].collections) == 1  # the standard-error band
+    assert not any(line.get_label().startswith("2/η") for line in axes[3].get_lines())
+    assert figure.get_size_inches()[0] == 7.0
+
+
+def test_plot_results_latest_run_by_default(runs, capsys):
+    assert plot_results.main([]) == 0
+    assert f"wrote {runs['b'] / 'results.png'}" in capsys.readouterr().out
+    image = matplotlib.image.imread(runs["b"] / "results.png")
+    assert image.shape[1] == 7 * 150 and image.shape[0] > 300
+    assert (runs["b"] / "results.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_plot_results_overlay_legend_from_configs(runs, tmp_path):
+    selected = select_runs(pattern="digits_mlp/*")
+    assert run_labels(selected) == ["lr=0.05, batch=8", "lr=0.1, batch=16"]
+    out = tmp_path / "figures"
+    assert plot_results.main(["--glob", "digits_mlp/*", "--out", str(out), "--dpi", "100"]) == 0
+    assert sorted(os.listdir(out)) == ["results_overlay.pdf", "results_overlay.png"]
+    assert matplotlib.image.imread(out / "results_overlay.png").shape[1] == 700
+
+
+# Selecting runs
+
+
+def test_select_runs_by_filters_and_glob(runs, tmp_path):
+    assert [r.run_dir for r in select_runs(batch=16)] == [str(runs["b"])]
+    assert [r.run_dir for r in select_runs(lr=0.05, dataset="digits", model="mlp")] == [str(runs["a"])]
+    assert [r.name for r in select_runs()] == ["a", "b"]
+    assert [r.name for r in select_runs(latest=True)] == ["b"]
+    assert [r.name for r in select_runs([str(runs["a"].parent)], batch=8)] == ["a"]
+    with pytest.raises(UserError, match="no EOSS runs found .* matching --batch 32"):
+        select_runs(batch=32)
+    with pytest.raises(UserError, match="matching --model cnn"):
+        select_runs(pattern="digits_mlp/*", model="cnn")
+
+
+def test_moved_and_renamed_run_gives_the_same_numbers(runs, tmp_path):
+    moved = copy_run(runs["a"], tmp_path / "elsewhere", "renamed_lr9_b999")
+    assert compute_final_fullbs.main([str(moved), "--cpu", "--out", str(tmp_path / "x")]) == 0
+    assert compute_final_fullbs.main([str(runs["a"]), "--cpu", "--out", str(tmp_path / "y")]) == 0
+    moved_record, original = (json.loads((tmp_path / d / "final_fullbs.json").read_text()) for d in "xy")
+    assert {k: v for k, v in moved_record.items() if k != "seconds"} == {k: v for k, v in original.items() if k != "seconds"}
+
+
+def test_damaged_runs_below_a_folder_are_skipped_with_a_warning(runs, tmp_path):
+    copy_run(runs["a"], tmp_path, "good")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="skipping .*broken"):
+        found = select_runs([str(tmp_path)])
+    assert [r.name for r in found] == ["good"]
+
+
+# Bad inputs: one line, exit code 2, nothing written
+
+SCRIPTS = {"fullbs": compute_final_fullbs, "gap": sharpness_gap, "plot": plot_results}
+CASES = [(script, missing_folder) for script in SCRIPTS] + [(script, unknown_version) for script in SCRIPTS] + \
+        [("fullbs", no_checkpoints), ("gap", truncated_results), ("plot", truncated_results)]
+
+
+@pytest.mark.parametrize("script,damage", CASES, ids=[f"{s}-{d.__name__}" for s, d in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, tmp_path, capsys, script, damage):
+    check_bad_input(SCRIPTS[script], ["--cpu"] if script == "fullbs" else [], damage, runs, tmp_path, capsys)
+
+
+def test_truncated_results_without_newline_and_empty_results(runs, tmp_path):
+    run_dir = copy_run(runs["a"], tmp_path)
+    text = (run_dir / "results.txt").read_text()
+    (run_dir / "results.txt").write_text(text.rstrip("\n"))
+    with pytest.raises(UserError, match="cut-off row"):
+        read_run_results(str(run_dir))
+    (run_dir / "results.txt").write_text("# only a comment\n")
+    with pytest.raises(UserError, match="no header line"):
+        read_run_results(str(run_dir))
+    (run_dir / "results.txt").write_text(text)
+    pd.testing.assert_frame_equal(read_run_results(str(run_dir)), pd.read_csv(run_dir / "results.txt", comment="#"))
+
+
+def test_rebuild_reproduces_the_logged_lambda_max(runs):
+    run, setup, _ = final_model(runs["a"])
+    load_weights(setup, os.path.join(runs["a"], "checkpoints", "step_10.pt"))
+    _, estimate = lambda_max(setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train, tol=1e-5)
+    logged = read_run_results(run.run_dir).set_index("step").loc[10, "lambda_max"]
+    assert estimate.value == pytest.approx(logged, rel=2e-3)
+    assert setup.data.X_train.shape[0] == run.record["resolved"]["num_train"] == 120

@@ -1,0 +1,148 @@
+"""Post-training analysis: stability thresholds, end-of-run curvature and sharpness plateaus.
+
+Pure functions over a model and its data, or over a run's results table; the scripts
+``compute_final_fullbs.py``, ``compute_final_gHg.py`` and ``sharpness_gap.py`` only select
+runs, call these and write files. Measurements come from :mod:`utils.measures`; their Monte
+Carlo batches from :func:`utils.estimators.measurement_generator`, so every number here can be
+recomputed exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+from utils import measures
+from utils.errors import UserError
+from utils.estimators import Estimate, measurement_generator
+
+ADAM_BETA1 = 0.9  # utils.training builds Adam with betas (0.9, 0.999)
+GHG_QUANTITIES = ("batch_sharpness", "batch_sharpness_ratio", "gni")
+
+
+def stability_threshold(cfg) -> float:
+    """The largest curvature along which the run's optimiser is stable on a quadratic.
+
+    For L = (lambda / 2) x^2 the iteration is linear and diverges once lambda exceeds
+        SGD                          2 / eta
+        heavy-ball momentum mu       (2 + 2 mu) / eta
+        Nesterov momentum mu         (2 + 2 mu) / (eta (1 + 2 mu))
+        Adam, beta_1                 (2 + 2 beta_1) / ((1 - beta_1) eta) = 38 / eta at beta_1 = 0.9,
+                                     for the preconditioned Hessian (Cohen et al. 2022).
+    """
+    if cfg.adam:
+        return (2 + 2 * ADAM_BETA1) / ((1 - ADAM_BETA1) * cfg.lr)
+    if cfg.nesterov:
+        return (2 + 2 * cfg.momentum) / (cfg.lr * (1 + 2 * cfg.momentum))
+    return (2 + 2 * cfg.momentum) / cfg.lr
+
+
+def stability_label(cfg) -> str:
+    """How :func:`stability_threshold` is written for this optimiser, such as ``2/η``."""
+    if cfg.adam:
+        return "38/η"
+    if cfg.nesterov:
+        return "(2+2μ)/(η(1+2μ))"
+    return "(2+2μ)/η" if cfg.momentum else "2/η"
+
+
+def full_batch_sharpness(model, loss_fn, X, Y, *, k=1, tol=1e-5, method=None, chunk_size=None,
+                         warm_start=None, generator=None):
+    """Top-k eigenvalues of the full-batch Hessian H = (1/n) sum_i hess l_i, to a relative residual ``tol``.
+
+    Returns (record, EigResult): the record holds ``lambda_max``, ``lambda_2`` ... ``lambda_k``,
+    the largest relative residual ||H v - lambda v|| / |lambda|, ``converged``, ``hvps`` and
+    ``seconds``; the EigResult's vectors warm-start the next call.
+    """
+    eig, estimate = measures.lambda_max(model, loss_fn, X, Y, k=k, tol=tol, chunk_size=chunk_size,
+                                        warm_start=warm_start, generator=generator, method=method)
+    record = {"lambda_max": float(eig.values[0])}
+    record.update({f"lambda_{i}": float(eig.values[i - 1]) for i in range(2, k + 1)})
+    record.update({"residual": float(eig.residuals.max()), "converged": bool(eig.converged),
+                   "hvps": estimate.hvps, "seconds": estimate.seconds})
+    return record, eig
+
+
+def default_batch_sizes(n: int, training_batch: int) -> list[int]:
+    """Powers of two up to n, and the training batch size."""
+    sizes = {2 ** i for i in range(int(math.log2(n)) + 1)} | {training_batch}
+    return sorted(s for s in sizes if s <= n)
+
+
+def check_batch_sizes(sizes, n: int) -> list[int]:
+    bad = [b for b in sizes if not 1 <= b <= n]
+    if bad:
+        raise UserError(f"--batch-sizes {' '.join(map(str, bad))} outside 1..{n} (the training set size); pass sizes in that range")
+    return sorted(set(sizes))
+
+
+def ghg_family(model, loss_fn, X, Y, batch_size: int, *, measure_seed: int, step: int,
+               chunk_size=None, max_samples=None) -> dict[str, Estimate]:
+    """The gHg family at one batch size b, each with its standard error and sample count:
+
+        batch_sharpness        E_B[ g_B^T H_B g_B / |g_B|^2 ]      (mean of ratios)
+        batch_sharpness_ratio  E_B[ g_B^T H_B g_B ] / E_B[|g_B|^2] (ratio of means)
+        gni                    E_B[ g_B^T H g_B ] / |g|^2
+
+    Each estimate draws its batches from a fresh ``measurement_generator(measure_seed, step)``:
+    the three share their random batches (common random numbers), so differences between
+    them are less noisy than their separate standard errors suggest.
+    """
+    limit = {} if max_samples is None else {"max_samples": max_samples, "min_samples": min(20, max_samples)}
+
+    def generator():
+        return measurement_generator(measure_seed, step, device=X.device)
+
+    return {
+        "batch_sharpness": measures.batch_sharpness(model, loss_fn, X, Y, batch_size, generator=generator(), **limit),
+        "batch_sharpness_ratio": measures.batch_sharpness_ratio(model, loss_fn, X, Y, batch_size,
+                                                                generator=generator(), **limit),
+        "gni": measures.gni(model, loss_fn, X, Y, batch_size, generator=generator(), chunk_size=chunk_size, **limit),
+    }
+
+
+def ghg_record(estimates: dict[str, Estimate]) -> dict:
+    """Flat columns <name>, <name>_se, <name>_n, <name>_hvps, <name>_seconds of a gHg family."""
+    record = {}
+    for name, est in estimates.items():
+        record.update({name: est.value, f"{name}_se": est.se, f"{name}_n": est.n,
+                       f"{name}_hvps": est.hvps, f"{name}_seconds": est.seconds})
+    return record
+
+
+def tail_median(frame, column: str, tail: float) -> tuple[float, int]:
+    """Median of ``column`` over the rows of the last ``tail`` fraction of training, and their count.
+
+    Training ran steps 0..T-1 (T = last logged step + 1); the window is step >= (1 - tail) T.
+    """
+    if column not in frame.columns:
+        return math.nan, 0
+    steps_trained = int(frame["step"].max()) + 1
+    window = frame.loc[frame["step"] >= (1 - tail) * steps_trained, column].dropna()
+    return (float(window.median()), int(window.size)) if window.size else (math.nan, 0)
+
+
+def sharpness_plateaus(cfg, frame, *, tail: float, final=None, fullbs=None, ghg=None) -> dict:
+    """Plateau of lambda_max and of Batch Sharpness for one run, their gap and the stability line.
+
+    lambda_max comes from final_fullbs.json, else final.json, else the median of results.txt
+    over the last ``tail`` of training; Batch Sharpness from final_ghg.json (at the training
+    batch size), else final.json, else that median. ``gap`` = batch_sharpness - lambda_max.
+    Each value names its ``*_source`` and the number of values behind it (``*_count``).
+    """
+    row = {"threshold": stability_threshold(cfg), "threshold_label": stability_label(cfg)}
+    own_batch = (ghg or {}).get("batch_sizes", {}).get(str(cfg.batch))
+    candidates = {
+        "lambda_max": [("final_fullbs.json", fullbs), ("final.json", final)],
+        "batch_sharpness": [("final_ghg.json", own_batch), ("final.json", final)],
+    }
+    for name, sources in candidates.items():
+        found = next(((source, record) for source, record in sources if record and name in record), None)
+        if found:
+            source, record = found
+            row.update({name: float(record[name]), f"{name}_se": float(record.get(f"{name}_se", math.nan)),
+                        f"{name}_source": source, f"{name}_count": 1})
+        else:
+            value, count = tail_median(frame, name, tail)
+            row.update({name: value, f"{name}_se": math.nan, f"{name}_source": "results.txt", f"{name}_count": count})
+    row["gap"] = row["batch_sharpness"] - row["lambda_max"]
+    return row

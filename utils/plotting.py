@@ -1,0 +1,225 @@
+"""Figures of runs: training curves of one or several runs, and sharpness plateaus against batch size.
+
+Figures are built on matplotlib's object API with the Agg canvas (no pyplot, no display, no
+global backend switch), sized for a two-column paper (7 inches wide, 8-point text), and saved
+as PNG and PDF through temporary files, so a reader never sees half a figure.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+
+import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import NullLocator, ScalarFormatter
+
+from utils.analysis import stability_label, stability_threshold
+
+PAPER_WIDTH = 7.0  # inches, the text width of a two-column paper
+PANEL_HEIGHT = 2.0
+STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
+         "xtick.labelsize": 7, "ytick.labelsize": 7, "lines.linewidth": 1.0}
+# Settings that say how a run was executed, logged or measured, not what it trained: never used
+# to tell runs apart in a legend (nor are the cadences, the settings ending in _every).
+_NOT_DISTINGUISHING = {"run_dir", "quiet", "cpu", "download", "wandb", "tensorboard", "checkpoint_every",
+                       "keep_checkpoints", "lambdamax", "num_eigenvalues", "eig_method", "eig_tol",
+                       "batch_sharpness", "step_sharpness", "gni", "final", "hvp_chunk", "measure_seed"}
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One results.txt column in a panel: ``faint`` draws it thin and light, ``smooth`` as a rolling mean."""
+
+    column: str
+    label: str
+    faint: bool = False
+    smooth: bool = False
+    dashed: bool = False
+
+
+@dataclass(frozen=True)
+class Panel:
+    """A panel is drawn when the results hold any of its columns.
+
+    ``stability``: the optimiser's stability line applies (SGD and momentum runs);
+    ``preconditioned``: Adam's 38/η line applies (it bounds the preconditioned Hessian only).
+    """
+
+    title: str
+    curves: tuple[Curve, ...]
+    log: bool = False
+    stability: bool = False
+    preconditioned: bool = False
+
+
+PANELS = (
+    Panel("loss", (Curve("batch_loss", "batch", faint=True), Curve("full_loss", "full")), log=True),
+    Panel("λ_max", (Curve("lambda_max", "λ_max"),), stability=True),
+    Panel("Batch Sharpness", (Curve("batch_sharpness", "E[gᵀHg/‖g‖²]"),
+                              Curve("batch_sharpness_ratio", "E[gᵀHg]/E[‖g‖²]", dashed=True)), stability=True),
+    Panel("step sharpness", (Curve("step_sharpness", "raw", faint=True),
+                             Curve("step_sharpness", "smoothed", smooth=True)), stability=True),
+    Panel("GNI", (Curve("gni", "GNI"),), stability=True),
+    Panel("preconditioned sharpness", (Curve("preconditioned_sharpness", "λ_max(P⁻¹ᐟ²HP⁻¹ᐟ²)"),),
+          preconditioned=True),
+    Panel("accuracy", (Curve("full_accuracy", "train"),)),
+)
+
+
+def new_figure(nrows: int, ncols: int, height: float | None = None) -> tuple[Figure, list]:
+    fig = Figure(figsize=(PAPER_WIDTH, height or PANEL_HEIGHT * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    return fig, axes
+
+
+def save_figure(fig: Figure, folder: str, stem: str, dpi: int = 150) -> list[str]:
+    """Write ``stem``.png and ``stem``.pdf into ``folder`` atomically; return their paths."""
+    written = []
+    for fmt in ("png", "pdf"):
+        path = os.path.join(folder, f"{stem}.{fmt}")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=f".{fmt}")
+        os.close(fd)
+        try:
+            # Dates and software names in the metadata would make identical figures differ.
+            metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
+            fig.savefig(tmp, format=fmt, dpi=dpi, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        written.append(path)
+    return written
+
+
+def run_title(cfg) -> str:
+    """A one-line description of a run's settings, such as ``digits · mlp · mse · η=0.05 · b=64``."""
+    parts = [cfg.dataset, cfg.model, cfg.loss, f"η={cfg.lr:g}", f"b={cfg.batch}"]
+    if cfg.adam:
+        parts.append("Adam")
+    elif cfg.momentum:
+        parts.append(f"{'Nesterov ' if cfg.nesterov else ''}μ={cfg.momentum:g}")
+    return " · ".join(parts)
+
+
+def run_labels(runs) -> list[str]:
+    """Legend labels for overlaid runs: the settings in which their configs differ."""
+    configs = [run.cfg.to_dict() for run in runs]
+    differing = [key for key in configs[0]
+                 if key not in _NOT_DISTINGUISHING and not key.endswith("_every") and any(c[key] != configs[0][key] for c in configs)]
+    if not differing:
+        return [run.name for run in runs]
+    return [", ".join(f"{key}={_short(c[key])}" for key in differing) for c in configs]
+
+
+def _short(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _series(frame, column: str, smooth_window: int | None, smooth: bool):
+    data = frame[["step", column]].dropna()
+    values = data[column]
+    if smooth and len(values) > 1:
+        window = smooth_window or max(1, len(values) // 20)
+        values = values.rolling(window, center=True, min_periods=1).mean()
+    return data["step"].to_numpy(), values.to_numpy(), data
+
+
+def _stability_applies(panel: Panel, cfg) -> bool:
+    return panel.preconditioned if cfg.adam else panel.stability
+
+
+def plot_runs(runs, frames, *, smooth: int | None = None) -> Figure:
+    """Training curves of one or several runs; ``frames`` are their results tables.
+
+    Panels (those with data): losses on a log scale, λ_max, Batch Sharpness with its
+    standard-error band, step sharpness smoothed over ``smooth`` measurements, GNI,
+    preconditioned sharpness, accuracy; the dashed stability line of each run's optimiser
+    where it applies. Several runs are overlaid, one colour each, labelled by their settings.
+    """
+    panels = [p for p in PANELS if any(c.column in f.columns and f[c.column].notna().any()
+                                       for c in p.curves for f in frames)]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    overlay = len(runs) > 1
+    labels = run_labels(runs) if overlay else [None]
+    with matplotlib.rc_context(STYLE):
+        fig, axes = new_figure(nrows, ncols)
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
+        for ax, panel in zip(axes, panels):
+            for i, (run, frame) in enumerate(zip(runs, frames)):
+                color = f"C{i % 10}" if overlay else "C0"
+                _draw_panel(ax, panel, run.cfg, frame, color, labels[i], overlay, smooth)
+            ax.set_title(panel.title)
+            ax.set_xlabel("step")
+            if panel.log:
+                ax.set_yscale("log")
+            if not overlay and len(ax.get_legend_handles_labels()[0]) > 1:
+                ax.legend(frameon=False)
+        if overlay:
+            handles = [Line2D([], [], color=f"C{i % 10}", label=label) for i, label in enumerate(labels)]
+            fig.legend(handles=handles, loc="outside upper center", ncols=min(4, len(handles)), frameon=False)
+        else:
+            fig.suptitle(run_title(runs[0].cfg))
+    return fig
+
+
+def _draw_panel(ax, panel: Panel, cfg, frame, color, run_label, overlay, smooth_window) -> None:
+    for curve in panel.curves:
+        if curve.column not in frame.columns or frame[curve.column].isna().all():
+            continue
+        steps, values, data = _series(frame, curve.column, smooth_window, curve.smooth)
+        style = {"color": color, "linestyle": "--" if curve.dashed else "-"}
+        if curve.faint:
+            style.update(alpha=0.3, linewidth=0.6)
+        ax.plot(steps, values, label=None if overlay else curve.label, **style)
+        se = f"{curve.column}_se"
+        if se in frame.columns and not curve.faint:
+            spread = frame.loc[data.index, se].fillna(0).to_numpy()
+            ax.fill_between(steps, values - spread, values + spread, color=color, alpha=0.2, linewidth=0)
+    if _stability_applies(panel, cfg):
+        line = stability_threshold(cfg)
+        ax.axhline(line, color=color if overlay else "0.3", linestyle=":" if overlay else "--", linewidth=0.8,
+                   label=None if overlay else f"{stability_label(cfg)} = {line:.4g}")
+
+
+def plot_sharpness_gap(table) -> Figure:
+    """Plateaus against batch size, one colour per step size (mean over runs sharing both).
+
+    Left: Batch Sharpness (solid, standard-error bars where known) and λ_max (dashed), with
+    each step size's stability line (dotted). Right: the gap Batch Sharpness − λ_max.
+    """
+    groups = table.groupby(["lr", "threshold", "threshold_label"], sort=True)
+    with matplotlib.rc_context(STYLE):
+        fig, (left, right) = new_figure(1, 2, height=2.6)
+        for i, ((lr, threshold, label), group) in enumerate(groups):
+            color = f"C{i % 10}"
+            by_batch = group.groupby("batch", sort=True)
+            mean = by_batch[["lambda_max", "batch_sharpness", "gap"]].mean()
+            se = by_batch["batch_sharpness_se"].apply(lambda s: math.sqrt((s ** 2).sum()) / len(s))
+            batches = mean.index.to_numpy()
+            left.errorbar(batches, mean["batch_sharpness"], yerr=se.fillna(0).to_numpy(), color=color,
+                          marker="o", markersize=3, capsize=2, label=f"η={lr:g}")
+            left.plot(batches, mean["lambda_max"], color=color, marker="s", markersize=3, linestyle="--")
+            left.axhline(threshold, color=color, linestyle=":", linewidth=0.8)
+            right.plot(batches, mean["gap"], color=color, marker="o", markersize=3, label=f"η={lr:g}")
+        left.plot([], [], color="0.3", marker="o", markersize=3, label="Batch Sharpness")
+        left.plot([], [], color="0.3", marker="s", markersize=3, linestyle="--", label="λ_max")
+        left.plot([], [], color="0.3", linestyle=":", label=" / ".join(sorted(set(table["threshold_label"]))))
+        left.set_title("sharpness plateaus")
+        right.set_title("gap: Batch Sharpness − λ_max")
+        for ax in (left, right):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(set(table["batch"])))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xlabel("batch size")
+        left.legend(frameon=False)
+    return fig

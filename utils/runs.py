@@ -1,0 +1,257 @@
+"""Run folders as inputs of the analysis scripts: selecting them, reading them, rebuilding them.
+
+A run is read through its contract only: ``config.json`` (settings, format version),
+``results.txt`` (columns by name) and ``checkpoints/step_<N>.pt``. Folder names are never
+parsed, so runs keep working after they are moved or renamed. Every problem with an input is a
+:class:`~utils.errors.UserError`, raised before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import glob
+import io
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+from utils.checkpoints import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
+from utils.config import RunConfig, _OneLineParser, results_root
+from utils.errors import UserError
+from utils.results import atomic_write_text, read_json
+from utils.training import Setup, build, read_run_config
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class Run:
+    """One run folder: its path, its config.json record and the settings in it."""
+
+    run_dir: str
+    record: dict
+    cfg: RunConfig
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.run_dir))
+
+
+def load_run(run_dir: str) -> Run:
+    """The run in ``run_dir``; a missing folder or an unreadable config.json is a UserError."""
+    record = read_run_config(run_dir)
+    return Run(run_dir, record, RunConfig.from_dict(record["config"]))
+
+
+def find_run_dirs(root: str) -> list[str]:
+    """Every folder under ``root`` (itself included) that holds a config.json, sorted."""
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        if CONFIG_FILE in files:
+            found.append(folder)
+            subfolders.clear()  # a run folder holds no runs
+        else:
+            subfolders[:] = [s for s in subfolders if s != CHECKPOINT_DIR]
+    return sorted(found)
+
+
+def _start_time(run: Run) -> tuple[float, float]:
+    """Sort key for "newest": the recorded start time, then config.json's modification time."""
+    try:
+        started = datetime.datetime.fromisoformat(run.record["start_time"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        started = -math.inf
+    return started, os.path.getmtime(os.path.join(run.run_dir, CONFIG_FILE))
+
+
+def _matches(cfg: RunConfig, dataset, model, lr, batch) -> bool:
+    return ((dataset is None or cfg.dataset == dataset) and (model is None or cfg.model == model)
+            and (lr is None or math.isclose(cfg.lr, lr, rel_tol=1e-9))
+            and (batch is None or cfg.batch == batch))
+
+
+def _runs_under(folder: str) -> list[Run]:
+    """The given folder as a run, or the runs below it; damaged runs below it are skipped with a warning."""
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder} does not exist; pass the folder of an EOSS run")
+    if os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        return [load_run(folder)]
+    runs = []
+    for run_dir in find_run_dirs(folder):
+        try:
+            runs.append(load_run(run_dir))
+        except UserError as exc:
+            warnings.warn(f"skipping {run_dir}: {exc}")
+    return runs
+
+
+def select_runs(paths=(), *, latest: bool = False, dataset: str | None = None, model: str | None = None,
+                lr: float | None = None, batch: int | None = None, pattern: str | None = None,
+                root: str | None = None) -> list[Run]:
+    """The runs an analysis works on, oldest first.
+
+    ``paths`` are run folders, or folders holding runs (a sweep, ``$RESULTS/digits_mlp``);
+    without paths every run under ``root`` (default ``$RESULTS``) is a candidate, or those whose
+    folder matches the glob ``pattern`` relative to ``root``. The filters keep runs whose config
+    has that data set, model, step size or batch size; ``latest`` keeps only the newest run.
+    """
+    root = root or results_root()
+    if paths and pattern:
+        raise UserError("give run folders or --glob, not both; --glob matches folders below $RESULTS")
+    if paths:
+        candidates = [run for path in paths for run in _runs_under(path)]
+    elif pattern:
+        matched = [p for p in sorted(glob.glob(os.path.join(root, pattern))) if os.path.isdir(p)]
+        candidates = [run for path in matched for run in _runs_under(path)]
+    else:
+        candidates = _runs_under(root) if os.path.isdir(root) else []
+    runs = [run for run in candidates if _matches(run.cfg, dataset, model, lr, batch)]
+    unique = {os.path.realpath(run.run_dir): run for run in runs}
+    runs = sorted(unique.values(), key=_start_time)
+    if not runs:
+        where = ", ".join(paths) if paths else os.path.join(root, pattern or "")
+        filters = {"--dataset": dataset, "--model": model, "--lr": lr, "--batch": batch}
+        given = " ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in filters.items() if v is not None)
+        raise UserError(f"no EOSS runs found in {where}{' matching ' + given if given else ''}; "
+                        f"train one with training.py or check $RESULTS and the filters")
+    return runs[-1:] if latest else runs
+
+
+def add_selection_arguments(parser, *, default_latest: bool) -> None:
+    """The shared run-selection flags: folders, --latest, --dataset/--model/--lr/--batch, --glob."""
+    parser.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                        help="run folders, or folders holding runs (default: " +
+                             ("the newest run under $RESULTS)" if default_latest else "every run under $RESULTS)"))
+    g = parser.add_argument_group("which runs")
+    g.add_argument("--latest", action="store_true", help="only the newest of the selected runs")
+    g.add_argument("--dataset", default=None, help="only runs on this data set")
+    g.add_argument("--model", default=None, help="only runs of this model")
+    g.add_argument("--lr", type=float, default=None, help="only runs with this step size")
+    g.add_argument("--batch", type=int, default=None, help="only runs with this batch size")
+    g.add_argument("--glob", default=None, metavar="PATTERN",
+                   help="only run folders matching this pattern below $RESULTS, such as 'digits_mlp/*_b8'")
+
+
+def runs_from_args(args, *, default_latest: bool) -> list[Run]:
+    """Apply the selection flags of :func:`add_selection_arguments`.
+
+    With ``default_latest`` and no folder, filter or glob given, the newest run is taken.
+    """
+    nothing_chosen = not args.runs and args.glob is None and all(
+        getattr(args, name) is None for name in ("dataset", "model", "lr", "batch"))
+    latest = args.latest or (default_latest and nothing_chosen)
+    return select_runs(args.runs, latest=latest, dataset=args.dataset, model=args.model, lr=args.lr,
+                       batch=args.batch, pattern=args.glob)
+
+
+def read_run_results(run_dir: str):
+    """results.txt as a DataFrame, after checking that every row is complete.
+
+    A row cut short by a hard kill (no final newline, or too few fields) is a UserError here,
+    not a row of NaNs: ``training.py --resume`` drops it and continues the run.
+    """
+    import pandas as pd
+
+    path = os.path.join(run_dir, "results.txt")
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir} has no results.txt; pass the folder of a run that training.py has started")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = [line for line in text.split("\n") if line and not line.startswith("#")]
+    if not lines:
+        raise UserError(f"{path} has no header line; the run folder is damaged")
+    width = len(lines[0].split(","))
+    cut = not text.endswith("\n") or any(len(line.split(",")) != width for line in lines[1:])
+    if cut:
+        raise UserError(f"{path} ends in a cut-off row (the run was killed while writing); "
+                        f"continue it with training.py --resume {run_dir}, which drops that row")
+    return pd.read_csv(io.StringIO(text), comment="#")
+
+
+def read_optional_json(run_dir: str, name: str) -> dict | None:
+    """A json file of the run folder, or None when absent; unreadable JSON is a UserError."""
+    path = os.path.join(run_dir, name)
+    if not os.path.isfile(path):
+        return None
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        raise UserError(f"{path} is not valid JSON; delete it and recompute it")
+
+
+def checkpoint_list(run: Run) -> list[tuple[int, str]]:
+    """(step, path) of the run's checkpoints, oldest first; none at all is a UserError."""
+    available = list_checkpoints(run.run_dir)
+    if not available:
+        raise UserError(f"{run.run_dir} has no checkpoints (checkpoints/step_<N>.pt); "
+                        f"measurements need a saved state, so rerun training without deleting them")
+    return available
+
+
+def rebuild(run: Run, *, cpu: bool = False) -> Setup:
+    """Data, model, loss and optimiser of ``run`` from its config.json (model weights as initialised).
+
+    Runs on CUDA when available unless ``cpu``, whatever device the run was trained on.
+    """
+    cfg = dataclasses.replace(run.cfg, cpu=cpu, quiet=True)
+    return build(cfg)
+
+
+def load_weights(setup: Setup, checkpoint: str) -> int:
+    """Load a checkpoint's model parameters into ``setup.model``; return the checkpoint's step."""
+    state = load_checkpoint(checkpoint, map_location=setup.device)
+    try:
+        setup.model.load_state_dict(state["model"])
+    except RuntimeError:
+        raise UserError(f"checkpoint {checkpoint} does not fit the model of its config.json; the run folder is damaged")
+    return int(state["step"])
+
+
+def make_output_folder(folder: str) -> str:
+    """Create ``folder`` if needed; an unwritable place is a UserError."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the output folder {folder} ({exc.strerror}); pass a writable --out DIR")
+    return folder
+
+
+def common_folder(runs: list[Run]) -> str:
+    """The deepest folder holding all the runs (the run folder itself for one run)."""
+    if len(runs) == 1:
+        return runs[0].run_dir
+    return os.path.commonpath([os.path.abspath(run.run_dir) for run in runs])
+
+
+def write_text_files(files: dict[str, str]) -> list[str]:
+    """Write every {path: text} atomically, creating folders as needed; return the paths written."""
+    for path in files:
+        make_output_folder(os.path.dirname(os.path.abspath(path)))
+    for path, text in files.items():
+        atomic_write_text(path, text)
+    return list(files)
+
+
+def output_folders(runs: list[Run], out: str | None) -> list[str]:
+    """Where each run's outputs go: its own folder, or ``out`` (one run) or ``out/<run name>`` (several)."""
+    if out is None:
+        return [run.run_dir for run in runs]
+    if len(runs) == 1:
+        return [out]
+    base = common_folder(runs)
+    return [os.path.join(out, os.path.relpath(os.path.abspath(run.run_dir), base)) for run in runs]
+
+
+def build_analysis_parser(prog: str, description: str, *, default_latest: bool, rebuilds: bool):
+    """An analysis script's command line: run selection, --out, --quiet and, for scripts that
+    rebuild runs, --cpu; mistakes are one UserError line."""
+    parser = _OneLineParser(prog=prog, description=description)
+    add_selection_arguments(parser, default_latest=default_latest)
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", default=None, metavar="DIR", help="write into this folder (created if needed) instead of the run folder")
+    if rebuilds:
+        g.add_argument("--cpu", action="store_true", help="use the CPU even when CUDA is available")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
