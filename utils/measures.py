@@ -14,7 +14,8 @@ import torch
 
 from utils import eigs
 from utils.errors import UserError
-from utils.estimators import Estimate, exact_estimate, mean_with_stopping, sample_batch_indices
+from utils.estimators import (Estimate, exact_estimate, mean_with_stopping,
+                              ratio_of_means_with_stopping, sample_batch_indices)
 from utils.hvp import HessianOperator, flat_grad
 
 EIG_METHODS = ("lanczos", "lobpcg", "power")
@@ -135,3 +136,39 @@ def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_sam
     norm2 = (g @ g).item()
     return Estimate(numerator.value / norm2, numerator.se / norm2, numerator.n, op.hvps,
                     time.perf_counter() - start)
+
+
+def _batch_quadratic_and_norm(model, loss_fn, xb, yb, train_mode) -> tuple[float, float]:
+    """(g_B^T H_B g_B, |g_B|^2) with gradient and Hessian of the same batch."""
+    op = HessianOperator(model, loss_fn, xb, yb, train_mode=train_mode)
+    g = op.gradient()
+    return (g @ op.matvec(g)).item(), (g @ g).item()
+
+
+def batch_sharpness_ratio(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
+                          max_samples=1000, rel_se=0.005, train_mode=True) -> Estimate:
+    """Batch Sharpness as a ratio of means, E_B[ g_B^T H_B g_B ] / E_B[ |g_B|^2 ].
+
+    Unlike :func:`batch_sharpness` (a mean of ratios) each batch contributes in proportion to
+    its squared gradient norm. Paired samples a = g_B^T H_B g_B, b = |g_B|^2 over independent
+    random batches; delta-method SE, drawn until SE / |ratio| < ``rel_se`` (at least
+    ``min_samples``, at most ``max_samples`` batches). One HVP per batch. Columns
+    ``batch_sharpness_ratio``, ``batch_sharpness_ratio_se``, ``batch_sharpness_ratio_n``.
+    """
+    start = time.perf_counter()
+    n = X.shape[0]
+    hvps = 0
+
+    def sample(m):
+        nonlocal hvps
+        hvps += m
+        pairs = []
+        for _ in range(m):
+            idx = sample_batch_indices(n, batch_size, generator, X.device)
+            pairs.append(_batch_quadratic_and_norm(model, loss_fn, X[idx], Y[idx], train_mode))
+        quadratic, norm2 = zip(*pairs)
+        return list(quadratic), list(norm2)
+
+    estimate = ratio_of_means_with_stopping(sample, min_samples=min_samples,
+                                            max_samples=max_samples, rel_se=rel_se)
+    return Estimate(estimate.value, estimate.se, estimate.n, hvps, time.perf_counter() - start)
