@@ -18,6 +18,7 @@ from utils.data import DATASET_NAMES
 from utils.errors import UserError
 from utils.losses import LOSS_NAMES
 from utils.models import ACTIVATIONS, MODEL_NAMES
+from utils.noise import DEFAULT_REFRESH, NOISE_MODES
 
 CONFIG_VERSION = 1
 EIGEN_METHODS = ("lanczos", "lobpcg", "power")
@@ -74,6 +75,14 @@ class RunConfig:
     gni_every: int | None = None
     hvp_chunk: int | None = None
     measure_seed: int = 0
+    # noise baselines (replace the SGD step)
+    gd_noise: str | None = None
+    noise_mag: float | None = None
+    sde: bool = False
+    sde_h: float | None = None
+    noise_seed: int = 0
+    noise_refresh: int = DEFAULT_REFRESH
+    noise_chunk: int | None = None
     # where and how
     cpu: bool = False
     quiet: bool = False
@@ -151,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{name}-every", type=int, default=None, help=f"cadence of --{name} (overrides --measure-every)")
     g.add_argument("--hvp-chunk", type=int, default=None, help="samples per chunk of full-batch Hessian products (bounds memory)")
     g.add_argument("--measure-seed", type=int, default=d.measure_seed, help="seed of the Monte Carlo batches of measurements")
+    g = p.add_argument_group("noise baselines (replace the SGD step; --batch sets the noise scale)")
+    g.add_argument("--gd-noise", default=None, help=f"full-batch GD plus noise: one of {', '.join(NOISE_MODES)}")
+    g.add_argument("--noise-mag", type=float, default=None, help="with --gd-noise const: the noise is noise-mag/sqrt(batch) N(0, I)")
+    g.add_argument("--sde", action="store_true", help="integrate the SDE of SGD over each step of time lr (needs --sde-h)")
+    g.add_argument("--sde-h", type=float, default=None, help="with --sde: Euler-Maruyama sub-step, at most --lr")
+    g.add_argument("--noise-seed", type=int, default=d.noise_seed, help="seed of the injected noise")
+    g.add_argument("--noise-refresh", type=int, default=d.noise_refresh,
+                   help=f"diag and iso: recompute the gradient covariance every k steps (default {DEFAULT_REFRESH})")
+    g.add_argument("--noise-chunk", type=int, default=None,
+                   help="diag and iso: samples per chunk of per-sample gradients (default: about 2^26 numbers per chunk)")
     g = p.add_argument_group("where and how")
     g.add_argument("--cpu", action="store_true", help="use the CPU even when CUDA is available")
     g.add_argument("--quiet", action="store_true", help="no progress output")
@@ -222,8 +241,18 @@ def validate(cfg: RunConfig) -> None:
     need(0 < cfg.eig_tol < 1, f"--eig-tol must be in (0, 1), got {cfg.eig_tol}")
     need(cfg.stop_loss is None or cfg.stop_loss > 0, f"--stop-loss must be positive, got {cfg.stop_loss}")
     need(cfg.log_every >= 1, f"--log-every must be at least 1, got {cfg.log_every}")
+    need(cfg.gd_noise is None or cfg.gd_noise in NOISE_MODES, f"unknown --gd-noise {cfg.gd_noise!r}; choose one of {', '.join(NOISE_MODES)}")
+    need(not (cfg.sde and cfg.gd_noise), "--sde and --gd-noise are alternative baselines; give only one of them")
+    need(cfg.noise_mag is None or cfg.gd_noise == "const", "--noise-mag only applies to --gd-noise const")
+    need(cfg.gd_noise != "const" or cfg.noise_mag is not None, "--gd-noise const needs --noise-mag sigma")
+    need(cfg.noise_mag is None or (math.isfinite(cfg.noise_mag) and cfg.noise_mag >= 0), f"--noise-mag must be a non-negative number, got {cfg.noise_mag}")
+    need(cfg.sde_h is None or cfg.sde, "--sde-h only applies to --sde")
+    need(not cfg.sde or cfg.sde_h is not None, "--sde needs --sde-h h, the Euler-Maruyama sub-step (at most --lr)")
+    need(cfg.sde_h is None or (math.isfinite(cfg.sde_h) and 0 < cfg.sde_h <= cfg.lr),
+         f"--sde-h must be in (0, --lr] = (0, {cfg.lr:g}], got {cfg.sde_h}")
+    need(not cfg.sde or (cfg.momentum == 0 and not cfg.adam), "--sde models plain SGD; drop --momentum and --adam")
     for flag in ("full_loss_every", "checkpoint_every", "keep_checkpoints", "measure_every", "lambdamax_every",
-                 "batch_sharpness_every", "step_sharpness_every", "gni_every", "hvp_chunk"):
+                 "batch_sharpness_every", "step_sharpness_every", "gni_every", "hvp_chunk", "noise_refresh", "noise_chunk"):
         value = getattr(cfg, flag)
         need(value is None or value >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {value}")
 

@@ -7,6 +7,10 @@ results.txt. Epoch e visits a permutation of the training set drawn from
 (data_ordering_seed, e); the last partial batch is dropped. Because the batch order and every
 measurement's randomness are pure functions of seeds and the step number, a run can be
 recomputed or continued from any checkpoint.
+
+With ``--gd-noise`` or ``--sde`` step (3) is a noise baseline of :mod:`utils.noise` on the
+whole training set instead: the ``batch_loss`` column then holds the full-batch loss L at the
+parameters before update t, the loss whose noisy gradient the update follows.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from utils.errors import UserError
 from utils.losses import accuracy, get_loss
 from utils.models import build_model, count_parameters
 from utils.monitor import Monitor
+from utils.noise import NoisyStep, noisy_step_from_config
 from utils.results import (BASE_COLUMNS, TIME_COLUMN, ResultsWriter, atomic_write_json, atomic_write_text,
                            make_run_folder, read_json)
 
@@ -50,6 +55,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     total_steps: int
     steps_per_epoch: int
+    noise: NoisyStep | None = None  # --gd-noise / --sde: replaces the mini-batch SGD step
 
 
 def pick_device(force_cpu: bool) -> torch.device:
@@ -84,7 +90,9 @@ def build(cfg: RunConfig) -> Setup:
                         no_init=cfg.no_init).to(device)
     steps_per_epoch = n // cfg.batch
     total_steps = cfg.epochs * steps_per_epoch if cfg.epochs else (cfg.steps or DEFAULT_STEPS)
-    return Setup(cfg, device, data, model, get_loss(cfg.loss), make_optimizer(cfg, model), total_steps, steps_per_epoch)
+    loss_fn, optimizer = get_loss(cfg.loss), make_optimizer(cfg, model)
+    noise = noisy_step_from_config(cfg, model, loss_fn, data.X_train, data.Y_train, optimizer)
+    return Setup(cfg, device, data, model, loss_fn, optimizer, total_steps, steps_per_epoch, noise)
 
 
 @torch.no_grad()
@@ -273,6 +281,8 @@ def restore(setup: Setup, monitor: Monitor, state: dict, *, keep_optimizer_setti
                 group.update(own)
     set_rng_state(state["rng"])
     monitor.eigenvectors = state.get("eigenvectors")
+    if setup.noise is not None:
+        setup.noise.load_state_dict(state.get("noise_state"))
     if monitor.eigenvectors is not None:
         monitor.eigenvectors = monitor.eigenvectors.to(setup.device)
 
@@ -409,6 +419,7 @@ def checkpoint_state(setup: Setup, monitor: Monitor, step: int, elapsed: float) 
         "eigenvectors": monitor.eigenvectors,
         "optimizer_kind": type(setup.optimizer).__name__,
         "wall_time": elapsed,
+        "noise_state": setup.noise.state_dict() if setup.noise is not None else None,
     }
 
 
@@ -450,13 +461,19 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
             row.update(monitor.measure(step, xb, yb))
 
             optimizer.zero_grad(set_to_none=True)
-            batch_loss = loss_fn(model(xb), yb)
+            if setup.noise is None:
+                batch_loss = loss_fn(model(xb), yb)
+            else:  # the full-batch loss L; its noisy gradient is already in .grad
+                batch_loss = setup.noise.loss_and_gradient(step)
             row["batch_loss"] = batch_loss.item()
             diverged = not math.isfinite(row["batch_loss"]) or not math.isfinite(row.get("full_loss", 0.0))
             reached = cfg.stop_loss is not None and row.get("full_loss", math.inf) < cfg.stop_loss
             if not diverged and not reached:
-                batch_loss.backward()
-                optimizer.step()
+                if setup.noise is None:
+                    batch_loss.backward()
+                    optimizer.step()
+                else:
+                    setup.noise.update(step)
             row[TIME_COLUMN] = elapsed()
             if step % cfg.log_every == 0 or len(row) > 5 or diverged or reached or step == total - 1:
                 writer.write_row(row)
