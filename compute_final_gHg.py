@@ -1,0 +1,104 @@
+"""The gHg family at a run's final checkpoint, for the training batch size and a list of others.
+
+    python compute_final_gHg.py                            # the newest run under $RESULTS
+    python compute_final_gHg.py RUN_DIR --batch-sizes 8 32 128
+
+For every batch size b: Batch Sharpness E_B[g_BᵀH_Bg_B/‖g_B‖²], the ratio of means
+E_B[g_BᵀH_Bg_B]/E_B[‖g_B‖²] and GNI E_B[g_BᵀHg_B]/‖g‖², each with standard error and sample
+count. Writes ``final_ghg.json`` (keyed by batch size) and ``final_ghg.csv`` into the run
+folder or ``--out DIR``, and prints a table.
+"""
+
+import json
+import os
+import sys
+
+import pandas as pd
+from tqdm import tqdm
+
+from utils.analysis import (check_batch_sizes, default_batch_sizes, ghg_family, ghg_record, stability_label,
+                            stability_threshold)
+from utils.cli import run_cli
+from utils.errors import UserError
+from utils.runs import (build_analysis_parser, checkpoint_list, load_weights, output_folders,
+                        rebuild, runs_from_args, write_text_files)
+
+PROG = "compute_final_gHg.py"
+
+
+def build_parser():
+    p = build_analysis_parser(PROG, "Batch Sharpness, its ratio-of-means form and GNI at the final checkpoint of runs.",
+                              default_latest=True, rebuilds=True)
+    g = p.add_argument_group("measurement")
+    g.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B",
+                   help="batch sizes to measure (default: powers of two up to n, and the training batch size)")
+    g.add_argument("--max-samples", type=int, default=None,
+                   help="at most this many random batches per estimate (default: the measurements' own limit)")
+    g.add_argument("--hvp-chunk", type=int, default=None, help="samples per chunk of full-batch Hessian products (default: the run's)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the random batches (default: the run's --measure-seed)")
+    return p
+
+
+def check_args(args) -> None:
+    if args.max_samples is not None and args.max_samples < 2:
+        raise UserError(f"--max-samples must be at least 2, got {args.max_samples}")
+    if args.hvp_chunk is not None and args.hvp_chunk < 1:
+        raise UserError(f"--hvp-chunk must be at least 1, got {args.hvp_chunk}")
+
+
+def measure_run(run, checkpoint: str, args) -> dict:
+    """The contents of final_ghg.json for one run."""
+    setup = rebuild(run, cpu=args.cpu)
+    step = load_weights(setup, checkpoint)
+    X, Y = setup.data.X_train, setup.data.Y_train
+    n = X.shape[0]
+    sizes = check_batch_sizes(args.batch_sizes, n) if args.batch_sizes else default_batch_sizes(n, run.cfg.batch)
+    seed = run.cfg.measure_seed if args.seed is None else args.seed
+    by_size = {}
+    for b in tqdm(sizes, desc=run.name, unit="batch size", disable=args.quiet):
+        estimates = ghg_family(setup.model, setup.loss_fn, X, Y, b, measure_seed=seed, step=step,
+                               chunk_size=args.hvp_chunk or run.cfg.hvp_chunk, max_samples=args.max_samples)
+        by_size[str(b)] = ghg_record(estimates)
+    return {"step": step, "checkpoint": os.path.basename(checkpoint), "num_train": n, "training_batch": run.cfg.batch,
+            "measure_seed": seed, "device": str(setup.device), "threshold": stability_threshold(run.cfg),
+            "threshold_label": stability_label(run.cfg), "batch_sizes": by_size}
+
+
+def ghg_frame(record: dict) -> pd.DataFrame:
+    """final_ghg.json as a table, one row per batch size."""
+    rows = [{"batch_size": int(b), **values} for b, values in record["batch_sizes"].items()]
+    return pd.DataFrame(rows)
+
+
+def table(record: dict) -> str:
+    frame = ghg_frame(record)
+    columns = ["batch_size"] + [c for name in ("batch_sharpness", "batch_sharpness_ratio", "gni")
+                                for c in (name, f"{name}_se", f"{name}_n")]
+    return frame[columns].to_string(index=False, float_format=lambda v: f"{v:.5g}")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def work():
+        args = build_parser().parse_args(argv)
+        check_args(args)
+        runs = runs_from_args(args, default_latest=True)
+        finals = [checkpoint_list(run)[-1][1] for run in runs]
+        records = [measure_run(run, final, args) for run, final in zip(runs, finals)]
+        outputs = {}
+        for run, folder, record in zip(runs, output_folders(runs, args.out), records):
+            outputs[os.path.join(folder, "final_ghg.json")] = json.dumps(record, indent=2) + "\n"
+            outputs[os.path.join(folder, "final_ghg.csv")] = ghg_frame(record).to_csv(index=False)
+            print(f"{run.run_dir} at step {record['step']} (training batch {run.cfg.batch}, "
+                  f"{record['threshold_label']} = {record['threshold']:.4g})")
+            print(table(record))
+        for path in write_text_files(outputs):
+            print(f"wrote {path}")
+        return 0
+
+    return run_cli(work, prog=PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

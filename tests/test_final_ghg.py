@@ -1,0 +1,68 @@
+"""compute_final_gHg.py end to end: the gHg family at the final checkpoint against the measurement functions."""
+
+import json
+
+import pandas as pd
+import pytest
+
+import compute_final_gHg
+import sharpness_gap
+from analysis_runs import (check_bad_input, copy_run, final_model, missing_folder, no_checkpoints, runs,  # noqa: F401
+                           unknown_version)
+from utils.analysis import default_batch_sizes
+from utils.estimators import measurement_generator
+from utils.measures import batch_sharpness, batch_sharpness_ratio, gni
+
+
+def test_ghg_matches_the_measurement_functions(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert compute_final_gHg.main([str(runs["a"]), "--batch-sizes", "4", "8", "--max-samples", "25",
+                                   "--out", str(out), "--cpu", "--quiet"]) == 0
+    assert f"wrote {out / 'final_ghg.csv'}" in capsys.readouterr().out
+    record = json.loads((out / "final_ghg.json").read_text())
+    assert sorted(record["batch_sizes"]) == ["4", "8"] and record["training_batch"] == 8 and record["step"] == 30
+
+    run, setup, step = final_model(runs["a"])
+    args = (setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train)
+    for b in (4, 8):
+        limits = {"generator": measurement_generator(run.cfg.measure_seed, step), "max_samples": 25, "min_samples": 20}
+        expected = {"batch_sharpness": batch_sharpness(*args, b, **limits)}
+        limits["generator"] = measurement_generator(run.cfg.measure_seed, step)
+        expected["batch_sharpness_ratio"] = batch_sharpness_ratio(*args, b, **limits)
+        limits["generator"] = measurement_generator(run.cfg.measure_seed, step)
+        expected["gni"] = gni(*args, b, **limits)
+        got = record["batch_sizes"][str(b)]
+        for name, estimate in expected.items():
+            assert (got[name], got[f"{name}_se"], got[f"{name}_n"]) == (estimate.value, estimate.se, estimate.n)
+            assert 20 <= got[f"{name}_n"] <= 25 and got[f"{name}_se"] > 0
+
+    table = pd.read_csv(out / "final_ghg.csv")
+    assert list(table["batch_size"]) == [4, 8]
+    assert table.loc[1, "gni"] == record["batch_sizes"]["8"]["gni"]
+
+
+def test_default_batch_sizes():
+    assert default_batch_sizes(120, 8) == [1, 2, 4, 8, 16, 32, 64]
+    assert default_batch_sizes(100, 12) == [1, 2, 4, 8, 12, 16, 32, 64]
+    assert default_batch_sizes(64, 64) == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_ghg_rejects_batch_sizes_above_n(runs, tmp_path, capsys):
+    code = compute_final_gHg.main([str(runs["a"]), "--batch-sizes", "4", "500", "--out", str(tmp_path / "out"), "--cpu"])
+    assert code == 2 and "500" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sharpness_gap_takes_batch_sharpness_from_final_ghg_json(runs, tmp_path):
+    run_dir = copy_run(runs["a"], tmp_path)
+    assert compute_final_gHg.main([str(run_dir), "--batch-sizes", "8", "--max-samples", "20", "--cpu"]) == 0
+    assert sharpness_gap.main([str(run_dir), "--tail", "0.5"]) == 0
+    row = pd.read_csv(run_dir / "sharpness_gap.csv").iloc[0]
+    ghg = json.loads((run_dir / "final_ghg.json").read_text())["batch_sizes"]["8"]
+    assert row["batch_sharpness_source"] == "final_ghg.json" and row["batch_sharpness"] == ghg["batch_sharpness"]
+    assert row["batch_sharpness_se"] == ghg["batch_sharpness_se"] and row["lambda_max_source"] == "results.txt"
+
+
+@pytest.mark.parametrize("damage", [missing_folder, unknown_version, no_checkpoints])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, tmp_path, capsys, damage):
+    check_bad_input(compute_final_gHg, ["--cpu", "--batch-sizes", "8", "--max-samples", "20"], damage, runs, tmp_path, capsys)
