@@ -1,0 +1,72 @@
+"""Run a grid of training.py runs, on this machine or as a SLURM job array through submitit.
+
+    python sweep.py --name lr_batch --lr 0.01 0.02 --batch 8 16 --jobs 2 -- --steps 2000 --lambdamax
+    python sweep.py status --name lr_batch
+
+Every training flag followed by several values is a grid axis (or give ``--grid FILE``); the
+flags after ``--`` go to every run. The runs live in ``$RESULTS/sweeps/<NAME>/runs/``; running
+the same command again skips finished runs and resumes interrupted ones. See README.md.
+"""
+
+import shlex
+import sys
+
+from utils.cli import run_cli
+from utils.sweep import (build_status_parser, define_sweep, dry_run_lines, format_status, load_grid_file, merge_grids,
+                         parse_command_line, parse_grid_tokens, prepare_sweep, refresh_status, require_submitit,
+                         resolve_sweep_dir, run_local, check_existing, sweep_folder)
+
+
+def status(argv: list[str]) -> int:
+    args = build_status_parser().parse_args(argv)
+    sweep_dir = resolve_sweep_dir(args.sweep_dir, args.name)
+    print(format_status(refresh_status(sweep_dir), sweep_dir))
+    return 0
+
+
+def sweep(argv: list[str]) -> int:
+    args, grid_tokens, shared = parse_command_line(argv)
+    grid = merge_grids(parse_grid_tokens(grid_tokens), load_grid_file(args.grid) if args.grid else {})
+    definition = define_sweep(args.name, grid, shared, command_line=["sweep.py", *argv])
+    sweep_dir = sweep_folder(args.name)
+    if args.dry_run:
+        check_existing(sweep_dir, definition)
+        print("\n".join(dry_run_lines(sweep_dir, definition)))
+        return 0
+    if args.executor == "slurm":
+        require_submitit()
+    definition = prepare_sweep(sweep_dir, definition)
+    if args.executor == "local":
+        return run_local(sweep_dir, definition, args.jobs)
+
+    from utils.sweep_slurm import submit
+
+    jobs = submit(sweep_dir, definition, args)
+    if not jobs:
+        print(format_status(refresh_status(sweep_dir), sweep_dir))
+        return 0
+    print(f"submitted {len(jobs)} runs as jobs {jobs[0].job_id} .. {jobs[-1].job_id}; follow them with: "
+          f"python sweep.py status --name {shlex.quote(args.name)}")
+    if not args.wait:
+        return 0
+    failures = 0
+    for job in jobs:
+        try:
+            job.result()
+        except Exception as exc:  # the job's own traceback is in its submitit log
+            failures += 1
+            print(f"job {job.job_id} failed: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
+    table = refresh_status(sweep_dir)
+    print(format_status(table, sweep_dir))
+    return 1 if failures or any(r["status"] not in ("finished", "stopped_at_loss", "diverged") for r in table["runs"]) else 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["status"]:
+        return run_cli(lambda: status(argv[1:]), prog="sweep.py status")
+    return run_cli(lambda: sweep(argv), prog="sweep.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,755 @@
+"""Sweeps: a grid of ``training.py`` runs kept in one folder, run here or on a SLURM cluster.
+
+``$RESULTS/sweeps/<NAME>/`` holds
+
+- ``grid.json``: the definition, written once: the grid (flag -> values, first flag varying
+  slowest), the flags shared by every run and the points (name and training flags);
+- ``sweep.json``: the status table, rewritten whenever a run starts or ends and by
+  ``sweep.py status``; every entry is derived from the run folders, so the table can always be
+  rebuilt from them;
+- ``runs/<point>/``: one ordinary run folder per grid point (``training.py --run-dir``);
+- ``logs/<point>.log``: stdout and stderr of every attempt at that point;
+- ``running/<point>.json``: present while a process works on the point (host, process ids,
+  SLURM job); created exclusively, so two launchers never train into the same folder;
+- ``failed/<point>.json``: the exit code of an attempt that crashed (cleared by the next one).
+
+A point whose run ended (finished, stopped_at_loss, diverged) is skipped; one whose folder holds
+a checkpoint is continued with ``training.py --resume``; any other starts afresh. So running a
+sweep again completes it without recomputing or losing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fcntl
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from utils.errors import UserError
+from utils.results import atomic_write_json, read_json
+
+SWEEP_VERSION = 1
+ENDED = ("finished", "stopped_at_loss", "diverged")
+STATUSES = ("finished", "stopped_at_loss", "diverged", "interrupted", "failed", "running", "pending")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAINING_SCRIPT = os.path.join(REPO_ROOT, "training.py")
+# training.py flags that the sweep itself sets: each point's folder is its own.
+RESERVED_FLAGS = ("run_dir", "resume", "resume_step", "cont_run", "cont_step")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_TRUE, _FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
+
+
+# ----------------------------------------------------------------------------- the grid
+
+def _training_actions() -> dict:
+    """training.py's options by long flag name without dashes (``init-seed``)."""
+    from utils.config import build_parser
+
+    actions = {}
+    for action in build_parser()._actions:
+        for option in action.option_strings:
+            if option.startswith("--") and action.dest != "help":
+                actions[option[2:]] = action
+    return actions
+
+
+def _flag_action(key: str, actions: dict, where: str):
+    flag = key.lstrip("-").replace("_", "-")
+    action = actions.get(flag)
+    if action is None:
+        raise UserError(f"{where}: --{flag} is not a training.py flag; see python training.py --help")
+    if action.dest in RESERVED_FLAGS:
+        raise UserError(f"{where}: --{flag} is set by the sweep for every run; drop it")
+    return flag, action
+
+
+def _normalise_value(flag: str, action, value, where: str):
+    """One grid value as JSON data: a string, a bool (switch flags) or a list of strings (--classes)."""
+    if action.nargs == 0:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise UserError(f"{where}: --{flag} is a switch; its values must be true or false, got {value!r}")
+    if isinstance(value, bool) or value is None or isinstance(value, dict):
+        raise UserError(f"{where}: --{flag} needs values such as numbers or names, got {json.dumps(value)}")
+    if action.nargs == "+":
+        parts = value if isinstance(value, list) else str(value).split(",")
+        if not parts or any(isinstance(p, (list, dict, bool)) or p is None for p in parts):
+            raise UserError(f"{where}: --{flag} takes a list of values per run, such as 1,9 (or [1, 9] in a grid file)")
+        return [str(p) for p in parts]
+    if isinstance(value, list):
+        raise UserError(f"{where}: --{flag} takes one value per run, got the list {json.dumps(value)}")
+    return str(value)
+
+
+def parse_grid_tokens(tokens: list[str]) -> dict:
+    """``--lr 0.01 0.02 --batch 8 16`` -> {"lr": ["0.01", "0.02"], "batch": ["8", "16"]}.
+
+    A token starting with ``--`` opens a flag (``--flag=value`` works too); the tokens up to the
+    next flag are its values. Switch flags take true/false, ``--classes`` takes comma lists.
+    """
+    actions = _training_actions()
+    grid: dict[str, list] = {}
+    flag = action = None
+    for token in tokens:
+        value = None
+        if token.startswith("--"):
+            name, has_value, value = token.partition("=")
+            flag, action = _flag_action(name, actions, "grid")
+            if flag in grid:
+                raise UserError(f"grid: --{flag} is given twice; list all its values after one --{flag}")
+            grid[flag] = []
+            if not has_value:
+                continue
+        elif flag is None:
+            raise UserError(f"grid: {token!r} comes before any flag; write grid flags as --flag value1 value2 ...")
+        grid[flag].append(_normalise_value(flag, action, token if value is None else value, "grid"))
+    for flag, values in grid.items():
+        if not values:
+            raise UserError(f"grid: --{flag} has no values; give them after it (--{flag} v1 v2) "
+                            f"or put flags shared by every run after --")
+    return grid
+
+
+def load_grid_file(path: str) -> dict:
+    """A grid file: a JSON (or, with PyYAML, YAML) mapping of flag -> list of values."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise UserError(f"cannot read the grid file {path} ({exc.strerror}); check the --grid path")
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise UserError(f"reading {path} needs PyYAML (pip install pyyaml); or write the grid as JSON")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file")
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise UserError(f"{path} is not valid JSON ({exc}); write it like {{\"lr\": [0.01, 0.02], \"batch\": [8, 16]}}")
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of flag to values, like {{\"lr\": [0.01, 0.02], \"batch\": [8, 16]}}")
+    actions = _training_actions()
+    grid = {}
+    for key, values in data.items():
+        flag, action = _flag_action(str(key), actions, path)
+        if flag in grid:
+            raise UserError(f"{path}: --{flag} is given twice; keep one entry")
+        if not isinstance(values, list) or (action.nargs == "+" and values and not isinstance(values[0], list)):
+            values = [values]  # one value: a scalar, or a single list such as "classes": [1, 9]
+        if not values:
+            raise UserError(f"{path}: --{flag} has no values; give at least one")
+        grid[flag] = [_normalise_value(flag, action, v, path) for v in values]
+    return grid
+
+
+def merge_grids(*grids: dict) -> dict:
+    merged = {}
+    for grid in grids:
+        for flag, values in grid.items():
+            if flag in merged:
+                raise UserError(f"--{flag} is in both the command-line grid and the grid file; keep it in one place")
+            merged[flag] = values
+    return merged
+
+
+def _value_argv(flag: str, value) -> list[str]:
+    if isinstance(value, bool):
+        return [f"--{flag}"] if value else []
+    if isinstance(value, list):
+        return [f"--{flag}", *value]
+    return [f"--{flag}", value]
+
+
+def _value_label(flag: str, value) -> str:
+    if isinstance(value, bool):
+        text = f"{flag}-{'on' if value else 'off'}"
+    elif isinstance(value, list):
+        text = flag + "-".join(value)
+    else:
+        text = flag + value
+    return re.sub(r"[^A-Za-z0-9.+-]", "-", text)
+
+
+def grid_points(grid: dict) -> list[dict]:
+    """The Cartesian product, first flag varying slowest: [{"name", "settings", "argv"}]."""
+    flags = list(grid)
+    points = []
+    for combination in itertools.product(*(grid[f] for f in flags)):
+        settings = dict(zip(flags, combination))
+        points.append({"name": "_".join(_value_label(f, v) for f, v in settings.items()),
+                       "settings": settings,
+                       "argv": [token for f, v in settings.items() for token in _value_argv(f, v)]})
+    return points
+
+
+def _shared_settings(shared: list[str]) -> dict:
+    """The explicit settings of the shared flags (what they change, independent of their order)."""
+    from utils.config import explicit_settings
+
+    try:
+        return explicit_settings(shared)
+    except UserError as exc:
+        raise UserError(f"flags after --: {exc}")
+
+
+def define_sweep(name: str, grid: dict, shared: list[str], command_line: list[str] | None = None) -> dict:
+    """Check the grid and every point's training flags; return the sweep definition (grid.json)."""
+    from utils.config import build_parser, config_from_args, validate
+
+    if not _NAME.match(name or ""):
+        raise UserError(f"--name {name!r} must be a folder name of letters, digits, '.', '_' and '-'")
+    if not grid:
+        raise UserError("the grid is empty; give flags with several values (--lr 0.01 0.02) or --grid FILE")
+    explicit = _shared_settings(shared)
+    reserved = sorted(set(explicit) & set(RESERVED_FLAGS))
+    if reserved:
+        raise UserError(f"flags after --: --{reserved[0].replace('_', '-')} is set by the sweep for every run; drop it")
+    actions = _training_actions()
+    for flag in grid:
+        if actions[flag].dest in explicit:
+            raise UserError(f"--{flag} is both a grid flag and a flag after --; keep it in one place")
+    points = grid_points(grid)
+    names = [p["name"] for p in points]
+    clash = next((n for n in names if names.count(n) > 1), None)
+    if clash:
+        raise UserError(f"two grid points get the folder name {clash}; use values that differ in letters, digits, '.', '+' or '-'")
+    seen = {}
+    for point in points:
+        try:
+            args = build_parser().parse_args([*point["argv"], *shared])
+            cfg = config_from_args(args)
+            validate(cfg)
+        except UserError as exc:
+            raise UserError(f"grid point {point['name']}: {exc}")
+        key = json.dumps(cfg.to_dict(), sort_keys=True)
+        if key in seen:
+            raise UserError(f"grid points {seen[key]} and {point['name']} are the same run; remove the repeated value")
+        seen[key] = point["name"]
+    return {"version": SWEEP_VERSION, "name": name, "grid": grid, "shared": list(shared),
+            "points": points, "command_line": command_line}
+
+
+# ----------------------------------------------------------------------------- the folder
+
+def sweeps_root() -> str:
+    from utils.config import results_root
+
+    return os.path.join(results_root(), "sweeps")
+
+
+def sweep_folder(name: str) -> str:
+    return os.path.abspath(os.path.join(sweeps_root(), name))
+
+
+def load_definition(sweep_dir: str) -> dict:
+    path = os.path.join(sweep_dir, "grid.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{sweep_dir} is not a sweep folder (no grid.json); pass $RESULTS/sweeps/<NAME> or --name NAME")
+    try:
+        definition = read_json(path)
+    except (OSError, ValueError):
+        raise UserError(f"{path} is not valid JSON; the sweep folder is damaged")
+    if not isinstance(definition, dict) or definition.get("version") != SWEEP_VERSION:
+        raise UserError(f"{path} has sweep format version {definition.get('version') if isinstance(definition, dict) else None!r}, "
+                        f"this code reads version {SWEEP_VERSION}; use the EOSS version that wrote the sweep")
+    return definition
+
+
+def _same_sweep(a: dict, b: dict) -> bool:
+    def shared(d):
+        return {k: v for k, v in _shared_settings(d["shared"]).items() if k != "quiet"}
+
+    return list(a["grid"].items()) == list(b["grid"].items()) and shared(a) == shared(b)
+
+
+def check_existing(sweep_dir: str, definition: dict) -> None:
+    """A sweep of the same name must have the same grid and shared flags: grids are never mixed."""
+    if os.path.exists(os.path.join(sweep_dir, "grid.json")):
+        existing = load_definition(sweep_dir)
+        if not _same_sweep(existing, definition):
+            raise UserError(f"sweep {definition['name']!r} already exists with a different grid or shared flags "
+                            f"(see {os.path.join(sweep_dir, 'grid.json')}); choose another --name or repeat its grid")
+
+
+def prepare_sweep(sweep_dir: str, definition: dict) -> dict:
+    """Create the sweep folder and grid.json, or check that the existing one matches; return
+    the stored definition, which is the one in force."""
+    check_existing(sweep_dir, definition)
+    try:
+        for sub in ("runs", "logs", "running", "failed"):
+            os.makedirs(os.path.join(sweep_dir, sub), exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the sweep folder {sweep_dir} ({exc.strerror}); set $RESULTS to a writable folder")
+    path = os.path.join(sweep_dir, "grid.json")
+    if not os.path.exists(path):
+        atomic_write_json(path, definition)
+    return load_definition(sweep_dir)
+
+
+def point_run_dir(sweep_dir: str, point_name: str) -> str:
+    return os.path.join(sweep_dir, "runs", point_name)
+
+
+def sweep_run_dirs(sweep_dir: str) -> list[str]:
+    """The run folders of a sweep that exist (hold a config.json), in grid order."""
+    definition = load_definition(sweep_dir)
+    dirs = [point_run_dir(os.path.abspath(sweep_dir), p["name"]) for p in definition["points"]]
+    return [d for d in dirs if os.path.isfile(os.path.join(d, "config.json"))]
+
+
+def is_sweep_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "grid.json"))
+
+
+def resolve_sweep_dir(path: str | None, name: str | None) -> str:
+    if (path is None) == (name is None):
+        raise UserError("give the sweep either as --name NAME or as its folder")
+    sweep_dir = sweep_folder(name) if name else os.path.abspath(path)
+    if not os.path.isdir(sweep_dir):
+        raise UserError(f"no sweep at {sweep_dir}; check --name (sweeps live in $RESULTS/sweeps/)")
+    load_definition(sweep_dir)
+    return sweep_dir
+
+
+# ----------------------------------------------------------------------------- run states
+
+def _read_json_or_none(path: str):
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _slurm_job() -> str | None:
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def _marker_is_live(marker: dict | None) -> bool:
+    """A marker from this host is live while one of its processes is; one from another host
+    is trusted (its processes cannot be checked from here) unless it is this very SLURM job,
+    requeued after a pre-emption."""
+    if not isinstance(marker, dict):
+        return False
+    if marker.get("slurm_job") and marker.get("slurm_job") == _slurm_job():
+        return False
+    if marker.get("host") != socket.gethostname():
+        return True
+    return any(_pid_alive(int(pid)) for pid in marker.get("pids", []))
+
+
+def _last_logged_step(results_path: str) -> int | None:
+    """Steps done as of the last complete row of results.txt (its step column + 1)."""
+    try:
+        with open(results_path, "rb") as f:
+            header = None
+            for raw in f:
+                if not raw.startswith(b"#"):
+                    header = raw.decode().strip().split(",")
+                    break
+            if header is None or "step" not in header:
+                return None
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 65536))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    for line in reversed(tail.split("\n")[:-1]):  # the piece after the last newline is unfinished
+        fields = line.split(",")
+        if len(fields) == len(header) and not line.startswith("#"):
+            try:
+                return int(fields[header.index("step")]) + 1
+            except ValueError:
+                return None
+    return None
+
+
+def point_state(sweep_dir: str, point: dict) -> dict:
+    """One row of the status table, read from the point's run folder and markers."""
+    name = point["name"]
+    run_dir = point_run_dir(sweep_dir, name)
+    entry = {"name": name, "run_dir": os.path.relpath(run_dir, sweep_dir), "settings": point["settings"],
+             "status": "pending", "step": None, "total_steps": None}
+    record = _read_json_or_none(os.path.join(run_dir, "config.json"))
+    if isinstance(record, dict):
+        entry["total_steps"] = record.get("resolved", {}).get("total_steps")
+    summary = _read_json_or_none(os.path.join(run_dir, "summary.json"))
+    marker = _read_json_or_none(os.path.join(sweep_dir, "running", f"{name}.json"))
+    failed = _read_json_or_none(os.path.join(sweep_dir, "failed", f"{name}.json"))
+    if _marker_is_live(marker):
+        entry["status"] = "running"
+        entry.update({k: marker[k] for k in ("host", "pids", "slurm_job") if marker.get(k)})
+    elif isinstance(summary, dict) and summary.get("status") in ENDED:
+        entry["status"] = summary["status"]
+    elif isinstance(failed, dict):
+        entry["status"] = "failed"
+        entry["exit_code"] = failed.get("exit_code")
+        entry["log"] = failed.get("log")
+    elif os.path.isdir(run_dir) and os.listdir(run_dir):
+        entry["status"] = "interrupted"
+    if entry["status"] != "running" and isinstance(summary, dict) and "final_step" in summary:
+        entry["step"] = summary["final_step"]
+    elif entry["status"] != "pending":
+        entry["step"] = _last_logged_step(os.path.join(run_dir, "results.txt"))
+    return entry
+
+
+def refresh_status(sweep_dir: str) -> dict:
+    """Rebuild sweep.json from the run folders (under a lock) and return it."""
+    definition = load_definition(sweep_dir)
+    with open(os.path.join(sweep_dir, ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runs = [point_state(sweep_dir, p) for p in definition["points"]]
+        counts = {s: n for s in STATUSES if (n := sum(r["status"] == s for r in runs))}
+        table = {"version": SWEEP_VERSION, "name": definition["name"],
+                 "updated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                 "counts": counts, "runs": runs}
+        atomic_write_json(os.path.join(sweep_dir, "sweep.json"), table)
+    return table
+
+
+def format_status(table: dict, sweep_dir: str) -> str:
+    counts = ", ".join(f"{n} {s}" for s, n in table["counts"].items())
+    width = max([len("run")] + [len(r["name"]) for r in table["runs"]])
+    lines = [f"sweep {table['name']} ({sweep_dir}): {len(table['runs'])} runs, {counts}",
+             f"{'run':<{width}}  {'status':<15}  steps"]
+    for r in table["runs"]:
+        note = ""
+        if r["status"] == "running":
+            note = f"on {r.get('host')}" + (f" (SLURM job {r['slurm_job']})" if r.get("slurm_job") else "")
+        elif r["status"] == "failed":
+            note = f"exit code {r.get('exit_code')}, see {r.get('log')}"
+        lines.append(f"{r['name']:<{width}}  {r['status']:<15}  {_progress(r):<13}  {note}".rstrip())
+    return "\n".join(lines)
+
+
+def _progress(entry: dict) -> str:
+    if entry["step"] is None:
+        return ""
+    return f"{entry['step']}/{entry['total_steps'] if entry['total_steps'] is not None else '?'}"
+
+
+# ----------------------------------------------------------------------------- running points
+
+def _has_checkpoint(run_dir: str) -> bool:
+    # The file names of utils.checkpoints, matched here so that launching jobs never imports torch.
+    try:
+        return any(re.match(r"^step_\d+\.pt$", name) for name in os.listdir(os.path.join(run_dir, "checkpoints")))
+    except OSError:
+        return False
+
+
+def point_command(sweep_dir: str, definition: dict, point: dict, python: str | None = None,
+                  clear: bool = False) -> list[str] | None:
+    """The training.py command that moves the point forward now, or None when its run has ended.
+
+    A folder with a checkpoint is continued with --resume; a folder without one holds no
+    progress (the run died while starting) and, with ``clear``, is removed so the run restarts.
+    """
+    python = python or sys.executable
+    run_dir = point_run_dir(sweep_dir, point["name"])
+    summary = _read_json_or_none(os.path.join(run_dir, "summary.json"))
+    if isinstance(summary, dict) and summary.get("status") in ENDED:
+        return None
+    if os.path.isfile(os.path.join(run_dir, "config.json")) and _has_checkpoint(run_dir):
+        quiet = ["--quiet"] if "--quiet" in definition["shared"] else []
+        return [python, TRAINING_SCRIPT, "--resume", run_dir, *quiet]
+    if clear and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+    return [python, TRAINING_SCRIPT, *point["argv"], *definition["shared"], "--run-dir", run_dir]
+
+
+def dry_run_lines(sweep_dir: str, definition: dict) -> list[str]:
+    lines = []
+    for point in definition["points"]:
+        command = point_command(sweep_dir, definition, point)
+        if command is None:
+            lines.append(f"# {point['name']}: {point_state(sweep_dir, point)['status']}, skipped")
+        else:
+            lines.append(shlex.join(command))
+    return lines
+
+
+def _ignore_preemption_signal():
+    # SLURM delivers its pre-emption / time-limit warning (SIGUSR2) to every process of the job;
+    # the launcher stops training with SIGTERM instead, which training.py turns into a checkpoint.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def training_env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class Attempt:
+    """One training.py process working on a point, holding the point's running marker."""
+
+    def __init__(self, sweep_dir: str, point: dict, command: list[str], marker_path: str, env: dict):
+        self.sweep_dir, self.point, self.command, self.marker_path = sweep_dir, point, command, marker_path
+        self.resumed = "--resume" in command
+        self.log_path = os.path.join(sweep_dir, "logs", f"{point['name']}.log")
+        self._log = open(self.log_path, "a", encoding="utf-8")
+        self._log.write(f"# {datetime.datetime.now().astimezone().isoformat(timespec='seconds')} "
+                        f"on {socket.gethostname()}: {shlex.join(command)}\n")
+        self._log.flush()
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                        preexec_fn=_ignore_preemption_signal)
+        _write_marker(marker_path, [os.getpid(), self.process.pid])
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        """Ask training.py to stop after its current step (it writes a checkpoint) and wait."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        self.process.wait()
+
+    def finish(self) -> dict:
+        """After the process ended: record a crash, release the marker, refresh the table."""
+        returncode = self.process.wait()
+        self._log.close()
+        summary = _read_json_or_none(os.path.join(point_run_dir(self.sweep_dir, self.point["name"]), "summary.json"))
+        ended = isinstance(summary, dict) and summary.get("status") in ENDED
+        # 130 / 143: stopped by a signal and checkpointed; negative: killed, resumable from its last checkpoint.
+        if not ended and returncode > 0 and returncode not in (130, 143):
+            atomic_write_json(os.path.join(self.sweep_dir, "failed", f"{self.point['name']}.json"),
+                              {"exit_code": returncode, "log": os.path.relpath(self.log_path, self.sweep_dir)})
+        _release_marker(self.marker_path)
+        state = point_state(self.sweep_dir, self.point)
+        refresh_status(self.sweep_dir)
+        return {"point": self.point["name"], "status": state["status"], "step": state["step"],
+                "total_steps": state["total_steps"], "returncode": returncode, "command": self.command}
+
+
+def _write_marker(path: str, pids: list[int]) -> None:
+    atomic_write_json(path, {"host": socket.gethostname(), "pids": pids, "slurm_job": _slurm_job(),
+                             "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})
+
+
+def _claim_marker(path: str) -> dict | None:
+    """Create the point's running marker exclusively; return the live marker of another
+    launcher instead when there is one (a stale marker is replaced)."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            marker = _read_json_or_none(path)
+            if _marker_is_live(marker):
+                return marker
+            _release_marker(path)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"host": socket.gethostname(), "pids": [os.getpid()], "slurm_job": _slurm_job()}, f)
+        return None
+    return _read_json_or_none(path) or {}
+
+
+def _release_marker(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def launch_point(sweep_dir: str, definition: dict, point: dict, env: dict) -> Attempt | str:
+    """Start the training.py process that moves ``point`` forward; a string says why not."""
+    if point_command(sweep_dir, definition, point) is None:
+        return point_state(sweep_dir, point)["status"]
+    marker_path = os.path.join(sweep_dir, "running", f"{point['name']}.json")
+    owner = _claim_marker(marker_path)
+    if owner is not None:
+        return f"running on {owner.get('host')} (processes {owner.get('pids')})"
+    try:
+        _release_marker(os.path.join(sweep_dir, "failed", f"{point['name']}.json"))
+        command = point_command(sweep_dir, definition, point, clear=True)
+        if command is None:  # another launcher ended it between the two looks
+            _release_marker(marker_path)
+            return point_state(sweep_dir, point)["status"]
+        attempt = Attempt(sweep_dir, point, command, marker_path, env)
+    except BaseException:
+        _release_marker(marker_path)
+        raise
+    refresh_status(sweep_dir)
+    return attempt
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM while the local executor runs: start nothing new, pass the signal on."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def run_local(sweep_dir: str, definition: dict, jobs: int, out=None) -> int:
+    """Run the points that are not done, ``jobs`` processes at a time, CPU threads split evenly.
+
+    Returns 0 when every run ended, 1 when some failed or are held by another launcher, and
+    130 / 143 when a signal stopped the sweep (the running points are checkpointed).
+    """
+    out = out or sys.stdout
+    threads = max(1, available_cpus() // jobs)
+    env = training_env(threads)
+    queue = list(definition["points"])
+    active: list[Attempt] = []
+    unfinished = 0
+    with _StopRequest() as stop:
+        while active or (queue and stop.received is None):
+            while queue and len(active) < jobs and stop.received is None:
+                point = queue.pop(0)
+                attempt = launch_point(sweep_dir, definition, point, env)
+                if isinstance(attempt, str):
+                    print(f"{point['name']}: {attempt}, skipped", file=out, flush=True)
+                    unfinished += attempt.startswith("running")
+                    continue
+                verb = "resumed" if attempt.resumed else "started"
+                print(f"{point['name']}: {verb} ({threads} threads, log {os.path.relpath(attempt.log_path, sweep_dir)})",
+                      file=out, flush=True)
+                active.append(attempt)
+            if stop.received is not None:
+                for attempt in active:
+                    if attempt.process.poll() is None:
+                        attempt.process.send_signal(stop.received)
+            for attempt in [a for a in active if a.process.poll() is not None]:
+                active.remove(attempt)
+                result = attempt.finish()
+                unfinished += result["status"] not in ENDED
+                detail = (f"exit code {result['returncode']}, see {os.path.relpath(attempt.log_path, sweep_dir)}"
+                          if result["status"] == "failed" else f"steps {_progress(result)}")
+                print(f"{result['point']}: {result['status']} ({detail})", file=out, flush=True)
+            time.sleep(0.05)
+    table = refresh_status(sweep_dir)
+    print(format_status(table, sweep_dir), file=out, flush=True)
+    if stop.received is not None:
+        return 130 if stop.received == signal.SIGINT else 143
+    return 1 if unfinished else 0
+
+
+def require_submitit():
+    """The submitit module, or a one-line error saying how to install it."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("--executor slurm needs submitit; install it with pip install -r requirements-cluster.txt "
+                        "(or run here with --executor local)")
+    return submitit
+
+
+# ----------------------------------------------------------------------------- the command line
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """sweep.py's own flags; every other flag before ``--`` is a grid flag of training.py."""
+    p = _OneLineParser(prog="sweep.py", allow_abbrev=False,
+                       usage="sweep.py --name NAME [--lr V1 V2 ...] [--grid FILE] [options] [-- TRAINING FLAGS]\n"
+                             "       sweep.py status (--name NAME | SWEEP_DIR)",
+                       description="Run a grid of training.py runs: any training flag followed by several values "
+                                   "is a grid axis; the flags after -- go to every run.")
+    p.add_argument("--name", required=True, help="the sweep's name: its folder is $RESULTS/sweeps/NAME")
+    p.add_argument("--grid", metavar="FILE", help="grid file: JSON (or YAML with PyYAML) mapping flag to values")
+    p.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="local: processes on this machine; slurm: a job array through submitit")
+    p.add_argument("--dry-run", action="store_true", help="print the training.py command of every run and stop")
+    g = p.add_argument_group("local executor")
+    g.add_argument("--jobs", type=int, default=1, help="runs at a time; CPU threads are split evenly among them")
+    g = p.add_argument_group("slurm executor")
+    g.add_argument("--partition", help="SLURM partition")
+    g.add_argument("--time-min", type=int, default=240, help="time limit per job in minutes (a job that hits it "
+                                                             "is requeued and resumes from its last checkpoint)")
+    g.add_argument("--gpus-per-run", type=int, default=1, help="GPUs per run")
+    g.add_argument("--cpus-per-run", type=int, default=4, help="CPU cores per run (its torch threads)")
+    g.add_argument("--mem-gb", type=float, default=None, help="memory per run in GB (default: the partition's)")
+    g.add_argument("--array-parallelism", type=int, default=None, help="at most this many runs of the array at once")
+    g.add_argument("--wait", action="store_true", help="wait for the jobs to end and print the status table")
+    return p
+
+
+def build_status_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(prog="sweep.py status", allow_abbrev=False,
+                       description="Show each run's status and progress and rewrite sweep.json.")
+    p.add_argument("sweep_dir", nargs="?", default=None, help="the sweep folder")
+    p.add_argument("--name", default=None, help="the sweep's name (its folder is $RESULTS/sweeps/NAME)")
+    return p
+
+
+SLURM_ONLY = ("partition", "mem_gb", "array_parallelism", "wait")
+
+
+def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
+    """Split ``argv`` into sweep.py's options, the grid tokens and the flags after ``--``."""
+    own = build_parser()
+    if "--" in argv:
+        cut = argv.index("--")
+        before, shared = argv[:cut], argv[cut + 1:]
+    else:
+        before, shared = argv, []
+    options = {opt: action for action in own._actions for opt in action.option_strings}
+    own_tokens, grid_tokens = [], []
+    i = 0
+    while i < len(before):
+        token = before[i]
+        action = options.get(token.split("=", 1)[0])
+        if action is None:
+            grid_tokens.append(token)
+            i += 1
+            continue
+        takes = 0 if action.nargs == 0 or "=" in token else 1
+        own_tokens.extend(before[i:i + 1 + takes])
+        i += 1 + takes
+    args = own.parse_args(own_tokens)
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.executor == "local":
+        given = [name for name in SLURM_ONLY if getattr(args, name) not in (None, False)]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} applies to --executor slurm only; drop it or add --executor slurm")
+    return args, grid_tokens, shared

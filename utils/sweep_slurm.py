@@ -1,0 +1,106 @@
+"""The SLURM executor of sweeps, through submitit (an optional dependency: requirements-cluster.txt).
+
+Each grid point that is not done becomes one task of a job array. A task runs ``training.py``
+as a child process. When SLURM pre-empts the job or its time limit nears, submitit calls
+:meth:`SweepJob.checkpoint`: the child is stopped with SIGTERM (``training.py`` then writes a
+checkpoint of the current step) and the job is requeued with a fresh :class:`SweepJob` for the
+same point, which finds the checkpoint and continues with ``training.py --resume``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+
+import submitit
+from submitit.helpers import Checkpointable, DelayedSubmission
+
+from utils.errors import UserError
+from utils.sweep import ENDED, REPO_ROOT, launch_point, load_definition, training_env
+
+# Which submitit cluster runs the jobs; submitit's "local" runs the same jobs on this machine.
+CLUSTER = "slurm"
+# Every timeout resumes from the last checkpoint, so repeated timeouts still make progress.
+MAX_TIMEOUTS = 50
+
+
+class SweepJob(Checkpointable):
+    """One grid point as a submitit job; returns the attempt's outcome as a dict."""
+
+    def __init__(self, sweep_dir: str, point_name: str, threads: int):
+        self.sweep_dir, self.point_name, self.threads = sweep_dir, point_name, threads
+        self._attempt = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_attempt"] = None  # a live process does not travel with a requeued job
+        return state
+
+    def _point(self, definition: dict) -> dict:
+        return next(p for p in definition["points"] if p["name"] == self.point_name)
+
+    def __call__(self) -> dict:
+        definition = load_definition(self.sweep_dir)
+        attempt = launch_point(self.sweep_dir, definition, self._point(definition), training_env(self.threads))
+        if isinstance(attempt, str):
+            return {"point": self.point_name, "status": attempt, "skipped": True}
+        self._attempt = attempt
+        try:
+            attempt.process.wait()
+        finally:
+            result = attempt.finish()
+            self._attempt = None
+        if result["status"] not in ENDED and result["returncode"] > 0 and result["returncode"] not in (130, 143):
+            raise RuntimeError(f"training.py exited with code {result['returncode']} for {self.point_name}; "
+                               f"see {attempt.log_path}")
+        return result
+
+    def checkpoint(self) -> DelayedSubmission:
+        """Stop the running training (it checkpoints its current step) and resubmit the point."""
+        if self._attempt is not None:
+            self._attempt.stop()
+        return DelayedSubmission(SweepJob(self.sweep_dir, self.point_name, self.threads))
+
+
+@contextlib.contextmanager
+def _repo_importable():
+    """Jobs unpickle SweepJob, so this repository must be on their PYTHONPATH wherever they start."""
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = REPO_ROOT + (os.pathsep + previous if previous else "")
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = previous
+
+
+def make_executor(sweep_dir: str, name: str, options) -> submitit.AutoExecutor:
+    try:
+        executor = submitit.AutoExecutor(folder=os.path.join(sweep_dir, "submitit"), cluster=CLUSTER,
+                                         slurm_max_num_timeout=MAX_TIMEOUTS)
+    except RuntimeError as exc:
+        raise UserError(f"--executor slurm needs a SLURM cluster ({exc}); run sweep.py on a login node or use --executor local")
+    parameters = {"name": f"sweep-{name}", "timeout_min": options.time_min, "gpus_per_node": options.gpus_per_run,
+                  "cpus_per_task": options.cpus_per_run, "mem_gb": options.mem_gb,
+                  "slurm_partition": options.partition, "slurm_array_parallelism": options.array_parallelism}
+    executor.update_parameters(**{k: v for k, v in parameters.items() if v is not None})
+    return executor
+
+
+def submit(sweep_dir: str, definition: dict, options) -> list:
+    """Submit the points that have not ended as one job array; return submitit's jobs."""
+    from utils.sweep import point_command
+
+    points = [p for p in definition["points"] if point_command(sweep_dir, definition, p) is not None]
+    if not points:
+        return []
+    executor = make_executor(sweep_dir, definition["name"], options)
+    try:
+        with _repo_importable(), executor.batch():
+            jobs = [executor.submit(SweepJob(sweep_dir, p["name"], options.cpus_per_run)) for p in points]
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise UserError(f"submitting the job array failed ({exc}); check the SLURM flags (--partition, --time-min, ...)")
+    return jobs
