@@ -1,15 +1,26 @@
-"""The second curvature family against exact dense float64 values on a tiny network."""
+"""The second curvature family against exact dense float64 values on a tiny network.
 
+Expectations over random batches are exact averages over all C(8, 3) batches; Gauss–Newton
+matrices are assembled from explicit per-sample Jacobians; optimiser-dependent quantities are
+checked against what torch.optim.SGD and torch.optim.Adam actually do.
+"""
+
+import copy
 import math
 from itertools import combinations
 
 import numpy as np
 import pytest
 import torch
+from torch.func import functional_call, jacrev
 
 from curvature_reference import LOSSES, dense_gradient, dense_hessian, tiny_data, tiny_mlp
 from utils.estimators import measurement_generator
-from utils.measures import batch_sharpness_ratio
+from utils.gauss_newton import GaussNewtonOperator
+from utils.hvp import flat_grad, flat_params
+from utils.measures import (adam_preconditioner, batch_lambda_max, batch_sharpness_ratio, gn_batch_sharpness,
+                            gn_lambda_max, gradient_norms, hessian_trace, momentum_buffer, momentum_direction,
+                            momentum_sharpness, param_distance, preconditioned_sharpness)
 
 N, B = 8, 3
 
@@ -25,13 +36,40 @@ def check_honest(estimates, exact):
     assert np.mean(np.abs(values - exact) <= 1.96 * ses) >= 0.88
 
 
+def dense_gauss_newton(model, loss_name, X, Y, train_mode=True):
+    """G from explicit Jacobians J_i (C x P) of every sample's outputs and the closed-form M_i."""
+    named = list(model.named_parameters())
+    sizes = [p.numel() for _, p in named]
+    previous = model.training
+
+    def outputs(flat):
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        params = {name: piece.view_as(p) for (name, p), piece in zip(named, flat.split(sizes))}
+        model.train(train_mode)
+        try:
+            return functional_call(model, {**params, **buffers}, (X,))
+        finally:
+            model.train(previous)
+
+    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+    J = jacrev(outputs)(flat)  # (n, C, P)
+    n = X.shape[0]
+    if loss_name == "mse":
+        return 2 / n * torch.einsum("icp,icq->pq", J, J)
+    p = torch.softmax(outputs(flat).detach(), dim=1)
+    M = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return torch.einsum("icp,icd,idq->pq", J, M, J) / n
+
+
+def batch_derivatives(model, loss_fn, X, Y):
+    """(g_B, H_B) of every batch, dense."""
+    return [(dense_gradient(model, loss_fn, X[idx], Y[idx]), dense_hessian(model, loss_fn, X[idx], Y[idx]))
+            for idx in all_batches()]
+
+
 def exact_batch_sharpness_ratio(model, loss_fn, X, Y):
-    quadratic, norm2 = [], []
-    for idx in all_batches():
-        g_B = dense_gradient(model, loss_fn, X[idx], Y[idx])
-        quadratic.append((g_B @ dense_hessian(model, loss_fn, X[idx], Y[idx]) @ g_B).item())
-        norm2.append((g_B @ g_B).item())
-    return float(np.mean(quadratic) / np.mean(norm2))
+    pairs = batch_derivatives(model, loss_fn, X, Y)
+    return (np.mean([(g @ H @ g).item() for g, H in pairs]) / np.mean([(g @ g).item() for g, _ in pairs])).item()
 
 
 @pytest.mark.parametrize("loss_name", ["mse", "ce"])
@@ -53,3 +91,239 @@ def test_batch_sharpness_ratio_standard_errors_are_honest():
                                        min_samples=40, max_samples=40)
                  for seed in range(100)]
     check_honest(estimates, exact)
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "ce"])
+def test_batch_lambda_max_converges_to_the_mean_top_eigenvalue(loss_name):
+    model, (X, Y) = tiny_mlp(), tiny_data(N, loss_name)
+    loss_fn = LOSSES[loss_name]
+    exact = np.mean([torch.linalg.eigvalsh(H)[-1].item() for _, H in batch_derivatives(model, loss_fn, X, Y)])
+    est = batch_lambda_max(model, loss_fn, X, Y, B, generator=measurement_generator(0, 3), tol=1e-8)
+    assert 10 <= est.n <= 100 and (est.se < 0.02 * abs(est.value) or est.n == 100)
+    assert abs(est.value - exact) < 4 * est.se
+    assert est.hvps >= est.n
+
+
+def test_batch_lambda_max_of_a_single_batch_is_its_exact_top_eigenvalue():
+    # With b = n every batch is the whole data: the estimate is exact and stops at once.
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
+    loss_fn = LOSSES["mse"]
+    top = torch.linalg.eigvalsh(dense_hessian(model, loss_fn, X, Y))[-1].item()
+    est = batch_lambda_max(model, loss_fn, X, Y, N, generator=measurement_generator(0, 0), tol=1e-10)
+    assert est.n == 10 and est.value == pytest.approx(top, rel=1e-9) and est.se < 1e-9 * top
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "ce"])
+def test_hessian_trace_matches_the_dense_trace(loss_name):
+    model, (X, Y) = tiny_mlp(), tiny_data(10, loss_name)
+    loss_fn = LOSSES[loss_name]
+    exact = torch.trace(dense_hessian(model, loss_fn, X, Y)).item()
+    est = hessian_trace(model, loss_fn, X, Y, generator=measurement_generator(0, 4))
+    assert est.se < 0.01 * abs(est.value) or est.n == 1000
+    assert abs(est.value - exact) < 4 * est.se
+    assert est.n <= est.hvps < est.n + 10
+    reference = hessian_trace(model, loss_fn, X, Y, generator=measurement_generator(0, 4), rel_se=0.05)
+    for chunk_size, block_size in ((3, 7), (None, 1)):
+        other = hessian_trace(model, loss_fn, X, Y, generator=measurement_generator(0, 4), rel_se=0.05,
+                              chunk_size=chunk_size, block_size=block_size)
+        assert other.n == reference.n and other.value == pytest.approx(reference.value, rel=1e-10)
+
+
+def test_hessian_trace_standard_error_follows_the_rademacher_variance():
+    # Var(z^T H z) = 2 sum_{j != k} H_jk^2; here H is the 2 x 2 Hessian of w x + c under mse.
+    model = torch.nn.Linear(1, 1).double()
+    X = torch.full((6, 1), 0.5, dtype=torch.float64)
+    Y = torch.randn(6, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    H = dense_hessian(model, LOSSES["mse"], X, Y)
+    est = hessian_trace(model, LOSSES["mse"], X, Y, generator=measurement_generator(1, 1), min_samples=400,
+                        max_samples=400, block_size=400)
+    sd = math.sqrt(2 * (H.square().sum() - H.diagonal().square().sum()).item())
+    assert est.se == pytest.approx(sd / math.sqrt(400), rel=0.1)
+    assert abs(est.value - torch.trace(H).item()) < 4 * est.se
+
+
+def test_hessian_trace_standard_errors_are_honest():
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
+    loss_fn = LOSSES["ce"]
+    exact = torch.trace(dense_hessian(model, loss_fn, X, Y)).item()
+    estimates = [hessian_trace(model, loss_fn, X, Y, generator=measurement_generator(seed, 0), min_samples=40,
+                               max_samples=40, block_size=40)
+                 for seed in range(100)]
+    check_honest(estimates, exact)
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "ce"])
+@pytest.mark.parametrize("batchnorm, train_mode", [(False, True), (True, True), (True, False)])
+def test_gauss_newton_products_match_explicit_jacobians(loss_name, batchnorm, train_mode):
+    model, (X, Y) = tiny_mlp(batchnorm=batchnorm), tiny_data(10, loss_name)
+    loss_fn = LOSSES[loss_name]
+    G = dense_gauss_newton(model, loss_name, X, Y, train_mode)
+    V = torch.randn(G.shape[0], 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    op = GaussNewtonOperator(model, loss_fn, X, Y, train_mode=train_mode)
+    torch.testing.assert_close(op.matvec(V), G @ V, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.matvec(V[:, 0]), G @ V[:, 0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.gradient(), flat_grad(model, loss_fn, X, Y, train_mode=train_mode),
+                               rtol=1e-10, atol=1e-13)
+    assert op.hvps == 4
+    if not batchnorm:  # chunks share no statistics, so G = sum_c (n_c / n) G_c is the same matrix
+        chunked = GaussNewtonOperator(model, loss_fn, X, Y, chunk_size=3, train_mode=train_mode)
+        torch.testing.assert_close(chunked.matvec(V), G @ V, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(chunked.gradient(), op.gradient(), rtol=1e-10, atol=1e-13)
+
+
+def test_gauss_newton_is_the_hessian_of_a_linear_model():
+    # With outputs linear in the parameters the second term of H vanishes: G = H exactly.
+    model = torch.nn.Linear(3, 2).double()
+    for loss_name in ("mse", "ce"):
+        X, Y = tiny_data(10, loss_name)
+        H = dense_hessian(model, LOSSES[loss_name], X, Y)
+        op = GaussNewtonOperator(model, LOSSES[loss_name], X, Y)
+        torch.testing.assert_close(op.matvec(torch.eye(H.shape[0], dtype=torch.float64)), H, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "ce"])
+def test_gn_lambda_max_and_gn_batch_sharpness_match_exact_values(loss_name):
+    model, (X, Y) = tiny_mlp(), tiny_data(N, loss_name)
+    loss_fn = LOSSES[loss_name]
+    eig, top = gn_lambda_max(model, loss_fn, X, Y, tol=1e-9, chunk_size=3)
+    G = dense_gauss_newton(model, loss_name, X, Y)
+    assert top.value == pytest.approx(torch.linalg.eigvalsh(G)[-1].item(), rel=1e-9)
+    assert eig.converged and top.hvps == eig.matvecs and math.isnan(top.se)
+    quotients = []
+    for idx in all_batches():
+        g_B = dense_gradient(model, loss_fn, X[idx], Y[idx])
+        quotients.append((g_B @ dense_gauss_newton(model, loss_name, X[idx], Y[idx]) @ g_B / (g_B @ g_B)).item())
+    est = gn_batch_sharpness(model, loss_fn, X, Y, B, generator=measurement_generator(0, 5))
+    assert est.se < 0.005 * abs(est.value) or est.n == 1000
+    assert abs(est.value - np.mean(quotients)) < 4 * est.se and est.hvps == est.n
+
+
+def test_gradient_norms_match_enumeration_and_the_sampling_formula():
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
+    loss_fn = LOSSES["mse"]
+    g = dense_gradient(model, loss_fn, X, Y)
+    exact = np.mean([(gb @ gb).item() for gb, _ in batch_derivatives(model, loss_fn, X, Y)])
+    per_sample = torch.stack([dense_gradient(model, loss_fn, X[i:i + 1], Y[i:i + 1]) for i in range(N)])
+    spread = (per_sample - g).square().sum(dim=1).mean().item()
+    assert exact == pytest.approx((g @ g).item() + (N - B) / (B * (N - 1)) * spread, rel=1e-10)
+    batch, full = gradient_norms(model, loss_fn, X, Y, B, generator=measurement_generator(0, 6), chunk_size=3)
+    assert full.value == pytest.approx((g @ g).item(), rel=1e-12) and math.isnan(full.se) and full.hvps == 0
+    assert batch.se < 0.01 * batch.value or batch.n == 1000
+    assert abs(batch.value - exact) < 4 * batch.se and batch.hvps == 0
+
+
+def test_gradient_norm_standard_errors_are_honest():
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
+    loss_fn = LOSSES["ce"]
+    exact = np.mean([(gb @ gb).item() for gb, _ in batch_derivatives(model, loss_fn, X, Y)])
+    estimates = [gradient_norms(model, loss_fn, X, Y, B, generator=measurement_generator(seed, 0), min_samples=40,
+                                max_samples=40)[0]
+                 for seed in range(100)]
+    check_honest(estimates, exact)
+
+
+def sgd_with_history(model, loss_fn, X, Y, nesterov, steps):
+    """torch.optim.SGD with momentum after ``steps`` real steps on fixed batches."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov)
+    for t in range(steps):
+        idx = [t % N, (t + 3) % N, (t + 5) % N]
+        optimizer.zero_grad()
+        loss_fn(model(X[idx]), Y[idx]).backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("history", [0, 3])
+def test_momentum_direction_is_the_update_sgd_takes(nesterov, history):
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
+    loss_fn = LOSSES["mse"]
+    optimizer = sgd_with_history(model, loss_fn, X, Y, nesterov, history)
+    idx = [1, 4, 6]
+    g = flat_grad(model, loss_fn, X[idx], Y[idx])
+    s = momentum_direction(g, momentum_buffer(optimizer, model), 0.9, nesterov)
+    twin, twin_optimizer = copy.deepcopy((model, optimizer))
+    before = flat_params(twin)
+    loss_fn(twin(X[idx]), Y[idx]).backward()
+    twin_optimizer.step()
+    torch.testing.assert_close(s, (before - flat_params(twin)) / 0.1, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_sharpness_converges_to_the_exact_ratio_of_means(nesterov):
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
+    loss_fn = LOSSES["ce"]
+    optimizer = sgd_with_history(model, loss_fn, X, Y, nesterov, 4)
+    buffer = momentum_buffer(optimizer, model)
+    quadratic, slope = [], []
+    for g, H in batch_derivatives(model, loss_fn, X, Y):
+        s = g + 0.9 * (0.9 * buffer + g) if nesterov else g + 0.9 * buffer
+        quadratic.append((s @ H @ s).item())
+        slope.append((s @ g).item())
+    exact = np.mean(quadratic) / np.mean(slope)
+    est = momentum_sharpness(model, loss_fn, X, Y, B, optimizer=optimizer, generator=measurement_generator(0, 7))
+    assert est.se < 0.005 * abs(est.value) or est.n == 1000
+    assert abs(est.value - exact) < 4 * est.se and est.hvps == est.n
+    assert all(p.grad is None for p in model.parameters())
+
+
+def adam_with_state(model, step, seed=3):
+    """torch.optim.Adam whose moments after ``step`` steps are set by hand."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.9, 0.999), eps=1e-8)
+    generator = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        optimizer.state[p] = {"step": torch.tensor(float(step)),
+                              "exp_avg": torch.randn(p.shape, generator=generator, dtype=p.dtype),
+                              "exp_avg_sq": torch.rand(p.shape, generator=generator, dtype=p.dtype) * 1e-2}
+    return optimizer
+
+
+def test_adam_preconditioner_from_a_hand_built_state():
+    model = tiny_mlp()
+    assert adam_preconditioner(torch.optim.Adam(model.parameters()), model) is None
+    optimizer = adam_with_state(model, 7)
+    v = torch.cat([optimizer.state[p]["exp_avg_sq"].reshape(-1) for p in model.parameters()])
+    expected = torch.sqrt(v / (1 - 0.999 ** 7)) + 1e-8
+    torch.testing.assert_close(adam_preconditioner(optimizer, model), expected, rtol=1e-13, atol=0)
+
+
+def test_adam_preconditioner_is_what_adam_divides_its_next_update_by():
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
+    loss_fn = LOSSES["mse"]
+    optimizer = adam_with_state(model, 5)
+    before = flat_params(model)
+    loss_fn(model(X), Y).backward()
+    optimizer.step()
+    # After update t = 6: theta' - theta = -lr m_t / ((1 - beta_1^t) P_t).
+    m = torch.cat([optimizer.state[p]["exp_avg"].reshape(-1) for p in model.parameters()])
+    step = -0.01 * m / (1 - 0.9 ** 6) / adam_preconditioner(optimizer, model)
+    torch.testing.assert_close(flat_params(model) - before, step, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "ce"])
+def test_preconditioned_sharpness_matches_the_dense_preconditioned_hessian(loss_name):
+    model, (X, Y) = tiny_mlp(), tiny_data(10, loss_name)
+    loss_fn = LOSSES[loss_name]
+    optimizer = adam_with_state(model, 7)
+    v = torch.cat([optimizer.state[p]["exp_avg_sq"].reshape(-1) for p in model.parameters()])
+    D = torch.diag((torch.sqrt(v / (1 - 0.999 ** 7)) + 1e-8).rsqrt())
+    H = dense_hessian(model, loss_fn, X, Y)
+    exact = torch.linalg.eigvalsh(D @ H @ D)[-1].item()
+    eig, est = preconditioned_sharpness(model, loss_fn, X, Y, optimizer=optimizer, tol=1e-9, chunk_size=4)
+    assert eig.converged and est.value == pytest.approx(exact, rel=1e-8) and est.hvps == eig.matvecs
+    # The same spectrum as P^{-1} H, the curvature along which Adam steps.
+    assert est.value == pytest.approx(torch.linalg.eigvals(D @ D @ H).real.max().item(), rel=1e-8)
+    with pytest.raises(ValueError):
+        preconditioned_sharpness(model, loss_fn, X, Y, optimizer=torch.optim.Adam(model.parameters()))
+
+
+def test_param_distance_is_the_euclidean_distance_over_trainable_parameters():
+    model = tiny_mlp(batchnorm=True)
+    reference = flat_params(model)
+    assert param_distance(model, reference).value == 0
+    with torch.no_grad():
+        model[0].weight[0, 0] += 3.0
+        model[3].bias[1] -= 4.0
+    est = param_distance(model, reference)
+    assert est.value == pytest.approx(5.0, rel=1e-12) and est.hvps == 0 and math.isnan(est.se)

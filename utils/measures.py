@@ -16,7 +16,8 @@ from utils import eigs
 from utils.errors import UserError
 from utils.estimators import (Estimate, exact_estimate, mean_with_stopping,
                               ratio_of_means_with_stopping, sample_batch_indices)
-from utils.hvp import HessianOperator, flat_grad
+from utils.gauss_newton import GaussNewtonOperator
+from utils.hvp import HessianOperator, flat_grad, flat_params, trainable_params
 
 EIG_METHODS = ("lanczos", "lobpcg", "power")
 
@@ -172,3 +173,279 @@ def batch_sharpness_ratio(model, loss_fn, X, Y, batch_size, *, generator, min_sa
     estimate = ratio_of_means_with_stopping(sample, min_samples=min_samples,
                                             max_samples=max_samples, rel_se=rel_se)
     return Estimate(estimate.value, estimate.se, estimate.n, hvps, time.perf_counter() - start)
+
+
+def _top_eigen(matvec, op, *, tol, max_iter, generator, init=None):
+    """Lanczos for the largest eigenvalue of ``matvec``, in the size, dtype and device of ``op``.
+
+    The start is ``init`` plus one random vector from ``generator``, or that vector alone.
+    """
+    options = {"tol": tol, "init": init, "generator": generator, "dtype": op.dtype,
+               "device": op.device}
+    if max_iter is not None:
+        options["max_iter"] = max_iter
+    return eigs.lanczos(matvec, op.dim, **options)
+
+
+def batch_lambda_max(model, loss_fn, X, Y, batch_size, *, generator, min_samples=10,
+                     max_samples=100, rel_se=0.02, train_mode=True, tol=1e-3,
+                     max_iter=None) -> Estimate:
+    """Mean top eigenvalue of mini-batch Hessians, E_B[ lambda_max(H_B) ].
+
+    Each random batch gets its own Lanczos solve to a relative residual ``tol``, started from
+    the previous batch's top eigenvector plus one random vector (the batch Hessians share most
+    of their top eigenspace, so this saves products without steering the answer). Batches are
+    drawn until SE / |mean| < ``rel_se`` (at least ``min_samples``, at most ``max_samples``).
+    Columns ``batch_lambda_max``, ``batch_lambda_max_se``, ``batch_lambda_max_n``.
+    """
+    start = time.perf_counter()
+    n = X.shape[0]
+    hvps, previous = 0, None
+
+    def sample(m):
+        nonlocal hvps, previous
+        values = []
+        for _ in range(m):
+            idx = sample_batch_indices(n, batch_size, generator, X.device)
+            op = HessianOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
+            result = _top_eigen(op.matvec, op, tol=tol, max_iter=max_iter, generator=generator,
+                                init=previous)
+            previous = result.vectors
+            hvps += op.hvps
+            values.append(result.values[0].item())
+        return values
+
+    estimate = mean_with_stopping(sample, min_samples=min_samples, max_samples=max_samples,
+                                  rel_se=rel_se)
+    return Estimate(estimate.value, estimate.se, estimate.n, hvps, time.perf_counter() - start)
+
+
+def rademacher_probe(dim: int, generator: torch.Generator, dtype, device) -> torch.Tensor:
+    """A vector of independent signs +-1 with equal probability."""
+    signs = torch.randint(0, 2, (dim,), generator=generator, device=generator.device)
+    return (2 * signs - 1).to(device=device, dtype=dtype)
+
+
+def hessian_trace(model, loss_fn, X, Y, *, generator, chunk_size=None, min_samples=10,
+                  max_samples=1000, rel_se=0.01, train_mode=True, block_size=10) -> Estimate:
+    """tr(H) of the full-batch Hessian by Hutchinson's estimator with Rademacher probes.
+
+        tr(H) = E_z[ z^T H z ],   z_j = +-1 independently,
+        Var(z^T H z) = 2 sum_{j != k} H_jk^2  (zero for a diagonal H).
+
+    ``block_size`` probes go through one full-data Hessian pass (chunked by ``chunk_size``);
+    probes are drawn one at a time, so the block size never changes the estimate. Stops at
+    SE / |trace| < ``rel_se`` (at least ``min_samples``, at most ``max_samples`` probes).
+    Columns ``hessian_trace``, ``hessian_trace_se``, ``hessian_trace_n``.
+    """
+    start = time.perf_counter()
+    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
+
+    def sample(m):
+        Z = torch.stack([rademacher_probe(op.dim, generator, op.dtype, op.device) for _ in range(m)],
+                        dim=1)
+        return (Z * op.matvec(Z)).sum(dim=0)
+
+    estimate = mean_with_stopping(sample, min_samples=min_samples, max_samples=max_samples,
+                                  rel_se=rel_se, block_size=block_size)
+    return Estimate(estimate.value, estimate.se, estimate.n, op.hvps, time.perf_counter() - start)
+
+
+def gn_lambda_max(model, loss_fn, X, Y, *, tol=1e-3, max_iter=None, chunk_size=None,
+                  train_mode=True, generator=None):
+    """lambda_max(G) of the Gauss–Newton matrix on the WHOLE training set (X, Y).
+
+        G = (2/n) sum_i J_i^T J_i                         (mse, no 1/2)
+        G = (1/n) sum_i J_i^T (diag p_i - p_i p_i^T) J_i  (ce),   J_i = d f(x_i) / d theta
+
+    (see :mod:`utils.gauss_newton`). Lanczos from a random start drawn from ``generator``;
+    column ``gn_lambda_max``. Returns (EigResult, Estimate with se = nan); ``hvps`` counts
+    Gauss–Newton-vector products.
+    """
+    start = time.perf_counter()
+    op = GaussNewtonOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
+    result = _top_eigen(op.matvec, op, tol=tol, max_iter=max_iter, generator=generator)
+    return result, exact_estimate(result.values[0].item(), op.hvps, time.perf_counter() - start)
+
+
+def gn_batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
+                       max_samples=1000, rel_se=0.005, train_mode=True) -> Estimate:
+    """Gauss–Newton Batch Sharpness E_B[ g_B^T G_B g_B / |g_B|^2 ], G_B the batch's Gauss–Newton matrix.
+
+    Batch Sharpness with H_B replaced by its positive semi-definite part G_B (mean of ratios,
+    stopping and sample limits as in :func:`batch_sharpness`). One product per batch.
+    Columns ``gn_batch_sharpness``, ``gn_batch_sharpness_se``, ``gn_batch_sharpness_n``.
+    """
+    start = time.perf_counter()
+    n = X.shape[0]
+    hvps = 0
+
+    def sample(m):
+        nonlocal hvps
+        hvps += m
+        values = []
+        for _ in range(m):
+            idx = sample_batch_indices(n, batch_size, generator, X.device)
+            op = GaussNewtonOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
+            g = op.gradient()
+            values.append((g @ op.matvec(g) / (g @ g)).item())
+        return values
+
+    estimate = mean_with_stopping(sample, min_samples=min_samples, max_samples=max_samples,
+                                  rel_se=rel_se)
+    return Estimate(estimate.value, estimate.se, estimate.n, hvps, time.perf_counter() - start)
+
+
+def gradient_norms(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None,
+                   min_samples=20, max_samples=1000, rel_se=0.01,
+                   train_mode=True) -> tuple[Estimate, Estimate]:
+    """(E_B[ |g_B|^2 ], |g|^2): mean squared mini-batch gradient norm and the full-batch one.
+
+    Without BatchNorm, for batches of b distinct points out of n,
+        E_B|g_B|^2 = |g|^2 + (n - b) / (b (n - 1)) * (1/n) sum_i |g_i - g|^2,
+    so the gap measures the gradient noise. The first is a sample mean over random batches
+    (stopping at SE / mean < ``rel_se``, at least ``min_samples``, at most ``max_samples``),
+    the second exact (se = nan, chunked by ``chunk_size``). No HVPs. Columns
+    ``grad_norm_sq_batch``, ``grad_norm_sq_batch_se``, ``grad_norm_sq_batch_n`` and
+    ``grad_norm_sq_full``.
+    """
+    start = time.perf_counter()
+    n = X.shape[0]
+
+    def sample(m):
+        values = []
+        for _ in range(m):
+            idx = sample_batch_indices(n, batch_size, generator, X.device)
+            g = flat_grad(model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
+            values.append((g @ g).item())
+        return values
+
+    batch = mean_with_stopping(sample, min_samples=min_samples, max_samples=max_samples,
+                               rel_se=rel_se)
+    batch = Estimate(batch.value, batch.se, batch.n, 0, time.perf_counter() - start)
+    start = time.perf_counter()
+    g = flat_grad(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
+    return batch, exact_estimate((g @ g).item(), 0, time.perf_counter() - start)
+
+
+def _single_group(optimizer) -> dict:
+    if len(optimizer.param_groups) != 1:
+        raise ValueError(f"expected one parameter group, got {len(optimizer.param_groups)}")
+    return optimizer.param_groups[0]
+
+
+def momentum_buffer(optimizer: torch.optim.SGD, model) -> torch.Tensor:
+    """SGD's momentum buffer b as a flat vector over the trainable parameters (0 before step 1)."""
+    pieces = []
+    for p in trainable_params(model):
+        buffer = optimizer.state.get(p, {}).get("momentum_buffer")
+        pieces.append(torch.zeros_like(p).reshape(-1) if buffer is None else buffer.reshape(-1))
+    return torch.cat(pieces).detach()
+
+
+def momentum_direction(grad: torch.Tensor, buffer: torch.Tensor, momentum: float,
+                       nesterov: bool) -> torch.Tensor:
+    """The direction s of torch.optim.SGD's next update theta' = theta - eta s on gradient g.
+
+        heavy ball:  s = g + mu b            (the new buffer mu b + g)
+        Nesterov:    s = g + mu (mu b + g)   (look-ahead along the new buffer)
+
+    with b the current buffer (no dampening or weight decay); b = 0 before the first step
+    matches SGD, which starts its buffer at g.
+    """
+    new_buffer = momentum * buffer + grad
+    return grad + momentum * new_buffer if nesterov else new_buffer
+
+
+def momentum_sharpness(model, loss_fn, X, Y, batch_size, *, optimizer, generator, min_samples=20,
+                       max_samples=1000, rel_se=0.005, train_mode=True) -> Estimate:
+    """Momentum sharpness E_B[ s_B^T H_B s_B ] / E_B[ s_B^T g_B ], a ratio of means.
+
+    s_B is the direction of the update SGD with momentum would take with batch B's gradient
+    (:func:`momentum_direction`, buffer and mu read from ``optimizer``). To second order the
+    step theta - eta s_B changes the batch loss by -eta s_B^T g_B + (eta^2/2) s_B^T H_B s_B.
+    A mean of ratios would be ill-posed: s_B^T g_B can cross zero. Delta-method SE; stopping
+    and sample limits as in :func:`batch_sharpness_ratio`. One HVP per batch. Columns
+    ``momentum_sharpness``, ``momentum_sharpness_se``, ``momentum_sharpness_n``.
+    """
+    start = time.perf_counter()
+    group = _single_group(optimizer)
+    if group.get("dampening", 0) != 0 or group.get("weight_decay", 0) != 0:
+        raise ValueError("momentum sharpness assumes SGD without dampening and weight decay")
+    buffer = momentum_buffer(optimizer, model)
+    n = X.shape[0]
+    hvps = 0
+
+    def sample(m):
+        nonlocal hvps
+        hvps += m
+        quadratic, slope = [], []
+        for _ in range(m):
+            idx = sample_batch_indices(n, batch_size, generator, X.device)
+            op = HessianOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
+            g = op.gradient()
+            s = momentum_direction(g, buffer.to(g), group["momentum"], group["nesterov"])
+            quadratic.append((s @ op.matvec(s)).item())
+            slope.append((s @ g).item())
+        return quadratic, slope
+
+    estimate = ratio_of_means_with_stopping(sample, min_samples=min_samples,
+                                            max_samples=max_samples, rel_se=rel_se)
+    return Estimate(estimate.value, estimate.se, estimate.n, hvps, time.perf_counter() - start)
+
+
+def adam_preconditioner(optimizer: torch.optim.Adam, model) -> torch.Tensor | None:
+    """Adam's diagonal preconditioner P = sqrt(v_hat) + eps as a flat vector, None before step 1.
+
+    v_hat = v / (1 - beta_2^t) is the bias-corrected second moment after t steps, exactly the
+    denominator torch.optim.Adam divides its next update by (without amsgrad).
+    """
+    group = _single_group(optimizer)
+    if group.get("amsgrad"):
+        raise ValueError("the preconditioner of amsgrad is not supported")
+    beta2, eps = group["betas"][1], group["eps"]
+    pieces = []
+    for p in trainable_params(model):
+        state = optimizer.state.get(p, {})
+        if "exp_avg_sq" not in state:
+            return None
+        correction = (1 - beta2 ** float(state["step"])) ** 0.5
+        pieces.append((state["exp_avg_sq"].sqrt() / correction + eps).reshape(-1))
+    return torch.cat(pieces).detach()
+
+
+def preconditioned_sharpness(model, loss_fn, X, Y, *, optimizer, tol=1e-3, max_iter=None,
+                             chunk_size=None, train_mode=True, generator=None):
+    """lambda_max(P^{-1/2} H P^{-1/2}) of the full-batch Hessian, P Adam's preconditioner.
+
+    P = diag(sqrt(v_hat) + eps) from the bias-corrected second moments in ``optimizer``'s state
+    (:func:`adam_preconditioner`). The spectrum equals that of P^{-1} H, the Hessian Adam
+    effectively steps along; Adam with beta_1 is stable on a quadratic while it stays below
+    (2 + 2 beta_1) / ((1 - beta_1) eta) = 38 / eta at beta_1 = 0.9 (Cohen et al. 2022).
+    Lanczos from a random start drawn from ``generator``; column ``preconditioned_sharpness``.
+    Returns (EigResult, Estimate with se = nan); raises ValueError before Adam's first step.
+    """
+    start = time.perf_counter()
+    P = adam_preconditioner(optimizer, model)
+    if P is None:
+        raise ValueError("Adam has no second moments before its first step")
+    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
+    scale = P.to(device=op.device, dtype=op.dtype).rsqrt()[:, None]
+
+    def matvec(V):  # the solvers pass blocks (P, m)
+        return scale * op.matvec(scale * V)
+
+    result = _top_eigen(matvec, op, tol=tol, max_iter=max_iter, generator=generator)
+    return result, exact_estimate(result.values[0].item(), op.hvps, time.perf_counter() - start)
+
+
+def param_distance(model, reference: torch.Tensor) -> Estimate:
+    """|theta - theta_0|, the Euclidean distance of the trainable parameters to ``reference``.
+
+    ``reference`` is a flat vector in :func:`utils.hvp.flat_params` order (the initialisation,
+    or parameters loaded from a file). Column ``param_distance``; no HVPs, se = nan.
+    """
+    start = time.perf_counter()
+    theta = flat_params(model)
+    distance = torch.linalg.vector_norm(theta - reference.to(theta)).item()
+    return exact_estimate(distance, 0, time.perf_counter() - start)
