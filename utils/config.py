@@ -22,7 +22,9 @@ from utils.noise import DEFAULT_REFRESH, NOISE_MODES
 
 CONFIG_VERSION = 1
 EIGEN_METHODS = ("lanczos", "lobpcg", "power")
-MEASUREMENTS = ("lambdamax", "batch_sharpness", "step_sharpness", "gni")
+MEASUREMENTS = ("lambdamax", "batch_sharpness", "step_sharpness", "gni", "batch_sharpness_ratio", "batch_lambdamax",
+                "hessian_trace", "gauss_newton", "gradient_norm", "momentum_sharpness", "preconditioned_sharpness",
+                "param_distance")
 
 
 @dataclass
@@ -70,12 +72,29 @@ class RunConfig:
     final: bool = False
     measure_every: int | None = None
     lambdamax_every: int | None = None
+    batch_sharpness_ratio: bool = False
+    batch_lambdamax: bool = False
+    hessian_trace: bool = False
+    gauss_newton: bool = False
+    gradient_norm: bool = False
+    momentum_sharpness: bool = False
+    preconditioned_sharpness: bool = False
+    param_distance: bool = False
+    param_file: str | None = None
     batch_sharpness_every: int | None = None
     step_sharpness_every: int | None = None
     gni_every: int | None = None
     hvp_chunk: int | None = None
     measure_seed: int = 0
     # noise baselines (replace the SGD step)
+    batch_sharpness_ratio_every: int | None = None
+    batch_lambdamax_every: int | None = None
+    hessian_trace_every: int | None = None
+    gauss_newton_every: int | None = None
+    gradient_norm_every: int | None = None
+    momentum_sharpness_every: int | None = None
+    preconditioned_sharpness_every: int | None = None
+    param_distance_every: int | None = None
     gd_noise: str | None = None
     noise_mag: float | None = None
     sde: bool = False
@@ -156,9 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gni", action="store_true", help="gradient-noise interaction E_B[g_B^T H g_B] / |g|^2")
     g.add_argument("--final", action="store_true", help="measure lambda_max, batch sharpness and GNI at the end into final.json")
     g.add_argument("--measure-every", type=int, default=None, help="cadence of every measurement")
-    for name in ("lambdamax", "batch-sharpness", "step-sharpness", "gni"):
+    for name in (m.replace("_", "-") for m in MEASUREMENTS):
         g.add_argument(f"--{name}-every", type=int, default=None, help=f"cadence of --{name} (overrides --measure-every)")
     g.add_argument("--hvp-chunk", type=int, default=None, help="samples per chunk of full-batch Hessian products (bounds memory)")
+    g.add_argument("--batch-sharpness-ratio", action="store_true", help="E_B[g_B^T H_B g_B] / E_B[|g_B|^2] (ratio of means)")
+    g.add_argument("--batch-lambdamax", action="store_true", help="mean top eigenvalue of mini-batch Hessians E_B[lambda_max(H_B)]")
+    g.add_argument("--hessian-trace", action="store_true", help="tr(H) by Hutchinson's estimator with Rademacher probes")
+    g.add_argument("--gauss-newton", action="store_true", help="lambda_max and Batch Sharpness of the Gauss-Newton matrix")
+    g.add_argument("--gradient-norm", action="store_true", help="E_B[|g_B|^2] and |g|^2")
+    g.add_argument("--momentum-sharpness", action="store_true",
+                   help="E_B[s^T H_B s] / E_B[s^T g_B] along the momentum update s (needs --momentum)")
+    g.add_argument("--preconditioned-sharpness", action="store_true",
+                   help="lambda_max of Adam's preconditioned Hessian P^-1/2 H P^-1/2 (needs --adam)")
+    g.add_argument("--param-distance", action="store_true", help="|theta - theta_0| to the initialisation (or --param-file)")
+    g.add_argument("--param-file", metavar="PATH", default=None,
+                   help="with --param-distance: measure the distance to this saved state dict instead")
     g.add_argument("--measure-seed", type=int, default=d.measure_seed, help="seed of the Monte Carlo batches of measurements")
     g = p.add_argument_group("noise baselines (replace the SGD step; --batch sets the noise scale)")
     g.add_argument("--gd-noise", default=None, help=f"full-batch GD plus noise: one of {', '.join(NOISE_MODES)}")
@@ -251,8 +282,12 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.sde_h is None or (math.isfinite(cfg.sde_h) and 0 < cfg.sde_h <= cfg.lr),
          f"--sde-h must be in (0, --lr] = (0, {cfg.lr:g}], got {cfg.sde_h}")
     need(not cfg.sde or (cfg.momentum == 0 and not cfg.adam), "--sde models plain SGD; drop --momentum and --adam")
-    for flag in ("full_loss_every", "checkpoint_every", "keep_checkpoints", "measure_every", "lambdamax_every",
-                 "batch_sharpness_every", "step_sharpness_every", "gni_every", "hvp_chunk", "noise_refresh", "noise_chunk"):
+    need(not cfg.momentum_sharpness or cfg.momentum > 0,
+         "--momentum-sharpness measures the momentum update; it needs --momentum > 0")
+    need(not cfg.preconditioned_sharpness or cfg.adam, "--preconditioned-sharpness measures Adam's preconditioner; it needs --adam")
+    need(cfg.param_file is None or cfg.param_distance, "--param-file only applies to --param-distance; add --param-distance")
+    for flag in ("full_loss_every", "checkpoint_every", "keep_checkpoints", "measure_every", "hvp_chunk", "noise_refresh",
+                 "noise_chunk", *(f"{name}_every" for name in MEASUREMENTS)):
         value = getattr(cfg, flag)
         need(value is None or value >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {value}")
 

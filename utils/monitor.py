@@ -7,14 +7,34 @@ and calls the measurement functions of :mod:`utils.measures`. No measurement mat
 
 from __future__ import annotations
 
+import os
 import warnings
 import zlib
 
+import torch
+
 from utils import measures, schedule
+from utils.errors import UserError
 from utils.estimators import measurement_generator
+from utils.hvp import flat_params
+
+# The measurements beyond the core ones, by RunConfig flag: their columns and whether each
+# column has a standard error (then also <column>_se and <column>_n).
+FAMILY_COLUMNS = {
+    "batch_sharpness_ratio": (("batch_sharpness_ratio", True),),
+    "batch_lambdamax": (("batch_lambda_max", True),),
+    "hessian_trace": (("hessian_trace", True),),
+    "gauss_newton": (("gn_lambda_max", False), ("gn_batch_sharpness", True)),
+    "gradient_norm": (("grad_norm_sq_batch", True), ("grad_norm_sq_full", False)),
+    "momentum_sharpness": (("momentum_sharpness", True),),
+    "preconditioned_sharpness": (("preconditioned_sharpness", False),),
+    "param_distance": (("param_distance", False),),
+}
+_WITH_SE = {column: with_se for columns in FAMILY_COLUMNS.values() for column, with_se in columns}
 
 # Each measurement gets its own random stream so enabling one never changes another's batches.
-_STREAM = {name: zlib.crc32(name.encode()) % 1000 for name in ("lambdamax", "batch_sharpness", "step_sharpness", "gni", "final")}
+_STREAM = {name: zlib.crc32(name.encode()) % 1000
+           for name in ("lambdamax", "batch_sharpness", "step_sharpness", "gni", "final", *FAMILY_COLUMNS)}
 
 
 def stream_generator(measure_seed: int, step: int, name: str, device="cpu"):
@@ -35,6 +55,10 @@ def measurement_columns(cfg) -> list[str]:
         columns += ["step_sharpness", "step_sharpness_seconds", "step_sharpness_hvps"]
     if cfg.gni:
         columns += ["gni", "gni_se", "gni_n", "gni_seconds", "gni_hvps"]
+    for flag, family in FAMILY_COLUMNS.items():
+        if getattr(cfg, flag):
+            for name, with_se in family:
+                columns += [name] + ([f"{name}_se", f"{name}_n"] if with_se else []) + [f"{name}_seconds", f"{name}_hvps"]
     return columns
 
 
@@ -50,6 +74,14 @@ def measurement_schedule(cfg, total_steps: int) -> dict:
         "batch_sharpness": schedule.dense_early(total_steps, 10, 40),
         "step_sharpness": schedule.dense_early(total_steps, 20, 180),
         "gni": schedule.dense_early(total_steps, 5, 20),
+        "batch_sharpness_ratio": schedule.dense_early(total_steps, 10, 40),
+        "batch_lambdamax": schedule.dense_early(total_steps, 5, 20),
+        "hessian_trace": schedule.dense_early(total_steps, 5, 20),
+        "gauss_newton": schedule.dense_early(total_steps, 10, 40),
+        "gradient_norm": schedule.dense_early(total_steps, 20, 180),
+        "momentum_sharpness": schedule.dense_early(total_steps, 10, 40),
+        "preconditioned_sharpness": schedule.dense_early(total_steps, 10, 40),
+        "param_distance": schedule.dense_early(total_steps, 50, 100),
     }
     for name, default in defaults.items():
         if not getattr(cfg, name):
@@ -62,12 +94,18 @@ def measurement_schedule(cfg, total_steps: int) -> dict:
 class Monitor:
     """Runs the scheduled measurements of one step and returns their column values."""
 
-    def __init__(self, cfg, total_steps: int, model, loss_fn, X, Y):
+    def __init__(self, cfg, total_steps: int, model, loss_fn, X, Y, optimizer=None):
         self.cfg = cfg
         self.model, self.loss_fn, self.X, self.Y = model, loss_fn, X, Y
+        self.optimizer = optimizer  # its momentum buffers / Adam moments shape the update measured
         self.columns = measurement_columns(cfg)
         self.schedule = measurement_schedule(cfg, total_steps)
         self.eigenvectors = None  # warm start for the next eigen-solve; saved in checkpoints
+        # theta_0 of --param-distance: the model as built from the config, before a checkpoint
+        # is restored, so resumed and forked runs measure from the same initialisation.
+        self.reference = None
+        if cfg.param_distance:
+            self.reference = load_param_file(cfg.param_file, model) if cfg.param_file else flat_params(model)
 
     def _generator(self, step, name):
         return stream_generator(self.cfg.measure_seed, step, name, device=self.X.device)
@@ -87,7 +125,43 @@ class Monitor:
             est = measures.gni(self.model, self.loss_fn, self.X, self.Y, cfg.batch,
                                generator=self._generator(step, "gni"), chunk_size=cfg.hvp_chunk)
             row.update(_estimate_columns("gni", est, with_se=True))
+        for flag in FAMILY_COLUMNS:
+            if schedule.is_due(self.schedule.get(flag), step):
+                for name, est in self.family(flag, step, cfg.eig_tol).items():
+                    row.update(_estimate_columns(name, est, with_se=_WITH_SE[name]))
         return row
+
+    def family(self, flag: str, step: int, tol: float) -> dict:
+        """{column: Estimate} of the measurement behind ``flag`` (eigen-solves to ``tol``)."""
+        cfg, data = self.cfg, (self.model, self.loss_fn, self.X, self.Y)
+        generator = self._generator(step, flag)
+        if flag == "batch_sharpness_ratio":
+            return {"batch_sharpness_ratio": measures.batch_sharpness_ratio(*data, cfg.batch, generator=generator)}
+        if flag == "batch_lambdamax":
+            return {"batch_lambda_max": measures.batch_lambda_max(*data, cfg.batch, generator=generator, tol=tol)}
+        if flag == "hessian_trace":
+            return {"hessian_trace": measures.hessian_trace(*data, generator=generator, chunk_size=cfg.hvp_chunk)}
+        if flag == "gauss_newton":
+            eig, top = measures.gn_lambda_max(*data, tol=tol, chunk_size=cfg.hvp_chunk, generator=generator)
+            _warn_unconverged(step, "gn_lambda_max", eig, tol)
+            return {"gn_lambda_max": top,
+                    "gn_batch_sharpness": measures.gn_batch_sharpness(*data, cfg.batch, generator=generator)}
+        if flag == "gradient_norm":
+            batch, full = measures.gradient_norms(*data, cfg.batch, generator=generator, chunk_size=cfg.hvp_chunk)
+            return {"grad_norm_sq_batch": batch, "grad_norm_sq_full": full}
+        if flag == "momentum_sharpness":
+            return {"momentum_sharpness": measures.momentum_sharpness(*data, cfg.batch, optimizer=self.optimizer,
+                                                                      generator=generator)}
+        if flag == "preconditioned_sharpness":
+            if not self.optimizer.state:  # Adam has no second moments before its first step
+                return {}
+            eig, est = measures.preconditioned_sharpness(*data, optimizer=self.optimizer, tol=tol,
+                                                         chunk_size=cfg.hvp_chunk, generator=generator)
+            _warn_unconverged(step, "preconditioned_sharpness", eig, tol)
+            return {"preconditioned_sharpness": est}
+        if flag == "param_distance":
+            return {"param_distance": measures.param_distance(self.model, self.reference)}
+        raise ValueError(f"unknown measurement {flag!r}")
 
     def lambda_max(self, step: int, tol: float) -> dict:
         cfg = self.cfg
@@ -112,8 +186,53 @@ class Monitor:
                                       generator=self._generator(step, "final"))
         gni = measures.gni(self.model, self.loss_fn, self.X, self.Y, cfg.batch,
                            generator=self._generator(step + 1, "final"), chunk_size=cfg.hvp_chunk)
-        return {"step": step, "lambda_max": top["lambda_max"], "batch_sharpness": bs.value,
-                "batch_sharpness_se": bs.se, "gni": gni.value, "gni_se": gni.se}
+        record = {"step": step, "lambda_max": top["lambda_max"], "batch_sharpness": bs.value,
+                  "batch_sharpness_se": bs.se, "gni": gni.value, "gni_se": gni.se}
+        for flag in FAMILY_COLUMNS:
+            if getattr(cfg, flag):
+                for name, est in self.family(flag, step, min(cfg.eig_tol, 1e-4)).items():
+                    record[name] = est.value
+                    if _WITH_SE[name]:
+                        record[f"{name}_se"] = est.se
+        return record
+
+
+def _warn_unconverged(step: int, name: str, eig, tol: float) -> None:
+    if not eig.converged:
+        warnings.warn(f"step {step}: {name} solver stopped at relative residual {float(eig.residuals.max()):.2e} "
+                      f"above --eig-tol {tol:g} after {eig.matvecs} products")
+
+
+def load_param_file(path: str, model) -> torch.Tensor:
+    """The trainable parameters stored in the state dict at ``path``, as a flat vector on the model's device.
+
+    Every mistake (missing or unreadable file, keys or shapes of another model, NaN or
+    infinite values) is a one-line UserError.
+    """
+    fix = "pass a file written by torch.save(model.state_dict()) for this model"
+    if not os.path.isfile(path):
+        raise UserError(f"--param-file {path} does not exist; {fix}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"--param-file {path} cannot be read as a state dict ({type(exc).__name__}); {fix}")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--param-file {path} is not a state dict of tensors; {fix}")
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    known = set(model.state_dict())
+    missing = [name for name, _ in params if name not in state]
+    foreign = [name for name in state if name not in known]
+    if missing or foreign:
+        wrong = ", ".join((missing + foreign)[:3])
+        raise UserError(f"--param-file {path} has the keys of another model (missing or unknown: {wrong}); {fix}")
+    for name, p in params:
+        if tuple(state[name].shape) != tuple(p.shape):
+            raise UserError(f"--param-file {path}: {name} has shape {tuple(state[name].shape)}, the model's is "
+                            f"{tuple(p.shape)}; {fix}")
+        if not torch.isfinite(state[name]).all():
+            raise UserError(f"--param-file {path}: {name} holds NaN or infinite values; pass finite parameters")
+    reference = params[0][1]
+    return torch.cat([state[name].reshape(-1) for name, _ in params]).to(device=reference.device, dtype=reference.dtype)
 
 
 def _estimate_columns(name: str, est, with_se: bool) -> dict:

@@ -251,7 +251,8 @@ def run(cfg: RunConfig, command_line: list[str] | None = None) -> tuple[str, dic
     ``interrupted`` (then ``signal`` names SIGINT or SIGTERM and ``exit_code`` is 130 / 143).
     """
     setup = build(cfg)
-    monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train)
+    monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
+                      setup.optimizer)
     record = config_record(setup, monitor.schedule, command_line)
     run_dir = create_run_dir(cfg)
     atomic_write_json(os.path.join(run_dir, "config.json"), record)
@@ -336,7 +337,8 @@ def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None =
             return run_dir, {**previous, "already_done": True}
     step, path = _pick_checkpoint(run_dir, resume_step, at_or_before=False)
     setup = build(cfg)
-    monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train)
+    monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
+                      setup.optimizer)
     state = load_checkpoint(path, map_location=setup.device)
     restore(setup, monitor, state)
     results_path = os.path.join(run_dir, "results.txt")
@@ -367,7 +369,8 @@ def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[st
     setup = build(cfg)
     if step >= setup.total_steps:
         raise UserError(f"the fork starts at step {step} but the run has only {setup.total_steps} steps; give a larger --steps")
-    monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train)
+    monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
+                      setup.optimizer)
     state = load_checkpoint(path, map_location=setup.device)
     restore(setup, monitor, state, keep_optimizer_settings=True)
     record = config_record(setup, monitor.schedule, command_line)
