@@ -4,6 +4,7 @@ one-line errors of the grid parser."""
 
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -18,6 +19,7 @@ import training
 import utils.sweep_slurm
 from utils.checkpoints import list_checkpoints, load_checkpoint
 from utils.results import is_timing_column, read_results
+from utils.runs import select_runs
 from utils.sweep import TRAINING_SCRIPT, define_sweep, parse_grid_tokens, prepare_sweep, sweep_folder, sweep_run_dirs
 
 BASE = ["--width", "16", "--num-data", "120", "--steps", "20", "--quiet"]
@@ -104,13 +106,40 @@ def test_local_sweep_runs_skips_and_resumes(results_env, capsys):
     out = capsys.readouterr().out
     assert [line for line in out.splitlines() if line.startswith("lr")][:5] == [
         "lr0.05_batch8: finished, skipped", "lr0.05_batch16: finished, skipped",
-        "lr0.1_batch8: resumed (1 threads, log logs/lr0.1_batch8.log)",
+        "lr0.1_batch8: resumed (log logs/lr0.1_batch8.log, 1 CPU thread)",
         "lr0.1_batch16: finished, skipped", "lr0.1_batch8: finished (steps 20/20)"]
     with open(os.path.join(sweep_dir, "logs", "lr0.1_batch8.log")) as f:
         assert f"{TRAINING_SCRIPT} --resume {killed} --quiet" in f.read()
     same_results(reference, killed)
     same_parameters(reference, killed, 20)
     assert states(sweep_dir) == {name: ("finished", 20, 20) for name in POINTS}
+    assert os.listdir(os.path.join(sweep_dir, "running")) == []
+    # The analysis scripts' run selection takes the sweep folder as a folder of runs.
+    assert sorted(run.run_dir for run in select_runs([sweep_dir])) == sorted(run_dirs)
+
+
+def wait_for_rows(run_dir, rows):
+    path = os.path.join(run_dir, "results.txt")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(path) and len(open(path).read().splitlines()) > rows + 2:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{path} did not reach {rows} rows")
+
+
+def test_ctrl_c_stops_the_local_sweep_with_checkpoints(results_env, capsys):
+    flags = ["--width", "16", "--num-data", "120", "--batch", "8", "--steps", "1000", "--log-every", "10", "--quiet"]
+    sweep_dir = sweep_folder("stopped")
+    run_dir = os.path.join(sweep_dir, "runs", "lr0.05")
+    interrupter = threading.Thread(target=lambda: (wait_for_rows(run_dir, 3), os.kill(os.getpid(), signal.SIGINT)))
+    interrupter.start()
+    assert sweep.main(["--name", "stopped", "--lr", "0.05", "--", *flags]) == 130
+    interrupter.join()
+    status, step, total = states(sweep_dir)["lr0.05"]
+    assert status == "interrupted" and 0 < step < total == 1000
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        assert json.load(f)["final_step"] == step == list_checkpoints(run_dir)[-1][0]
     assert os.listdir(os.path.join(sweep_dir, "running")) == []
 
 
@@ -146,12 +175,7 @@ def test_preempted_job_is_requeued_and_resumes(results_env, tmp_path):
     outcome = []
     worker = threading.Thread(target=lambda: outcome.append(job()))
     worker.start()
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        path = os.path.join(run_dir, "results.txt")
-        if os.path.exists(path) and len(open(path).read().splitlines()) > 6:
-            break
-        time.sleep(0.01)
+    wait_for_rows(run_dir, 3)
     # What submitit does when SLURM signals a pre-emption or the time limit: call checkpoint()
     # while the job runs, store the returned submission and run it in the requeued job.
     submission = job.checkpoint()

@@ -527,8 +527,9 @@ class Attempt:
         self._log.write(f"# {datetime.datetime.now().astimezone().isoformat(timespec='seconds')} "
                         f"on {socket.gethostname()}: {shlex.join(command)}\n")
         self._log.flush()
+        # A session of its own: a Ctrl-C in the terminal reaches the launcher, which passes it on once.
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                        preexec_fn=_ignore_preemption_signal)
+                                        start_new_session=True, preexec_fn=_ignore_preemption_signal)
         _write_marker(marker_path, [os.getpid(), self.process.pid])
 
     def stop(self, sig=signal.SIGTERM) -> None:
@@ -637,7 +638,7 @@ def run_local(sweep_dir: str, definition: dict, jobs: int, out=None) -> int:
     env = training_env(threads)
     queue = list(definition["points"])
     active: list[Attempt] = []
-    unfinished = 0
+    unfinished, forwarded = 0, False
     with _StopRequest() as stop:
         while active or (queue and stop.received is None):
             while queue and len(active) < jobs and stop.received is None:
@@ -648,13 +649,15 @@ def run_local(sweep_dir: str, definition: dict, jobs: int, out=None) -> int:
                     unfinished += attempt.startswith("running")
                     continue
                 verb = "resumed" if attempt.resumed else "started"
-                print(f"{point['name']}: {verb} ({threads} threads, log {os.path.relpath(attempt.log_path, sweep_dir)})",
-                      file=out, flush=True)
+                print(f"{point['name']}: {verb} (log {os.path.relpath(attempt.log_path, sweep_dir)}, "
+                      f"{threads} CPU thread{'s' if threads > 1 else ''})", file=out, flush=True)
                 active.append(attempt)
-            if stop.received is not None:
+            if stop.received is not None and not forwarded:
+                # Once: a second signal could reach training.py after its loop, while it writes the summary.
                 for attempt in active:
                     if attempt.process.poll() is None:
                         attempt.process.send_signal(stop.received)
+                forwarded = True
             for attempt in [a for a in active if a.process.poll() is not None]:
                 active.remove(attempt)
                 result = attempt.finish()
