@@ -10,7 +10,9 @@ import training
 from test_resume import interrupt_at, same_parameters, same_results
 from utils import measures
 from utils.config import RunConfig
+from utils.plotting import plot_runs
 from utils.results import read_results
+from utils.runs import load_run, read_run_results
 from utils.training import build
 
 SMALL = ["--width", "16", "--depth", "1", "--num-data", "120", "--batch", "8", "--quiet"]
@@ -57,6 +59,14 @@ def test_every_new_flag_fills_its_columns_and_final_json(results_env, cheap):
         assert final[name] == final[name] and (not with_se or final[f"{name}_se"] > 0), name
     assert final["param_distance"] > measured.loc[4, "param_distance"]
 
+    run = load_run(str(run_dir))
+    axes = {ax.get_title(): ax for ax in plot_runs([run], [read_run_results(run.run_dir)]).axes if ax.get_visible()}
+    assert {"λ_max", "Batch Sharpness", "Gauss–Newton", "momentum sharpness", "Hessian trace", "gradient norm²",
+            "distance to θ₀"} <= set(axes)
+    for title in ("λ_max", "Batch Sharpness", "Gauss–Newton", "momentum sharpness"):
+        assert "(2+2μ)/η = 76" in [line.get_label() for line in axes[title].get_lines()], title
+    assert not any("η" in line.get_label() for line in axes["Hessian trace"].get_lines())
+
 
 def test_adam_preconditioned_sharpness_starts_after_the_first_step(results_env, cheap):
     run_dir = results_env / "adam"
@@ -68,6 +78,10 @@ def test_adam_preconditioned_sharpness_starts_after_the_first_step(results_env, 
     assert rows.loc[3, "preconditioned_sharpness"] > 10 * rows.loc[3, "gn_lambda_max"]
     final = json.loads((run_dir / "final.json").read_text())
     assert final["preconditioned_sharpness"] > 0 and "momentum_sharpness" not in final
+    run = load_run(str(run_dir))
+    axes = {ax.get_title(): ax for ax in plot_runs([run], [read_run_results(run.run_dir)]).axes if ax.get_visible()}
+    assert "38/η = 1.267e+04" in [line.get_label() for line in axes["preconditioned sharpness"].get_lines()]
+    assert not any("η" in line.get_label() for line in axes["Gauss–Newton"].get_lines())
 
 
 def test_param_file_sets_the_reference(results_env, tmp_path):

@@ -19,6 +19,7 @@ from utils.errors import UserError
 from utils.losses import LOSS_NAMES
 from utils.models import ACTIVATIONS, MODEL_NAMES
 from utils.noise import DEFAULT_REFRESH, NOISE_MODES
+from utils.trackers import check_installed
 
 CONFIG_VERSION = 1
 EIGEN_METHODS = ("lanczos", "lobpcg", "power")
@@ -61,6 +62,8 @@ class RunConfig:
     log_every: int = 1
     checkpoint_every: int | None = None
     keep_checkpoints: int | None = None
+    wandb: bool = False
+    tensorboard: bool = False
     # measurements
     lambdamax: bool = False
     num_eigenvalues: int = 1
@@ -165,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=d.log_every, help="write every k-th step to results.txt")
     g.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint cadence in steps (default: about 20 per run)")
     g.add_argument("--keep-checkpoints", type=int, default=None, help="keep only the newest K checkpoints (default: all)")
+    g.add_argument("--wandb", action="store_true", help="mirror rows, config and summary to Weights & Biases (offline unless WANDB_MODE is set)")
+    g.add_argument("--tensorboard", action="store_true", help="mirror rows, config and summary to TensorBoard event files in <run>/tensorboard")
     g = p.add_argument_group("measurements")
     g.add_argument("--lambdamax", action="store_true", help="full-batch top Hessian eigenvalue lambda_max")
     g.add_argument("--num-eigenvalues", type=int, default=d.num_eigenvalues, help="top-k eigenvalues with --lambdamax")
@@ -272,6 +277,7 @@ def validate(cfg: RunConfig) -> None:
     need(0 < cfg.eig_tol < 1, f"--eig-tol must be in (0, 1), got {cfg.eig_tol}")
     need(cfg.stop_loss is None or cfg.stop_loss > 0, f"--stop-loss must be positive, got {cfg.stop_loss}")
     need(cfg.log_every >= 1, f"--log-every must be at least 1, got {cfg.log_every}")
+    check_installed(cfg)
     need(cfg.gd_noise is None or cfg.gd_noise in NOISE_MODES, f"unknown --gd-noise {cfg.gd_noise!r}; choose one of {', '.join(NOISE_MODES)}")
     need(not (cfg.sde and cfg.gd_noise), "--sde and --gd-noise are alternative baselines; give only one of them")
     need(cfg.noise_mag is None or cfg.gd_noise == "const", "--noise-mag only applies to --gd-noise const")

@@ -28,7 +28,9 @@ STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fonts
 # to tell runs apart in a legend (nor are the cadences, the settings ending in _every).
 _NOT_DISTINGUISHING = {"run_dir", "quiet", "cpu", "download", "wandb", "tensorboard", "checkpoint_every",
                        "keep_checkpoints", "lambdamax", "num_eigenvalues", "eig_method", "eig_tol",
-                       "batch_sharpness", "step_sharpness", "gni", "final", "hvp_chunk", "measure_seed"}
+                       "batch_sharpness", "step_sharpness", "gni", "final", "hvp_chunk", "measure_seed",
+                       "batch_sharpness_ratio", "batch_lambdamax", "hessian_trace", "gauss_newton", "gradient_norm",
+                       "momentum_sharpness", "preconditioned_sharpness", "param_distance", "param_file"}
 
 
 @dataclass(frozen=True)
@@ -59,14 +61,22 @@ class Panel:
 
 PANELS = (
     Panel("loss", (Curve("batch_loss", "batch", faint=True), Curve("full_loss", "full")), log=True),
-    Panel("λ_max", (Curve("lambda_max", "λ_max"),), stability=True),
+    Panel("λ_max", (Curve("lambda_max", "λ_max"), Curve("batch_lambda_max", "E[λ_max(H_B)]", dashed=True)),
+          stability=True),
     Panel("Batch Sharpness", (Curve("batch_sharpness", "E[gᵀHg/‖g‖²]"),
                               Curve("batch_sharpness_ratio", "E[gᵀHg]/E[‖g‖²]", dashed=True)), stability=True),
     Panel("step sharpness", (Curve("step_sharpness", "raw", faint=True),
                              Curve("step_sharpness", "smoothed", smooth=True)), stability=True),
     Panel("GNI", (Curve("gni", "GNI"),), stability=True),
+    Panel("Gauss–Newton", (Curve("gn_lambda_max", "λ_max(G)"), Curve("gn_batch_sharpness", "E[gᵀGg/‖g‖²]", dashed=True)),
+          stability=True),
+    Panel("momentum sharpness", (Curve("momentum_sharpness", "E[sᵀHs]/E[sᵀg]"),), stability=True),
     Panel("preconditioned sharpness", (Curve("preconditioned_sharpness", "λ_max(P⁻¹ᐟ²HP⁻¹ᐟ²)"),),
           preconditioned=True),
+    Panel("Hessian trace", (Curve("hessian_trace", "tr(H)"),)),
+    Panel("gradient norm²", (Curve("grad_norm_sq_batch", "E‖g_B‖²"), Curve("grad_norm_sq_full", "‖g‖²", dashed=True)),
+          log=True),
+    Panel("distance to θ₀", (Curve("param_distance", "‖θ − θ₀‖"),)),
     Panel("accuracy", (Curve("full_accuracy", "train"),)),
 )
 
@@ -140,8 +150,9 @@ def plot_runs(runs, frames, *, smooth: int | None = None) -> Figure:
 
     Panels (those with data): losses on a log scale, λ_max, Batch Sharpness with its
     standard-error band, step sharpness smoothed over ``smooth`` measurements, GNI,
-    preconditioned sharpness, accuracy; the dashed stability line of each run's optimiser
-    where it applies. Several runs are overlaid, one colour each, labelled by their settings.
+    Gauss–Newton, momentum and preconditioned sharpness, Hessian trace, gradient norms,
+    distance to the initialisation, accuracy; the dashed stability line of each run's
+    optimiser where it applies. Several runs are overlaid, one colour each, labelled by their settings.
     """
     panels = [p for p in PANELS if any(c.column in f.columns and f[c.column].notna().any()
                                        for c in p.curves for f in frames)]

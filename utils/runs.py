@@ -193,9 +193,10 @@ def checkpoint_list(run: Run) -> list[tuple[int, str]]:
 def rebuild(run: Run, *, cpu: bool = False) -> Setup:
     """Data, model, loss and optimiser of ``run`` from its config.json (model weights as initialised).
 
-    Runs on CUDA when available unless ``cpu``, whatever device the run was trained on.
+    Runs on CUDA when available unless ``cpu``, whatever device the run was trained on; the
+    run's trackers are not needed (nor their packages) to analyse it.
     """
-    cfg = dataclasses.replace(run.cfg, cpu=cpu, quiet=True)
+    cfg = dataclasses.replace(run.cfg, cpu=cpu, quiet=True, wandb=False, tensorboard=False)
     return build(cfg)
 
 

@@ -39,6 +39,7 @@ from utils.monitor import Monitor
 from utils.noise import NoisyStep, noisy_step_from_config
 from utils.results import (BASE_COLUMNS, TIME_COLUMN, ResultsWriter, atomic_write_json, atomic_write_text,
                            make_run_folder, read_json)
+from utils.trackers import open_trackers
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -236,10 +237,14 @@ def _results_comments(cfg: RunConfig, command_line) -> list[str]:
 
 def _finish(run_dir: str, setup: Setup, monitor: Monitor, writer: ResultsWriter, start_step: int,
             elapsed_before: float) -> dict:
+    trackers = open_trackers(setup.cfg, run_dir, read_json(os.path.join(run_dir, "config.json")), start_step)
+    summary = None
     try:
-        summary = train_loop(setup, monitor, writer, run_dir, start_step=start_step, elapsed_before=elapsed_before)
+        summary = train_loop(setup, monitor, trackers.mirror(writer), run_dir, start_step=start_step,
+                             elapsed_before=elapsed_before)
     finally:
         writer.close()
+        trackers.close(summary)
     atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
     return summary
 
