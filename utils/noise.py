@@ -117,20 +117,22 @@ def gradient_moments(model, loss_fn, X, Y, chunk_size: int) -> GradientMoments:
     count, mean, squares = 0, None, None
     for start in range(0, X.shape[0], chunk_size):
         grads = per_sample_grads(params, X[start:start + chunk_size], Y[start:start + chunk_size])
-        G = torch.cat([grads[name].reshape(grads[name].shape[0], -1) for name in params], dim=1)
-        k = G.shape[0]
-        chunk_mean = G.mean(dim=0)
-        chunk_squares = (G - chunk_mean).pow_(2).sum(dim=0)
-        del G, grads
+        k = X[start:start + chunk_size].shape[0]
+        chunk_mean = {name: G.mean(dim=0) for name, G in grads.items()}
+        # In place on vmap's own output: no second chunk-sized tensor.
+        chunk_squares = {name: G.sub_(chunk_mean[name]).pow_(2).sum(dim=0) for name, G in grads.items()}
+        del grads
         if mean is None:
             count, mean, squares = k, chunk_mean, chunk_squares
             continue
-        delta = chunk_mean - mean
         total = count + k
-        mean = mean + delta * (k / total)
-        squares = squares + chunk_squares + delta.pow(2) * (count * k / total)
+        for name in mean:
+            delta = chunk_mean[name] - mean[name]
+            mean[name] += delta * (k / total)
+            squares[name] += chunk_squares[name] + delta.pow_(2) * (count * k / total)
         count = total
-    return GradientMoments(mean, squares / count)
+    flat = lambda tensors: torch.cat([tensors[name].reshape(-1) for name in params])
+    return GradientMoments(flat(mean), flat(squares) / count)
 
 
 def accumulate_gradient(model, loss_fn, X, Y, weights: torch.Tensor | None = None,
