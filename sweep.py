@@ -33,15 +33,16 @@ def sweep(argv: list[str]) -> int:
         check_existing(sweep_dir, definition)
         print("\n".join(dry_run_lines(sweep_dir, definition)))
         return 0
-    if args.executor == "slurm":
-        require_submitit()
-    definition = prepare_sweep(sweep_dir, definition)
     if args.executor == "local":
-        return run_local(sweep_dir, definition, args.jobs)
+        return run_local(sweep_dir, prepare_sweep(sweep_dir, definition), args.jobs)
 
-    from utils.sweep_slurm import submit
+    require_submitit()
+    from utils.sweep_slurm import make_executor, submit
 
-    jobs = submit(sweep_dir, definition, args)
+    check_existing(sweep_dir, definition)
+    executor = make_executor(sweep_dir, args.name, args)
+    definition = prepare_sweep(sweep_dir, definition)
+    jobs = submit(executor, sweep_dir, definition, args.cpus_per_run)
     if not jobs:
         print(format_status(refresh_status(sweep_dir), sweep_dir))
         return 0

@@ -16,6 +16,7 @@ import torch
 
 import sweep
 import training
+import utils.sweep
 import utils.sweep_slurm
 from utils.checkpoints import list_checkpoints, load_checkpoint
 from utils.results import is_timing_column, read_results
@@ -198,17 +199,25 @@ def test_preempted_job_is_requeued_and_resumes(results_env, tmp_path):
     assert states(sweep_dir) == {"lr0.05": ("finished", 1000, 1000)}
 
 
-def test_crashing_run_is_reported_failed(results_env, capsys):
-    # --batch 200 is larger than the 120 samples: training.py refuses it when it builds the run.
-    assert sweep.main(["--name", "crash", "--batch", "200", "--", *BASE]) == 1
+def test_crashing_run_is_reported_failed_and_retried(results_env, monkeypatch, capsys):
+    crashing = results_env / "crashing_training.py"
+    crashing.write_text("import sys\nprint('something broke', file=sys.stderr)\nsys.exit(3)\n")
+    monkeypatch.setattr(utils.sweep, "TRAINING_SCRIPT", str(crashing))
+    assert sweep.main(["--name", "crash", "--batch", "8", "--", *BASE]) == 1
     sweep_dir = sweep_folder("crash")
-    entry = table(sweep_dir)["batch200"]
-    assert (entry["status"], entry["exit_code"], entry["log"]) == ("failed", 2, "logs/batch200.log")
+    entry = table(sweep_dir)["batch8"]
+    assert (entry["status"], entry["exit_code"], entry["log"]) == ("failed", 3, "logs/batch8.log")
     with open(os.path.join(sweep_dir, entry["log"])) as f:
-        assert "larger than the training set" in f.read()
+        assert "something broke" in f.read()
     out = capsys.readouterr().out.splitlines()
-    assert out[1] == "batch200: failed (exit code 2, see logs/batch200.log)"
-    assert out[-1] == "batch200  failed                          exit code 2, see logs/batch200.log"
+    assert out[1] == "batch8: failed (exit code 3, see logs/batch8.log)"
+    assert out[-1] == "batch8  failed                          exit code 3, see logs/batch8.log"
+
+    # The next run of the sweep retries the point.
+    crashing.write_text("import sys\nsys.exit(1)\n")
+    assert sweep.main(["--name", "crash", "--batch", "8", "--", *BASE]) == 1
+    assert "batch8: started" in capsys.readouterr().out
+    assert table(sweep_dir)["batch8"]["exit_code"] == 1
 
 
 def test_grid_file_and_dry_run(results_env, tmp_path, capsys):

@@ -703,15 +703,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: processes on this machine; slurm: a job array through submitit")
     p.add_argument("--dry-run", action="store_true", help="print the training.py command of every run and stop")
     g = p.add_argument_group("local executor")
-    g.add_argument("--jobs", type=int, default=1, help="runs at a time; CPU threads are split evenly among them")
+    g.add_argument("--jobs", type=int, default=1, metavar="J", help="runs at a time; CPU threads are split evenly among them")
     g = p.add_argument_group("slurm executor")
-    g.add_argument("--partition", help="SLURM partition")
-    g.add_argument("--time-min", type=int, default=240, help="time limit per job in minutes (a job that hits it "
+    g.add_argument("--partition", metavar="NAME", help="SLURM partition")
+    g.add_argument("--time-min", type=int, default=240, metavar="MINUTES", help="time limit per job in minutes (a job that hits it "
                                                              "is requeued and resumes from its last checkpoint)")
-    g.add_argument("--gpus-per-run", type=int, default=1, help="GPUs per run")
-    g.add_argument("--cpus-per-run", type=int, default=4, help="CPU cores per run (its torch threads)")
-    g.add_argument("--mem-gb", type=float, default=None, help="memory per run in GB (default: the partition's)")
-    g.add_argument("--array-parallelism", type=int, default=None, help="at most this many runs of the array at once")
+    g.add_argument("--gpus-per-run", type=int, default=1, metavar="N", help="GPUs per run")
+    g.add_argument("--cpus-per-run", type=int, default=4, metavar="N", help="CPU cores per run (its torch threads)")
+    g.add_argument("--mem-gb", type=float, default=None, metavar="GB", help="memory per run in GB (default: the partition's)")
+    g.add_argument("--array-parallelism", type=int, default=None, metavar="N", help="at most this many runs of the array at once")
     g.add_argument("--wait", action="store_true", help="wait for the jobs to end and print the status table")
     return p
 

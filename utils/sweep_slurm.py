@@ -17,7 +17,7 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from utils.errors import UserError
-from utils.sweep import ENDED, REPO_ROOT, launch_point, load_definition, training_env
+from utils.sweep import ENDED, REPO_ROOT, launch_point, load_definition, point_command, training_env
 
 # Which submitit cluster runs the jobs; submitit's "local" runs the same jobs on this machine.
 CLUSTER = "slurm"
@@ -78,6 +78,7 @@ def _repo_importable():
 
 
 def make_executor(sweep_dir: str, name: str, options) -> submitit.AutoExecutor:
+    """An executor for ``CLUSTER`` with the sweep.py flags; no SLURM here is a one-line error."""
     try:
         executor = submitit.AutoExecutor(folder=os.path.join(sweep_dir, "submitit"), cluster=CLUSTER,
                                          slurm_max_num_timeout=MAX_TIMEOUTS)
@@ -90,17 +91,14 @@ def make_executor(sweep_dir: str, name: str, options) -> submitit.AutoExecutor:
     return executor
 
 
-def submit(sweep_dir: str, definition: dict, options) -> list:
+def submit(executor: submitit.AutoExecutor, sweep_dir: str, definition: dict, threads: int) -> list:
     """Submit the points that have not ended as one job array; return submitit's jobs."""
-    from utils.sweep import point_command
-
     points = [p for p in definition["points"] if point_command(sweep_dir, definition, p) is not None]
     if not points:
         return []
-    executor = make_executor(sweep_dir, definition["name"], options)
     try:
         with _repo_importable(), executor.batch():
-            jobs = [executor.submit(SweepJob(sweep_dir, p["name"], options.cpus_per_run)) for p in points]
+            jobs = [executor.submit(SweepJob(sweep_dir, p["name"], threads)) for p in points]
     except (OSError, subprocess.CalledProcessError) as exc:
         raise UserError(f"submitting the job array failed ({exc}); check the SLURM flags (--partition, --time-min, ...)")
     return jobs
