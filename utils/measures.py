@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from utils import eigs
+from utils import eigs, fast_curvature
 from utils.errors import UserError
 from utils.estimators import (Estimate, exact_estimate, mean_with_stopping,
                               ratio_of_means_with_stopping, sample_batch_indices)
@@ -67,25 +67,34 @@ def _rayleigh_on_batch(model, loss_fn, xb, yb, train_mode) -> float:
     return (g @ op.matvec(g) / (g @ g)).item()
 
 
-def step_sharpness(model, loss_fn, xb, yb, train_mode=True) -> Estimate:
+def step_sharpness(model, loss_fn, xb, yb, train_mode=True, exact=False) -> Estimate:
     """Step sharpness g_B^T H_B g_B / |g_B|^2 on the given batch (the one about to be stepped on).
 
-    Column ``step_sharpness``; one HVP, se = nan.
+    Column ``step_sharpness``; one HVP, se = nan. Without ``exact``, networks of Linear layers
+    and element-wise activations use :mod:`utils.fast_curvature` (same value to round-off).
     """
+    if not exact and fast_curvature.linear_network(model, loss_fn, xb, yb) is not None:
+        return fast_curvature.step_sharpness(model, loss_fn, xb, yb)
     start = time.perf_counter()
     value = _rayleigh_on_batch(model, loss_fn, xb, yb, train_mode)
     return exact_estimate(value, 1, time.perf_counter() - start)
 
 
 def batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
-                    max_samples=1000, rel_se=0.005, train_mode=True) -> Estimate:
+                    max_samples=1000, rel_se=0.005, train_mode=True, exact=False) -> Estimate:
     """Batch Sharpness E_B[ g_B^T H_B g_B / |g_B|^2 ], B uniform among b-subsets of the data.
 
     The mean of per-batch Rayleigh quotients (H_B and g_B of the SAME batch) over independent
     random batches, drawn until SE / |mean| < ``rel_se`` (at least ``min_samples``, at most
     ``max_samples`` batches). One HVP per batch. Columns ``batch_sharpness``,
-    ``batch_sharpness_se``, ``batch_sharpness_n``.
+    ``batch_sharpness_se``, ``batch_sharpness_n``. Without ``exact``, networks of Linear
+    layers and element-wise activations use :mod:`utils.fast_curvature`: the same batches and
+    estimate to round-off, from stacked Gram matrices.
     """
+    if not exact and fast_curvature.linear_network(model, loss_fn, X, Y) is not None:
+        return fast_curvature.batch_sharpness(model, loss_fn, X, Y, batch_size,
+                                              generator=generator, min_samples=min_samples,
+                                              max_samples=max_samples, rel_se=rel_se)
     start = time.perf_counter()
     n = X.shape[0]
     hvps = 0
@@ -106,7 +115,7 @@ def batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=
 
 
 def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_samples=20,
-        max_samples=1000, rel_se=0.01, train_mode=True, block_size=10) -> Estimate:
+        max_samples=1000, rel_se=0.01, train_mode=True, block_size=10, exact=False) -> Estimate:
     """Gradient-Noise Interaction GNI = E_B[ g_B^T H g_B ] / |g|^2, H and g on the full data.
 
     For an SGD step theta' = theta - eta g_B, to second order
@@ -117,8 +126,14 @@ def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_sam
     SE is that of the mean divided by |g|^2. ``block_size`` batch gradients go through one
     full-data Hessian pass (chunked by ``chunk_size``); stopping at SE / |GNI| < ``rel_se``
     (at least ``min_samples``, at most ``max_samples`` batches). Columns ``gni``, ``gni_se``,
-    ``gni_n``.
+    ``gni_n``. Without ``exact``, networks of Linear layers and element-wise activations use
+    :mod:`utils.fast_curvature` (the same batches and estimate to round-off, many batch
+    directions per data pass).
     """
+    if not exact and fast_curvature.linear_network(model, loss_fn, X, Y) is not None:
+        return fast_curvature.gni(model, loss_fn, X, Y, batch_size, generator=generator,
+                                  chunk_size=chunk_size, min_samples=min_samples,
+                                  max_samples=max_samples, rel_se=rel_se)
     start = time.perf_counter()
     n = X.shape[0]
     op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
@@ -147,7 +162,8 @@ def _batch_quadratic_and_norm(model, loss_fn, xb, yb, train_mode) -> tuple[float
 
 
 def batch_sharpness_ratio(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
-                          max_samples=1000, rel_se=0.005, train_mode=True) -> Estimate:
+                          max_samples=1000, rel_se=0.005, train_mode=True,
+                          exact=False) -> Estimate:
     """Batch Sharpness as a ratio of means, E_B[ g_B^T H_B g_B ] / E_B[ |g_B|^2 ].
 
     Unlike :func:`batch_sharpness` (a mean of ratios) each batch contributes in proportion to
@@ -155,7 +171,13 @@ def batch_sharpness_ratio(model, loss_fn, X, Y, batch_size, *, generator, min_sa
     random batches; delta-method SE, drawn until SE / |ratio| < ``rel_se`` (at least
     ``min_samples``, at most ``max_samples`` batches). One HVP per batch. Columns
     ``batch_sharpness_ratio``, ``batch_sharpness_ratio_se``, ``batch_sharpness_ratio_n``.
+    Without ``exact``, networks of Linear layers and element-wise activations use
+    :mod:`utils.fast_curvature` (the same batches and estimate to round-off).
     """
+    if not exact and fast_curvature.linear_network(model, loss_fn, X, Y) is not None:
+        return fast_curvature.batch_sharpness_ratio(model, loss_fn, X, Y, batch_size,
+                                                    generator=generator, min_samples=min_samples,
+                                                    max_samples=max_samples, rel_se=rel_se)
     start = time.perf_counter()
     n = X.shape[0]
     hvps = 0

@@ -1,0 +1,695 @@
+"""Fast curvature measurements for networks of Linear layers and element-wise activations.
+
+The ``mlp`` and ``linear`` models are chains
+
+    z_l = W_l h_{l-1} + c_l,   h_l = act(z_l)   (l = 1..L, no activation after layer L),
+
+with h_0 the flattened input and f = z_L the output. For the mean loss of a batch B of b rows,
+L_B = (1/b) sum_i l(f_i, y_i), back-propagation gives the errors delta_{l,i} = dL_B/dz_{l,i} and
+
+    grad_{W_l} L_B = sum_i delta_{l,i} h_{l-1,i}^T,     grad_{c_l} L_B = sum_i delta_{l,i}.
+
+Everything the measurements need follows from b x b Gram matrices, so no parameter-sized
+vector is ever formed:
+
+    |g_B|^2 = sum_l sum_ij (delta_{l,i} . delta_{l,j}) (h_{l-1,i} . h_{l-1,j} + 1)
+
+(the +1 is the bias; dropped for a layer without one), and v^T H u-type quadratic forms are
+second directional derivatives, carried forward through the layers. Along a direction
+V = (V_l, C_l), with theta(t) = theta + t V, a dot for d/dt and two dots for d^2/dt^2 at t = 0:
+
+    zdot_l  = V_l h_{l-1} + C_l + W_l hdot_{l-1},     zddot_l = 2 V_l hdot_{l-1} + W_l hddot_{l-1},
+    hdot_l  = act'(z_l) zdot_l,                       hddot_l = act''(z_l) zdot_l^2 + act'(z_l) zddot_l,
+    V^T H_D V = d^2/dt^2 L_D(theta(t)) = (1/|D|) sum_i [ fdot_i^T (d^2 l/df^2) fdot_i + (dl/df)^T fddot_i ]
+
+for the mean loss L_D over any rows D. When V = g_B, the products with V_l are Gram products,
+V_l h + C_l = sum_j delta_{l,j} (h_{l-1,j} . h + 1) and V_l hdot = sum_j delta_{l,j} (h_{l-1,j} . hdot),
+so a batch costs b x b (or |D| x b) Gram matrices plus products with the weights W_l. Many
+batches are stacked so that every product with a weight matrix is one large matrix multiply.
+For the paper's MLP the 3072 x 512 input layer then appears in one forward product and one
+b x b Gram matrix per batch, instead of the six parameter-sized products of a double-backward
+Hessian-vector product.
+
+Derivatives of the activations: relu' = [z > 0] and relu'' = 0 (as autograd differentiates
+relu); tanh' = 1 - t^2, tanh'' = -2 t (1 - t^2); with s the logistic sigmoid, silu' = s (1 + z (1 - s)),
+silu'' = s (1 - s) (2 + z (1 - 2 s)); with Phi and phi the normal cdf and density, gelu' = Phi + z phi,
+gelu'' = phi (2 - z^2). Losses: mse l = |f - y|^2 has dl/df = 2 (f - y) and d^2l/df^2 = 2 I;
+ce with p = softmax(f) has dl/df = p - e_y and d^2l/df^2 = diag(p) - p p^T.
+
+Every function here returns the same numbers as the double-backward path of :mod:`utils.measures`
+to round-off, draws the same random batches from the same generator in the same order and
+applies the same stopping rule, so an estimate is reproduced by the exact path. Models of other
+shapes (convolutions, BatchNorm, frozen parameters), other losses and soft ce targets are not
+handled here; :func:`linear_network` returns None for them and callers keep the exact path.
+The supported models have no mode-dependent layers, so train/eval mode does not matter here.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils.estimators import (Estimate, mean_with_stopping, ratio_of_means_with_stopping,
+                              sample_batch_indices)
+from utils.hvp import HessianOperator, flat_grad
+from utils.losses import ce_loss, mse_loss
+
+_ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.SiLU: "silu"}
+# Rows (samples x directions) processed at once: bounds the memory of the stacked tensors.
+_ROW_BUDGET = 1 << 14
+# Samples computed ahead of the stopping rule: at least this many rows per stacked pass.
+_MIN_ROWS_AHEAD = 256
+# Parameter-sized vectors held at once by the exact path.
+_EXACT_BLOCK = 10
+
+
+@dataclass
+class _Layer:
+    weight: torch.Tensor  # (d_out, d_in)
+    bias: torch.Tensor | None  # (d_out,)
+    activation: str | None  # applied after this layer; None for the output layer
+
+
+def _activation_name(module: nn.Module) -> str | None:
+    if isinstance(module, nn.GELU):
+        return "gelu" if module.approximate == "none" else None
+    return _ACTIVATIONS.get(type(module))
+
+
+def _layers_of(model: nn.Module) -> list[_Layer] | None:
+    """The (Linear, activation) chain of a Sequential model, or None if it is not one."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    modules = list(model)
+    if modules and isinstance(modules[0], nn.Flatten):
+        if modules[0].start_dim != 1 or modules[0].end_dim != -1:
+            return None
+        modules = modules[1:]
+    # Linear (act Linear)*: linear layers at even positions, activations at odd ones.
+    if len(modules) % 2 == 0:
+        return None
+    layers = []
+    for i in range(0, len(modules), 2):
+        linear = modules[i]
+        if type(linear) is not nn.Linear:
+            return None
+        activation = None
+        if i + 1 < len(modules):
+            activation = _activation_name(modules[i + 1])
+            if activation is None:
+                return None
+        bias = None if linear.bias is None else linear.bias.detach()
+        layers.append(_Layer(linear.weight.detach(), bias, activation))
+    return layers
+
+
+def linear_network(model, loss_fn, X, Y) -> "LinearNetwork | None":
+    """The fast view of (model, loss_fn) on data (X, Y), or None if the fast path does not apply.
+
+    Applies to ``nn.Sequential([Flatten,] Linear, act, Linear, ..., Linear)`` with act among
+    relu, tanh, silu and exact gelu, every parameter trainable, no buffers, loss mse (targets
+    of the outputs' size) or ce with integer labels, and inputs that flatten to the first
+    layer's width.
+    """
+    layers = _layers_of(model)
+    if layers is None or any(True for _ in model.buffers()):
+        return None
+    if not all(p.requires_grad for p in model.parameters()):
+        return None
+    if loss_fn is mse_loss:
+        loss = "mse"
+    elif loss_fn is ce_loss and not Y.is_floating_point() and Y.dim() == 1:
+        loss = "ce"
+    else:
+        return None
+    flat_inputs = X[0].numel() if isinstance(model[0], nn.Flatten) else X.shape[-1]
+    if X.dim() < 2 or (X.dim() != 2 and not isinstance(model[0], nn.Flatten)):
+        return None
+    if flat_inputs != layers[0].weight.shape[1]:
+        return None
+    outputs = layers[-1].weight.shape[0]
+    if loss == "mse" and Y[0].numel() != outputs:
+        return None
+    return LinearNetwork(layers, loss)
+
+
+def _activate(name: str, z: torch.Tensor):
+    """(act(z), act'(z), act''(z) or None where it is zero)."""
+    if name == "relu":
+        return torch.relu(z), (z > 0).to(z.dtype), None
+    if name == "tanh":
+        t = torch.tanh(z)
+        d1 = 1 - t * t
+        return t, d1, -2 * t * d1
+    if name == "silu":
+        s = torch.sigmoid(z)
+        return z * s, s * (1 + z * (1 - s)), s * (1 - s) * (2 + z * (1 - 2 * s))
+    if name == "gelu":
+        cdf = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2))))
+        pdf = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
+        return z * cdf, cdf + z * pdf, pdf * (2 - z * z)
+    raise ValueError(f"no derivatives for activation {name!r}")
+
+
+def _plus(a, b):
+    """a + b where None stands for an exact zero."""
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+class LinearNetwork:
+    """A Linear/activation chain with its loss, evaluated with Gram matrices (see the module doc)."""
+
+    def __init__(self, layers: list[_Layer], loss: str):
+        self.layers, self.loss = layers, loss
+        self.dtype, self.device = layers[0].weight.dtype, layers[0].weight.device
+
+    # --- building blocks -----------------------------------------------------------------------
+
+    def _inputs(self, X: torch.Tensor) -> torch.Tensor:
+        """Rows of h_0: X flattened per sample, in the parameters' dtype and device."""
+        return X.reshape(X.shape[0], -1).to(device=self.device, dtype=self.dtype)
+
+    def _targets(self, Y: torch.Tensor, rows: int) -> torch.Tensor:
+        if self.loss == "ce":
+            return Y.reshape(rows).to(self.device)
+        return Y.reshape(rows, -1).to(device=self.device, dtype=self.dtype)
+
+    def _forward(self, h: torch.Tensor):
+        """Layer inputs h_0..h_{L-1}, (act', act'') of each hidden layer, and the output f."""
+        inputs, derivatives = [], []
+        for layer in self.layers:
+            inputs.append(h)
+            z = h @ layer.weight.T
+            if layer.bias is not None:
+                z = z + layer.bias
+            if layer.activation is None:
+                return inputs, derivatives, z
+            h, d1, d2 = _activate(layer.activation, z)
+            derivatives.append((d1, d2))
+        raise AssertionError("the last layer has no activation")
+
+    def _loss_terms(self, f: torch.Tensor, y: torch.Tensor):
+        """Per-row dl/df and the map fdot -> fdot^T (d^2 l / df^2) fdot (over the last axis)."""
+        if self.loss == "mse":
+            return 2 * (f - y), lambda fdot: 2 * (fdot * fdot).sum(-1)
+        p = torch.softmax(f, dim=-1)
+        grad = p.clone()
+        grad[torch.arange(f.shape[0], device=f.device), y] -= 1
+
+        def curvature(fdot):
+            pf = p * fdot
+            return (pf * fdot).sum(-1) - pf.sum(-1) ** 2
+
+        return grad, curvature
+
+    def _backward(self, derivatives, error: torch.Tensor) -> list[torch.Tensor]:
+        """delta_l = dL/dz_l for every layer, from delta_L = ``error``."""
+        deltas = [error]
+        for layer, (d1, _) in zip(reversed(self.layers[1:]), reversed(derivatives)):
+            deltas.insert(0, (deltas[0] @ layer.weight) * d1)
+        return deltas
+
+    def _gram(self, layer: _Layer, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """h_i . h'_j (+ 1 with a bias) for batched rows left (K, r, d) and right (K, s, d)."""
+        gram = left @ right.mT
+        return gram + 1 if layer.bias is not None else gram
+
+    # --- per-batch quantities ---------------------------------------------------------------
+
+    def batch_terms(self, X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g_B^T H_B g_B, |g_B|^2) of K batches X (K, b, ...), Y (K, b, ...), each shaped (K,)."""
+        K, b = X.shape[0], X.shape[1]
+        h0 = self._inputs(X.reshape(K * b, *X.shape[2:]))
+        inputs, derivatives, f = self._forward(h0)
+        loss_grad, curvature = self._loss_terms(f, self._targets(Y, K * b))
+        deltas = [d.reshape(K, b, -1) for d in self._backward(derivatives, loss_grad / b)]
+        inputs = [h.reshape(K, b, -1) for h in inputs]
+        grams = [self._gram(layer, h, h) for layer, h in zip(self.layers, inputs)]
+        norm2 = sum(((d @ d.mT) * gram).sum((1, 2)) for d, gram in zip(deltas, grams))
+        zdot, zddot = grams[0] @ deltas[0], None
+        for l in range(1, len(self.layers)):
+            d1, d2 = derivatives[l - 1]
+            d1, d2 = d1.reshape(K, b, -1), None if d2 is None else d2.reshape(K, b, -1)
+            hdot = d1 * zdot
+            hddot = _plus(None if d2 is None else d2 * zdot * zdot,
+                          None if zddot is None else d1 * zddot)
+            weight = self.layers[l].weight
+            cross = hdot @ inputs[l].mT  # hdot_i . h_j within each batch
+            zdot = grams[l] @ deltas[l] + hdot @ weight.T
+            zddot = _plus(2 * (cross @ deltas[l]), None if hddot is None else hddot @ weight.T)
+        per_row = curvature(zdot.reshape(K * b, -1)).reshape(K, b)
+        if zddot is not None:
+            per_row = per_row + (loss_grad.reshape(K, b, -1) * zddot).sum(-1)
+        return per_row.sum(1) / b, norm2
+
+    def full_gradient(self, X, Y, chunk_rows: int):
+        """grad L on all of (X, Y) as per-layer (grad W_l, grad c_l or None)."""
+        n = X.shape[0]
+        grads = [[torch.zeros_like(layer.weight),
+                  None if layer.bias is None else torch.zeros_like(layer.bias)]
+                 for layer in self.layers]
+        for start in range(0, n, chunk_rows):
+            stop = min(start + chunk_rows, n)
+            inputs, derivatives, f = self._forward(self._inputs(X[start:stop]))
+            loss_grad, _ = self._loss_terms(f, self._targets(Y[start:stop], stop - start))
+            for grad, h, delta in zip(grads, inputs, self._backward(derivatives, loss_grad / n)):
+                grad[0] += delta.T @ h
+                if grad[1] is not None:
+                    grad[1] += delta.sum(0)
+        return grads
+
+    def quadratic_forms(self, X, Y, batch_X, batch_Y, a: torch.Tensor, c: torch.Tensor | None,
+                        gradient=None, chunk_rows: int | None = None) -> torch.Tensor:
+        """v_k^T H v_k for v_k = a_k g_{B_k} + c_k g, H and g on all of (X, Y); shape (K,).
+
+        ``batch_X`` (K, b, ...) and ``batch_Y`` hold the batches B_k; ``c`` and ``gradient``
+        (from :meth:`full_gradient`) may be None for v_k = a_k g_{B_k}. The data are processed
+        in chunks of at most ``chunk_rows`` rows.
+        """
+        K, b = batch_X.shape[0], batch_X.shape[1]
+        n = X.shape[0]
+        inputs_B, derivatives_B, f_B = self._forward(self._inputs(batch_X.reshape(K * b, *batch_X.shape[2:])))
+        loss_grad_B, _ = self._loss_terms(f_B, self._targets(batch_Y, K * b))
+        scale = (a.to(self.dtype) / b).repeat_interleave(b)[:, None]
+        deltas_B = [d.reshape(K, b, -1) for d in self._backward(derivatives_B, loss_grad_B * scale)]
+        inputs_B = [h.reshape(K, b, -1) for h in inputs_B]
+        c = None if c is None else c.to(self.dtype).reshape(K, 1, 1)
+        rows = max(1, _ROW_BUDGET // K) if chunk_rows is None else chunk_rows
+        total = torch.zeros(K, dtype=self.dtype, device=self.device)
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            total += self._chunk_forms(X[start:stop], Y[start:stop], inputs_B, deltas_B, c, gradient) / n
+        return total
+
+    def _chunk_forms(self, X, Y, inputs_B, deltas_B, c, gradient) -> torch.Tensor:
+        """sum over the chunk's rows of the per-row second derivative, for every direction."""
+        m = X.shape[0]
+        K, b = deltas_B[0].shape[0], deltas_B[0].shape[1]
+        inputs, derivatives, f = self._forward(self._inputs(X))
+        loss_grad, curvature = self._loss_terms(f, self._targets(Y, m))
+
+        def gram_part(l, left, with_bias):
+            """sum_j delta^{B_k}_{l,j} (h^{B_k}_{l-1,j} . left_i (+ 1)) for every direction k."""
+            if left.dim() == 2:  # rows shared by all directions: one product with all batches
+                gram = (left @ inputs_B[l].reshape(K * b, -1).T).reshape(m, K, b).transpose(0, 1)
+            else:
+                gram = left @ inputs_B[l].mT
+            if with_bias and self.layers[l].bias is not None:
+                gram = gram + 1
+            return gram @ deltas_B[l]
+
+        def along_gradient(l, h):
+            """G_l h + grad c_l for the full gradient G: the direction g applied to rows h."""
+            weight_grad, bias_grad = gradient[l]
+            out = h @ weight_grad.T
+            return out if bias_grad is None else out + bias_grad
+
+        zdot = gram_part(0, inputs[0], True)
+        if c is not None:
+            zdot = zdot + c * along_gradient(0, inputs[0])
+        zddot = None
+        for l in range(1, len(self.layers)):
+            d1, d2 = derivatives[l - 1]
+            hdot = d1 * zdot
+            hddot = _plus(None if d2 is None else d2 * zdot * zdot,
+                          None if zddot is None else d1 * zddot)
+            weight = self.layers[l].weight
+            if c is None:
+                through_w, hdot_g = hdot @ weight.T, None
+            else:  # W_l and G_l in one multiply
+                both = hdot @ torch.cat([weight, gradient[l][0]]).T
+                through_w, hdot_g = both[..., : weight.shape[0]], both[..., weight.shape[0]:]
+            zdot = gram_part(l, inputs[l], True) + through_w
+            second = gram_part(l, hdot, False)
+            if c is not None:
+                zdot = zdot + c * along_gradient(l, inputs[l])
+                second = second + c * hdot_g
+            zddot = _plus(2 * second, None if hddot is None else hddot @ weight.T)
+        per_row = curvature(zdot)
+        if zddot is not None:
+            per_row = per_row + (loss_grad * zddot).sum(-1)
+        return per_row.sum(-1)
+
+
+# --- measurements ----------------------------------------------------------------------------
+
+
+class _SamplesAhead:
+    """A ``sample_fn`` for the stopping rules that computes samples in large stacked blocks.
+
+    ``compute(m)`` draws the next m batches from the generator and returns their m samples (a
+    tensor, or a pair of tensors for a ratio of means). The rule still sees the samples one by
+    one in the order drawn, so the estimate is the one a one-batch-at-a-time loop gives; only
+    the block sizes change. Each block is sized from the samples so far, to reach the count at
+    which the relative SE (~ 1/sqrt(k)) is predicted to pass ``rel_se`` (at least
+    ``min_block``), so few samples are computed and not used.
+    """
+
+    def __init__(self, compute, *, rel_se: float, max_samples: int, min_block: int):
+        self.compute, self.rel_se, self.max_samples = compute, rel_se, max_samples
+        self.min_block = max(1, min_block)
+        self.columns = None
+        self.used = 0
+
+    @property
+    def computed(self) -> int:
+        return 0 if self.columns is None else len(self.columns[0])
+
+    def _next_block(self, wanted: int) -> int:
+        k = self.computed
+        block = max(wanted - k, self.min_block)
+        if k >= 2 and self.rel_se > 0:
+            relative = _relative_se(self.columns)
+            if np.isfinite(relative):
+                block = max(block, math.ceil(1.1 * k * (relative / self.rel_se) ** 2) - k)
+        return min(block, self.max_samples - k)
+
+    def __call__(self, m: int):
+        wanted = self.used + m
+        while self.computed < wanted:
+            new = self.compute(self._next_block(wanted))
+            new = [_as_numpy(c) for c in (new if isinstance(new, tuple) else (new,))]
+            self.columns = new if self.columns is None else [
+                np.concatenate([old, more]) for old, more in zip(self.columns, new)]
+        out = [c[self.used : wanted] for c in self.columns]
+        self.used = wanted
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+def _relative_se(columns) -> float:
+    """SE / |estimate| of a sample mean (one column) or a ratio of means (two, delta method)."""
+    k = len(columns[0])
+    with np.errstate(all="ignore"):
+        if len(columns) == 1:
+            x = columns[0]
+            return float(x.std(ddof=1) / math.sqrt(k) / abs(x.mean()))
+        a, b = columns
+        ratio = a.mean() / b.mean()
+        return float((a - ratio * b).std(ddof=1) / math.sqrt(k) / abs(b.mean() * ratio))
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy().reshape(-1)
+
+
+def _draw(n: int, b: int, m: int, generator, device) -> torch.Tensor:
+    """m batches (m, b) drawn one after another, exactly as the one-batch loops draw them."""
+    return torch.stack([sample_batch_indices(n, b, generator, device) for _ in range(m)])
+
+
+def _require(model, loss_fn, X, Y) -> LinearNetwork:
+    net = linear_network(model, loss_fn, X, Y)
+    if net is None:
+        raise ValueError("the fast path needs a Sequential of Linear layers and element-wise "
+                         "activations with an mse or ce loss; use utils.measures instead")
+    return net
+
+
+def _in_blocks(compute, m: int, most: int, dim: int = 0) -> torch.Tensor:
+    """compute(k) over consecutive blocks of at most ``most`` samples, concatenated."""
+    parts = [compute(min(most, m - done)) for done in range(0, m, most)]
+    return torch.cat(parts, dim=dim)
+
+
+def batch_terms(model, loss_fn, X, Y, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g_B^T H_B g_B, |g_B|^2) for the batches given as index rows ``idx`` (K, b)."""
+    net = _require(model, loss_fn, X, Y)
+    with torch.no_grad():
+        return net.batch_terms(X[idx], Y[idx])
+
+
+def batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
+                    max_samples=1000, rel_se=0.005) -> Estimate:
+    """Batch Sharpness E_B[ g_B^T H_B g_B / |g_B|^2 ] by stacked Gram matrices.
+
+    The same estimator, batches and stopping rule as :func:`utils.measures.batch_sharpness`
+    (mean of per-batch Rayleigh quotients until SE / |mean| < ``rel_se``); ``hvps`` counts the
+    per-batch quadratic forms computed, each standing for one Hessian-vector product.
+    """
+    start = time.perf_counter()
+    net = _require(model, loss_fn, X, Y)
+    n = X.shape[0]
+
+    def compute(m):
+        def block(k):
+            terms, norm2 = net.batch_terms(*_gather(X, Y, _draw(n, batch_size, k, generator, X.device)))
+            return terms / norm2
+        return _in_blocks(block, m, max(1, _ROW_BUDGET // (4 * batch_size)))
+
+    ahead = _SamplesAhead(compute, rel_se=rel_se, max_samples=max_samples,
+                          min_block=_MIN_ROWS_AHEAD // batch_size)
+    with torch.no_grad():
+        estimate = mean_with_stopping(ahead, min_samples=min_samples, max_samples=max_samples,
+                                      rel_se=rel_se)
+    return Estimate(estimate.value, estimate.se, estimate.n, ahead.computed,
+                    time.perf_counter() - start)
+
+
+def batch_sharpness_ratio(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
+                          max_samples=1000, rel_se=0.005) -> Estimate:
+    """E_B[ g_B^T H_B g_B ] / E_B[ |g_B|^2 ] by stacked Gram matrices.
+
+    The same estimator, batches and stopping rule as
+    :func:`utils.measures.batch_sharpness_ratio` (ratio of means, delta-method SE).
+    """
+    start = time.perf_counter()
+    net = _require(model, loss_fn, X, Y)
+    n = X.shape[0]
+
+    def compute(m):
+        def block(k):
+            terms, norm2 = net.batch_terms(*_gather(X, Y, _draw(n, batch_size, k, generator, X.device)))
+            return torch.stack([terms, norm2])
+        pairs = _in_blocks(block, m, max(1, _ROW_BUDGET // (4 * batch_size)), dim=1)
+        return pairs[0], pairs[1]
+
+    ahead = _SamplesAhead(compute, rel_se=rel_se, max_samples=max_samples,
+                          min_block=_MIN_ROWS_AHEAD // batch_size)
+    with torch.no_grad():
+        estimate = ratio_of_means_with_stopping(ahead, min_samples=min_samples,
+                                                max_samples=max_samples, rel_se=rel_se)
+    return Estimate(estimate.value, estimate.se, estimate.n, ahead.computed,
+                    time.perf_counter() - start)
+
+
+def step_sharpness(model, loss_fn, xb, yb) -> Estimate:
+    """g_B^T H_B g_B / |g_B|^2 on the given batch; se = nan, one HVP-equivalent."""
+    start = time.perf_counter()
+    net = _require(model, loss_fn, xb, yb)
+    with torch.no_grad():
+        terms, norm2 = net.batch_terms(xb[None], yb[None])
+    return Estimate((terms / norm2).item(), math.nan, 1, 1, time.perf_counter() - start)
+
+
+def _gather(X, Y, idx):
+    return X[idx], Y[idx]
+
+
+def _data_rows(n: int, chunk_size: int | None) -> int:
+    return n if chunk_size is None else max(1, min(n, chunk_size))
+
+
+def _directions_per_pass(batch_size: int) -> int:
+    return max(1, min(256, _ROW_BUDGET // (4 * batch_size)))
+
+
+def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_samples=20,
+        max_samples=1000, rel_se=0.01) -> Estimate:
+    """GNI = E_B[ g_B^T H g_B ] / |g|^2 with many batch directions per pass over the data.
+
+    The same estimator, batches and stopping rule as :func:`utils.measures.gni`; each sample
+    g_B^T H g_B is a second directional derivative of the full loss, computed for a stack of
+    batches in one pass over the data (chunks of at most ``chunk_size`` rows).
+    """
+    start = time.perf_counter()
+    net = _require(model, loss_fn, X, Y)
+    n = X.shape[0]
+    rows = _data_rows(n, chunk_size)
+
+    with torch.no_grad():
+        gradient = net.full_gradient(X, Y, rows)
+        norm2 = _norm2(gradient)
+
+        def compute(m):
+            def block(k):
+                idx = _draw(n, batch_size, k, generator, X.device)
+                ones = torch.ones(k, dtype=net.dtype, device=net.device)
+                return net.quadratic_forms(X, Y, *_gather(X, Y, idx), ones, None,
+                                           chunk_rows=_chunk_rows(rows, k))
+            return _in_blocks(block, m, _directions_per_pass(batch_size))
+
+        ahead = _SamplesAhead(compute, rel_se=rel_se, max_samples=max_samples,
+                              min_block=min_samples)
+        numerator = mean_with_stopping(ahead, min_samples=min_samples, max_samples=max_samples,
+                                       rel_se=rel_se)
+    return Estimate(numerator.value / norm2, numerator.se / norm2, numerator.n, ahead.computed,
+                    time.perf_counter() - start)
+
+
+def _chunk_rows(data_rows: int, directions: int) -> int:
+    """Data rows per chunk so that rows x directions stays within the row budget."""
+    return max(1, min(data_rows, _ROW_BUDGET // directions))
+
+
+def _norm2(gradient) -> float:
+    return float(sum((w * w).sum() + (0 if c is None else (c * c).sum()) for w, c in gradient))
+
+
+# --- GNI for every batch size ----------------------------------------------------------------
+
+
+def noise_factor(n: int, b: int) -> float:
+    """c_b = (n - b) / (b (n - 1)): Cov(g_B) = c_b S for b distinct points out of n."""
+    return (n - b) / (b * (n - 1))
+
+
+@dataclass
+class NoiseDecomposition:
+    """The batch-size dependence of GNI through the per-sample gradient covariance S.
+
+    With g_i the gradient of sample i, S = (1/n) sum_i (g_i - g)(g_i - g)^T, and B uniform among
+    the b-subsets (no replacement), E[g_B] = g and Cov(g_B) = c_b S, c_b = (n - b) / (b (n - 1)),
+    hence exactly
+
+        E_B[ g_B^T H g_B ] = g^T H g + c_b tr(H S),
+        GNI(b)             = (g^T H g + c_b tr(H S)) / |g|^2.
+
+    ``grad_norm2`` = |g|^2 and ``gHg`` = g^T H g are exact; ``trace_HS`` is a Monte Carlo
+    estimate with standard error ``trace_HS_se`` from ``samples`` random batches of size
+    ``sample_batch``, each giving the unbiased (g_B - g)^T H (g_B - g) / c_{sample_batch}.
+    """
+
+    num_data: int
+    sample_batch: int
+    grad_norm2: float
+    gHg: float
+    trace_HS: float
+    trace_HS_se: float
+    samples: int
+    hvps: int
+    seconds: float
+
+    def gni(self, batch_size: int) -> Estimate:
+        """GNI at batch size b; its SE is c_b SE(tr(HS)) / |g|^2 (g^T H g and |g|^2 are exact)."""
+        c = noise_factor(self.num_data, batch_size)
+        value = (self.gHg + c * self.trace_HS) / self.grad_norm2
+        return Estimate(value, c * self.trace_HS_se / self.grad_norm2, self.samples, self.hvps,
+                        self.seconds)
+
+
+def gni_decomposition(model, loss_fn, X, Y, *, generator, sample_batch: int,
+                      target_batch: int | None = None, chunk_size=None, min_samples=20,
+                      max_samples=1000, rel_se=0.01, train_mode=True,
+                      exact=False) -> NoiseDecomposition:
+    """Estimate tr(HS) once, giving GNI for every batch size (see :class:`NoiseDecomposition`).
+
+    Random batches of ``sample_batch`` points (1 <= sample_batch < n) are drawn from
+    ``generator`` until GNI at ``target_batch`` (default ``sample_batch``) has SE / |GNI| <
+    ``rel_se`` (at least ``min_samples``, at most ``max_samples`` batches). Networks of Linear
+    layers and element-wise activations use stacked Gram products, others (or ``exact``) exact
+    double-backward Hessian-vector products on the whole data, chunked by ``chunk_size``.
+    """
+    start = time.perf_counter()
+    n = X.shape[0]
+    if not 1 <= sample_batch < n:
+        raise ValueError(f"sample_batch must be in [1, n) = [1, {n}), got {sample_batch}")
+    target_batch = sample_batch if target_batch is None else target_batch
+    forms = _centred_forms(model, loss_fn, X, Y, chunk_size, train_mode, exact)
+    c_sample, c_target = noise_factor(n, sample_batch), noise_factor(n, target_batch)
+
+    def compute(m):
+        idx = _draw(n, sample_batch, m, generator, X.device)
+        return forms.centred(idx) / c_sample
+
+    ahead = _SamplesAhead(compute, rel_se=rel_se, max_samples=max_samples, min_block=min_samples)
+
+    def gni_samples(m):
+        return (forms.gHg + c_target * ahead(m)) / forms.norm2
+
+    estimate = mean_with_stopping(gni_samples, min_samples=min_samples, max_samples=max_samples,
+                                  rel_se=rel_se)
+    used = ahead.columns[0][: estimate.n]
+    return NoiseDecomposition(n, sample_batch, forms.norm2, forms.gHg, float(used.mean()),
+                              float(used.std(ddof=1) / math.sqrt(len(used))), estimate.n,
+                              ahead.computed + 1, time.perf_counter() - start)
+
+
+def gni_by_batch_size(model, loss_fn, X, Y, batch_sizes, *, generator, chunk_size=None,
+                      min_samples=20, max_samples=1000, rel_se=0.01, train_mode=True,
+                      exact=False) -> dict[int, Estimate]:
+    """GNI(b) for every b in ``batch_sizes`` from one estimate of tr(HS).
+
+    The batches are drawn at the smallest b (or n - 1 when that is n) and the stopping rule
+    runs on GNI at the smallest b, where the noise term c_b tr(HS) is largest. Every Estimate
+    shares the sample count, HVP count and seconds of the one decomposition.
+    """
+    n = X.shape[0]
+    smallest = min(batch_sizes)
+    decomposition = gni_decomposition(
+        model, loss_fn, X, Y, generator=generator, sample_batch=min(smallest, n - 1),
+        target_batch=smallest, chunk_size=chunk_size, min_samples=min_samples,
+        max_samples=max_samples, rel_se=rel_se, train_mode=train_mode, exact=exact)
+    return {b: decomposition.gni(b) for b in batch_sizes}
+
+
+class _FastCentredForms:
+    """|g|^2, g^T H g and (g_B - g)^T H (g_B - g) by Gram products (Linear/activation chains)."""
+
+    def __init__(self, net: LinearNetwork, X, Y, chunk_size):
+        self.net, self.X, self.Y = net, X, Y
+        self.rows = _data_rows(X.shape[0], chunk_size)
+        with torch.no_grad():
+            self.gradient = net.full_gradient(X, Y, self.rows)
+            self.norm2 = _norm2(self.gradient)
+            one = torch.ones(1, dtype=net.dtype, device=net.device)
+            # a = 0: the batch part vanishes and the direction is g itself.
+            self.gHg = net.quadratic_forms(X, Y, X[:1, None], Y[:1, None], 0 * one, one,
+                                           self.gradient, chunk_rows=self.rows).item()
+
+    def centred(self, idx: torch.Tensor) -> torch.Tensor:
+        b = idx.shape[1]
+
+        def block(rows_idx):
+            k = rows_idx.shape[0]
+            ones = torch.ones(k, dtype=self.net.dtype, device=self.net.device)
+            return self.net.quadratic_forms(self.X, self.Y, self.X[rows_idx], self.Y[rows_idx],
+                                            ones, -ones, self.gradient,
+                                            chunk_rows=_chunk_rows(self.rows, k))
+
+        step = _directions_per_pass(b)
+        with torch.no_grad():
+            return torch.cat([block(idx[i : i + step]) for i in range(0, idx.shape[0], step)])
+
+
+class _ExactCentredForms:
+    """The same quantities by double-backward Hessian-vector products (any model)."""
+
+    def __init__(self, model, loss_fn, X, Y, chunk_size, train_mode):
+        self.model, self.loss_fn, self.X, self.Y = model, loss_fn, X, Y
+        self.train_mode = train_mode
+        self.op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size,
+                                  train_mode=train_mode)
+        self.g = self.op.gradient()
+        self.norm2 = (self.g @ self.g).item()
+        self.gHg = (self.g @ self.op.matvec(self.g)).item()
+
+    def centred(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._block(idx[i : i + _EXACT_BLOCK])
+                          for i in range(0, idx.shape[0], _EXACT_BLOCK)])
+
+    def _block(self, idx: torch.Tensor) -> torch.Tensor:
+        V = torch.stack([flat_grad(self.model, self.loss_fn, self.X[rows], self.Y[rows],
+                                   train_mode=self.train_mode) - self.g for rows in idx], dim=1)
+        return (V * self.op.matvec(V)).sum(dim=0)
+
+
+def _centred_forms(model, loss_fn, X, Y, chunk_size, train_mode, exact):
+    net = None if exact else linear_network(model, loss_fn, X, Y)
+    if net is None:
+        return _ExactCentredForms(model, loss_fn, X, Y, chunk_size, train_mode)
+    return _FastCentredForms(net, X, Y, chunk_size)
