@@ -173,15 +173,18 @@ def test_preempted_job_is_requeued_and_resumes(results_env, tmp_path):
     assert states(sweep_dir) == {"lr0.05": ("pending", None, None)}
     run_dir = os.path.join(sweep_dir, "runs", "lr0.05")
     job = utils.sweep_slurm.SweepJob(sweep_dir, "lr0.05", threads=1)
-    outcome = []
-    worker = threading.Thread(target=lambda: outcome.append(job()))
-    worker.start()
-    wait_for_rows(run_dir, 3)
-    # What submitit does when SLURM signals a pre-emption or the time limit: call checkpoint()
-    # while the job runs, store the returned submission and run it in the requeued job.
-    submission = job.checkpoint()
-    worker.join(timeout=120)
-    first = outcome[0]
+    # What submitit does when SLURM signals a pre-emption or the time limit (SIGUSR2): call the
+    # job's checkpoint() from the signal handler while the job runs, then requeue the submission.
+    submissions = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: submissions.append(job.checkpoint()))
+    signaller = threading.Thread(target=lambda: (wait_for_rows(run_dir, 3), os.kill(os.getpid(), signal.SIGUSR2)))
+    signaller.start()
+    try:
+        first = job()
+    finally:
+        signaller.join()
+        signal.signal(signal.SIGUSR2, previous)
+    submission, = submissions
     assert first["returncode"] == 143 and first["status"] == "interrupted"
     assert 0 < first["step"] < 1000 and list_checkpoints(run_dir)[-1][0] == first["step"]
     assert "--resume" not in first["command"]

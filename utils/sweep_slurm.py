@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from utils.errors import UserError
-from utils.sweep import ENDED, REPO_ROOT, launch_point, load_definition, point_command, training_env
+from utils.sweep import REPO_ROOT, launch_point, load_definition, point_command, training_env
 
 # Which submitit cluster runs the jobs; submitit's "local" runs the same jobs on this machine.
 CLUSTER = "slurm"
@@ -47,11 +48,14 @@ class SweepJob(Checkpointable):
             return {"point": self.point_name, "status": attempt, "skipped": True}
         self._attempt = attempt
         try:
-            attempt.process.wait()
+            # Poll rather than block in wait(): submitit calls checkpoint() from a signal handler in
+            # this thread, and its own wait() would deadlock on the lock of a wait() it interrupted.
+            while attempt.process.poll() is None:
+                time.sleep(0.2)
         finally:
             result = attempt.finish()
             self._attempt = None
-        if result["status"] not in ENDED and result["returncode"] > 0 and result["returncode"] not in (130, 143):
+        if result["status"] == "failed":
             raise RuntimeError(f"training.py exited with code {result['returncode']} for {self.point_name}; "
                                f"see {attempt.log_path}")
         return result
