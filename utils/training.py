@@ -344,7 +344,8 @@ def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None =
     setup = build(cfg)
     monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
                       setup.optimizer)
-    state = load_checkpoint(path, map_location=setup.device)
+    # On the CPU: the RNG states must stay CPU tensors; load_state_dict copies to the device.
+    state = load_checkpoint(path)
     restore(setup, monitor, state)
     results_path = os.path.join(run_dir, "results.txt")
     columns = list(BASE_COLUMNS) + monitor.columns + [TIME_COLUMN]
@@ -376,7 +377,8 @@ def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[st
         raise UserError(f"the fork starts at step {step} but the run has only {setup.total_steps} steps; give a larger --steps")
     monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
                       setup.optimizer)
-    state = load_checkpoint(path, map_location=setup.device)
+    # On the CPU: the RNG states must stay CPU tensors; load_state_dict copies to the device.
+    state = load_checkpoint(path)
     restore(setup, monitor, state, keep_optimizer_settings=True)
     record = config_record(setup, monitor.schedule, command_line)
     record["parent"] = {"run_dir": os.path.abspath(parent_dir), "step": step, "checkpoint": os.path.basename(path)}
