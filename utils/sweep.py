@@ -10,17 +10,18 @@
 - ``runs/<point>/``: one ordinary run folder per grid point (``training.py --run-dir``);
 - ``logs/<point>.log``: stdout and stderr of every attempt at that point;
 - ``running/<point>.json``: present while a process works on the point (host, process ids,
-  SLURM job); created exclusively, so two launchers never train into the same folder;
+  SLURM job); claimed under a lock, so two launchers never train into the same folder;
 - ``failed/<point>.json``: the exit code of an attempt that crashed (cleared by the next one).
 
 A point whose run ended (finished, stopped_at_loss, diverged) is skipped; one whose folder holds
 a checkpoint is continued with ``training.py --resume``; any other starts afresh. So running a
-sweep again completes it without recomputing or losing anything.
+sweep again completes it, each run continuing from its newest checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import fcntl
 import itertools
@@ -354,16 +355,14 @@ def _slurm_job() -> str | None:
 
 
 def _marker_is_live(marker: dict | None) -> bool:
-    """A marker from this host is live while one of its processes is; one from another host
-    is trusted (its processes cannot be checked from here) unless it is this very SLURM job,
-    requeued after a pre-emption."""
+    """A marker from this host is live while one of its processes is. One from another host is
+    trusted (its processes cannot be checked from here), unless it was left by this very SLURM
+    job before it was requeued onto this host."""
     if not isinstance(marker, dict):
         return False
-    if marker.get("slurm_job") and marker.get("slurm_job") == _slurm_job():
-        return False
-    if marker.get("host") != socket.gethostname():
-        return True
-    return any(_pid_alive(int(pid)) for pid in marker.get("pids", []))
+    if marker.get("host") == socket.gethostname():
+        return any(_pid_alive(int(pid)) for pid in marker.get("pids", []))
+    return not (marker.get("slurm_job") and marker.get("slurm_job") == _slurm_job())
 
 
 def _last_logged_step(results_path: str) -> int | None:
@@ -423,11 +422,18 @@ def point_state(sweep_dir: str, point: dict) -> dict:
     return entry
 
 
-def refresh_status(sweep_dir: str) -> dict:
-    """Rebuild sweep.json from the run folders (under a lock) and return it."""
-    definition = load_definition(sweep_dir)
+@contextlib.contextmanager
+def _sweep_lock(sweep_dir: str):
+    """An exclusive lock on the sweep folder, shared by every launcher and status reader."""
     with open(os.path.join(sweep_dir, ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def refresh_status(sweep_dir: str) -> dict:
+    """Rebuild sweep.json from the run folders (under the sweep lock) and return it."""
+    definition = load_definition(sweep_dir)
+    with _sweep_lock(sweep_dir):
         runs = [point_state(sweep_dir, p) for p in definition["points"]]
         counts = {s: n for s in STATUSES if (n := sum(r["status"] == s for r in runs))}
         table = {"version": SWEEP_VERSION, "name": definition["name"],
@@ -560,22 +566,15 @@ def _write_marker(path: str, pids: list[int]) -> None:
                              "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})
 
 
-def _claim_marker(path: str) -> dict | None:
-    """Create the point's running marker exclusively; return the live marker of another
-    launcher instead when there is one (a stale marker is replaced)."""
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            marker = _read_json_or_none(path)
-            if _marker_is_live(marker):
-                return marker
-            _release_marker(path)
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"host": socket.gethostname(), "pids": [os.getpid()], "slurm_job": _slurm_job()}, f)
-        return None
-    return _read_json_or_none(path) or {}
+def _claim_marker(sweep_dir: str, path: str) -> dict | None:
+    """Write the point's running marker unless another launcher's live marker is there; then
+    return that one. The sweep lock makes looking and writing one step for all launchers."""
+    with _sweep_lock(sweep_dir):
+        marker = _read_json_or_none(path)
+        if _marker_is_live(marker):
+            return marker
+        _write_marker(path, [os.getpid()])
+    return None
 
 
 def _release_marker(path: str) -> None:
@@ -590,7 +589,7 @@ def launch_point(sweep_dir: str, definition: dict, point: dict, env: dict) -> At
     if point_command(sweep_dir, definition, point) is None:
         return point_state(sweep_dir, point)["status"]
     marker_path = os.path.join(sweep_dir, "running", f"{point['name']}.json")
-    owner = _claim_marker(marker_path)
+    owner = _claim_marker(sweep_dir, marker_path)
     if owner is not None:
         return f"running on {owner.get('host')} (processes {owner.get('pids')})"
     try:
