@@ -12,9 +12,9 @@ import shlex
 import sys
 
 from utils.cli import run_cli
-from utils.sweep import (build_status_parser, define_sweep, dry_run_lines, format_status, load_grid_file, merge_grids,
-                         parse_command_line, parse_grid_tokens, prepare_sweep, refresh_status, require_submitit,
-                         resolve_sweep_dir, run_local, check_existing, sweep_folder)
+from utils.sweep import (ENDED, build_status_parser, check_existing, define_sweep, dry_run_lines, format_status,
+                         load_grid_file, merge_grids, parse_command_line, parse_grid_tokens, prepare_sweep,
+                         refresh_status, require_submitit, resolve_sweep_dir, run_local, sweep_folder)
 
 
 def status(argv: list[str]) -> int:
@@ -43,8 +43,9 @@ def sweep(argv: list[str]) -> int:
     executor = make_executor(sweep_dir, args.name, args)
     definition = prepare_sweep(sweep_dir, definition)
     jobs = submit(executor, sweep_dir, definition, args.cpus_per_run)
+    table = refresh_status(sweep_dir)
     if not jobs:
-        print(format_status(refresh_status(sweep_dir), sweep_dir))
+        print(format_status(table, sweep_dir))
         return 0
     print(f"submitted {len(jobs)} runs as jobs {jobs[0].job_id} .. {jobs[-1].job_id}; follow them with: "
           f"python sweep.py status --name {shlex.quote(args.name)}")
@@ -59,7 +60,7 @@ def sweep(argv: list[str]) -> int:
             print(f"job {job.job_id} failed: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
     table = refresh_status(sweep_dir)
     print(format_status(table, sweep_dir))
-    return 1 if failures or any(r["status"] not in ("finished", "stopped_at_loss", "diverged") for r in table["runs"]) else 0
+    return 1 if failures or any(r["status"] not in ENDED for r in table["runs"]) else 0
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,7 @@ one-line errors of the grid parser."""
 
 import json
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -162,6 +163,28 @@ def test_submitit_local_executor_runs_the_grid(results_env, monkeypatch, capsys)
     assert sorted(name for name in os.listdir(os.path.join(sweep_dir, "submitit")) if name.endswith("_result.pkl")) == results
 
 
+def test_slurm_flags_reach_the_job_array(results_env, monkeypatch, capsys):
+    """Against stand-ins for srun and sbatch: the submission script submitit writes."""
+    bin_dir = results_env / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\n")
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {results_env}/sbatch.sh\n'
+                                    f'echo "$PYTHONPATH" > {results_env}/pythonpath\necho "Submitted batch job 4242"\n')
+    for name in ("srun", "sbatch"):
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert sweep.main(["--name", "cluster", *GRID, "--executor", "slurm", "--partition", "gpu", "--time-min", "30",
+                       "--cpus-per-run", "2", "--mem-gb", "3", "--array-parallelism", "2", "--", *BASE]) == 0
+    assert capsys.readouterr().out.startswith("submitted 4 runs as jobs 4242_0 .. 4242_3")
+    script = (results_env / "sbatch.sh").read_text().splitlines()
+    for line in ["#SBATCH --array=0-3%2", "#SBATCH --partition=gpu", "#SBATCH --time=30", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --cpus-per-task=2", "#SBATCH --mem=3GB", "#SBATCH --job-name=sweep-cluster",
+                 "#SBATCH --signal=USR2@90"]:
+        assert line in script
+    assert (results_env / "pythonpath").read_text().split(os.pathsep)[0].strip() == os.path.dirname(TRAINING_SCRIPT)
+    assert states(sweep_folder("cluster")) == {name: ("pending", None, None) for name in POINTS}
+
+
 def test_preempted_job_is_requeued_and_resumes(results_env, tmp_path):
     from submitit.helpers import DelayedSubmission
 
@@ -232,7 +255,7 @@ def test_grid_file_and_dry_run(results_env, tmp_path, capsys):
     for lr in ("0.05", "0.1"):
         for nesterov in (["--nesterov"], []):
             name = f"batch8_lr{lr}_classes1-9_momentum0.9_nesterov-{'on' if nesterov else 'off'}"
-            expected.append(" ".join([sys.executable, TRAINING_SCRIPT, "--batch", "8", "--lr", lr, "--classes", "1", "9",
+            expected.append(shlex.join([sys.executable, TRAINING_SCRIPT, "--batch", "8", "--lr", lr, "--classes", "1", "9",
                                       "--momentum", "0.9", *nesterov, *BASE, "--run-dir", os.path.join(runs, name)]))
     assert capsys.readouterr().out.splitlines() == expected
     assert not os.path.exists(sweep_folder("file"))
@@ -253,6 +276,7 @@ def test_grid_tokens():
     (["--batch", "8.5"], "invalid int value: '8.5'"),
     (["--lr", "0.1", "0.10"], "grid points lr0.1 and lr0.10 are the same run"),
     (["--adam", "maybe"], "--adam is a switch"),
+    (["--dataset", "a/b", "a_b"], "two grid points get the folder name dataseta-b"),
     (["--lr", "0.1", "--lr", "0.2"], "--lr is given twice"),
     (["--lr", "0.1", "--", "--bogus"], "flags after --: unrecognized arguments: --bogus"),
     (["--lr", "0.1", "--jobs", "0"], "--jobs must be at least 1"),
