@@ -116,7 +116,35 @@ def test_fast_path_applies_only_to_linear_chains_with_known_losses():
     for model, loss_fn, inputs, targets in rejected:
         assert fast_curvature.linear_network(model, loss_fn, inputs, targets) is None
     with pytest.raises(ValueError):
-        fast_curvature.batch_sharpness(*rejected[0], 2, generator=measurement_generator(0, 0))
+        fast_curvature.gni(*rejected[0], 2, generator=measurement_generator(0, 0))
+
+
+def tiny_cnn():
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Conv2d(2, 3, 2), nn.ReLU(), nn.MaxPool2d((2, 1)), nn.Flatten(),
+                         nn.Linear(3, 3)).double()
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_other_models_take_the_per_batch_route_with_exact_values(train_mode):
+    cases = [(tiny_cnn(), LOSSES["ce"], *image_data(10, "ce")),
+             (tiny_mlp(batchnorm=True), LOSSES["mse"], *tiny_data(10, "mse"))]
+    for model, loss_fn, X, Y in cases:
+        assert fast_curvature.linear_network(model, loss_fn, X, Y) is None
+        idx = torch.tensor([[0, 4, 7], [1, 2, 9]])
+        quadratic, norm2 = fast_curvature.batch_terms(model, loss_fn, X, Y, idx, train_mode=train_mode)
+        for k, rows in enumerate(idx):
+            op = HessianOperator(model, loss_fn, X[rows], Y[rows], train_mode=train_mode)
+            g = op.gradient()
+            assert quadratic[k].item() == pytest.approx((g @ op.matvec(g)).item(), rel=1e-11)
+            assert norm2[k].item() == pytest.approx((g @ g).item(), rel=1e-12)
+        limits = {"min_samples": 10, "max_samples": 40, "rel_se": 0.02, "train_mode": train_mode}
+        got = fast_curvature.batch_sharpness(model, loss_fn, X, Y, 3, generator=measurement_generator(2, 2),
+                                             **limits)
+        want = measures.batch_sharpness(model, loss_fn, X, Y, 3, generator=measurement_generator(2, 2),
+                                         exact=True, **limits)
+        assert (got.n, got.hvps) == (want.n, want.hvps)
+        assert got.value == pytest.approx(want.value, rel=1e-11)
 
 
 @pytest.mark.parametrize("loss_name", ["mse", "ce"])

@@ -40,8 +40,10 @@ Every function here returns the same numbers as the double-backward path of :mod
 to round-off, draws the same random batches from the same generator in the same order and
 applies the same stopping rule, so an estimate is reproduced by the exact path. Models of other
 shapes (convolutions, BatchNorm, frozen parameters), other losses and soft ce targets are not
-handled here; :func:`linear_network` returns None for them and callers keep the exact path.
-The supported models have no mode-dependent layers, so train/eval mode does not matter here.
+chains in this sense (:func:`linear_network` returns None): the per-batch measurements then run
+one double backward per batch on per-parameter tensors (the exact path without its flat
+parameter-sized copies), and GNI is left to the exact path. The chains have no mode-dependent
+layers, so train/eval mode matters only on that general route.
 """
 
 import math
@@ -54,7 +56,7 @@ from torch import nn
 
 from utils.estimators import (Estimate, mean_with_stopping, ratio_of_means_with_stopping,
                               sample_batch_indices)
-from utils.hvp import HessianOperator, flat_grad
+from utils.hvp import HessianOperator, flat_grad, forward, trainable_params
 from utils.losses import ce_loss, mse_loss
 
 _ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.SiLU: "silu"}
@@ -347,12 +349,18 @@ class _SamplesAhead:
     one in the order drawn, so the estimate is the one a one-batch-at-a-time loop gives; only
     the block sizes change. Each block is sized from the samples so far, to reach the count at
     which the relative SE (~ 1/sqrt(k)) is predicted to pass ``rel_se`` (at least
-    ``min_block``), so few samples are computed and not used.
+    ``min_block``), so few samples are computed and not used; ``predict=False`` computes only
+    what the rule asks for. ``rule_samples`` maps the stored columns to the samples the rule
+    sees when those differ (for the prediction only).
     """
 
-    def __init__(self, compute, *, rel_se: float, max_samples: int, min_block: int):
+    def __init__(self, compute, *, rel_se: float, max_samples: int, min_block: int,
+                 predict: bool = True, rule_samples=None):
         self.compute, self.rel_se, self.max_samples = compute, rel_se, max_samples
         self.min_block = max(1, min_block)
+        self.predict = predict
+        # The rule may run on a transform of the stored samples (x -> a + c x); predict on it.
+        self.rule_samples = rule_samples or (lambda columns: columns)
         self.columns = None
         self.used = 0
 
@@ -363,8 +371,8 @@ class _SamplesAhead:
     def _next_block(self, wanted: int) -> int:
         k = self.computed
         block = max(wanted - k, self.min_block)
-        if k >= 2 and self.rel_se > 0:
-            relative = _relative_se(self.columns)
+        if self.predict and k >= 2 and self.rel_se > 0:
+            relative = _relative_se(self.rule_samples(self.columns))
             if np.isfinite(relative):
                 block = max(block, math.ceil(1.1 * k * (relative / self.rel_se) ** 2) - k)
         return min(block, self.max_samples - k)
@@ -416,74 +424,121 @@ def _in_blocks(compute, m: int, most: int, dim: int = 0) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def batch_terms(model, loss_fn, X, Y, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g_B^T H_B g_B, |g_B|^2) for the batches given as index rows ``idx`` (K, b)."""
-    net = _require(model, loss_fn, X, Y)
-    with torch.no_grad():
-        return net.batch_terms(X[idx], Y[idx])
+def batch_terms(model, loss_fn, X, Y, idx: torch.Tensor, train_mode=True):
+    """(g_B^T H_B g_B, |g_B|^2) for the batches given as index rows ``idx`` (K, b), each (K,)."""
+    return _batch_route(model, loss_fn, X, Y, idx.shape[1], train_mode).terms(idx)
 
 
-def batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
-                    max_samples=1000, rel_se=0.005) -> Estimate:
-    """Batch Sharpness E_B[ g_B^T H_B g_B / |g_B|^2 ] by stacked Gram matrices.
+def _double_backward_terms(model, loss_fn, xb, yb, train_mode) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g_B^T H_B g_B, |g_B|^2) of one batch by double backward, on per-parameter tensors.
 
-    The same estimator, batches and stopping rule as :func:`utils.measures.batch_sharpness`
-    (mean of per-batch Rayleigh quotients until SE / |mean| < ``rel_se``); ``hvps`` counts the
-    per-batch quadratic forms computed, each standing for one Hessian-vector product.
+    The exact path of :mod:`utils.measures` without the flat parameter-sized copies: one
+    gradient with its graph and one Hessian-vector product that frees it.
     """
-    start = time.perf_counter()
-    net = _require(model, loss_fn, X, Y)
+    params = trainable_params(model)
+    xb = xb.to(device=params[0].device, dtype=params[0].dtype) if xb.is_floating_point() else xb
+    yb = yb.to(device=params[0].device, dtype=params[0].dtype) if yb.is_floating_point() else yb
+    loss = loss_fn(forward(model, xb, train_mode), yb)
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True,
+                                materialize_grads=True)
+    live = [i for i, g in enumerate(grads) if g.requires_grad]
+    detached = [g.detach() for g in grads]
+    norm2 = sum((g * g).sum() for g in detached)
+    if not live:
+        return torch.zeros_like(norm2), norm2
+    products = torch.autograd.grad([grads[i] for i in live], params,
+                                   grad_outputs=[detached[i] for i in live], allow_unused=True,
+                                   materialize_grads=True)
+    return sum((g * h).sum() for g, h in zip(detached, products)), norm2
+
+
+@dataclass
+class _BatchRoute:
+    """How per-batch terms are computed: ``terms(idx)`` maps index rows (K, b) to the pair
+    (g_B^T H_B g_B, |g_B|^2), each (K,); ``per_call`` batches go into one call and, when
+    ``ahead``, at least ``min_block`` samples are computed ahead of the stopping rule."""
+
+    terms: object
+    per_call: int
+    min_block: int
+    ahead: bool
+
+
+def _batch_route(model, loss_fn, X, Y, batch_size, train_mode) -> _BatchRoute:
+    """Stacked Gram matrices for Linear/activation chains, else one double backward per batch."""
+    net = linear_network(model, loss_fn, X, Y)
+    if net is None:
+        def one_at_a_time(idx):
+            terms = [_double_backward_terms(model, loss_fn, X[rows], Y[rows], train_mode)
+                     for rows in idx]
+            return tuple(torch.stack(column).detach() for column in zip(*terms))
+        return _BatchRoute(one_at_a_time, per_call=1, min_block=1, ahead=False)
+
+    def stacked(idx):
+        with torch.no_grad():
+            return net.batch_terms(X[idx], Y[idx])
+    return _BatchRoute(stacked, per_call=max(1, _ROW_BUDGET // (4 * batch_size)),
+                       min_block=max(1, _MIN_ROWS_AHEAD // batch_size), ahead=True)
+
+
+def _batch_samples(model, loss_fn, X, Y, batch_size, generator, train_mode, *, rel_se,
+                   max_samples, pair: bool) -> "_SamplesAhead":
+    """Samples of random batches for a stopping rule: Rayleigh quotients, or the pair of terms."""
     n = X.shape[0]
+    route = _batch_route(model, loss_fn, X, Y, batch_size, train_mode)
 
     def compute(m):
         def block(k):
-            terms, norm2 = net.batch_terms(*_gather(X, Y, _draw(n, batch_size, k, generator, X.device)))
-            return terms / norm2
-        return _in_blocks(block, m, max(1, _ROW_BUDGET // (4 * batch_size)))
+            quadratic, norm2 = route.terms(_draw(n, batch_size, k, generator, X.device))
+            return torch.stack([quadratic, norm2]) if pair else quadratic / norm2
+        out = _in_blocks(block, m, route.per_call, dim=1 if pair else 0)
+        return (out[0], out[1]) if pair else out
 
-    ahead = _SamplesAhead(compute, rel_se=rel_se, max_samples=max_samples,
-                          min_block=_MIN_ROWS_AHEAD // batch_size)
-    with torch.no_grad():
-        estimate = mean_with_stopping(ahead, min_samples=min_samples, max_samples=max_samples,
-                                      rel_se=rel_se)
+    return _SamplesAhead(compute, rel_se=rel_se, max_samples=max_samples,
+                         min_block=route.min_block, predict=route.ahead)
+
+
+def batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
+                    max_samples=1000, rel_se=0.005, train_mode=True) -> Estimate:
+    """Batch Sharpness E_B[ g_B^T H_B g_B / |g_B|^2 ], by stacked Gram matrices where possible.
+
+    The same estimator, batches and stopping rule as :func:`utils.measures.batch_sharpness`
+    (mean of per-batch Rayleigh quotients until SE / |mean| < ``rel_se``). Linear/activation
+    chains use stacked Gram matrices; other models one double backward per batch on
+    per-parameter tensors. ``hvps`` counts the per-batch quadratic forms computed.
+    """
+    start = time.perf_counter()
+    ahead = _batch_samples(model, loss_fn, X, Y, batch_size, generator, train_mode, rel_se=rel_se,
+                           max_samples=max_samples, pair=False)
+    estimate = mean_with_stopping(ahead, min_samples=min_samples, max_samples=max_samples,
+                                  rel_se=rel_se)
     return Estimate(estimate.value, estimate.se, estimate.n, ahead.computed,
                     time.perf_counter() - start)
 
 
 def batch_sharpness_ratio(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
-                          max_samples=1000, rel_se=0.005) -> Estimate:
-    """E_B[ g_B^T H_B g_B ] / E_B[ |g_B|^2 ] by stacked Gram matrices.
+                          max_samples=1000, rel_se=0.005, train_mode=True) -> Estimate:
+    """E_B[ g_B^T H_B g_B ] / E_B[ |g_B|^2 ], by stacked Gram matrices where possible.
 
     The same estimator, batches and stopping rule as
-    :func:`utils.measures.batch_sharpness_ratio` (ratio of means, delta-method SE).
+    :func:`utils.measures.batch_sharpness_ratio` (ratio of means, delta-method SE); routes as
+    :func:`batch_sharpness`.
     """
     start = time.perf_counter()
-    net = _require(model, loss_fn, X, Y)
-    n = X.shape[0]
-
-    def compute(m):
-        def block(k):
-            terms, norm2 = net.batch_terms(*_gather(X, Y, _draw(n, batch_size, k, generator, X.device)))
-            return torch.stack([terms, norm2])
-        pairs = _in_blocks(block, m, max(1, _ROW_BUDGET // (4 * batch_size)), dim=1)
-        return pairs[0], pairs[1]
-
-    ahead = _SamplesAhead(compute, rel_se=rel_se, max_samples=max_samples,
-                          min_block=_MIN_ROWS_AHEAD // batch_size)
-    with torch.no_grad():
-        estimate = ratio_of_means_with_stopping(ahead, min_samples=min_samples,
-                                                max_samples=max_samples, rel_se=rel_se)
+    ahead = _batch_samples(model, loss_fn, X, Y, batch_size, generator, train_mode, rel_se=rel_se,
+                           max_samples=max_samples, pair=True)
+    estimate = ratio_of_means_with_stopping(ahead, min_samples=min_samples,
+                                            max_samples=max_samples, rel_se=rel_se)
     return Estimate(estimate.value, estimate.se, estimate.n, ahead.computed,
                     time.perf_counter() - start)
 
 
-def step_sharpness(model, loss_fn, xb, yb) -> Estimate:
+def step_sharpness(model, loss_fn, xb, yb, train_mode=True) -> Estimate:
     """g_B^T H_B g_B / |g_B|^2 on the given batch; se = nan, one HVP-equivalent."""
     start = time.perf_counter()
-    net = _require(model, loss_fn, xb, yb)
-    with torch.no_grad():
-        terms, norm2 = net.batch_terms(xb[None], yb[None])
-    return Estimate((terms / norm2).item(), math.nan, 1, 1, time.perf_counter() - start)
+    route = _batch_route(model, loss_fn, xb, yb, xb.shape[0], train_mode)
+    quadratic, norm2 = route.terms(torch.arange(xb.shape[0], device=xb.device)[None])
+    return Estimate((quadratic / norm2).item(), math.nan, 1, 1, time.perf_counter() - start)
 
 
 def _gather(X, Y, idx):
@@ -606,10 +661,14 @@ def gni_decomposition(model, loss_fn, X, Y, *, generator, sample_batch: int,
         idx = _draw(n, sample_batch, m, generator, X.device)
         return forms.centred(idx) / c_sample
 
-    ahead = _SamplesAhead(compute, rel_se=rel_se, max_samples=max_samples, min_block=min_samples)
+    def gni_samples_of(trace_samples):
+        return (forms.gHg + c_target * trace_samples) / forms.norm2
+
+    ahead = _SamplesAhead(compute, rel_se=rel_se, max_samples=max_samples, min_block=min_samples,
+                          rule_samples=lambda columns: [gni_samples_of(columns[0])])
 
     def gni_samples(m):
-        return (forms.gHg + c_target * ahead(m)) / forms.norm2
+        return gni_samples_of(ahead(m))
 
     estimate = mean_with_stopping(gni_samples, min_samples=min_samples, max_samples=max_samples,
                                   rel_se=rel_se)

@@ -70,11 +70,11 @@ def _rayleigh_on_batch(model, loss_fn, xb, yb, train_mode) -> float:
 def step_sharpness(model, loss_fn, xb, yb, train_mode=True, exact=False) -> Estimate:
     """Step sharpness g_B^T H_B g_B / |g_B|^2 on the given batch (the one about to be stepped on).
 
-    Column ``step_sharpness``; one HVP, se = nan. Without ``exact``, networks of Linear layers
-    and element-wise activations use :mod:`utils.fast_curvature` (same value to round-off).
+    Column ``step_sharpness``; one HVP, se = nan. Without ``exact`` it comes from
+    :mod:`utils.fast_curvature` (the same value to round-off).
     """
-    if not exact and fast_curvature.linear_network(model, loss_fn, xb, yb) is not None:
-        return fast_curvature.step_sharpness(model, loss_fn, xb, yb)
+    if not exact:
+        return fast_curvature.step_sharpness(model, loss_fn, xb, yb, train_mode=train_mode)
     start = time.perf_counter()
     value = _rayleigh_on_batch(model, loss_fn, xb, yb, train_mode)
     return exact_estimate(value, 1, time.perf_counter() - start)
@@ -87,14 +87,15 @@ def batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=
     The mean of per-batch Rayleigh quotients (H_B and g_B of the SAME batch) over independent
     random batches, drawn until SE / |mean| < ``rel_se`` (at least ``min_samples``, at most
     ``max_samples`` batches). One HVP per batch. Columns ``batch_sharpness``,
-    ``batch_sharpness_se``, ``batch_sharpness_n``. Without ``exact``, networks of Linear
-    layers and element-wise activations use :mod:`utils.fast_curvature`: the same batches and
-    estimate to round-off, from stacked Gram matrices.
+    ``batch_sharpness_se``, ``batch_sharpness_n``. Without ``exact`` it comes from
+    :mod:`utils.fast_curvature`: the same batches and estimate to round-off, from stacked Gram
+    matrices for networks of Linear layers and element-wise activations.
     """
-    if not exact and fast_curvature.linear_network(model, loss_fn, X, Y) is not None:
+    if not exact:
         return fast_curvature.batch_sharpness(model, loss_fn, X, Y, batch_size,
                                               generator=generator, min_samples=min_samples,
-                                              max_samples=max_samples, rel_se=rel_se)
+                                              max_samples=max_samples, rel_se=rel_se,
+                                              train_mode=train_mode)
     start = time.perf_counter()
     n = X.shape[0]
     hvps = 0
@@ -171,13 +172,14 @@ def batch_sharpness_ratio(model, loss_fn, X, Y, batch_size, *, generator, min_sa
     random batches; delta-method SE, drawn until SE / |ratio| < ``rel_se`` (at least
     ``min_samples``, at most ``max_samples`` batches). One HVP per batch. Columns
     ``batch_sharpness_ratio``, ``batch_sharpness_ratio_se``, ``batch_sharpness_ratio_n``.
-    Without ``exact``, networks of Linear layers and element-wise activations use
-    :mod:`utils.fast_curvature` (the same batches and estimate to round-off).
+    Without ``exact`` it comes from :mod:`utils.fast_curvature` (the same batches and estimate
+    to round-off).
     """
-    if not exact and fast_curvature.linear_network(model, loss_fn, X, Y) is not None:
+    if not exact:
         return fast_curvature.batch_sharpness_ratio(model, loss_fn, X, Y, batch_size,
                                                     generator=generator, min_samples=min_samples,
-                                                    max_samples=max_samples, rel_se=rel_se)
+                                                    max_samples=max_samples, rel_se=rel_se,
+                                                    train_mode=train_mode)
     start = time.perf_counter()
     n = X.shape[0]
     hvps = 0
