@@ -1,0 +1,447 @@
+"""Eigen-solvers for the top of a symmetric spectrum, driven only by a block product V -> H V.
+
+Every solver takes ``matvec``, a function mapping a block V of shape (P, m) (m vectors as
+columns) to H V of the same shape, for a symmetric H that is never formed (in this project the
+loss Hessian, one data pass per call). Cost is counted in Hessian-vector products (HVPs): the
+sum of m over all calls. The solvers hand ``matvec`` whole blocks wherever the algorithm allows,
+so one data pass can serve several vectors.
+
+Stopping rule, shared by all solvers: a Ritz pair (theta, x) with ||x|| = 1 is converged when
+
+    ||H x - theta x|| <= tol * |theta|.
+
+Then some eigenvalue of H lies within tol * |theta| of theta, and within (tol * |theta|)^2 / gap
+when theta is separated by ``gap`` from the rest of the spectrum. A solver stops when all wanted
+pairs pass this test, never on the change of an estimate between iterations. The returned
+residuals are these relative norms for the returned vectors, computed from products the solver
+already holds (no extra HVPs). When ``max_iter`` runs out first, the best pairs come back with
+``converged=False`` and the residuals reached; nothing is raised.
+
+Solvers:
+    lanczos          algebraically largest k eigenvalues; Krylov/Rayleigh-Ritz with full
+                     re-orthogonalisation, thick restarts and a block warm start. The method of
+                     choice for lambda_max.
+    lobpcg           algebraically largest k eigenvalues by block locally optimal iteration;
+                     block products, useful for k > 1.
+    power_iteration  largest-MAGNITUDE eigenvalue, for comparison only.
+
+Random vectors come from the ``generator`` argument (a fixed-seed generator when it is None),
+never from the global RNG, so results are reproducible.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from utils.errors import UserError
+
+MatVec = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class EigResult:
+    """Outcome of an eigen-solve.
+
+    values: (k,) eigenvalue estimates, descending. vectors: (P, k) unit Ritz vectors, column i
+    belongs to values[i]. residuals: (k,) relative residuals ||H v - lambda v|| / |lambda|.
+    iterations: solver iterations. matvecs: HVPs used (vectors multiplied by H).
+    converged: every residual is within the tolerance.
+    """
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    residuals: torch.Tensor
+    iterations: int
+    matvecs: int
+    converged: bool
+
+
+class _CountedProduct:
+    """``matvec`` with a count of the vectors it has multiplied."""
+
+    def __init__(self, matvec: MatVec):
+        self._matvec = matvec
+        self.count = 0
+
+    def __call__(self, block: torch.Tensor) -> torch.Tensor:
+        product = self._matvec(block)
+        if product.shape != block.shape:
+            raise ValueError(f"matvec returned shape {tuple(product.shape)} for a block of shape {tuple(block.shape)}")
+        self.count += block.shape[1]
+        return product
+
+
+def lanczos(
+    matvec: MatVec,
+    dim: int,
+    *,
+    k: int = 1,
+    tol: float = 1e-3,
+    max_iter: int = 300,
+    init: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    max_basis: int = 64,
+) -> EigResult:
+    """Algebraically largest ``k`` eigenpairs of the symmetric H behind ``matvec``.
+
+    Algorithm. An orthonormal basis Q of a search space is kept together with its products
+    H Q; the projected matrix T = Q^T H Q gives Ritz pairs (theta_i, x_i = Q s_i) by a dense
+    eigen-solve (Rayleigh-Ritz). Each iteration appends the residual r = H x - theta x of the
+    leading unconverged Ritz pair, orthogonalised twice against Q (full re-orthogonalisation),
+    and multiplies it by H: one HVP per iteration. From a single start vector q_1 this is the
+    Lanczos process with full re-orthogonalisation: x lies in the Krylov space K_m(H, q_1), so
+    H x - theta x adds exactly the next Krylov direction, and T is the tridiagonal Lanczos
+    matrix up to rounding. Because H Q is held explicitly, the residual of every Ritz pair,
+    H x - theta x = (H Q) s - theta Q s, is the true residual (what the Lanczos estimate
+    |beta_m s_{m,i}| approximates), at no HVP cost.
+
+    Start. Cold (``init`` None): one random vector, i.e. plain Lanczos. Warm (``init`` a
+    (P, r) block, typically the eigenvectors of the previous measurement): the start space is
+    span(init), multiplied by H in one block call (r HVPs); its Rayleigh-Ritz step resolves
+    how the old eigenvectors rotated among themselves, and the Krylov steps that follow start
+    from the residual of its best Ritz vector. A single previous top vector is usually the
+    cheapest start; several previous eigenvectors pay off when the top of the spectrum is a
+    tight cluster whose eigenvectors rotate within it between measurements. No random vector
+    is added: with residual stopping it cannot reveal an eigenvalue that the start misses (the
+    solve stops as soon as the start's best pair is accurate), and it costs an HVP.
+
+    Restart. When the basis reaches ``max_basis`` vectors it is compressed to the leading half
+    of its Ritz vectors (thick restart); Q and H Q are rotated together, so no HVP is spent and
+    memory stays at 2 * max_basis vectors of length P.
+
+    Stopping rule: all top-k Ritz pairs satisfy ||H x - theta x|| <= tol * |theta|, or the
+    Krylov space is the whole space, or ``max_iter`` expansion steps were taken (then
+    ``converged`` is False). Enough steps are always taken to have k Ritz pairs.
+
+    Breakdown (the new direction lies in span(Q), e.g. an invariant Krylov space or k larger
+    than that space) is handled by continuing with a random direction orthogonal to Q; when
+    the basis fills the whole space (dim small) the Ritz pairs are the exact eigenpairs.
+
+    Tensors are created with ``init``'s dtype and device when ``init`` is given, else with
+    ``dtype`` and ``device``.
+    """
+    _check_arguments(dim, k, tol, max_iter)
+    init, generator, dtype, device = _setup(dim, init, generator, dtype, device)
+    product = _CountedProduct(matvec)
+    capacity = min(dim, max(max_basis, 2 * k + 2))
+    basis = torch.empty(dim, capacity, dtype=dtype, device=device)
+    products = torch.empty(dim, capacity, dtype=dtype, device=device)
+    projected = torch.zeros(capacity, capacity, dtype=torch.float64, device=device)
+
+    def append(block: torch.Tensor, size: int) -> int:
+        """Add orthonormal columns ``block`` (orthogonal to the basis) and their products."""
+        width = block.shape[1]
+        block_products = product(block)
+        basis[:, size : size + width] = block
+        products[:, size : size + width] = block_products
+        new = slice(size, size + width)
+        cross = 0.5 * (basis[:, :size].T @ block_products + products[:, :size].T @ block)
+        projected[:size, new] = cross.double()
+        projected[new, :size] = cross.double().T
+        own = block.T @ block_products
+        projected[new, new] = 0.5 * (own + own.T).double()
+        return size + width
+
+    start = _start_block(dim, init, 1 if init is None else 0, capacity, generator, dtype, device)
+    size = append(start, 0)
+    iterations = 0
+    while True:
+        thetas, coefficients = _descending_eigh(projected[:size, :size])
+        wanted = min(k, size)
+        ritz_coefficients = coefficients[:, :wanted].to(dtype)
+        vectors = basis[:, :size] @ ritz_coefficients
+        residual_vectors = products[:, :size] @ ritz_coefficients - vectors * thetas[:wanted].to(dtype)
+        residuals = _relative(residual_vectors, thetas[:wanted])
+        unconverged = torch.nonzero(residuals > tol).flatten()
+        converged = size >= k and unconverged.numel() == 0
+        if converged or size == dim or (iterations >= max_iter and size >= k):
+            break
+        if unconverged.numel() > 0:
+            direction = residual_vectors[:, unconverged[:1]]
+        else:
+            direction = _random_block(dim, 1, generator, dtype, device)
+        direction = _orthonormalize(direction, basis[:, :size])
+        if direction.shape[1] == 0:
+            direction = _random_direction(basis[:, :size], generator)
+        if size == capacity:
+            keep = max(k + 1, capacity // 2)
+            kept = coefficients[:, :keep].to(dtype)
+            basis[:, :keep] = basis[:, :size] @ kept
+            products[:, :keep] = products[:, :size] @ kept
+            projected.zero_()
+            projected[:keep, :keep] = torch.diag(thetas[:keep])
+            size = keep
+        size = append(direction, size)
+        iterations += 1
+    return EigResult(
+        values=thetas[:wanted].to(dtype),
+        vectors=vectors,
+        residuals=residuals,
+        iterations=iterations,
+        matvecs=product.count,
+        converged=converged,
+    )
+
+
+def lobpcg(
+    matvec: MatVec,
+    dim: int,
+    *,
+    k: int = 1,
+    tol: float = 1e-3,
+    max_iter: int = 300,
+    init: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    block_size: Optional[int] = None,
+) -> EigResult:
+    """Algebraically largest ``k`` eigenpairs by LOBPCG (locally optimal block iteration).
+
+    Algorithm (Knyazev 2001, with an orthonormal basis as in Hetmaniuk & Lehoucq 2006). The
+    block X of ``block_size`` (default k) Ritz vectors, its products A X, the previous search
+    directions P and A P are kept. Each iteration:
+        R = A X - X diag(theta)                 residuals, free from the stored A X;
+        W = R for the unconverged columns       made orthonormal to [X, P];
+        A W = matvec(W)                         the only HVPs of the iteration (one block);
+        Rayleigh-Ritz on S = [X, P, W] with A S = [A X, A P, A W]: the top block_size Ritz
+        vectors become the new X, and their component in [P, W] the new P.
+    A X and A P are never recomputed: the same linear combinations that form the new X and P
+    (and that orthonormalise P against X) are applied to the stored products. Rayleigh-Ritz
+    keeps the ALGEBRAICALLY largest Ritz values, so a large negative eigenvalue is never
+    mistaken for the top. Converged columns drop out of W (soft locking) and stop costing HVPs.
+    Columns of P or W that are numerically dependent on the rest are dropped.
+
+    Start: span of ``init`` (P, r) completed by random vectors to block_size columns, or
+    block_size + 1 random vectors from a cold start; multiplied in one block call, its top
+    block_size Ritz vectors become X and any others the first P.
+
+    Stopping rule: all top-k Ritz pairs satisfy ||A x - theta x|| <= tol * |theta|; otherwise
+    after ``max_iter`` iterations (or when no new direction is left) ``converged`` is False.
+    Tensors take ``init``'s dtype and device when it is given, else ``dtype`` and ``device``.
+    """
+    _check_arguments(dim, k, tol, max_iter)
+    init, generator, dtype, device = _setup(dim, init, generator, dtype, device)
+    width = min(dim, max(k, block_size or k))
+    product = _CountedProduct(matvec)
+    # Cold, one spare random vector seeds P (fewer HVPs in total); warm, init alone is better.
+    n_random = width + 1 if init is None else max(0, width - _init_width(init))
+    start = _start_block(dim, init, n_random, dim, generator, dtype, device)
+    start_products = product(start)
+    thetas, coefficients = _descending_eigh(_symmetric(start.T @ start_products))
+    coefficients = coefficients.to(dtype)
+    x, ax = start @ coefficients[:, :width], start_products @ coefficients[:, :width]
+    p, ap = start @ coefficients[:, width:], start_products @ coefficients[:, width:]
+    thetas = thetas[:width]
+    iterations = 0
+    while True:
+        residual_vectors = ax - x * thetas.to(dtype)
+        residuals = _relative(residual_vectors, thetas)
+        converged = bool((residuals[:k] <= tol).all())
+        if converged or iterations >= max_iter:
+            break
+        p, ap = _orthonormalize_with_products(p, ap, x, ax)
+        w = _orthonormalize(residual_vectors[:, residuals > tol], torch.cat([x, p], dim=1))
+        if w.shape[1] == 0:
+            break
+        aw = product(w)
+        search, search_products = torch.cat([x, p, w], dim=1), torch.cat([ax, ap, aw], dim=1)
+        all_thetas, coefficients = _descending_eigh(_symmetric(search.T @ search_products))
+        coefficients = coefficients[:, :width].to(dtype)
+        x, ax = search @ coefficients, search_products @ coefficients
+        p, ap = search[:, width:] @ coefficients[width:], search_products[:, width:] @ coefficients[width:]
+        thetas = all_thetas[:width]
+        iterations += 1
+    return EigResult(
+        values=thetas[:k].to(dtype),
+        vectors=x[:, :k],
+        residuals=residuals[:k],
+        iterations=iterations,
+        matvecs=product.count,
+        converged=converged,
+    )
+
+
+def power_iteration(
+    matvec: MatVec,
+    dim: int,
+    *,
+    tol: float = 1e-3,
+    max_iter: int = 1000,
+    init: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+) -> EigResult:
+    """Power iteration: the eigenvalue of LARGEST MAGNITUDE, which may be negative.
+
+    This is not lambda_max when H has a negative eigenvalue larger in magnitude than its top
+    positive one (common early in training); use :func:`lanczos` for the algebraically largest
+    eigenvalue. Kept for comparison with the literature, which often uses it.
+
+    Iteration: v <- H v / ||H v|| from ``init`` (its first column) or a random vector. The
+    estimate is the signed Rayleigh quotient rho = v^T H v; it stops when
+    ||H v - rho v|| <= tol * |rho|, both from the same product H v, so each iteration costs
+    one HVP. Convergence is linear with ratio |lambda_2| / |lambda_1| (in magnitude), which
+    is why it needs far more HVPs than Lanczos.
+    """
+    _check_arguments(dim, 1, tol, max_iter)
+    init, generator, dtype, device = _setup(dim, init, generator, dtype, device)
+    product = _CountedProduct(matvec)
+    if init is not None:
+        vector = init.reshape(dim, -1)[:, :1].clone()
+    else:
+        vector = _random_block(dim, 1, generator, dtype, device)
+    vector = vector / vector.norm()
+    iterations = 0
+    while True:
+        image = product(vector)
+        rho = (vector.T @ image).reshape(())
+        residual = _relative(image - rho * vector, rho.reshape(1).double())
+        iterations += 1
+        converged = bool(residual[0] <= tol)
+        norm = image.norm()
+        if converged or iterations >= max_iter or norm == 0:
+            break
+        vector = image / norm
+    return EigResult(
+        values=rho.reshape(1),
+        vectors=vector,
+        residuals=residual,
+        iterations=iterations,
+        matvecs=product.count,
+        converged=converged,
+    )
+
+
+def _check_arguments(dim: int, k: int, tol: float, max_iter: int) -> None:
+    if not 1 <= k <= dim:
+        raise UserError(f"cannot compute {k} eigenvalues of a {dim}-dimensional operator; ask for between 1 and {dim}")
+    if not tol > 0:
+        raise UserError(f"eigen-solver tolerance must be positive, got {tol}")
+    if max_iter < 1:
+        raise UserError(f"eigen-solver max_iter must be at least 1, got {max_iter}")
+
+
+def _setup(dim: int, init: Optional[torch.Tensor], generator, dtype: torch.dtype, device) -> tuple:
+    """(init, generator, dtype, device) for a solve: an empty init counts as none, the dtype
+    and device follow init when it is given, and a missing generator becomes a fixed-seed one
+    (drawn from for the whole solve, so successive random vectors differ)."""
+    if init is not None and init.numel() == 0:
+        init = None
+    if init is not None and init.shape[0] != dim:
+        raise ValueError(f"init has {init.shape[0]} rows for a {dim}-dimensional operator")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    if init is not None:
+        return init, generator, init.dtype, init.device
+    return init, generator, dtype, torch.device(device)
+
+
+def _descending_eigh(matrix: torch.Tensor) -> tuple:
+    """Eigenvalues (descending) and eigenvectors of a small symmetric matrix, in float64."""
+    values, vectors = torch.linalg.eigh(matrix.double())
+    return values.flip(0), vectors.flip(1)
+
+
+def _relative(residual_vectors: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+    """||r_i|| / |theta_i| for the columns r_i of ``residual_vectors`` (0 for an exact pair)."""
+    norms = residual_vectors.norm(dim=0).double()
+    return torch.where(norms == 0, torch.zeros_like(norms), norms / thetas.abs())
+
+
+def _random_block(dim: int, width: int, generator: torch.Generator, dtype, device) -> torch.Tensor:
+    """Gaussian (dim, width) block drawn from ``generator`` on its own device."""
+    block = torch.randn(dim, width, generator=generator, dtype=dtype, device=generator.device)
+    return block.to(device)
+
+
+def _random_direction(basis: torch.Tensor, generator) -> torch.Tensor:
+    """A unit random vector orthogonal to the orthonormal columns of ``basis`` (fewer than dim)."""
+    dim = basis.shape[0]
+    while True:
+        direction = _orthonormalize(_random_block(dim, 1, generator, basis.dtype, basis.device), basis)
+        if direction.shape[1] == 1:
+            return direction
+
+
+def _init_width(init: Optional[torch.Tensor]) -> int:
+    if init is None:
+        return 0
+    return 1 if init.dim() == 1 else init.shape[1]
+
+
+def _start_block(dim: int, init: Optional[torch.Tensor], n_random: int, max_size: int, generator, dtype,
+                 device) -> torch.Tensor:
+    """Orthonormal start block: the columns of ``init`` (as many as fit in ``max_size`` next to
+    ``n_random``) and ``n_random`` random vectors; columns lost to linear dependence are
+    replaced by random ones."""
+    max_size = min(max_size, dim)
+    if init is None:
+        columns = torch.empty(dim, 0, dtype=dtype, device=device)
+    else:
+        columns = init.reshape(dim, -1)[:, : max(0, max_size - n_random)]
+    n_random = min(n_random, max_size - columns.shape[1])
+    size = columns.shape[1] + n_random
+    block = _orthonormalize(torch.cat([columns, _random_block(dim, n_random, generator, dtype, device)], dim=1))
+    while block.shape[1] < size:
+        block = torch.cat([block, _random_direction(block, generator)], dim=1)
+    return block
+
+
+def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (matrix + matrix.T)
+
+
+def _orthonormalize(block: torch.Tensor, basis: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Orthonormal columns spanning ``block`` minus its part in span(``basis``) (orthonormal).
+
+    Classical Gram-Schmidt against ``basis`` and modified Gram-Schmidt within the block, each
+    done twice so the result is orthogonal to working precision. A column keeping less than
+    100 eps of its norm carries no new direction and is dropped.
+    """
+    eps = torch.finfo(block.dtype).eps
+    return _gram_schmidt(block, None, basis, None, 100 * eps)[0]
+
+
+def _orthonormalize_with_products(block, block_products, basis, basis_products) -> tuple:
+    """:func:`_orthonormalize` applied to ``block`` and, with the same linear combinations, to
+    its stored products A block (using A basis), so that A block stays known without HVPs.
+
+    A column that keeps less than eps^(1/3) of its norm is dropped: its product, formed by
+    cancellation, would carry a relative error of eps / (kept fraction)."""
+    eps = torch.finfo(block.dtype).eps
+    return _gram_schmidt(block, block_products, basis, basis_products, eps ** (1 / 3))
+
+
+def _gram_schmidt(block, block_products, basis, basis_products, keep_ratio) -> tuple:
+    original_norms = block.norm(dim=0)
+    if basis is not None and basis.shape[1] > 0:
+        for _ in range(2):
+            overlap = basis.T @ block
+            block = block - basis @ overlap
+            if block_products is not None:
+                block_products = block_products - basis_products @ overlap
+    columns, column_products = [], []
+    for j in range(block.shape[1]):
+        column = block[:, j]
+        column_product = block_products[:, j] if block_products is not None else None
+        for _ in range(2):
+            for i, previous in enumerate(columns):
+                overlap = previous @ column
+                column = column - overlap * previous
+                if column_product is not None:
+                    column_product = column_product - overlap * column_products[i]
+        norm = column.norm()
+        if norm > keep_ratio * original_norms[j] and norm > 0:
+            columns.append(column / norm)
+            if column_product is not None:
+                column_products.append(column_product / norm)
+    empty = block[:, :0]
+    block = torch.stack(columns, dim=1) if columns else empty
+    if block_products is None:
+        return block, None
+    return block, torch.stack(column_products, dim=1) if column_products else empty
