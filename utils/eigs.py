@@ -110,7 +110,7 @@ def lanczos(
 
     Restart. When the basis reaches ``max_basis`` vectors it is compressed to the leading half
     of its Ritz vectors (thick restart); Q and H Q are rotated together, so no HVP is spent and
-    memory stays at 2 * max_basis vectors of length P.
+    memory stays at 2 * max_basis vectors of length P (storage grows by doubling up to that).
 
     Stopping rule: all top-k Ritz pairs satisfy ||H x - theta x|| <= tol * |theta|, or the
     Krylov space is the whole space, or ``max_iter`` expansion steps were taken (then
@@ -127,14 +127,19 @@ def lanczos(
     init, generator, dtype, device = _setup(dim, init, generator, dtype, device)
     product = _CountedProduct(matvec)
     capacity = min(dim, max(max_basis, 2 * k + 2))
-    basis = torch.empty(dim, capacity, dtype=dtype, device=device)
-    products = torch.empty(dim, capacity, dtype=dtype, device=device)
+    basis = torch.empty(dim, 0, dtype=dtype, device=device)
+    products = torch.empty(dim, 0, dtype=dtype, device=device)
     projected = torch.zeros(capacity, capacity, dtype=torch.float64, device=device)
 
     def append(block: torch.Tensor, size: int) -> int:
         """Add orthonormal columns ``block`` (orthogonal to the basis) and their products."""
+        nonlocal basis, products
         width = block.shape[1]
         block_products = product(block)
+        if size + width > basis.shape[1]:
+            # Storage grows by doubling, so short solves never hold max_basis vectors.
+            columns = min(capacity, max(size + width, 2 * basis.shape[1], 16))
+            basis, products = _grown(basis, size, columns), _grown(products, size, columns)
         basis[:, size : size + width] = block
         products[:, size : size + width] = block_products
         new = slice(size, size + width)
@@ -390,6 +395,13 @@ def _start_block(dim: int, init: Optional[torch.Tensor], n_random: int, max_size
     while block.shape[1] < size:
         block = torch.cat([block, _random_direction(block, generator)], dim=1)
     return block
+
+
+def _grown(buffer: torch.Tensor, used: int, columns: int) -> torch.Tensor:
+    """A wider copy of ``buffer`` holding its first ``used`` columns."""
+    wider = torch.empty(buffer.shape[0], columns, dtype=buffer.dtype, device=buffer.device)
+    wider[:, :used] = buffer[:, :used]
+    return wider
 
 
 def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
