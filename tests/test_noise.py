@@ -13,8 +13,8 @@ import training
 import utils.training
 from utils.checkpoints import list_checkpoints, load_checkpoint
 from utils.losses import ce_loss, mse_loss
-from utils.noise import (NoisyStep, accumulate_gradient, gradient_moments, noise_generator, sde_substeps,
-                         sgd_weights)
+from utils.noise import (STATISTICS_BUDGET, NoisyStep, accumulate_gradient, default_statistics_chunk, gradient_moments,
+                         noise_generator, sde_substeps, sgd_weights)
 from utils.results import is_timing_column, read_results
 
 N, D, BATCH = 40, 3, 5
@@ -78,6 +78,13 @@ def test_gradient_moments_match_closed_form(chunk):
     torch.testing.assert_close(moments.mean, mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(moments.variance, sigma.diagonal(), rtol=1e-12, atol=1e-12)
     assert moments.trace == pytest.approx(float(sigma.trace()), rel=1e-12)
+
+
+def test_default_statistics_chunk_bounds_the_per_sample_gradients_held_at_once():
+    assert default_statistics_chunk(1_841_162, 2048) == 36  # the paper's MLP: 36 x P numbers per chunk
+    assert 36 * 1_841_162 <= STATISTICS_BUDGET
+    assert default_statistics_chunk(100, 10) == 10
+    assert default_statistics_chunk(10 ** 9, 2048) == 1
 
 
 def test_gradient_moments_of_cross_entropy_match_a_per_sample_loop():
