@@ -202,6 +202,23 @@ def test_statistics_are_refreshed_on_multiples_and_restored_from_state(mode):
     assert ignored.state_dict() is None
 
 
+@pytest.mark.parametrize("mode", ["diag", "iso"])
+def test_saved_statistics_follow_a_changed_batch_size(mode):
+    model, X, Y, _, mean, _ = regression()
+    noises = []
+    for batch in (BATCH, 4 * BATCH):
+        noisy = _noisy(mode, model, X, Y, batch=batch, refresh=3)
+        if noises:
+            noisy.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        noisy.loss_and_gradient(3 if batch == BATCH else 4)  # the second never refreshes: it uses the saved statistics
+        state = noisy.state_dict()
+        noises.append(model.weight.grad.reshape(-1) - mean)
+    z3 = torch.randn(D, generator=noise_generator(11, 3), dtype=torch.float64)
+    z4 = torch.randn(D, generator=noise_generator(11, 4), dtype=torch.float64)
+    torch.testing.assert_close(noises[1] / z4, noises[0] / z3 / 2, rtol=1e-10, atol=0)
+
+
 def test_batchnorm_models_are_refused(results_env, capsys):
     argv = ["--dataset", "synthetic", "--input-shape", "3,8,8", "--num-data", "32", "--model", "resnet_bn",
             "--batch", "8", "--steps", "1", "--gd-noise", "sgd", "--quiet"]

@@ -195,7 +195,7 @@ class NoisyStep:
         self.num_params = sum(p.numel() for p in self.params)
         self.substeps = sde_substeps(lr, sde_h) if mode == "sde" else 1
         self.statistics_chunk = statistics_chunk or default_statistics_chunk(self.num_params, X.shape[0])
-        self.statistics = None  # {"step", "scale"}: the noise scale of diag / iso from the last refresh
+        self.statistics = None  # {"step", "sigma"}: diag Sigma (diag) or tr Sigma (iso) of the last refresh
 
     def _generator(self, step: int, substep: int) -> torch.Generator:
         return noise_generator(self.noise_seed, step, substep, device=self.X.device)
@@ -210,12 +210,11 @@ class NoisyStep:
             return self.noise_mag / math.sqrt(self.batch)
         if self.statistics is None or step % self.refresh == 0:
             moments = gradient_moments(self.model, self.loss_fn, self.X, self.Y, self.statistics_chunk)
-            if self.mode == "diag":
-                scale = (moments.variance / self.batch).sqrt()
-            else:
-                scale = math.sqrt(moments.trace / (self.num_params * self.batch))
-            self.statistics = {"step": step, "scale": scale}
-        return self.statistics["scale"]
+            self.statistics = {"step": step, "sigma": moments.variance if self.mode == "diag" else moments.trace}
+        sigma = self.statistics["sigma"]
+        if self.mode == "diag":
+            return (sigma / self.batch).sqrt()
+        return math.sqrt(sigma / (self.num_params * self.batch))
 
     def _gradient(self, step: int, substep: int) -> torch.Tensor:
         if self.mode in ("sgd", "sde"):
@@ -261,13 +260,13 @@ class NoisyStep:
         """What a resumed run needs: the diag / iso statistics of the last refresh (None otherwise)."""
         if self.statistics is None:
             return None
-        return {"mode": self.mode, "step": self.statistics["step"], "scale": self.statistics["scale"]}
+        return {"mode": self.mode, **self.statistics}
 
     def load_state_dict(self, state: dict | None) -> None:
         """Adopt saved statistics of the same mode; others (a fork that changed mode) are ignored."""
         if state is not None and state.get("mode") == self.mode:
-            scale = state["scale"]
-            self.statistics = {"step": state["step"], "scale": scale.to(self.X.device) if torch.is_tensor(scale) else scale}
+            sigma = state["sigma"]
+            self.statistics = {"step": state["step"], "sigma": sigma.to(self.X.device) if torch.is_tensor(sigma) else sigma}
 
 
 def noisy_step_from_config(cfg, model, loss_fn, X, Y, optimizer) -> NoisyStep | None:
