@@ -156,7 +156,7 @@ def plot_runs(runs, frames, *, smooth: int | None = None) -> Figure:
     """
     panels = [p for p in PANELS if any(c.column in f.columns and f[c.column].notna().any()
                                        for c in p.curves for f in frames)]
-    ncols = min(3, len(panels))
+    ncols = 2 if len(panels) in (2, 4) else min(3, len(panels))  # no empty slots for 2 or 4 panels
     nrows = math.ceil(len(panels) / ncols)
     overlay = len(runs) > 1
     labels = run_labels(runs) if overlay else [None]
