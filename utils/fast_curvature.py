@@ -64,6 +64,8 @@ _ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.SiLU: "silu"}
 _ROW_BUDGET = 1 << 14
 # Samples computed ahead of the stopping rule: at least this many rows per stacked pass.
 _MIN_ROWS_AHEAD = 256
+# Numbers of per-sample quantities (beyond the inputs) kept to reuse across batches.
+_CACHE_NUMBERS = 1 << 26
 # Parameter-sized vectors held at once by the exact path.
 _EXACT_BLOCK = 10
 
@@ -163,6 +165,28 @@ def _plus(a, b):
     return a if b is None else a + b
 
 
+@dataclass
+class _Rows:
+    """Per-sample quantities of a set of rows: layer inputs h_{l-1}, act' and act'' of the
+    hidden layers (None where zero), dl/df, softmax(f) for ce (else None) and the errors
+    delta_l of l itself, each with the rows first."""
+
+    inputs: list
+    first: list
+    second: list
+    loss_grad: torch.Tensor
+    probs: torch.Tensor | None
+    deltas: list
+
+    def map(self, fn) -> "_Rows":
+        """The same quantities with ``fn`` applied to every tensor."""
+        def each(t):
+            return None if t is None else fn(t)
+        return _Rows([each(t) for t in self.inputs], [each(t) for t in self.first],
+                     [each(t) for t in self.second], each(self.loss_grad), each(self.probs),
+                     [each(t) for t in self.deltas])
+
+
 class LinearNetwork:
     """A Linear/activation chain with its loss, evaluated with Gram matrices (see the module doc)."""
 
@@ -196,18 +220,20 @@ class LinearNetwork:
         raise AssertionError("the last layer has no activation")
 
     def _loss_terms(self, f: torch.Tensor, y: torch.Tensor):
-        """Per-row dl/df and the map fdot -> fdot^T (d^2 l / df^2) fdot (over the last axis)."""
+        """Per-row dl/df and what d^2 l / df^2 needs: softmax(f) for ce, None for mse."""
         if self.loss == "mse":
-            return 2 * (f - y), lambda fdot: 2 * (fdot * fdot).sum(-1)
+            return 2 * (f - y), None
         p = torch.softmax(f, dim=-1)
         grad = p.clone()
         grad[torch.arange(f.shape[0], device=f.device), y] -= 1
+        return grad, p
 
-        def curvature(fdot):
-            pf = p * fdot
-            return (pf * fdot).sum(-1) - pf.sum(-1) ** 2
-
-        return grad, curvature
+    def _curvature(self, probs, fdot: torch.Tensor) -> torch.Tensor:
+        """fdot^T (d^2 l / df^2) fdot over the last axis (``probs`` from :meth:`_loss_terms`)."""
+        if probs is None:
+            return 2 * (fdot * fdot).sum(-1)
+        pf = probs * fdot
+        return (pf * fdot).sum(-1) - pf.sum(-1) ** 2
 
     def _backward(self, derivatives, error: torch.Tensor) -> list[torch.Tensor]:
         """delta_l = dL/dz_l for every layer, from delta_L = ``error``."""
@@ -223,20 +249,32 @@ class LinearNetwork:
 
     # --- per-batch quantities ---------------------------------------------------------------
 
+    def sample_rows(self, X: torch.Tensor, Y: torch.Tensor) -> "_Rows":
+        """Everything per sample that a batch needs: it does not depend on the batch.
+
+        The errors are those of l itself (delta_L = dl/df); a batch of b rows scales them by 1/b.
+        """
+        inputs, derivatives, f = self._forward(self._inputs(X))
+        loss_grad, probs = self._loss_terms(f, self._targets(Y, X.shape[0]))
+        return _Rows(inputs, [d1 for d1, _ in derivatives], [d2 for _, d2 in derivatives],
+                     loss_grad, probs, self._backward(derivatives, loss_grad))
+
     def batch_terms(self, X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(g_B^T H_B g_B, |g_B|^2) of K batches X (K, b, ...), Y (K, b, ...), each shaped (K,)."""
         K, b = X.shape[0], X.shape[1]
-        h0 = self._inputs(X.reshape(K * b, *X.shape[2:]))
-        inputs, derivatives, f = self._forward(h0)
-        loss_grad, curvature = self._loss_terms(f, self._targets(Y, K * b))
-        deltas = [d.reshape(K, b, -1) for d in self._backward(derivatives, loss_grad / b)]
-        inputs = [h.reshape(K, b, -1) for h in inputs]
+        rows = self.sample_rows(X.reshape(K * b, *X.shape[2:]), Y.reshape(K * b, *Y.shape[2:]))
+        return self.batch_terms_of(rows.map(lambda t: t.reshape(K, b, *t.shape[1:])))
+
+    def batch_terms_of(self, rows: "_Rows") -> tuple[torch.Tensor, torch.Tensor]:
+        """(g_B^T H_B g_B, |g_B|^2) of K batches whose sample rows come stacked (K, b, ...)."""
+        b = rows.loss_grad.shape[1]
+        deltas = [d / b for d in rows.deltas]
+        inputs = rows.inputs
         grams = [self._gram(layer, h, h) for layer, h in zip(self.layers, inputs)]
         norm2 = sum(((d @ d.mT) * gram).sum((1, 2)) for d, gram in zip(deltas, grams))
         zdot, zddot = grams[0] @ deltas[0], None
         for l in range(1, len(self.layers)):
-            d1, d2 = derivatives[l - 1]
-            d1, d2 = d1.reshape(K, b, -1), None if d2 is None else d2.reshape(K, b, -1)
+            d1, d2 = rows.first[l - 1], rows.second[l - 1]
             hdot = d1 * zdot
             hddot = _plus(None if d2 is None else d2 * zdot * zdot,
                           None if zddot is None else d1 * zddot)
@@ -244,9 +282,9 @@ class LinearNetwork:
             cross = hdot @ inputs[l].mT  # hdot_i . h_j within each batch
             zdot = grams[l] @ deltas[l] + hdot @ weight.T
             zddot = _plus(2 * (cross @ deltas[l]), None if hddot is None else hddot @ weight.T)
-        per_row = curvature(zdot.reshape(K * b, -1)).reshape(K, b)
+        per_row = self._curvature(rows.probs, zdot)
         if zddot is not None:
-            per_row = per_row + (loss_grad.reshape(K, b, -1) * zddot).sum(-1)
+            per_row = per_row + (rows.loss_grad * zddot).sum(-1)
         return per_row.sum(1) / b, norm2
 
     def full_gradient(self, X, Y, chunk_rows: int):
@@ -293,7 +331,7 @@ class LinearNetwork:
         m = X.shape[0]
         K, b = deltas_B[0].shape[0], deltas_B[0].shape[1]
         inputs, derivatives, f = self._forward(self._inputs(X))
-        loss_grad, curvature = self._loss_terms(f, self._targets(Y, m))
+        loss_grad, probs = self._loss_terms(f, self._targets(Y, m))
 
         def gram_part(l, left, with_bias):
             """sum_j delta^{B_k}_{l,j} (h^{B_k}_{l-1,j} . left_i (+ 1)) for every direction k."""
@@ -332,7 +370,7 @@ class LinearNetwork:
                 zdot = zdot + c * along_gradient(l, inputs[l])
                 second = second + c * hdot_g
             zddot = _plus(2 * second, None if hddot is None else hddot @ weight.T)
-        per_row = curvature(zdot)
+        per_row = self._curvature(probs, zdot)
         if zddot is not None:
             per_row = per_row + (loss_grad * zddot).sum(-1)
         return per_row.sum(-1)
@@ -474,11 +512,35 @@ def _batch_route(model, loss_fn, X, Y, batch_size, train_mode) -> _BatchRoute:
             return tuple(torch.stack(column).detach() for column in zip(*terms))
         return _BatchRoute(one_at_a_time, per_call=1, min_block=1, ahead=False)
 
-    def stacked(idx):
-        with torch.no_grad():
-            return net.batch_terms(X[idx], Y[idx])
-    return _BatchRoute(stacked, per_call=max(1, _ROW_BUDGET // (4 * batch_size)),
+    return _BatchRoute(_StackedTerms(net, X, Y), per_call=max(1, _ROW_BUDGET // (4 * batch_size)),
                        min_block=max(1, _MIN_ROWS_AHEAD // batch_size), ahead=True)
+
+
+class _StackedTerms:
+    """Per-batch terms of a Linear/activation chain by stacked Gram matrices.
+
+    A sample's activations and errors do not depend on the batch it is drawn in, so once the
+    batches have asked for as many rows as the data hold, the per-sample quantities of all n
+    samples are computed once (when they fit in ``_CACHE_NUMBERS``) and every later batch
+    gathers its rows: the products with the first, widest layer are then not repeated.
+    """
+
+    def __init__(self, net: LinearNetwork, X, Y):
+        self.net, self.X, self.Y = net, X, Y
+        self.rows_asked = 0
+        self.cache = None
+        widths = [layer.weight.shape[0] for layer in net.layers]
+        per_sample = 4 * sum(widths) + 2 * widths[-1]
+        self.cacheable = X.shape[0] * per_sample <= _CACHE_NUMBERS
+
+    def __call__(self, idx: torch.Tensor):
+        with torch.no_grad():
+            self.rows_asked += idx.numel()
+            if self.cache is None and self.cacheable and self.rows_asked >= self.X.shape[0]:
+                self.cache = self.net.sample_rows(self.X, self.Y)
+            if self.cache is None:
+                return self.net.batch_terms(self.X[idx], self.Y[idx])
+            return self.net.batch_terms_of(self.cache.map(lambda t: t[idx]))
 
 
 def _batch_samples(model, loss_fn, X, Y, batch_size, generator, train_mode, *, rel_se,
