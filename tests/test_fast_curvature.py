@@ -272,3 +272,26 @@ def test_batch_sharpness_standard_errors_are_honest_on_the_fast_path():
     assert 0.75 <= values.std(ddof=1) / ses.mean() <= 1.33
     assert np.mean(np.abs(values - exact) <= 1.96 * ses) >= 0.88
     assert all(math.isfinite(e.seconds) and e.hvps >= 40 for e in estimates)
+
+
+def test_exact_measurements_flag_is_recorded_and_gives_the_same_columns(results_env):
+    import json
+
+    import training
+    from utils.results import read_results
+
+    frames = {}
+    for flag in ([], ["--exact-measurements"]):
+        run_dir = results_env / ("exact" if flag else "fast")
+        argv = ["--width", "16", "--num-data", "120", "--batch", "8", "--steps", "21", "--quiet",
+                "--batch-sharpness", "--step-sharpness", "--gni", "--batch-sharpness-ratio",
+                "--measure-every", "10", "--run-dir", str(run_dir), *flag]
+        assert training.main(argv) == 0
+        record = json.loads((run_dir / "config.json").read_text())
+        assert record["config"]["exact_measurements"] is bool(flag)
+        frames[bool(flag)] = read_results(run_dir / "results.txt")
+    columns = ["batch_sharpness", "batch_sharpness_se", "batch_sharpness_n", "step_sharpness",
+               "gni", "gni_se", "gni_n", "batch_sharpness_ratio"]
+    fast, exact = (frames[False][columns].dropna(), frames[True][columns].dropna())
+    assert len(fast) == 3
+    np.testing.assert_allclose(fast.to_numpy(), exact.to_numpy(), rtol=2e-4)

@@ -89,6 +89,7 @@ class RunConfig:
     gni_every: int | None = None
     hvp_chunk: int | None = None
     measure_seed: int = 0
+    exact_measurements: bool = False
     # noise baselines (replace the SGD step)
     batch_sharpness_ratio_every: int | None = None
     batch_lambdamax_every: int | None = None
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--param-file", metavar="PATH", default=None,
                    help="with --param-distance: measure the distance to this saved state dict instead")
     g.add_argument("--measure-seed", type=int, default=d.measure_seed, help="seed of the Monte Carlo batches of measurements")
+    g.add_argument("--exact-measurements", action="store_true",
+                   help="measure by the plain double-backward path instead of the fast one (same values to round-off; for checking)")
     g = p.add_argument_group("noise baselines (replace the SGD step; --batch sets the noise scale)")
     g.add_argument("--gd-noise", default=None, help=f"full-batch GD plus noise: one of {', '.join(NOISE_MODES)}")
     g.add_argument("--noise-mag", type=float, default=None, help="with --gd-noise const: the noise is noise-mag/sqrt(batch) N(0, I)")

@@ -116,14 +116,16 @@ class Monitor:
             row.update(self.lambda_max(step, cfg.eig_tol))
         if schedule.is_due(self.schedule.get("batch_sharpness"), step):
             est = measures.batch_sharpness(self.model, self.loss_fn, self.X, self.Y, cfg.batch,
-                                           generator=self._generator(step, "batch_sharpness"))
+                                           generator=self._generator(step, "batch_sharpness"),
+                                           exact=cfg.exact_measurements)
             row.update(_estimate_columns("batch_sharpness", est, with_se=True))
         if schedule.is_due(self.schedule.get("step_sharpness"), step):
-            est = measures.step_sharpness(self.model, self.loss_fn, xb, yb)
+            est = measures.step_sharpness(self.model, self.loss_fn, xb, yb, exact=cfg.exact_measurements)
             row.update(_estimate_columns("step_sharpness", est, with_se=False))
         if schedule.is_due(self.schedule.get("gni"), step):
             est = measures.gni(self.model, self.loss_fn, self.X, self.Y, cfg.batch,
-                               generator=self._generator(step, "gni"), chunk_size=cfg.hvp_chunk)
+                               generator=self._generator(step, "gni"), chunk_size=cfg.hvp_chunk,
+                               exact=cfg.exact_measurements)
             row.update(_estimate_columns("gni", est, with_se=True))
         for flag in FAMILY_COLUMNS:
             if schedule.is_due(self.schedule.get(flag), step):
@@ -136,7 +138,8 @@ class Monitor:
         cfg, data = self.cfg, (self.model, self.loss_fn, self.X, self.Y)
         generator = self._generator(step, flag)
         if flag == "batch_sharpness_ratio":
-            return {"batch_sharpness_ratio": measures.batch_sharpness_ratio(*data, cfg.batch, generator=generator)}
+            return {"batch_sharpness_ratio": measures.batch_sharpness_ratio(*data, cfg.batch, generator=generator,
+                                                                            exact=cfg.exact_measurements)}
         if flag == "batch_lambdamax":
             return {"batch_lambda_max": measures.batch_lambda_max(*data, cfg.batch, generator=generator, tol=tol)}
         if flag == "hessian_trace":
@@ -183,9 +186,10 @@ class Monitor:
         cfg = self.cfg
         top = self.lambda_max(step, min(cfg.eig_tol, 1e-4))
         bs = measures.batch_sharpness(self.model, self.loss_fn, self.X, self.Y, cfg.batch,
-                                      generator=self._generator(step, "final"))
+                                      generator=self._generator(step, "final"), exact=cfg.exact_measurements)
         gni = measures.gni(self.model, self.loss_fn, self.X, self.Y, cfg.batch,
-                           generator=self._generator(step + 1, "final"), chunk_size=cfg.hvp_chunk)
+                           generator=self._generator(step + 1, "final"), chunk_size=cfg.hvp_chunk,
+                           exact=cfg.exact_measurements)
         record = {"step": step, "lambda_max": top["lambda_max"], "batch_sharpness": bs.value,
                   "batch_sharpness_se": bs.se, "gni": gni.value, "gni_se": gni.se}
         for flag in FAMILY_COLUMNS:
