@@ -21,7 +21,7 @@ from utils.cli import run_cli
 from utils.config import EIGEN_METHODS
 from utils.errors import UserError
 from utils.estimators import measurement_generator
-from utils.runs import (build_analysis_parser, checkpoint_list, load_weights, output_folders,
+from utils.runs import (DTYPES, build_analysis_parser, checkpoint_list, load_weights, output_folders,
                         rebuild, runs_from_args, write_text_files)
 
 PROG = "compute_final_fullbs.py"
@@ -38,6 +38,8 @@ def build_parser():
     g.add_argument("--all-checkpoints", action="store_true", help="every checkpoint, not only the final one")
     g.add_argument("--hvp-chunk", type=int, default=None, help="samples per chunk of Hessian products (default: the run's)")
     g.add_argument("--seed", type=int, default=None, help="seed of the solver's random start (default: the run's --measure-seed)")
+    g.add_argument("--dtype", choices=DTYPES, default="float64",
+                   help="precision of the Hessian products (default float64: float32 rounding keeps residuals near 1e-4)")
     return p
 
 
@@ -55,7 +57,7 @@ def check_args(args) -> None:
 def measure_run(run, checkpoints, args) -> tuple[list[dict], str]:
     """One record per checkpoint (step, eigenvalues, residual, cost), each solve warm-started by
     the last; and the device they were computed on."""
-    setup = rebuild(run, cpu=args.cpu)
+    setup = rebuild(run, cpu=args.cpu, dtype=DTYPES[args.dtype])
     seed = run.cfg.measure_seed if args.seed is None else args.seed
     chunk = args.hvp_chunk or run.cfg.hvp_chunk
     X, Y = setup.data.X_train, setup.data.Y_train
@@ -75,7 +77,7 @@ def measure_run(run, checkpoints, args) -> tuple[list[dict], str]:
 def final_record(run, records, args, device) -> dict:
     return {**records[-1], "num_eigenvalues": args.num_eigenvalues, "tol": args.tol,
             "method": args.eig_method or ("lanczos" if args.num_eigenvalues == 1 else "lobpcg"),
-            "measure_seed": run.cfg.measure_seed if args.seed is None else args.seed, "device": device,
+            "measure_seed": run.cfg.measure_seed if args.seed is None else args.seed, "dtype": args.dtype, "device": device,
             "threshold": stability_threshold(run.cfg), "threshold_label": stability_label(run.cfg)}
 
 

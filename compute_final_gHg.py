@@ -20,7 +20,7 @@ from utils.analysis import (check_batch_sizes, default_batch_sizes, ghg_family, 
                             stability_threshold)
 from utils.cli import run_cli
 from utils.errors import UserError
-from utils.runs import (build_analysis_parser, checkpoint_list, load_weights, output_folders,
+from utils.runs import (DTYPES, build_analysis_parser, checkpoint_list, load_weights, output_folders,
                         rebuild, runs_from_args, write_text_files)
 
 PROG = "compute_final_gHg.py"
@@ -36,6 +36,7 @@ def build_parser():
                    help="at most this many random batches per estimate (default: the measurements' own limit)")
     g.add_argument("--hvp-chunk", type=int, default=None, help="samples per chunk of full-batch Hessian products (default: the run's)")
     g.add_argument("--seed", type=int, default=None, help="seed of the random batches (default: the run's --measure-seed)")
+    g.add_argument("--dtype", choices=DTYPES, default="float32", help="precision of the measurements (default float32, as in training)")
     return p
 
 
@@ -48,7 +49,7 @@ def check_args(args) -> None:
 
 def measure_run(run, checkpoint: str, args) -> dict:
     """The contents of final_ghg.json for one run."""
-    setup = rebuild(run, cpu=args.cpu)
+    setup = rebuild(run, cpu=args.cpu, dtype=DTYPES[args.dtype])
     step = load_weights(setup, checkpoint)
     X, Y = setup.data.X_train, setup.data.Y_train
     n = X.shape[0]
@@ -60,7 +61,7 @@ def measure_run(run, checkpoint: str, args) -> dict:
                                chunk_size=args.hvp_chunk or run.cfg.hvp_chunk, max_samples=args.max_samples)
         by_size[str(b)] = ghg_record(estimates)
     return {"step": step, "checkpoint": os.path.basename(checkpoint), "num_train": n, "training_batch": run.cfg.batch,
-            "measure_seed": seed, "device": str(setup.device), "threshold": stability_threshold(run.cfg),
+            "measure_seed": seed, "dtype": args.dtype, "device": str(setup.device), "threshold": stability_threshold(run.cfg),
             "threshold_label": stability_label(run.cfg), "batch_sizes": by_size}
 
 

@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 import training
 from utils.runs import load_run, load_weights, rebuild
@@ -32,9 +33,9 @@ def copy_run(run_dir, tmp_path, name="copy"):
     return target
 
 
-def final_model(run_dir):
+def final_model(run_dir, dtype=torch.float32):
     run = load_run(str(run_dir))
-    setup = rebuild(run, cpu=True)
+    setup = rebuild(run, cpu=True, dtype=dtype)
     step = load_weights(setup, os.path.join(run_dir, "checkpoints", "step_30.pt"))
     return run, setup, step
 

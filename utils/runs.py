@@ -17,6 +17,8 @@ import os
 import warnings
 from dataclasses import dataclass
 
+import torch
+
 from utils.checkpoints import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
 from utils.config import RunConfig, _OneLineParser, results_root
 from utils.errors import UserError
@@ -24,6 +26,7 @@ from utils.results import atomic_write_text, read_json
 from utils.training import Setup, build, read_run_config
 
 CONFIG_FILE = "config.json"
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -190,14 +193,24 @@ def checkpoint_list(run: Run) -> list[tuple[int, str]]:
     return available
 
 
-def rebuild(run: Run, *, cpu: bool = False) -> Setup:
+def rebuild(run: Run, *, cpu: bool = False, dtype: torch.dtype = torch.float32) -> Setup:
     """Data, model, loss and optimiser of ``run`` from its config.json (model weights as initialised).
 
     Runs on CUDA when available unless ``cpu``, whatever device the run was trained on; the
-    run's trackers are not needed (nor their packages) to analyse it.
+    run's trackers are not needed (nor their packages) to analyse it. ``dtype`` is the
+    precision of the model and of the inputs and float targets (checkpoints load into it).
     """
     cfg = dataclasses.replace(run.cfg, cpu=cpu, quiet=True, wandb=False, tensorboard=False)
-    return build(cfg)
+    setup = build(cfg)
+    setup.model.to(dtype)
+
+    def cast(t):
+        return t.to(dtype) if t.is_floating_point() else t
+
+    data = setup.data
+    setup.data = dataclasses.replace(data, X_train=cast(data.X_train), Y_train=cast(data.Y_train),
+                                     X_test=cast(data.X_test), Y_test=cast(data.Y_test))
+    return setup
 
 
 def load_weights(setup: Setup, checkpoint: str) -> int:
