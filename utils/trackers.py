@@ -6,7 +6,8 @@ the start and summary.json's contents at the end. The packages are imported only
 asks for them, so nothing else depends on them being installed.
 
 - Weights & Biases logs offline (into ``<run>/wandb/``, ``wandb sync`` uploads it later) unless
-  ``WANDB_MODE`` is set; the project is ``$WANDB_PROJECT`` or ``eoss``.
+  ``WANDB_MODE`` is set; the project is ``$WANDB_PROJECT`` or ``eoss``. Each training process is
+  one W&B run: a resumed run starts a new one (config ``start_step``) from the checkpoint's step.
 - TensorBoard event files go into ``<run>/tensorboard/``; a resumed run first discards the
   events at or after the checkpoint's step, as results.txt does.
 """
