@@ -183,3 +183,37 @@ def test_subprocess_smoke(results_env):
     bad = subprocess.run([sys.executable, "training.py", "--lr", "-1"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_final_json_matches_the_dense_hessian(results_env):
+    """--final: lambda_max at tol 1e-4 on the final parameters, against eigvalsh of the exact Hessian."""
+    from torch.func import functional_call, grad, jacrev
+
+    from utils.data import load_dataset
+    from utils.losses import mse_loss
+    from utils.models import build_model
+
+    run_dir = results_env / "final"
+    assert training.main(["--width", "8", "--num-data", "60", "--batch", "10", "--steps", "12", "--quiet",
+                          "--final", "--run-dir", str(run_dir)]) == 0
+    final = json.loads((run_dir / "final.json").read_text())
+    assert set(final) == {"step", "lambda_max", "batch_sharpness", "batch_sharpness_se", "gni", "gni_se"}
+    assert final["step"] == 12 and final["batch_sharpness_se"] > 0 and final["gni_se"] > 0
+
+    data = load_dataset("digits", root=".", num_data=60)
+    model = build_model("mlp", data.input_shape, data.output_dim, width=8).double()
+    model.load_state_dict(load_checkpoint(str(run_dir / "checkpoints" / "step_12.pt"))["model"])
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    X, Y = data.X_train.double(), data.Y_train.double()
+
+    def loss(flat):
+        pieces, start = {}, 0
+        for name, shape in zip(names, shapes):
+            pieces[name] = flat[start:start + shape.numel()].reshape(shape)
+            start += shape.numel()
+        return mse_loss(functional_call(model, pieces, (X,)), Y)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    exact = torch.linalg.eigvalsh(jacrev(grad(loss))(flat))[-1].item()
+    assert abs(final["lambda_max"] - exact) <= 2e-4 * abs(exact)

@@ -7,6 +7,7 @@ and calls the measurement functions of :mod:`utils.measures`. No measurement mat
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 import zlib
@@ -166,25 +167,28 @@ class Monitor:
             return {"param_distance": measures.param_distance(self.model, self.reference)}
         raise ValueError(f"unknown measurement {flag!r}")
 
-    def lambda_max(self, step: int, tol: float) -> dict:
+    def lambda_max(self, step: int, tol: float, model=None) -> dict:
+        """Top eigenvalues of H on the training set; ``model`` (default: the training model) may be a float64 copy."""
         cfg = self.cfg
         eig, est = measures.lambda_max(
-            self.model, self.loss_fn, self.X, self.Y, k=cfg.num_eigenvalues, tol=tol,
+            model or self.model, self.loss_fn, self.X, self.Y, k=cfg.num_eigenvalues, tol=tol,
             chunk_size=cfg.hvp_chunk, warm_start=self.eigenvectors,
             generator=self._generator(step, "lambdamax"), method=cfg.eig_method)
-        if not eig.converged:
-            warnings.warn(f"step {step}: lambda_max solver stopped at relative residual {float(eig.residuals.max()):.2e} "
-                          f"above --eig-tol {tol:g} after {eig.matvecs} Hessian-vector products")
-        self.eigenvectors = eig.vectors.detach()
+        _warn_unconverged(step, "lambda_max", eig, tol)
+        self.eigenvectors = eig.vectors.detach().to(flat_params(self.model).dtype)
         row = {"lambda_max": float(eig.values[0]), "lambda_max_seconds": est.seconds, "lambda_max_hvps": est.hvps}
         for i in range(2, cfg.num_eigenvalues + 1):
             row[f"lambda_{i}"] = float(eig.values[i - 1])
         return row
 
     def final(self, step: int) -> dict:
-        """End-of-run lambda_max (tol 1e-4), Batch Sharpness and GNI: the contents of final.json."""
+        """End-of-run lambda_max (tol 1e-4), Batch Sharpness and GNI: the contents of final.json.
+
+        Float32 Hessian products stall near a relative residual of 1e-4, so the final
+        eigen-solve runs on a float64 copy of the model.
+        """
         cfg = self.cfg
-        top = self.lambda_max(step, min(cfg.eig_tol, 1e-4))
+        top = self.lambda_max(step, min(cfg.eig_tol, 1e-4), model=copy.deepcopy(self.model).double())
         bs = measures.batch_sharpness(self.model, self.loss_fn, self.X, self.Y, cfg.batch,
                                       generator=self._generator(step, "final"), exact=cfg.exact_measurements)
         gni = measures.gni(self.model, self.loss_fn, self.X, self.Y, cfg.batch,
