@@ -272,3 +272,20 @@ def test_rebuild_reproduces_the_logged_lambda_max(runs):
     logged = read_run_results(run.run_dir).set_index("step").loc[10, "lambda_max"]
     assert estimate.value == pytest.approx(logged, rel=2e-3)
     assert setup.data.X_train.shape[0] == run.record["resolved"]["num_train"] == 120
+
+
+def test_noise_baselines_are_labelled_in_titles_and_legends():
+    import pandas as pd
+
+    from utils.config import RunConfig
+    from utils.plotting import run_title
+    from utils.runs import Run
+
+    configs = [RunConfig(), RunConfig(gd_noise="sgd"), RunConfig(gd_noise="diag"), RunConfig(gd_noise="iso"),
+               RunConfig(gd_noise="const", noise_mag=0.5), RunConfig(sde=True, sde_h=0.01)]
+    overlay = [Run(f"/runs/{i}", {}, cfg) for i, cfg in enumerate(configs)]
+    assert run_labels(overlay) == ["SGD", "GD + SGD noise (Σ/b)", "GD + diagonal noise", "GD + isotropic noise",
+                                   "GD + constant noise σ=0.5", "SGD SDE (h=0.01)"]
+    frame = pd.DataFrame({"step": [0, 1], "batch_loss": [1.0, 0.5], "full_loss": [1.0, 0.4]})
+    figure = plot_runs([overlay[2]], [frame])
+    assert figure._suptitle.get_text() == run_title(configs[2]) and "GD + diagonal noise" in run_title(configs[2])

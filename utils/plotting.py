@@ -108,9 +108,24 @@ def save_figure(fig: Figure, folder: str, stem: str, dpi: int = 150) -> list[str
     return written
 
 
+def dynamics_label(cfg) -> str:
+    """What replaced (or not) the SGD step: ``SGD``, ``GD + diagonal noise``, ``SGD SDE (h=0.01)``, ..."""
+    if cfg.sde:
+        return f"SGD SDE (h={cfg.sde_h:g})"
+    if cfg.gd_noise == "sgd":
+        return "GD + SGD noise (Σ/b)"
+    if cfg.gd_noise == "diag":
+        return "GD + diagonal noise"
+    if cfg.gd_noise == "iso":
+        return "GD + isotropic noise"
+    if cfg.gd_noise == "const":
+        return f"GD + constant noise σ={cfg.noise_mag:g}"
+    return "SGD"
+
+
 def run_title(cfg) -> str:
-    """A one-line description of a run's settings, such as ``digits · mlp · mse · η=0.05 · b=64``."""
-    parts = [cfg.dataset, cfg.model, cfg.loss, f"η={cfg.lr:g}", f"b={cfg.batch}"]
+    """A one-line description of a run's settings, such as ``digits · mlp · mse · SGD · η=0.05 · b=64``."""
+    parts = [cfg.dataset, cfg.model, cfg.loss, dynamics_label(cfg), f"η={cfg.lr:g}", f"b={cfg.batch}"]
     if cfg.adam:
         parts.append("Adam")
     elif cfg.momentum:
@@ -125,7 +140,13 @@ def run_labels(runs) -> list[str]:
                  if key not in _NOT_DISTINGUISHING and not key.endswith("_every") and any(c[key] != configs[0][key] for c in configs)]
     if not differing:
         return [run.name for run in runs]
-    return [", ".join(f"{key}={_short(c[key])}" for key in differing) for c in configs]
+    dynamics_keys = ("gd_noise", "sde", "sde_h", "noise_mag")
+    labels = []
+    for run, c in zip(runs, configs):
+        parts = [dynamics_label(run.cfg)] if any(key in differing for key in dynamics_keys) else []
+        parts += [f"{key}={_short(c[key])}" for key in differing if key not in dynamics_keys]
+        labels.append(", ".join(parts))
+    return labels
 
 
 def _short(value) -> str:
