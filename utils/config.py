@@ -72,9 +72,6 @@ class RunConfig:
     batch_sharpness: bool = False
     step_sharpness: bool = False
     gni: bool = False
-    final: bool = False
-    measure_every: int | None = None
-    lambdamax_every: int | None = None
     batch_sharpness_ratio: bool = False
     batch_lambdamax: bool = False
     hessian_trace: bool = False
@@ -84,13 +81,12 @@ class RunConfig:
     preconditioned_sharpness: bool = False
     param_distance: bool = False
     param_file: str | None = None
+    final: bool = False
+    measure_every: int | None = None
+    lambdamax_every: int | None = None
     batch_sharpness_every: int | None = None
     step_sharpness_every: int | None = None
     gni_every: int | None = None
-    hvp_chunk: int | None = None
-    measure_seed: int = 0
-    exact_measurements: bool = False
-    # noise baselines (replace the SGD step)
     batch_sharpness_ratio_every: int | None = None
     batch_lambdamax_every: int | None = None
     hessian_trace_every: int | None = None
@@ -99,6 +95,10 @@ class RunConfig:
     momentum_sharpness_every: int | None = None
     preconditioned_sharpness_every: int | None = None
     param_distance_every: int | None = None
+    hvp_chunk: int | None = None
+    measure_seed: int = 0
+    exact_measurements: bool = False
+    # noise baselines (replace the SGD step)
     gd_noise: str | None = None
     noise_mag: float | None = None
     sde: bool = False
@@ -179,11 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-sharpness", action="store_true", help="E_B[g_B^T H_B g_B / |g_B|^2] over random batches")
     g.add_argument("--step-sharpness", action="store_true", help="the same Rayleigh quotient on the step's own batch")
     g.add_argument("--gni", action="store_true", help="gradient-noise interaction E_B[g_B^T H g_B] / |g|^2")
-    g.add_argument("--final", action="store_true", help="measure lambda_max, batch sharpness and GNI at the end into final.json")
-    g.add_argument("--measure-every", type=int, default=None, help="cadence of every measurement")
-    for name in (m.replace("_", "-") for m in MEASUREMENTS):
-        g.add_argument(f"--{name}-every", type=int, default=None, help=f"cadence of --{name} (overrides --measure-every)")
-    g.add_argument("--hvp-chunk", type=int, default=None, help="samples per chunk of full-batch Hessian products (bounds memory)")
     g.add_argument("--batch-sharpness-ratio", action="store_true", help="E_B[g_B^T H_B g_B] / E_B[|g_B|^2] (ratio of means)")
     g.add_argument("--batch-lambdamax", action="store_true", help="mean top eigenvalue of mini-batch Hessians E_B[lambda_max(H_B)]")
     g.add_argument("--hessian-trace", action="store_true", help="tr(H) by Hutchinson's estimator with Rademacher probes")
@@ -196,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--param-distance", action="store_true", help="|theta - theta_0| to the initialisation (or --param-file)")
     g.add_argument("--param-file", metavar="PATH", default=None,
                    help="with --param-distance: measure the distance to this saved state dict instead")
+    g.add_argument("--final", action="store_true", help="measure lambda_max, batch sharpness and GNI at the end into final.json")
+    g.add_argument("--measure-every", type=int, default=None, help="cadence of every measurement")
+    for name in (m.replace("_", "-") for m in MEASUREMENTS):
+        g.add_argument(f"--{name}-every", type=int, default=None, help=f"cadence of --{name} (overrides --measure-every)")
+    g.add_argument("--hvp-chunk", type=int, default=None, help="samples per chunk of full-batch Hessian products (bounds memory)")
     g.add_argument("--measure-seed", type=int, default=d.measure_seed, help="seed of the Monte Carlo batches of measurements")
     g.add_argument("--exact-measurements", action="store_true",
                    help="measure by the plain double-backward path instead of the fast one (same values to round-off; for checking)")
