@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, hessian
 
-from utils.eigs import EigResult, lanczos, lobpcg, power_iteration
+from utils.eigs import EigResult, _inner, lanczos, lobpcg, power_iteration
 from utils.errors import UserError
 
 F64 = torch.float64
@@ -261,3 +261,23 @@ def test_hessian_of_a_tiny_mlp():
         result = solve(solver, matrix, k=3, tol=1e-8)
         check_result(matrix, result, 3, 1e-8)
         torch.testing.assert_close(result.values, exact[:3], rtol=1e-6, atol=0)
+
+
+def test_float32_inner_products_keep_digits_on_long_vectors():
+    generator = torch.Generator().manual_seed(3)
+    for a, b in ((1, 1), (3, 2)):
+        A = torch.randn((1 << 20) + 3, a, generator=generator)
+        B = torch.randn((1 << 20) + 3, b, generator=generator)
+        exact = A.double().T @ B.double()
+        # Relative to |a| |b| ~ dim: a float32 dot product over the whole length is off by ~1e-3.
+        assert (_inner(A, B) - exact).abs().max() < 1e-7 * A.shape[0]
+
+
+def test_float32_lanczos_reaches_a_tight_tolerance_on_a_long_operator():
+    dim = 1 << 20
+    generator = torch.Generator().manual_seed(0)
+    diagonal = 3.3 * (torch.randperm(dim, generator=generator) + 1.0) ** -0.15
+    result = lanczos(lambda V: diagonal[:, None] * V, dim, tol=1e-4, max_iter=40,
+                     generator=torch.Generator().manual_seed(1))
+    assert result.converged and result.vectors.dtype == torch.float32
+    assert result.values[0].item() == pytest.approx(3.3, rel=2e-5)

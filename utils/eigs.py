@@ -37,6 +37,7 @@ import torch
 from utils.errors import UserError
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
+_CHUNK = 1 << 12  # rows per partial product in _inner
 
 
 @dataclass
@@ -90,8 +91,9 @@ def lanczos(
     Algorithm. An orthonormal basis Q of a search space is kept together with its products
     H Q; the projected matrix T = Q^T H Q gives Ritz pairs (theta_i, x_i = Q s_i) by a dense
     eigen-solve (Rayleigh-Ritz). Each iteration appends the residual r = H x - theta x of the
-    leading unconverged Ritz pair, orthogonalised twice against Q (full re-orthogonalisation),
-    and multiplies it by H: one HVP per iteration. From a single start vector q_1 this is the
+    leading unconverged Ritz pair, re-orthogonalised against Q (full re-orthogonalisation; r
+    is orthogonal to span(Q) up to rounding, so one Gram-Schmidt pass restores it), and
+    multiplies it by H: one HVP per iteration. From a single start vector q_1 this is the
     Lanczos process with full re-orthogonalisation: x lies in the Krylov space K_m(H, q_1), so
     H x - theta x adds exactly the next Krylov direction, and T is the tridiagonal Lanczos
     matrix up to rounding. Because H Q is held explicitly, the residual of every Ritz pair,
@@ -107,6 +109,11 @@ def lanczos(
     tight cluster whose eigenvectors rotate within it between measurements. No random vector
     is added: with residual stopping it cannot reveal an eigenvalue that the start misses (the
     solve stops as soon as the start's best pair is accurate), and it costs an HVP.
+
+    Cost besides the HVPs: about five passes over the basis per iteration (Ritz vector,
+    residual, re-orthogonalisation, the new column of T), on vectors stored as contiguous
+    rows. Inner products over the dim entries go through :func:`_inner`, whose float64
+    accumulation keeps float32 solves accurate to well below the tolerance at dim ~ 1e6.
 
     Restart. When the basis reaches ``max_basis`` vectors it is compressed to the leading half
     of its Ritz vectors (thick restart); Q and H Q are rotated together, so no HVP is spent and
@@ -127,27 +134,29 @@ def lanczos(
     init, generator, dtype, device = _setup(dim, init, generator, dtype, device)
     product = _CountedProduct(matvec)
     capacity = min(dim, max(max_basis, 2 * k + 2))
-    basis = torch.empty(dim, 0, dtype=dtype, device=device)
-    products = torch.empty(dim, 0, dtype=dtype, device=device)
+    # Vectors are stored as rows, so appending one and every pass over the basis touch
+    # contiguous memory; basis_rows[:size].T is the (dim, size) matrix Q.
+    basis_rows = torch.empty(0, dim, dtype=dtype, device=device)
+    product_rows = torch.empty(0, dim, dtype=dtype, device=device)
     projected = torch.zeros(capacity, capacity, dtype=torch.float64, device=device)
 
     def append(block: torch.Tensor, size: int) -> int:
         """Add orthonormal columns ``block`` (orthogonal to the basis) and their products."""
-        nonlocal basis, products
+        nonlocal basis_rows, product_rows
         width = block.shape[1]
         block_products = product(block)
-        if size + width > basis.shape[1]:
+        if size + width > basis_rows.shape[0]:
             # Storage grows by doubling, so short solves never hold max_basis vectors.
-            columns = min(capacity, max(size + width, 2 * basis.shape[1], 16))
-            basis, products = _grown(basis, size, columns), _grown(products, size, columns)
-        basis[:, size : size + width] = block
-        products[:, size : size + width] = block_products
+            rows = min(capacity, max(size + width, 2 * basis_rows.shape[0], 16))
+            basis_rows, product_rows = _grown(basis_rows, size, rows), _grown(product_rows, size, rows)
+        basis_rows[size : size + width] = block.T
+        product_rows[size : size + width] = block_products.T
         new = slice(size, size + width)
-        cross = 0.5 * (basis[:, :size].T @ block_products + products[:, :size].T @ block)
-        projected[:size, new] = cross.double()
-        projected[new, :size] = cross.double().T
-        own = block.T @ block_products
-        projected[new, new] = 0.5 * (own + own.T).double()
+        # One pass over the basis: Q^T (H q) is the new column of T = Q^T H Q.
+        cross = _inner(basis_rows[:size].T, block_products)
+        projected[:size, new] = cross
+        projected[new, :size] = cross.T
+        projected[new, new] = _symmetric(_inner(block, block_products))
         return size + width
 
     start = _start_block(dim, init, 1 if init is None else 0, capacity, generator, dtype, device)
@@ -157,25 +166,25 @@ def lanczos(
         thetas, coefficients = _descending_eigh(projected[:size, :size])
         wanted = min(k, size)
         ritz_coefficients = coefficients[:, :wanted].to(dtype)
-        vectors = basis[:, :size] @ ritz_coefficients
-        residual_vectors = products[:, :size] @ ritz_coefficients - vectors * thetas[:wanted].to(dtype)
+        vectors = basis_rows[:size].T @ ritz_coefficients
+        residual_vectors = product_rows[:size].T @ ritz_coefficients - vectors * thetas[:wanted].to(dtype)
         residuals = _relative(residual_vectors, thetas[:wanted])
         unconverged = torch.nonzero(residuals > tol).flatten()
         converged = size >= k and unconverged.numel() == 0
         if converged or size == dim or (iterations >= max_iter and size >= k):
             break
         if unconverged.numel() > 0:
-            direction = residual_vectors[:, unconverged[:1]]
+            # A Ritz residual is orthogonal to span(Q) up to rounding: one pass restores it.
+            direction = _orthonormalize_once(residual_vectors[:, unconverged[:1]], basis_rows[:size])
         else:
-            direction = _random_block(dim, 1, generator, dtype, device)
-        direction = _orthonormalize(direction, basis[:, :size])
+            direction = _orthonormalize(_random_block(dim, 1, generator, dtype, device), basis_rows[:size].T)
         if direction.shape[1] == 0:
-            direction = _random_direction(basis[:, :size], generator)
+            direction = _random_direction(basis_rows[:size].T, generator)
         if size == capacity:
             keep = max(k + 1, capacity // 2)
             kept = coefficients[:, :keep].to(dtype)
-            basis[:, :keep] = basis[:, :size] @ kept
-            products[:, :keep] = products[:, :size] @ kept
+            basis_rows[:keep] = kept.T @ basis_rows[:size]
+            product_rows[:keep] = kept.T @ product_rows[:size]
             projected.zero_()
             projected[:keep, :keep] = torch.diag(thetas[:keep])
             size = keep
@@ -236,7 +245,7 @@ def lobpcg(
     n_random = width + 1 if init is None else max(0, width - _init_width(init))
     start = _start_block(dim, init, n_random, dim, generator, dtype, device)
     start_products = product(start)
-    thetas, coefficients = _descending_eigh(_symmetric(start.T @ start_products))
+    thetas, coefficients = _descending_eigh(_symmetric(_inner(start, start_products)))
     coefficients = coefficients.to(dtype)
     x, ax = start @ coefficients[:, :width], start_products @ coefficients[:, :width]
     p, ap = start @ coefficients[:, width:], start_products @ coefficients[:, width:]
@@ -254,7 +263,7 @@ def lobpcg(
             break
         aw = product(w)
         search, search_products = torch.cat([x, p, w], dim=1), torch.cat([ax, ap, aw], dim=1)
-        all_thetas, coefficients = _descending_eigh(_symmetric(search.T @ search_products))
+        all_thetas, coefficients = _descending_eigh(_symmetric(_inner(search, search_products)))
         coefficients = coefficients[:, :width].to(dtype)
         x, ax = search @ coefficients, search_products @ coefficients
         p, ap = search[:, width:] @ coefficients[width:], search_products[:, width:] @ coefficients[width:]
@@ -300,15 +309,16 @@ def power_iteration(
         vector = init.reshape(dim, -1)[:, :1].clone()
     else:
         vector = _random_block(dim, 1, generator, dtype, device)
-    vector = vector / vector.norm()
+    vector = vector / _norms(vector).to(dtype)
     iterations = 0
     while True:
         image = product(vector)
-        rho = (vector.T @ image).reshape(())
-        residual = _relative(image - rho * vector, rho.reshape(1).double())
+        rho64 = _inner(vector, image).reshape(1)
+        rho = rho64.to(dtype).reshape(())
+        residual = _relative(image - rho * vector, rho64)
         iterations += 1
         converged = bool(residual[0] <= tol)
-        norm = image.norm()
+        norm = _norms(image)[0].to(dtype)
         if converged or iterations >= max_iter or norm == 0:
             break
         vector = image / norm
@@ -354,7 +364,7 @@ def _descending_eigh(matrix: torch.Tensor) -> tuple:
 
 def _relative(residual_vectors: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
     """||r_i|| / |theta_i| for the columns r_i of ``residual_vectors`` (0 for an exact pair)."""
-    norms = residual_vectors.norm(dim=0).double()
+    norms = _norms(residual_vectors)
     return torch.where(norms == 0, torch.zeros_like(norms), norms / thetas.abs())
 
 
@@ -397,11 +407,37 @@ def _start_block(dim: int, init: Optional[torch.Tensor], n_random: int, max_size
     return block
 
 
-def _grown(buffer: torch.Tensor, used: int, columns: int) -> torch.Tensor:
-    """A wider copy of ``buffer`` holding its first ``used`` columns."""
-    wider = torch.empty(buffer.shape[0], columns, dtype=buffer.dtype, device=buffer.device)
-    wider[:, :used] = buffer[:, :used]
-    return wider
+def _grown(buffer: torch.Tensor, used: int, rows: int) -> torch.Tensor:
+    """A taller copy of ``buffer`` holding its first ``used`` rows."""
+    taller = torch.empty(rows, buffer.shape[1], dtype=buffer.dtype, device=buffer.device)
+    taller[:used] = buffer[:used]
+    return taller
+
+
+def _inner(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A^T B in float64 for tall blocks A (dim, a) and B (dim, b).
+
+    Single-precision matrix products over very long columns lose digits (about 1e-3
+    relative at dim ~ 2e6 on the CPU, which would put a floor under the residuals), so for
+    low-precision dtypes the products of chunks of ``_CHUNK`` rows are summed in float64.
+    """
+    if A.dtype == torch.float64:
+        return A.T @ B
+    dim = A.shape[0]
+    chunks = dim // _CHUNK
+    whole = chunks * _CHUNK
+    out = torch.zeros(A.shape[1], B.shape[1], dtype=torch.float64, device=A.device)
+    if chunks:
+        a = A[:whole].reshape(chunks, _CHUNK, A.shape[1]).transpose(1, 2)
+        out += (a @ B[:whole].reshape(chunks, _CHUNK, B.shape[1])).double().sum(0)
+    if whole < dim:
+        out += (A[whole:].T @ B[whole:]).double()
+    return out
+
+
+def _norms(block: torch.Tensor) -> torch.Tensor:
+    """Column norms of a tall block, in float64 (a sum of squares keeps its digits)."""
+    return (block * block).sum(dim=0).double().sqrt()
 
 
 def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
@@ -419,6 +455,19 @@ def _orthonormalize(block: torch.Tensor, basis: Optional[torch.Tensor] = None) -
     return _gram_schmidt(block, None, basis, None, 100 * eps)[0]
 
 
+def _orthonormalize_once(column: torch.Tensor, basis_rows: torch.Tensor) -> torch.Tensor:
+    """``column`` (dim, 1), already orthogonal to the rows of ``basis_rows`` up to rounding,
+    made orthogonal to working precision by one Gram-Schmidt pass and normalised; (dim, 0)
+    when nothing of it is left (more than 100 eps of its norm must remain)."""
+    norm = _norms(column)[0]
+    if basis_rows.shape[0] > 0:
+        column = column - basis_rows.T @ _inner(basis_rows.T, column).to(column.dtype)
+    kept = _norms(column)[0]
+    if not kept > 100 * torch.finfo(column.dtype).eps * norm:
+        return column[:, :0]
+    return column / kept.to(column.dtype)
+
+
 def _orthonormalize_with_products(block, block_products, basis, basis_products) -> tuple:
     """:func:`_orthonormalize` applied to ``block`` and, with the same linear combinations, to
     its stored products A block (using A basis), so that A block stays known without HVPs.
@@ -430,30 +479,30 @@ def _orthonormalize_with_products(block, block_products, basis, basis_products) 
 
 
 def _gram_schmidt(block, block_products, basis, basis_products, keep_ratio) -> tuple:
-    original_norms = block.norm(dim=0)
+    original_norms = _norms(block)
     if basis is not None and basis.shape[1] > 0:
         for _ in range(2):
-            overlap = basis.T @ block
+            overlap = _inner(basis, block).to(block.dtype)
             block = block - basis @ overlap
             if block_products is not None:
                 block_products = block_products - basis_products @ overlap
     columns, column_products = [], []
     for j in range(block.shape[1]):
-        column = block[:, j]
-        column_product = block_products[:, j] if block_products is not None else None
+        column = block[:, j : j + 1]
+        column_product = block_products[:, j : j + 1] if block_products is not None else None
         for _ in range(2):
             for i, previous in enumerate(columns):
-                overlap = previous @ column
-                column = column - overlap * previous
+                overlap = _inner(previous, column).to(column.dtype)
+                column = column - previous * overlap
                 if column_product is not None:
-                    column_product = column_product - overlap * column_products[i]
-        norm = column.norm()
+                    column_product = column_product - column_products[i] * overlap
+        norm = _norms(column)[0]
         if norm > keep_ratio * original_norms[j] and norm > 0:
-            columns.append(column / norm)
+            columns.append(column / norm.to(column.dtype))
             if column_product is not None:
-                column_products.append(column_product / norm)
+                column_products.append(column_product / norm.to(column.dtype))
     empty = block[:, :0]
-    block = torch.stack(columns, dim=1) if columns else empty
+    block = torch.cat(columns, dim=1) if columns else empty
     if block_products is None:
         return block, None
-    return block, torch.stack(column_products, dim=1) if column_products else empty
+    return block, torch.cat(column_products, dim=1) if column_products else empty
