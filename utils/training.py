@@ -443,7 +443,6 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
     started = time.perf_counter() - elapsed_before
     progress = _Progress(total, start_step, cfg.quiet)
     status, step, permutation, perm_epoch = "finished", start_step, None, None
-    last_info = {}
 
     def elapsed():
         return time.perf_counter() - started
@@ -469,6 +468,7 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
             if schedule.is_due(loss_schedule, step):
                 row["full_loss"], row["full_accuracy"] = evaluate(model, loss_fn, X, Y)
             row.update(monitor.measure(step, xb, yb))
+            measured = len(row) > 2  # rows that carry a full loss or a measurement are always logged
 
             optimizer.zero_grad(set_to_none=True)
             if setup.noise is None:
@@ -485,10 +485,9 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
                 else:
                     setup.noise.update(step)
             row[TIME_COLUMN] = elapsed()
-            if step % cfg.log_every == 0 or len(row) > 5 or diverged or reached or step == total - 1:
+            if step % cfg.log_every == 0 or measured or diverged or reached or step == total - 1:
                 writer.write_row(row)
-            last_info = {k: row[k] for k in ("batch_loss", "full_loss", "lambda_max", "batch_sharpness") if k in row}
-            progress.update(step, last_info)
+            progress.update(step, {k: row[k] for k in ("batch_loss", "full_loss", "lambda_max", "batch_sharpness") if k in row})
             if diverged:
                 status = "diverged"
                 print(f"training diverged at step {step}: the loss is {row['batch_loss']:g}; the run folder keeps everything up to this step",
