@@ -79,17 +79,16 @@ def test_directional_forms_equal_double_backward(activation, loss_name):
     X, Y = image_data(11, loss_name)
     net = fast_curvature.linear_network(model, loss_fn, X, Y)
     idx = torch.tensor([[0, 3, 5], [2, 3, 10], [1, 7, 8], [4, 6, 9]])
-    a = torch.tensor([1.0, 2.0, 0.0, -1.0], dtype=torch.float64)
-    c = torch.tensor([0.0, -1.0, 1.0, 0.5], dtype=torch.float64)
     op = HessianOperator(model, loss_fn, X, Y)
-    g = op.gradient()
-    V = torch.stack([a[k] * flat_grad(model, loss_fn, X[rows], Y[rows]) + c[k] * g
-                     for k, rows in enumerate(idx)], dim=1)
-    expected = (V * op.matvec(V)).sum(0)
-    gradient = net.full_gradient(X, Y, chunk_rows=4)
+    G = torch.stack([flat_grad(model, loss_fn, X[rows], Y[rows]) for rows in idx], dim=1)
+    expected = (G * op.matvec(G)).sum(0)
     for chunk_rows in (None, 4):
-        forms = net.quadratic_forms(X, Y, X[idx], Y[idx], a, c, gradient, chunk_rows=chunk_rows)
+        forms = net.quadratic_forms(X, Y, X[idx], Y[idx], chunk_rows=chunk_rows)
         torch.testing.assert_close(forms, expected, rtol=1e-11, atol=1e-14)
+    v = torch.randn(G.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(net.batch_dot(X[idx], Y[idx], net.split(v)), G.T @ v, rtol=1e-12, atol=1e-14)
+    g = op.gradient()
+    gradient = net.full_gradient(X, Y, chunk_rows=4)
     torch.testing.assert_close(fast_curvature._norm2(gradient), (g @ g).item(), rtol=1e-12, atol=0)
 
 

@@ -303,30 +303,58 @@ class LinearNetwork:
                     grad[1] += delta.sum(0)
         return grads
 
-    def quadratic_forms(self, X, Y, batch_X, batch_Y, a: torch.Tensor, c: torch.Tensor | None,
-                        gradient=None, chunk_rows: int | None = None) -> torch.Tensor:
-        """v_k^T H v_k for v_k = a_k g_{B_k} + c_k g, H and g on all of (X, Y); shape (K,).
+    def split(self, flat: torch.Tensor) -> list:
+        """A flat parameter vector (in ``model.parameters()`` order) as per-layer (V_l, c_l)."""
+        pieces, start = [], 0
+        for layer in self.layers:
+            weight = flat[start : start + layer.weight.numel()].view_as(layer.weight)
+            start += layer.weight.numel()
+            bias = None
+            if layer.bias is not None:
+                bias = flat[start : start + layer.bias.numel()]
+                start += layer.bias.numel()
+            pieces.append((weight, bias))
+        return pieces
 
-        ``batch_X`` (K, b, ...) and ``batch_Y`` hold the batches B_k; ``c`` and ``gradient``
-        (from :meth:`full_gradient`) may be None for v_k = a_k g_{B_k}. The data are processed
-        in chunks of at most ``chunk_rows`` rows.
-        """
+    def _batch_factors(self, batch_X, batch_Y):
+        """Layer inputs and errors (each (K, b, d)) of K batches: g_{B_k} in factored form."""
         K, b = batch_X.shape[0], batch_X.shape[1]
+        rows = self.sample_rows(batch_X.reshape(K * b, *batch_X.shape[2:]),
+                                batch_Y.reshape(K * b, *batch_Y.shape[2:]))
+        inputs = [h.reshape(K, b, -1) for h in rows.inputs]
+        return inputs, [d.reshape(K, b, -1) / b for d in rows.deltas]
+
+    def batch_dot(self, batch_X, batch_Y, vector: list) -> torch.Tensor:
+        """g_{B_k}^T v for K batches and v given per layer as (V_l, c_l or None); shape (K,).
+
+        sum_l sum_j delta_{l,j}^T (V_l h_{l-1,j} + c_l): one product of the batch rows with v.
+        """
+        inputs, deltas = self._batch_factors(batch_X, batch_Y)
+        total = 0
+        for (weight, bias), h, delta in zip(vector, inputs, deltas):
+            applied = h @ weight.T
+            if bias is not None:
+                applied = applied + bias
+            total = total + (applied * delta).sum((1, 2))
+        return total
+
+    def quadratic_forms(self, X, Y, batch_X, batch_Y, chunk_rows: int | None = None) -> torch.Tensor:
+        """g_{B_k}^T H g_{B_k} for K batches (K, b, ...), H on all of (X, Y); shape (K,).
+
+        The data are processed in chunks of at most ``chunk_rows`` rows; every chunk carries
+        all K directions forward at once.
+        """
+        K = batch_X.shape[0]
         n = X.shape[0]
-        inputs_B, derivatives_B, f_B = self._forward(self._inputs(batch_X.reshape(K * b, *batch_X.shape[2:])))
-        loss_grad_B, _ = self._loss_terms(f_B, self._targets(batch_Y, K * b))
-        scale = (a.to(self.dtype) / b).repeat_interleave(b)[:, None]
-        deltas_B = [d.reshape(K, b, -1) for d in self._backward(derivatives_B, loss_grad_B * scale)]
-        inputs_B = [h.reshape(K, b, -1) for h in inputs_B]
-        c = None if c is None else c.to(self.dtype).reshape(K, 1, 1)
+        inputs_B, deltas_B = self._batch_factors(batch_X, batch_Y)
         rows = max(1, _ROW_BUDGET // K) if chunk_rows is None else chunk_rows
         total = torch.zeros(K, dtype=self.dtype, device=self.device)
         for start in range(0, n, rows):
             stop = min(start + rows, n)
-            total += self._chunk_forms(X[start:stop], Y[start:stop], inputs_B, deltas_B, c, gradient) / n
+            total += self._chunk_forms(X[start:stop], Y[start:stop], inputs_B, deltas_B) / n
         return total
 
-    def _chunk_forms(self, X, Y, inputs_B, deltas_B, c, gradient) -> torch.Tensor:
+    def _chunk_forms(self, X, Y, inputs_B, deltas_B) -> torch.Tensor:
         """sum over the chunk's rows of the per-row second derivative, for every direction."""
         m = X.shape[0]
         K, b = deltas_B[0].shape[0], deltas_B[0].shape[1]
@@ -343,33 +371,16 @@ class LinearNetwork:
                 gram = gram + 1
             return gram @ deltas_B[l]
 
-        def along_gradient(l, h):
-            """G_l h + grad c_l for the full gradient G: the direction g applied to rows h."""
-            weight_grad, bias_grad = gradient[l]
-            out = h @ weight_grad.T
-            return out if bias_grad is None else out + bias_grad
-
-        zdot = gram_part(0, inputs[0], True)
-        if c is not None:
-            zdot = zdot + c * along_gradient(0, inputs[0])
-        zddot = None
+        zdot, zddot = gram_part(0, inputs[0], True), None
         for l in range(1, len(self.layers)):
             d1, d2 = derivatives[l - 1]
             hdot = d1 * zdot
             hddot = _plus(None if d2 is None else d2 * zdot * zdot,
                           None if zddot is None else d1 * zddot)
             weight = self.layers[l].weight
-            if c is None:
-                through_w, hdot_g = hdot @ weight.T, None
-            else:  # W_l and G_l in one multiply
-                both = hdot @ torch.cat([weight, gradient[l][0]]).T
-                through_w, hdot_g = both[..., : weight.shape[0]], both[..., weight.shape[0]:]
-            zdot = gram_part(l, inputs[l], True) + through_w
-            second = gram_part(l, hdot, False)
-            if c is not None:
-                zdot = zdot + c * along_gradient(l, inputs[l])
-                second = second + c * hdot_g
-            zddot = _plus(2 * second, None if hddot is None else hddot @ weight.T)
+            zdot = gram_part(l, inputs[l], True) + hdot @ weight.T
+            zddot = _plus(2 * gram_part(l, hdot, False),
+                          None if hddot is None else hddot @ weight.T)
         per_row = self._curvature(probs, zdot)
         if zddot is not None:
             per_row = per_row + (loss_grad * zddot).sum(-1)
@@ -635,9 +646,7 @@ def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_sam
         def compute(m):
             def block(k):
                 idx = _draw(n, batch_size, k, generator, X.device)
-                ones = torch.ones(k, dtype=net.dtype, device=net.device)
-                return net.quadratic_forms(X, Y, *_gather(X, Y, idx), ones, None,
-                                           chunk_rows=_chunk_rows(rows, k))
+                return net.quadratic_forms(X, Y, *_gather(X, Y, idx), chunk_rows=_chunk_rows(rows, k))
             return _in_blocks(block, m, _directions_per_pass(batch_size))
 
         ahead = _SamplesAhead(compute, rel_se=rel_se, max_samples=max_samples,
@@ -759,30 +768,30 @@ def gni_by_batch_size(model, loss_fn, X, Y, batch_sizes, *, generator, chunk_siz
 
 
 class _FastCentredForms:
-    """|g|^2, g^T H g and (g_B - g)^T H (g_B - g) by Gram products (Linear/activation chains)."""
+    """|g|^2, g^T H g and (g_B - g)^T H (g_B - g) for Linear/activation chains.
 
-    def __init__(self, net: LinearNetwork, X, Y, chunk_size):
+    (g_B - g)^T H (g_B - g) = g_B^T H g_B - 2 g_B^T (H g) + g^T H g: the first term by
+    stacked batch directions, H g once by double backward and g_B^T (H g) by one product of
+    the batch rows with it.
+    """
+
+    def __init__(self, net: LinearNetwork, model, loss_fn, X, Y, chunk_size):
         self.net, self.X, self.Y = net, X, Y
         self.rows = _data_rows(X.shape[0], chunk_size)
-        with torch.no_grad():
-            self.gradient = net.full_gradient(X, Y, self.rows)
-            self.norm2 = _norm2(self.gradient)
-            one = torch.ones(1, dtype=net.dtype, device=net.device)
-            # a = 0: the batch part vanishes and the direction is g itself.
-            self.gHg = net.quadratic_forms(X, Y, X[:1, None], Y[:1, None], 0 * one, one,
-                                           self.gradient, chunk_rows=self.rows).item()
+        op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size)
+        g = op.gradient()
+        hg = op.matvec(g)
+        self.norm2, self.gHg = (g @ g).item(), (g @ hg).item()
+        self.hg = net.split(hg)
 
     def centred(self, idx: torch.Tensor) -> torch.Tensor:
-        b = idx.shape[1]
-
         def block(rows_idx):
-            k = rows_idx.shape[0]
-            ones = torch.ones(k, dtype=self.net.dtype, device=self.net.device)
-            return self.net.quadratic_forms(self.X, self.Y, self.X[rows_idx], self.Y[rows_idx],
-                                            ones, -ones, self.gradient,
-                                            chunk_rows=_chunk_rows(self.rows, k))
+            batch_X, batch_Y = self.X[rows_idx], self.Y[rows_idx]
+            quadratic = self.net.quadratic_forms(self.X, self.Y, batch_X, batch_Y,
+                                                 chunk_rows=_chunk_rows(self.rows, len(rows_idx)))
+            return quadratic - 2 * self.net.batch_dot(batch_X, batch_Y, self.hg) + self.gHg
 
-        step = _directions_per_pass(b)
+        step = _directions_per_pass(idx.shape[1])
         with torch.no_grad():
             return torch.cat([block(idx[i : i + step]) for i in range(0, idx.shape[0], step)])
 
@@ -813,4 +822,4 @@ def _centred_forms(model, loss_fn, X, Y, chunk_size, train_mode, exact):
     net = None if exact else linear_network(model, loss_fn, X, Y)
     if net is None:
         return _ExactCentredForms(model, loss_fn, X, Y, chunk_size, train_mode)
-    return _FastCentredForms(net, X, Y, chunk_size)
+    return _FastCentredForms(net, model, loss_fn, X, Y, chunk_size)
