@@ -36,9 +36,11 @@ def main(argv=None) -> int:
             if extra:
                 flags = ", ".join("--" + name.replace("_", "-") for name in extra)
                 raise UserError(f"--resume continues a run with its own settings; drop {flags} or fork with --cont-run")
-            run_dir, summary = resume(args.resume, args.resume_step, quiet=args.quiet or None, command_line=command_line)
+            run_dir, summary = resume(args.resume, args.resume_step, quiet=args.quiet or None, cpu=args.cpu,
+                                      command_line=command_line)
             if summary.get("already_done"):
-                print(f"{run_dir} already ended ({summary['status']} at step {summary['final_step']}); nothing to resume")
+                print(f"{run_dir} already ended ({summary['status']} at step {summary['final_step']}); nothing to resume "
+                      f"(branch from it with --cont-run {run_dir} --cont-step N)")
                 return 0
         elif args.cont_run:
             if args.cont_step is None:

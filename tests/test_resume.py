@@ -96,20 +96,50 @@ def test_hard_kill_truncated_row_is_dropped_and_rows_replaced(results_env):
     assert list(steps) == list(range(40))
 
 
-def test_resume_step_replays_from_that_checkpoint(results_env):
+def test_resume_step_replays_from_that_checkpoint(results_env, monkeypatch):
     reference, again = results_env / "ref", results_env / "again"
     training.main([*BASE, *MEASURED, "--run-dir", str(reference)])
-    training.main([*BASE, *MEASURED, "--run-dir", str(again)])
-    assert training.main(["--resume", str(again), "--resume-step", "12", "--quiet"]) == 0
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 31)
+        assert training.main([*BASE, *MEASURED, "--run-dir", str(again)]) == 130
+    assert training.main(["--resume", str(again), "--resume-step", "12", "--quiet", "--cpu"]) == 0
     same_results(reference, again)
     same_parameters(reference, again, 40)
 
 
-def test_resume_a_finished_run_says_so(results_env, capsys):
-    training.main([*BASE, "--steps", "5", "--run-dir", str(results_env / "done")])
+def test_resume_a_finished_run_says_so_and_touches_nothing(results_env, capsys):
+    done = results_env / "done"
+    training.main([*BASE, "--steps", "5", "--run-dir", str(done)])
+    before = {p: p.read_bytes() for p in done.rglob("*") if p.is_file()}
     capsys.readouterr()
-    assert training.main(["--resume", str(results_env / "done")]) == 0
+    assert training.main(["--resume", str(done)]) == 0
+    assert training.main(["--resume", str(done), "--resume-step", "0"]) == 0
     assert "nothing to resume" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in done.rglob("*") if p.is_file()} == before
+
+
+def test_damaged_run_folders_are_one_line_errors(results_env, capsys):
+    run_dir = results_env / "run"
+    training.main([*BASE, "--steps", "12", "--run-dir", str(run_dir)])
+    (run_dir / "summary.json").write_text("{not json")
+    capsys.readouterr()
+    assert training.main(["--resume", str(run_dir)]) == 2
+    assert "summary.json is damaged" in capsys.readouterr().err
+    os.unlink(run_dir / "summary.json")
+    os.unlink(run_dir / "results.txt")
+    assert training.main(["--resume", str(run_dir)]) == 2
+    assert "no results.txt" in capsys.readouterr().err
+
+
+def test_fork_replaces_epochs_by_steps_and_is_resumable_from_its_first_step(results_env):
+    parent, child = results_env / "parent", results_env / "child"
+    base = [a for a in BASE if a not in ("--steps", "40")]
+    assert training.main([*base, "--epochs", "3", "--run-dir", str(parent)]) == 0
+    assert training.main(["--cont-run", str(parent), "--cont-step", "14", "--steps", "30", "--checkpoint-every", "10",
+                          "--quiet", "--run-dir", str(child)]) == 0
+    config = json.loads((child / "config.json").read_text())["config"]
+    assert (config["steps"], config["epochs"]) == (30, None)
+    assert [s for s, _ in list_checkpoints(child)] == [12, 20, 30]
 
 
 def test_fork_continues_step_numbering_and_matches_parent(results_env):

@@ -217,3 +217,12 @@ def test_final_json_matches_the_dense_hessian(results_env):
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     exact = torch.linalg.eigvalsh(jacrev(grad(loss))(flat))[-1].item()
     assert abs(final["lambda_max"] - exact) <= 2e-4 * abs(exact)
+
+
+def test_json_files_are_strict_and_readable_by_others(results_env):
+    code, run_dir = train(results_env, "--steps", "50", "--lr", "1e4")
+    text = (run_dir / "summary.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text)
+    for name in ("summary.json", "config.json", "checkpoints/step_0.pt"):
+        assert (run_dir / name).stat().st_mode & 0o044 == 0o044, name

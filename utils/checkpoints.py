@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 
 import numpy as np
 import torch
 
 from utils.errors import UserError
+from utils.results import atomic_output
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -45,17 +45,12 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: str, state: dict) -> None:
     """torch.save to a temporary file in the same folder, then an atomic rename."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_output(path, suffix=".pt") as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:

@@ -8,6 +8,7 @@ never positions. Columns that measure elapsed time are ``wall_time`` or end in `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -69,15 +70,20 @@ def read_results(path: str):
     return pd.read_csv(path, comment="#")
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write through a temporary file in the same folder and rename, so readers never see half a file."""
+@contextlib.contextmanager
+def atomic_output(path: str, suffix: str = ""):
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
+
+    Readers never see half a file, and a failure leaves no temporary behind. The file gets
+    the permissions a plain ``open`` would give it (mkstemp's are owner-only), so
+    collaborators on a shared cluster can read results.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=suffix or os.path.basename(path))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -85,8 +91,33 @@ def atomic_write_text(path: str, text: str) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _json_safe(value):
+    """NaN and infinities become null: strict JSON readers reject them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def atomic_write_json(path: str, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=True) + "\n")
+    atomic_write_text(path, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
 
 
 def read_json(path: str):

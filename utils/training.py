@@ -323,23 +323,32 @@ def _pick_checkpoint(run_dir: str, step: int | None, at_or_before: bool) -> tupl
     return candidates[-1]
 
 
-def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None = None,
+def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None = None, cpu: bool = False,
            command_line: list[str] | None = None) -> tuple[str, dict]:
     """Continue the run in ``run_dir`` from its newest checkpoint (or the one at ``resume_step``).
 
     Rows of results.txt at or after the checkpoint's step, and a truncated last line left by a
     hard kill, are dropped before training continues, so the finished file equals that of a
-    run never interrupted (elapsed-time columns aside).
+    run never interrupted (elapsed-time columns aside). A run that ended (finished, stopped at
+    its loss, diverged) is left untouched and returned with ``already_done``; branch from it
+    with :func:`fork` instead.
     """
     record = read_run_config(run_dir)
     cfg = RunConfig.from_dict(record["config"])
     if quiet is not None:
         cfg.quiet = quiet
+    cfg.cpu = cfg.cpu or cpu
     summary_path = os.path.join(run_dir, "summary.json")
-    if resume_step is None and os.path.isfile(summary_path):
-        previous = read_json(summary_path)
+    if os.path.isfile(summary_path):
+        try:
+            previous = read_json(summary_path)
+        except (OSError, ValueError):
+            raise UserError(f"{summary_path} is damaged; delete it to resume the run from its newest checkpoint")
         if previous.get("status") in ("finished", "stopped_at_loss", "diverged"):
             return run_dir, {**previous, "already_done": True}
+    results_path = os.path.join(run_dir, "results.txt")
+    if not os.path.isfile(results_path):
+        raise UserError(f"{run_dir} has no results.txt; the run folder is damaged, start the run again")
     step, path = _pick_checkpoint(run_dir, resume_step, at_or_before=False)
     setup = build(cfg)
     monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
@@ -347,15 +356,17 @@ def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None =
     # On the CPU: the RNG states must stay CPU tensors; load_state_dict copies to the device.
     state = load_checkpoint(path)
     restore(setup, monitor, state)
-    results_path = os.path.join(run_dir, "results.txt")
     columns = list(BASE_COLUMNS) + monitor.columns + [TIME_COLUMN]
-    truncate_results(results_path, before_step=step)
-    for later, later_path in list_checkpoints(run_dir):
-        if later > step:
-            os.unlink(later_path)
-    if os.path.isfile(summary_path):
-        os.unlink(summary_path)
-    writer = ResultsWriter(results_path, columns, append=True)
+    try:
+        truncate_results(results_path, before_step=step)
+        for later, later_path in list_checkpoints(run_dir):
+            if later > step:
+                os.unlink(later_path)
+        if os.path.isfile(summary_path):
+            os.unlink(summary_path)
+        writer = ResultsWriter(results_path, columns, append=True)
+    except PermissionError as exc:
+        raise UserError(f"cannot write into {run_dir} ({exc.strerror}); resume needs a writable run folder")
     return run_dir, _finish(run_dir, setup, monitor, writer, start_step=step, elapsed_before=state.get("wall_time", 0.0))
 
 
@@ -369,6 +380,11 @@ def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[st
     """
     record = read_run_config(parent_dir)
     values = {**record["config"], **overrides}
+    # --steps and --epochs are alternatives: the one given on the command line replaces the parent's.
+    if "steps" in overrides:
+        values["epochs"] = None
+    elif "epochs" in overrides:
+        values["steps"] = None
     values["run_dir"] = overrides.get("run_dir")
     cfg = RunConfig.from_dict(values)
     step, path = _pick_checkpoint(parent_dir, cont_step, at_or_before=True)
@@ -457,7 +473,7 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
     with _SignalCatcher() as signals:
         while step < total:
             epoch, position = divmod(step, setup.steps_per_epoch)
-            if step % checkpoint_every == 0:
+            if step % checkpoint_every == 0 or step == start_step:  # a fork is resumable from its first step
                 save(step)
             if perm_epoch != epoch:
                 permutation, perm_epoch = epoch_permutation(cfg.data_ordering_seed, epoch, n).to(X.device), epoch
@@ -490,7 +506,8 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
             progress.update(step, {k: row[k] for k in ("batch_loss", "full_loss", "lambda_max", "batch_sharpness") if k in row})
             if diverged:
                 status = "diverged"
-                print(f"training diverged at step {step}: the loss is {row['batch_loss']:g}; the run folder keeps everything up to this step",
+                loss_name = "batch_loss" if not math.isfinite(row["batch_loss"]) else "full_loss"
+                print(f"training diverged at step {step}: {loss_name} is {row[loss_name]:g}; the run folder keeps everything up to this step",
                       file=sys.stderr)
                 break
             if reached:
