@@ -35,7 +35,7 @@ _WITH_SE = {column: with_se for columns in FAMILY_COLUMNS.values() for column, w
 
 # Each measurement gets its own random stream so enabling one never changes another's batches.
 _STREAM = {name: zlib.crc32(name.encode()) % 1000
-           for name in ("lambdamax", "batch_sharpness", "step_sharpness", "gni", "final", *FAMILY_COLUMNS)}
+           for name in ("lambdamax", "batch_sharpness", "step_sharpness", "gni", "final", "final_gni", *FAMILY_COLUMNS)}
 
 
 def stream_generator(measure_seed: int, step: int, name: str, device="cpu"):
@@ -175,7 +175,7 @@ class Monitor:
             chunk_size=cfg.hvp_chunk, warm_start=self.eigenvectors,
             generator=self._generator(step, "lambdamax"), method=cfg.eig_method)
         _warn_unconverged(step, "lambda_max", eig, tol)
-        self.eigenvectors = eig.vectors.detach().to(flat_params(self.model).dtype)
+        self.eigenvectors = eig.vectors.detach().to(next(self.model.parameters()).dtype)
         row = {"lambda_max": float(eig.values[0]), "lambda_max_seconds": est.seconds, "lambda_max_hvps": est.hvps}
         for i in range(2, cfg.num_eigenvalues + 1):
             row[f"lambda_{i}"] = float(eig.values[i - 1])
@@ -192,7 +192,7 @@ class Monitor:
         bs = measures.batch_sharpness(self.model, self.loss_fn, self.X, self.Y, cfg.batch,
                                       generator=self._generator(step, "final"), exact=cfg.exact_measurements)
         gni = measures.gni(self.model, self.loss_fn, self.X, self.Y, cfg.batch,
-                           generator=self._generator(step + 1, "final"), chunk_size=cfg.hvp_chunk,
+                           generator=self._generator(step, "final_gni"), chunk_size=cfg.hvp_chunk,
                            exact=cfg.exact_measurements)
         record = {"step": step, "lambda_max": top["lambda_max"], "batch_sharpness": bs.value,
                   "batch_sharpness_se": bs.se, "gni": gni.value, "gni_se": gni.se}
