@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 
 import matplotlib
@@ -19,6 +18,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import NullLocator, ScalarFormatter
 
 from utils.analysis import stability_label, stability_threshold
+from utils.errors import UserError
+from utils.results import atomic_output
 
 PAPER_WIDTH = 7.0  # inches, the text width of a two-column paper
 PANEL_HEIGHT = 2.0
@@ -89,21 +90,20 @@ def new_figure(nrows: int, ncols: int, height: float | None = None) -> tuple[Fig
 
 
 def save_figure(fig: Figure, folder: str, stem: str, dpi: int = 150) -> list[str]:
-    """Write ``stem``.png and ``stem``.pdf into ``folder`` atomically; return their paths."""
+    """Write ``stem``.png and ``stem``.pdf into ``folder`` atomically; return their paths.
+
+    An unwritable place is a UserError.
+    """
     written = []
     for fmt in ("png", "pdf"):
         path = os.path.join(folder, f"{stem}.{fmt}")
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=f".{fmt}")
-        os.close(fd)
+        # Dates and software names in the metadata would make identical figures differ.
+        metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
         try:
-            # Dates and software names in the metadata would make identical figures differ.
-            metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
-            fig.savefig(tmp, format=fmt, dpi=dpi, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+            with atomic_output(path, suffix=f".{fmt}") as tmp:
+                fig.savefig(tmp, format=fmt, dpi=dpi, metadata=metadata)
+        except OSError as exc:
+            raise UserError(f"cannot write {path} ({exc.strerror or exc}); pass a writable --out DIR")
         written.append(path)
     return written
 

@@ -197,10 +197,11 @@ def rebuild(run: Run, *, cpu: bool = False, dtype: torch.dtype = torch.float32) 
     """Data, model, loss and optimiser of ``run`` from its config.json (model weights as initialised).
 
     Runs on CUDA when available unless ``cpu``, whatever device the run was trained on; the
-    run's trackers are not needed (nor their packages) to analyse it. ``dtype`` is the
+    run's trackers are not needed (nor their packages) to analyse it, and data sets are never
+    downloaded (a missing one is a UserError). ``dtype`` is the
     precision of the model and of the inputs and float targets (checkpoints load into it).
     """
-    cfg = dataclasses.replace(run.cfg, cpu=cpu, quiet=True, wandb=False, tensorboard=False)
+    cfg = dataclasses.replace(run.cfg, cpu=cpu, quiet=True, wandb=False, tensorboard=False, download=False)
     setup = build(cfg)
     setup.model.to(dtype)
 
@@ -239,12 +240,23 @@ def common_folder(runs: list[Run]) -> str:
     return os.path.commonpath([os.path.abspath(run.run_dir) for run in runs])
 
 
+def unwritable(path: str, exc: OSError) -> UserError:
+    """The one-line error for an output file that cannot be written."""
+    return UserError(f"cannot write {path} ({exc.strerror or exc}); pass a writable --out DIR")
+
+
 def write_text_files(files: dict[str, str]) -> list[str]:
-    """Write every {path: text} atomically, creating folders as needed; return the paths written."""
+    """Write every {path: text} atomically, creating folders as needed; return the paths written.
+
+    An unwritable place is a UserError.
+    """
     for path in files:
         make_output_folder(os.path.dirname(os.path.abspath(path)))
     for path, text in files.items():
-        atomic_write_text(path, text)
+        try:
+            atomic_write_text(path, text)
+        except OSError as exc:
+            raise unwritable(path, exc)
     return list(files)
 
 
