@@ -14,13 +14,13 @@ import sys
 from utils.cli import run_cli
 from utils.sweep import (ENDED, build_status_parser, check_existing, define_sweep, dry_run_lines, format_status,
                          load_grid_file, merge_grids, parse_command_line, parse_grid_tokens, prepare_sweep,
-                         refresh_status, require_submitit, resolve_sweep_dir, run_local, sweep_folder)
+                         read_status, refresh_status, require_submitit, resolve_sweep_dir, run_local, sweep_folder)
 
 
 def status(argv: list[str]) -> int:
     args = build_status_parser().parse_args(argv)
     sweep_dir = resolve_sweep_dir(args.sweep_dir, args.name)
-    print(format_status(refresh_status(sweep_dir), sweep_dir))
+    print(format_status(read_status(sweep_dir), sweep_dir))
     return 0
 
 

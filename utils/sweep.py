@@ -299,8 +299,14 @@ def prepare_sweep(sweep_dir: str, definition: dict) -> dict:
     except OSError as exc:
         raise UserError(f"cannot create the sweep folder {sweep_dir} ({exc.strerror}); set $RESULTS to a writable folder")
     path = os.path.join(sweep_dir, "grid.json")
-    if not os.path.exists(path):
-        atomic_write_json(path, definition)
+    try:
+        if not os.path.exists(path):
+            atomic_write_json(path, definition)
+        with _sweep_lock(sweep_dir):  # every launcher takes it, so check now that it can
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write into the sweep folder {sweep_dir} ({exc.strerror or exc}); "
+                        f"set $RESULTS to a writable folder or choose another --name")
     return load_definition(sweep_dir)
 
 
@@ -430,17 +436,31 @@ def _sweep_lock(sweep_dir: str):
         yield
 
 
+def status_table(sweep_dir: str, definition: dict) -> dict:
+    """The contents of sweep.json, read from the run folders."""
+    runs = [point_state(sweep_dir, p) for p in definition["points"]]
+    counts = {s: n for s in STATUSES if (n := sum(r["status"] == s for r in runs))}
+    return {"version": SWEEP_VERSION, "name": definition["name"],
+            "updated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "counts": counts, "runs": runs}
+
+
 def refresh_status(sweep_dir: str) -> dict:
     """Rebuild sweep.json from the run folders (under the sweep lock) and return it."""
     definition = load_definition(sweep_dir)
     with _sweep_lock(sweep_dir):
-        runs = [point_state(sweep_dir, p) for p in definition["points"]]
-        counts = {s: n for s in STATUSES if (n := sum(r["status"] == s for r in runs))}
-        table = {"version": SWEEP_VERSION, "name": definition["name"],
-                 "updated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                 "counts": counts, "runs": runs}
+        table = status_table(sweep_dir, definition)
         atomic_write_json(os.path.join(sweep_dir, "sweep.json"), table)
     return table
+
+
+def read_status(sweep_dir: str) -> dict:
+    """:func:`refresh_status`, or, in a sweep folder this user cannot write (read-only, another
+    user's), the same table without the lock and without rewriting sweep.json."""
+    try:
+        return refresh_status(sweep_dir)
+    except OSError:
+        return status_table(sweep_dir, load_definition(sweep_dir))
 
 
 def format_status(table: dict, sweep_dir: str) -> str:
@@ -717,7 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_status_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="sweep.py status", allow_abbrev=False,
-                       description="Show each run's status and progress and rewrite sweep.json.")
+                       description="Show each run's status and progress and rewrite sweep.json "
+                                   "(where the sweep folder is writable).")
     p.add_argument("sweep_dir", nargs="?", default=None, help="the sweep folder")
     p.add_argument("--name", default=None, help="the sweep's name (its folder is $RESULTS/sweeps/NAME)")
     return p
