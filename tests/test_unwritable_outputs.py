@@ -1,6 +1,8 @@
 """Outputs that cannot be written are one-line errors with exit code 2, not tracebacks; written
-figures get ordinary permissions; a read-only sweep folder still shows its status table."""
+figures get ordinary permissions; a read-only sweep folder still shows its status table; an
+analysis never downloads a data set."""
 
+import dataclasses
 import os
 
 import pytest
@@ -8,9 +10,11 @@ import pytest
 import plot_results
 import sharpness_gap
 import sweep
+import utils.data
 from analysis_runs import copy_run, runs  # noqa: F401
 from utils.errors import UserError
 from utils.plotting import new_figure, save_figure
+from utils.runs import load_run, rebuild
 from utils.sweep import define_sweep, parse_grid_tokens, prepare_sweep, sweep_folder
 
 GRID = ["--lr", "0.05", "0.1"]
@@ -80,3 +84,11 @@ def test_preparing_an_unwritable_sweep_is_a_user_error(results_env):
     os.makedirs(os.path.join(sweep_dir, ".lock"))
     with pytest.raises(UserError, match="^cannot write into the sweep folder .*; set \\$RESULTS"):
         prepare_sweep(sweep_dir, definition)
+
+
+def test_rebuilding_a_run_never_downloads(runs, tmp_path, monkeypatch):
+    run = load_run(str(runs["a"]))
+    run.cfg = dataclasses.replace(run.cfg, dataset="cifar10", download=True)
+    monkeypatch.setattr(utils.data, "_download", lambda *a: pytest.fail("rebuild reached the network"))
+    with pytest.raises(UserError, match="cifar10 files missing"):
+        rebuild(run, cpu=True)
