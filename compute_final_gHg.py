@@ -3,9 +3,12 @@
     python compute_final_gHg.py                            # the newest run under $RESULTS
     python compute_final_gHg.py RUN_DIR --batch-sizes 8 32 128
 
-For every batch size b: Batch Sharpness E_B[g_BᵀH_Bg_B/‖g_B‖²], the ratio of means
-E_B[g_BᵀH_Bg_B]/E_B[‖g_B‖²] and GNI E_B[g_BᵀHg_B]/‖g‖², each with standard error and sample
-count. Writes ``final_ghg.json`` (keyed by batch size) and ``final_ghg.csv`` into the run
+For every batch size b (the training batch size always among them): Batch Sharpness
+E_B[g_BᵀH_Bg_B/‖g_B‖²], the ratio of means E_B[g_BᵀH_Bg_B]/E_B[‖g_B‖²] and GNI
+E_B[g_BᵀHg_B]/‖g‖², each with standard error and sample count. GNI comes from
+GNI(b) = (gᵀHg + c_b tr(HS))/‖g‖², c_b = (n−b)/(b(n−1)), with one estimate of tr(HS) for all b
+(``gni_method`` "tr(HS) identity"); models with BatchNorm, where g_B is not a mean of
+per-sample gradients, measure it at each b separately ("per batch size"). Writes ``final_ghg.json`` (keyed by batch size) and ``final_ghg.csv`` into the run
 folder or ``--out DIR``, and prints a table.
 """
 
@@ -16,8 +19,8 @@ import sys
 import pandas as pd
 from tqdm import tqdm
 
-from utils.analysis import (check_batch_sizes, default_batch_sizes, ghg_family, ghg_record, stability_label,
-                            stability_threshold)
+from utils.analysis import (check_batch_sizes, default_batch_sizes, ghg_family, ghg_record, gni_all_batch_sizes,
+                            stability_label, stability_threshold)
 from utils.cli import run_cli
 from utils.errors import UserError
 from utils.runs import (DTYPES, build_analysis_parser, checkpoint_list, load_weights, output_folders,
@@ -31,7 +34,7 @@ def build_parser():
                               default_latest=True, rebuilds=True)
     g = p.add_argument_group("measurement")
     g.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B",
-                   help="batch sizes to measure (default: powers of two up to n, and the training batch size)")
+                   help="batch sizes to measure besides the training batch size (default: powers of two up to n)")
     g.add_argument("--max-samples", type=int, default=None,
                    help="at most this many random batches per estimate (default: the measurements' own limit)")
     g.add_argument("--hvp-chunk", type=int, default=None, help="samples per chunk of full-batch Hessian products (default: the run's)")
@@ -53,16 +56,21 @@ def measure_run(run, checkpoint: str, args) -> dict:
     step = load_weights(setup, checkpoint)
     X, Y = setup.data.X_train, setup.data.Y_train
     n = X.shape[0]
-    sizes = check_batch_sizes(args.batch_sizes, n) if args.batch_sizes else default_batch_sizes(n, run.cfg.batch)
+    sizes = (check_batch_sizes([*args.batch_sizes, run.cfg.batch], n) if args.batch_sizes
+             else default_batch_sizes(n, run.cfg.batch))
     seed = run.cfg.measure_seed if args.seed is None else args.seed
+    chunk_size = args.hvp_chunk or run.cfg.hvp_chunk
+    gni = gni_all_batch_sizes(setup.model, setup.loss_fn, X, Y, sizes, measure_seed=seed, step=step,
+                              chunk_size=chunk_size, max_samples=args.max_samples)
     by_size = {}
     for b in tqdm(sizes, desc=run.name, unit="batch size", disable=args.quiet):
         estimates = ghg_family(setup.model, setup.loss_fn, X, Y, b, measure_seed=seed, step=step,
-                               chunk_size=args.hvp_chunk or run.cfg.hvp_chunk, max_samples=args.max_samples)
+                               chunk_size=chunk_size, max_samples=args.max_samples, gni=None if gni is None else gni[b])
         by_size[str(b)] = ghg_record(estimates)
     return {"step": step, "checkpoint": os.path.basename(checkpoint), "num_train": n, "training_batch": run.cfg.batch,
             "measure_seed": seed, "dtype": args.dtype, "device": str(setup.device), "threshold": stability_threshold(run.cfg),
-            "threshold_label": stability_label(run.cfg), "batch_sizes": by_size}
+            "threshold_label": stability_label(run.cfg),
+            "gni_method": "per batch size" if gni is None else "tr(HS) identity", "batch_sizes": by_size}
 
 
 def ghg_frame(record: dict) -> pd.DataFrame:

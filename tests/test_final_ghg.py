@@ -1,44 +1,66 @@
 """compute_final_gHg.py end to end: the gHg family at the final checkpoint against the measurement functions."""
 
 import json
+import math
 
 import pandas as pd
 import pytest
+import torch
 
 import compute_final_gHg
 import sharpness_gap
 from analysis_runs import (check_bad_input, copy_run, final_model, missing_folder, no_checkpoints, runs,  # noqa: F401
                            unknown_version)
-from utils.analysis import default_batch_sizes
+from utils.analysis import default_batch_sizes, gni_all_batch_sizes
 from utils.estimators import measurement_generator
+from utils.fast_curvature import gni_by_batch_size
+from utils.losses import mse_loss
 from utils.measures import batch_sharpness, batch_sharpness_ratio, gni
 
 
 def test_ghg_matches_the_measurement_functions(runs, tmp_path, capsys):
     out = tmp_path / "out"
-    assert compute_final_gHg.main([str(runs["a"]), "--batch-sizes", "4", "8", "--max-samples", "25",
+    assert compute_final_gHg.main([str(runs["a"]), "--batch-sizes", "4", "32", "--max-samples", "25",
                                    "--out", str(out), "--cpu", "--quiet"]) == 0
     assert f"wrote {out / 'final_ghg.csv'}" in capsys.readouterr().out
     record = json.loads((out / "final_ghg.json").read_text())
-    assert sorted(record["batch_sizes"]) == ["4", "8"] and record["training_batch"] == 8 and record["step"] == 30
+    # The training batch size 8 is measured whatever --batch-sizes says.
+    assert sorted(record["batch_sizes"], key=int) == ["4", "8", "32"] and record["training_batch"] == 8
+    assert record["step"] == 30 and record["gni_method"] == "tr(HS) identity"
 
     run, setup, step = final_model(runs["a"])
     args = (setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train)
-    for b in (4, 8):
+    identity = gni_by_batch_size(*args, [4, 8, 32], generator=measurement_generator(run.cfg.measure_seed, step),
+                                 max_samples=25, min_samples=20)
+    for b in (4, 8, 32):
         limits = {"generator": measurement_generator(run.cfg.measure_seed, step), "max_samples": 25, "min_samples": 20}
         expected = {"batch_sharpness": batch_sharpness(*args, b, **limits)}
         limits["generator"] = measurement_generator(run.cfg.measure_seed, step)
         expected["batch_sharpness_ratio"] = batch_sharpness_ratio(*args, b, **limits)
-        limits["generator"] = measurement_generator(run.cfg.measure_seed, step)
-        expected["gni"] = gni(*args, b, **limits)
+        expected["gni"] = identity[b]
         got = record["batch_sizes"][str(b)]
         for name, estimate in expected.items():
             assert (got[name], got[f"{name}_se"], got[f"{name}_n"]) == (estimate.value, estimate.se, estimate.n)
             assert 20 <= got[f"{name}_n"] <= 25 and got[f"{name}_se"] > 0
 
+        # GNI from one tr(HS) estimate agrees with GNI measured at b alone, within their errors.
+        limits["generator"] = measurement_generator(run.cfg.measure_seed, step)
+        alone = gni(*args, b, **limits)
+        assert abs(got["gni"] - alone.value) < 3 * math.hypot(got["gni_se"], alone.se)
+
     table = pd.read_csv(out / "final_ghg.csv")
-    assert list(table["batch_size"]) == [4, 8]
+    assert list(table["batch_size"]) == [4, 8, 32]
     assert table.loc[1, "gni"] == record["batch_sizes"]["8"]["gni"]
+
+
+def test_gni_is_measured_per_batch_size_with_batchnorm():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    X, Y = torch.randn(12, 3), torch.randn(12, 1)
+    assert gni_all_batch_sizes(model, mse_loss, X, Y, [4, 6], measure_seed=0, step=0) is None
+    without = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    by_size = gni_all_batch_sizes(without, mse_loss, X, Y, [4, 6, 12], measure_seed=0, step=0, max_samples=20)
+    assert sorted(by_size) == [4, 6, 12] and by_size[12].se == 0
 
 
 def test_default_batch_sizes():

@@ -14,6 +14,8 @@ import math
 from utils import measures
 from utils.errors import UserError
 from utils.estimators import Estimate, measurement_generator
+from utils.fast_curvature import gni_by_batch_size
+from utils.models import has_batchnorm
 
 ADAM_BETA1 = 0.9  # utils.training builds Adam with betas (0.9, 0.999)
 GHG_QUANTITIES = ("batch_sharpness", "batch_sharpness_ratio", "gni")
@@ -75,8 +77,12 @@ def check_batch_sizes(sizes, n: int) -> list[int]:
     return sorted(set(sizes))
 
 
+def _sample_limits(max_samples) -> dict:
+    return {} if max_samples is None else {"max_samples": max_samples, "min_samples": min(20, max_samples)}
+
+
 def ghg_family(model, loss_fn, X, Y, batch_size: int, *, measure_seed: int, step: int,
-               chunk_size=None, max_samples=None) -> dict[str, Estimate]:
+               chunk_size=None, max_samples=None, gni: Estimate | None = None) -> dict[str, Estimate]:
     """The gHg family at one batch size b, each with its standard error and sample count:
 
         batch_sharpness        E_B[ g_B^T H_B g_B / |g_B|^2 ]      (mean of ratios)
@@ -85,19 +91,38 @@ def ghg_family(model, loss_fn, X, Y, batch_size: int, *, measure_seed: int, step
 
     Each estimate draws its batches from a fresh ``measurement_generator(measure_seed, step)``:
     the three share their random batches (common random numbers), so differences between
-    them are less noisy than their separate standard errors suggest.
+    them are less noisy than their separate standard errors suggest. ``gni``, when given
+    (from :func:`gni_all_batch_sizes`), is used instead of measuring GNI at b alone.
     """
-    limit = {} if max_samples is None else {"max_samples": max_samples, "min_samples": min(20, max_samples)}
+    limit = _sample_limits(max_samples)
 
     def generator():
         return measurement_generator(measure_seed, step, device=X.device)
 
+    if gni is None:
+        gni = measures.gni(model, loss_fn, X, Y, batch_size, generator=generator(), chunk_size=chunk_size, **limit)
     return {
         "batch_sharpness": measures.batch_sharpness(model, loss_fn, X, Y, batch_size, generator=generator(), **limit),
         "batch_sharpness_ratio": measures.batch_sharpness_ratio(model, loss_fn, X, Y, batch_size,
                                                                 generator=generator(), **limit),
-        "gni": measures.gni(model, loss_fn, X, Y, batch_size, generator=generator(), chunk_size=chunk_size, **limit),
+        "gni": gni,
     }
+
+
+def gni_all_batch_sizes(model, loss_fn, X, Y, batch_sizes, *, measure_seed: int, step: int,
+                        chunk_size=None, max_samples=None) -> dict[int, Estimate] | None:
+    """GNI(b) = (g^T H g + c_b tr(HS)) / |g|^2 for every b from one estimate of tr(HS)
+    (:func:`utils.fast_curvature.gni_by_batch_size`), c_b = (n - b) / (b (n - 1)).
+
+    None where that identity does not hold: with BatchNorm, g_B is not the mean of the
+    per-sample gradients of B; with n < 2 there is no noise to sample. The batches come from
+    ``measurement_generator(measure_seed, step)``.
+    """
+    if has_batchnorm(model) or X.shape[0] < 2:
+        return None
+    return gni_by_batch_size(model, loss_fn, X, Y, batch_sizes, chunk_size=chunk_size,
+                             generator=measurement_generator(measure_seed, step, device=X.device),
+                             **_sample_limits(max_samples))
 
 
 def ghg_record(estimates: dict[str, Estimate]) -> dict:
