@@ -7,7 +7,10 @@ Per run: the plateau of λ_max and of Batch Sharpness (the median over the last 
 fraction of training, or final_fullbs.json / final_ghg.json / final.json when present), their
 gap and the optimiser's stability line (2/η for SGD). Writes ``sharpness_gap.csv`` and
 ``sharpness_gap.png`` / ``.pdf`` (both sharpnesses and the gap against batch size, one line per
-step size) into the runs' common folder or ``--out DIR``, and prints the table.
+step size), and prints the table. For several runs the files are ``sharpness_gap_<hash>.*``
+(8 hex digits naming the set of runs, so different selections never overwrite each other) in
+the folder that directly holds them all (a ``<dataset>_<model>`` folder, a sweep's ``runs/``)
+or ``--out DIR``, which runs spread over several folders need.
 """
 
 import os
@@ -19,8 +22,8 @@ from utils.analysis import sharpness_plateaus
 from utils.cli import run_cli
 from utils.errors import UserError
 from utils.plotting import plot_sharpness_gap, save_figure
-from utils.runs import (build_analysis_parser, common_folder, make_output_folder, read_optional_json,
-                        read_run_results, runs_from_args, write_text_files)
+from utils.runs import (analysis_folder, build_analysis_parser, read_optional_json, read_run_results, runs_from_args,
+                        selection_stem, write_text_files)
 
 PROG = "sharpness_gap.py"
 FIX = {"lambda_max": "train with --lambdamax or --final, or run compute_final_fullbs.py on it",
@@ -28,7 +31,9 @@ FIX = {"lambda_max": "train with --lambdamax or --final, or run compute_final_fu
 
 
 def build_parser():
-    p = build_analysis_parser(PROG, "Plateaus of λ_max and Batch Sharpness over a group of runs, and their gap.",
+    p = build_analysis_parser(PROG, "Plateaus of λ_max and Batch Sharpness over a group of runs, and their gap. "
+                                    "Several runs write sharpness_gap_<hash>.csv/.png/.pdf, <hash> being 8 hex digits "
+                                    "of the SHA-1 of the run folders' sorted relative paths.",
                               default_latest=False, rebuilds=False)
     g = p.add_argument_group("plateaus")
     g.add_argument("--tail", type=float, default=0.2, help="median over this last fraction of training (default 0.2)")
@@ -68,11 +73,12 @@ def main(argv=None) -> int:
         table = pd.DataFrame([run_row(run, args.tail, args.tail_only) for run in runs])
         table = table.sort_values(["lr", "batch"], kind="stable")
         figure = plot_sharpness_gap(table)
-        folder = make_output_folder(args.out or common_folder(runs))
+        folder = analysis_folder(runs, args.out)
+        stem = selection_stem("sharpness_gap", runs)
         shown = ["lr", "batch", "optimizer", "lambda_max", "batch_sharpness", "batch_sharpness_se", "gap", "threshold"]
         print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.5g}"))
-        written = write_text_files({os.path.join(folder, "sharpness_gap.csv"): table.to_csv(index=False)})
-        written += save_figure(figure, folder, "sharpness_gap", dpi=args.dpi)
+        written = write_text_files({os.path.join(folder, f"{stem}.csv"): table.to_csv(index=False)})
+        written += save_figure(figure, folder, stem, dpi=args.dpi)
         for path in written:
             print(f"wrote {path}")
         return 0

@@ -1,5 +1,6 @@
 """The analysis scripts end to end on short digits runs, their library functions, and bad inputs."""
 
+import hashlib
 import json
 import math
 import os
@@ -118,8 +119,9 @@ def test_sharpness_gap_table_and_figure(runs, tmp_path, capsys):
     out = tmp_path / "out"
     assert sharpness_gap.main([str(runs["a"]), str(runs["b"]), "--tail", "0.75", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"wrote {out / 'sharpness_gap.png'}" in printed
-    table = pd.read_csv(out / "sharpness_gap.csv")
+    stem = "sharpness_gap_" + hashlib.sha1(b"a\nb").hexdigest()[:8]  # the two runs' folder names
+    assert f"wrote {out / (stem + '.png')}" in printed
+    table = pd.read_csv(out / f"{stem}.csv")
     assert list(table["batch"]) == [8, 16] and list(table["lr"]) == [0.05, 0.1]
 
     frame = read_run_results(str(runs["a"]))
@@ -135,9 +137,9 @@ def test_sharpness_gap_table_and_figure(runs, tmp_path, capsys):
     assert b["batch_sharpness_se"] == final["batch_sharpness_se"]
     assert b["gap"] == final["batch_sharpness"] - final["lambda_max"] and b["threshold"] == pytest.approx(20.0)
 
-    image = matplotlib.image.imread(out / "sharpness_gap.png")
+    image = matplotlib.image.imread(out / f"{stem}.png")
     assert image.shape[1] == 7 * 150
-    assert (out / "sharpness_gap.pdf").read_bytes().startswith(b"%PDF")
+    assert (out / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
 
 
 def test_sharpness_gap_prefers_final_fullbs_json_unless_tail_only(runs, tmp_path):
@@ -204,8 +206,9 @@ def test_plot_results_overlay_legend_from_configs(runs, tmp_path):
     assert run_labels(selected) == ["lr=0.05, batch=8", "lr=0.1, batch=16"]
     out = tmp_path / "figures"
     assert plot_results.main(["--glob", "digits_mlp/*", "--out", str(out), "--dpi", "100"]) == 0
-    assert sorted(os.listdir(out)) == ["results_overlay.pdf", "results_overlay.png"]
-    assert matplotlib.image.imread(out / "results_overlay.png").shape[1] == 700
+    stem = "results_overlay_" + hashlib.sha1(b"a\nb").hexdigest()[:8]
+    assert sorted(os.listdir(out)) == [f"{stem}.pdf", f"{stem}.png"]
+    assert matplotlib.image.imread(out / f"{stem}.png").shape[1] == 700
 
 
 # Selecting runs

@@ -38,7 +38,7 @@ def test_figure_where_a_folder_stands_is_a_user_error(runs, tmp_path, capsys):
 def test_table_where_a_folder_stands_is_a_user_error(runs, tmp_path, capsys):
     out = tmp_path / "out"
     (out / "sharpness_gap.csv").mkdir(parents=True)
-    assert sharpness_gap.main([str(runs["a"]), str(runs["b"]), "--tail", "0.75", "--out", str(out)]) == 2
+    assert sharpness_gap.main([str(runs["a"]), "--tail", "0.75", "--out", str(out)]) == 2
     one_error_line(capsys, sharpness_gap.PROG, str(out / "sharpness_gap.csv"))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import glob
+import hashlib
 import io
 import math
 import os
@@ -245,6 +246,34 @@ def unwritable(path: str, exc: OSError) -> UserError:
     return UserError(f"cannot write {path} ({exc.strerror or exc}); pass a writable --out DIR")
 
 
+def analysis_folder(runs: list[Run], out: str | None) -> str:
+    """Where an analysis of ``runs`` as a group writes: ``out`` when given, else the run folder
+    of a single run, else the folder that directly holds every run (a ``<dataset>_<model>``
+    folder, a sweep's ``runs/``). Runs that meet only higher up (``$RESULTS``, ``$HOME``, ``/``)
+    need ``out``: a UserError.
+    """
+    if out is not None:
+        return make_output_folder(out)
+    if len(runs) == 1:
+        return runs[0].run_dir
+    base = common_folder(runs)
+    if any(os.path.dirname(os.path.abspath(run.run_dir)) != base for run in runs):
+        raise UserError(f"the selected runs are not all in one folder of runs (they meet only at {base}); "
+                        f"pass --out DIR for the outputs")
+    return base
+
+
+def selection_stem(stem: str, runs: list[Run]) -> str:
+    """``stem`` for one run; for several, ``stem_<hash>``: the first 8 hex digits of the SHA-1 of
+    the runs' paths relative to their common folder (sorted, one per line), so different
+    selections never overwrite each other's files and the same selection reuses its own."""
+    if len(runs) == 1:
+        return stem
+    base = common_folder(runs)
+    names = "\n".join(sorted(os.path.relpath(os.path.abspath(run.run_dir), base) for run in runs))
+    return f"{stem}_{hashlib.sha1(names.encode()).hexdigest()[:8]}"
+
+
 def write_text_files(files: dict[str, str]) -> list[str]:
     """Write every {path: text} atomically, creating folders as needed; return the paths written.
 
@@ -276,7 +305,8 @@ def build_analysis_parser(prog: str, description: str, *, default_latest: bool, 
     parser = _OneLineParser(prog=prog, description=description)
     add_selection_arguments(parser, default_latest=default_latest)
     g = parser.add_argument_group("output")
-    g.add_argument("--out", default=None, metavar="DIR", help="write into this folder (created if needed) instead of the run folder")
+    g.add_argument("--out", default=None, metavar="DIR", help="write into this folder (created if needed); default: the run folder, or for several runs "
+                        "the folder that directly holds them all (a <dataset>_<model> folder or a sweep's runs/)")
     if rebuilds:
         g.add_argument("--cpu", action="store_true", help="use the CPU even when CUDA is available")
     g.add_argument("--quiet", action="store_true", help="no progress bars")

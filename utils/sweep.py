@@ -321,10 +321,6 @@ def sweep_run_dirs(sweep_dir: str) -> list[str]:
     return [d for d in dirs if os.path.isfile(os.path.join(d, "config.json"))]
 
 
-def is_sweep_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "grid.json"))
-
-
 def resolve_sweep_dir(path: str | None, name: str | None) -> str:
     if (path is None) == (name is None):
         raise UserError("give the sweep either as --name NAME or as its folder")
