@@ -22,7 +22,7 @@ BatchNorm statistics of each chunk in train mode.
 
 import torch
 
-from utils.hvp import _as_model_data, _chunks, _flatten, _split, forward, trainable_params
+from utils.hvp import as_model_data, chunks, flatten, forward, split, trainable_params
 
 
 class GaussNewtonOperator:
@@ -39,8 +39,8 @@ class GaussNewtonOperator:
         self.params = trainable_params(model)
         self.dim = sum(p.numel() for p in self.params)
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
-        self.X = _as_model_data(X, self.dtype, self.device)
-        self.Y = _as_model_data(Y, self.dtype, self.device)
+        self.X = as_model_data(X, self.dtype, self.device)
+        self.Y = as_model_data(Y, self.dtype, self.device)
         self.n = self.X.shape[0]
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -68,14 +68,14 @@ class GaussNewtonOperator:
         if not live:
             return out
         for j in range(V.shape[1]):
-            pieces = _split(V[:, j], self.params)
+            pieces = split(V[:, j], self.params)
             jv = torch.autograd.grad([jtu[i] for i in live], u, grad_outputs=[pieces[i] for i in live],
                                      retain_graph=True, allow_unused=True, materialize_grads=True)[0]
             mjv = torch.autograd.grad(dl_df, f, grad_outputs=jv, retain_graph=True, allow_unused=True,
                                       materialize_grads=True)[0]
             gv = torch.autograd.grad(outputs, self.params, grad_outputs=mjv, retain_graph=True,
                                      allow_unused=True, materialize_grads=True)
-            out[:, j] = _flatten(gv)
+            out[:, j] = flatten(gv)
         return out
 
     def _chunk_graph(self, start: int, stop: int):
@@ -93,7 +93,7 @@ class GaussNewtonOperator:
                              f"got shape {tuple(V.shape)}")
         block = V.reshape(self.dim, -1).to(device=self.device, dtype=self.dtype)
         result = torch.zeros_like(block)
-        for start, stop in _chunks(self.n, self.chunk_size):
+        for start, stop in chunks(self.n, self.chunk_size):
             result += (stop - start) / self.n * self._products(self._chunk_graph(start, stop), block)
         self.hvps += block.shape[1]
         return result.reshape(V.shape)
@@ -101,9 +101,9 @@ class GaussNewtonOperator:
     def gradient(self) -> torch.Tensor:
         """grad L (P,), detached, as J^T dL/df on the operator's data, chunking and mode."""
         grad = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        for start, stop in _chunks(self.n, self.chunk_size):
+        for start, stop in chunks(self.n, self.chunk_size):
             outputs, _, _, _, dl_df = self._chunk_graph(start, stop)
             g = torch.autograd.grad(outputs, self.params, grad_outputs=dl_df.detach(), retain_graph=True,
                                     allow_unused=True, materialize_grads=True)
-            grad += (stop - start) / self.n * _flatten(g)
+            grad += (stop - start) / self.n * flatten(g)
         return grad

@@ -65,22 +65,25 @@ def forward(model: torch.nn.Module, X: torch.Tensor, train_mode: bool) -> torch.
         return functional_call(model, buffers, (X,))
 
 
-def _as_model_data(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def as_model_data(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Floating data in the parameters' dtype (float64 models get float64 inputs); labels kept."""
     if t.is_floating_point():
         return t.to(device=device, dtype=dtype)
     return t.to(device=device)
 
 
-def _split(v: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+def split(v: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A flat vector of length P as views shaped like ``params`` (the inverse of :func:`flatten`)."""
     return [piece.view_as(p) for piece, p in zip(v.split([p.numel() for p in params]), params)]
 
 
-def _flatten(tensors) -> torch.Tensor:
+def flatten(tensors) -> torch.Tensor:
+    """Per-parameter tensors concatenated into one flat vector, in parameter order."""
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def _chunks(n: int, chunk_size: int | None):
+def chunks(n: int, chunk_size: int | None):
+    """(start, stop) of consecutive slices of range(n) of at most ``chunk_size`` (one slice for None)."""
     size = n if chunk_size is None else chunk_size
     for start in range(0, n, size):
         yield start, min(start + size, n)
@@ -93,17 +96,17 @@ def flat_grad(model, loss_fn, X, Y, *, chunk_size=None, train_mode=True) -> torc
 
 def _loss_and_grad(model, loss_fn, X, Y, *, chunk_size, train_mode):
     params = trainable_params(model)
-    X = _as_model_data(X, params[0].dtype, params[0].device)
-    Y = _as_model_data(Y, params[0].dtype, params[0].device)
+    X = as_model_data(X, params[0].dtype, params[0].device)
+    Y = as_model_data(Y, params[0].dtype, params[0].device)
     n = X.shape[0]
     loss, grad = 0.0, torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
                                   device=params[0].device)
-    for start, stop in _chunks(n, chunk_size):
+    for start, stop in chunks(n, chunk_size):
         chunk_loss = loss_fn(forward(model, X[start:stop], train_mode), Y[start:stop])
         g = torch.autograd.grad(chunk_loss, params, allow_unused=True, materialize_grads=True)
         weight = (stop - start) / n
         loss += weight * chunk_loss.item()
-        grad += weight * _flatten(g)
+        grad += weight * flatten(g)
     return loss, grad
 
 
@@ -122,8 +125,8 @@ class HessianOperator:
         self.params = trainable_params(model)
         self.dim = sum(p.numel() for p in self.params)
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
-        self.X = _as_model_data(X, self.dtype, self.device)
-        self.Y = _as_model_data(Y, self.dtype, self.device)
+        self.X = as_model_data(X, self.dtype, self.device)
+        self.Y = as_model_data(Y, self.dtype, self.device)
         self.n = self.X.shape[0]
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -146,7 +149,7 @@ class HessianOperator:
         if self._graph is None:
             self._graph = self._build(0, self.n)
             self._loss = self._graph[0].item()
-            self._grad = _flatten(self._graph[1]).detach()
+            self._grad = flatten(self._graph[1]).detach()
         return self._graph
 
     def _products(self, grads, V: torch.Tensor) -> torch.Tensor:
@@ -159,10 +162,10 @@ class HessianOperator:
             return out
         outputs = [grads[i] for i in live]
         for j in range(V.shape[1]):
-            pieces = _split(V[:, j], self.params)
+            pieces = split(V[:, j], self.params)
             hv = torch.autograd.grad(outputs, self.params, grad_outputs=[pieces[i] for i in live],
                                      retain_graph=True, allow_unused=True, materialize_grads=True)
-            out[:, j] = _flatten(hv)
+            out[:, j] = flatten(hv)
         return out
 
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
@@ -181,12 +184,12 @@ class HessianOperator:
     def _chunked_products(self, block: torch.Tensor) -> torch.Tensor:
         result = torch.zeros_like(block)
         loss, grad = 0.0, torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        for start, stop in _chunks(self.n, self.chunk_size):
+        for start, stop in chunks(self.n, self.chunk_size):
             chunk_loss, grads = self._build(start, stop)
             weight = (stop - start) / self.n
             result += weight * self._products(grads, block)
             loss += weight * chunk_loss.item()
-            grad += weight * _flatten(grads).detach()
+            grad += weight * flatten(grads).detach()
         # The gradient comes for free from the chunk graphs; keep it for gradient()/loss().
         self._loss, self._grad = loss, grad
         return result
