@@ -1,8 +1,16 @@
 """Shared behaviour of the command-line scripts: user errors become one line and exit code 2."""
 
+import argparse
 import sys
 
 from utils.errors import UserError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports mistakes as a UserError (one line) instead of printing usage."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
 
 
 def run_cli(work, prog: str) -> int:

@@ -14,6 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from utils.cli import OneLineParser
 from utils.data import DATASET_NAMES
 from utils.errors import UserError
 from utils.losses import LOSS_NAMES
@@ -126,17 +127,10 @@ class RunConfig:
 DEFAULT_STEPS = 1000
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports mistakes as a UserError (one line) instead of printing usage."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``training.py`` command line; defaults come from :class:`RunConfig`."""
     d = RunConfig()
-    p = _OneLineParser(prog="training.py", description="Train a network with SGD and measure its curvature.")
+    p = OneLineParser(prog="training.py", description="Train a network with SGD and measure its curvature.")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(DATASET_NAMES)} (default digits, offline)")
     g.add_argument("--num-data", type=int, default=None, help="training subset size n (default: the whole training split)")

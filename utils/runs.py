@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from utils.checkpoints import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
-from utils.config import RunConfig, _OneLineParser, results_root
+from utils.config import RunConfig, results_root
+from utils.cli import OneLineParser
 from utils.errors import UserError
 from utils.results import atomic_write_text, read_json
 from utils.training import Setup, build, read_run_config
@@ -302,7 +303,7 @@ def output_folders(runs: list[Run], out: str | None) -> list[str]:
 def build_analysis_parser(prog: str, description: str, *, default_latest: bool, rebuilds: bool):
     """An analysis script's command line: run selection, --out, --quiet and, for scripts that
     rebuild runs, --cpu; mistakes are one UserError line."""
-    parser = _OneLineParser(prog=prog, description=description)
+    parser = OneLineParser(prog=prog, description=description)
     add_selection_arguments(parser, default_latest=default_latest)
     g = parser.add_argument_group("output")
     g.add_argument("--out", default=None, metavar="DIR", help="write into this folder (created if needed); default: the run folder, or for several runs "

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 
+from utils.cli import OneLineParser
 from utils.errors import UserError
 from utils.results import atomic_write_json, read_json
 
@@ -700,14 +701,9 @@ def require_submitit():
 
 # ----------------------------------------------------------------------------- the command line
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """sweep.py's own flags; every other flag before ``--`` is a grid flag of training.py."""
-    p = _OneLineParser(prog="sweep.py", allow_abbrev=False,
+    p = OneLineParser(prog="sweep.py", allow_abbrev=False,
                        usage="sweep.py --name NAME [--lr V1 V2 ...] [--grid FILE] [options] [-- TRAINING FLAGS]\n"
                              "       sweep.py status (--name NAME | SWEEP_DIR)",
                        description="Run a grid of training.py runs: any training flag followed by several values "
@@ -732,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_status_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="sweep.py status", allow_abbrev=False,
+    p = OneLineParser(prog="sweep.py status", allow_abbrev=False,
                        description="Show each run's status and progress and rewrite sweep.json "
                                    "(where the sweep folder is writable).")
     p.add_argument("sweep_dir", nargs="?", default=None, help="the sweep folder")
