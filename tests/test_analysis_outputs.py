@@ -1,11 +1,16 @@
-"""Where analyses of several runs write without --out, and names that keep different selections apart."""
+"""Where analyses of several runs write without --out, names that keep different selections apart,
+and legends that ignore how runs were executed."""
 
+import dataclasses
 import hashlib
 import os
 
 import plot_results
 import sharpness_gap
 from analysis_runs import copy_run, runs  # noqa: F401
+from utils.config import RunConfig
+from utils.plotting import run_labels
+from utils.runs import Run
 
 
 def test_runs_in_one_folder_write_there_under_a_name_of_the_selection(runs, tmp_path, capsys):
@@ -31,3 +36,13 @@ def test_runs_in_different_folders_need_out(runs, tmp_path, capsys):
         assert err.count("\n") == 1 and f"meet only at {tmp_path}" in err and "--out DIR" in err
     assert sorted(os.listdir(tmp_path)) == ["one", "two"] and sorted(os.listdir(a.parent)) == ["a"]
     assert plot_results.main([str(a), str(b), "--out", str(tmp_path / "figures")]) == 0
+
+
+def test_settings_of_execution_do_not_label_overlaid_runs():
+    base = RunConfig(lr=0.05)
+    quiet = dataclasses.replace(base, exact_measurements=True, noise_chunk=7, wandb=True, tensorboard=True,
+                                quiet=True, cpu=True, download=True, run_dir="/elsewhere")
+    runs = [Run("/r/first", {}, base), Run("/r/second", {}, quiet)]
+    assert run_labels(runs) == ["first", "second"]
+    runs.append(Run("/r/third", {}, dataclasses.replace(quiet, lr=0.1)))
+    assert run_labels(runs) == ["lr=0.05", "lr=0.05", "lr=0.1"]

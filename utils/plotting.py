@@ -31,7 +31,8 @@ _NOT_DISTINGUISHING = {"run_dir", "quiet", "cpu", "download", "wandb", "tensorbo
                        "keep_checkpoints", "lambdamax", "num_eigenvalues", "eig_method", "eig_tol",
                        "batch_sharpness", "step_sharpness", "gni", "final", "hvp_chunk", "measure_seed",
                        "batch_sharpness_ratio", "batch_lambdamax", "hessian_trace", "gauss_newton", "gradient_norm",
-                       "momentum_sharpness", "preconditioned_sharpness", "param_distance", "param_file"}
+                       "momentum_sharpness", "preconditioned_sharpness", "param_distance", "param_file",
+                       "exact_measurements", "noise_chunk"}
 
 
 @dataclass(frozen=True)
