@@ -108,7 +108,7 @@ def main(argv=None) -> int:
 
 def table(records) -> str:
     frame = pd.DataFrame(records)
-    columns = ["step"] + [c for c in frame.columns if c == "lambda_max" or c.startswith("lambda_")] + ["residual", "hvps"]
+    columns = ["step"] + [c for c in frame.columns if c.startswith("lambda_")] + ["residual", "hvps"]
     return frame[columns].to_string(index=False, float_format=lambda v: f"{v:.6g}")
 
 
