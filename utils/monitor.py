@@ -71,17 +71,17 @@ def measurement_schedule(cfg, total_steps: int) -> dict:
     """
     plan = {}
     defaults = {
-        "lambdamax": schedule.dense_early(total_steps, 10, 40),
-        "batch_sharpness": schedule.dense_early(total_steps, 10, 40),
+        "lambdamax": schedule.dense_early(total_steps, 6, 20),
+        "batch_sharpness": schedule.dense_early(total_steps, 6, 20),
         "step_sharpness": schedule.dense_early(total_steps, 20, 180),
         "gni": schedule.dense_early(total_steps, 5, 20),
-        "batch_sharpness_ratio": schedule.dense_early(total_steps, 10, 40),
+        "batch_sharpness_ratio": schedule.dense_early(total_steps, 6, 20),
         "batch_lambdamax": schedule.dense_early(total_steps, 5, 20),
         "hessian_trace": schedule.dense_early(total_steps, 5, 20),
-        "gauss_newton": schedule.dense_early(total_steps, 10, 40),
+        "gauss_newton": schedule.dense_early(total_steps, 6, 20),
         "gradient_norm": schedule.dense_early(total_steps, 20, 180),
-        "momentum_sharpness": schedule.dense_early(total_steps, 10, 40),
-        "preconditioned_sharpness": schedule.dense_early(total_steps, 10, 40),
+        "momentum_sharpness": schedule.dense_early(total_steps, 6, 20),
+        "preconditioned_sharpness": schedule.dense_early(total_steps, 6, 20),
         "param_distance": schedule.dense_early(total_steps, 50, 100),
     }
     for name, default in defaults.items():
