@@ -2,6 +2,11 @@ import os
 import sys
 
 import pytest
+import torch
+
+# The tests use tiny networks, where extra intra-op threads only add synchronisation; on a
+# busy machine spinning OpenMP threads made single tests a hundred times slower.
+torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
