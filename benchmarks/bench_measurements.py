@@ -1,0 +1,503 @@
+"""Cost of the curvature measurements against a plain double-backward baseline, in one run.
+
+    python benchmarks/bench_measurements.py [--device cuda] [--json bench.json]
+
+Models on synthetic CIFAR-shaped data (3 x 32 x 32 inputs, 10 classes, mse): the MLP
+3072 -> 512 -> 512 -> 10 (1,841,162 parameters) on n = 2048 samples and the CNN (2,477,514
+parameters) on n = 512. For every measurement a table row gives the wall time (median, min and
+max over ``--repeats``), the Hessian-vector products (or per-batch quadratic forms) spent,
+Monte Carlo samples, value and standard error, and the ratio to the baseline of the same
+measurement, all from this run on this machine with the same thread count.
+
+The baseline is written here and is deliberately plain: per batch one forward pass, one
+gradient with ``create_graph=True`` and one double-backward Hessian-vector product; full-batch
+quantities the same way on the whole data (one graph, one double backward per vector). It draws
+the same batches from the same generator and applies the same stopping rule as ours, so values
+and standard errors agree and only the time differs. Baselines that would take minutes per
+repeat are timed on a few samples and scaled (marked ``scaled``).
+
+Also: full-batch lambda_max of the MLP on ``--large-n`` samples with chunked products in a
+fresh process (peak resident memory, or peak CUDA memory), and the 1000-step sanity run
+(64 samples, batch 4, --lambdamax --batch-sharpness) through ``training.main`` with its time
+and checkpoint size. ``--only`` picks sections; ``--quick`` shrinks everything for a smoke run.
+"""
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from utils import measures  # noqa: E402
+from utils.data import load_dataset  # noqa: E402
+from utils.eigs import power_iteration  # noqa: E402
+from utils.estimators import mean_with_stopping, measurement_generator, sample_batch_indices  # noqa: E402
+from utils.fast_curvature import gni_by_batch_size, linear_network  # noqa: E402
+from utils.losses import mse_loss  # noqa: E402
+from utils.models import build_model  # noqa: E402
+
+SECTIONS = ("gradient", "hvp", "lambda_max", "batch_sharpness", "gni", "gni_all_b", "large", "sanity")
+GNI_FIXED_SAMPLES = 500  # the fixed sample count of a GNI estimate without a stopping rule
+
+
+# --- setup and timing ------------------------------------------------------------------------
+
+
+def problem(name: str, n: int, device: str):
+    data = load_dataset("synthetic", root=None, loss="mse", num_data=n, input_shape=(3, 32, 32),
+                        num_classes=10, device=device)
+    model = build_model(name, (3, 32, 32), 10).to(device)
+    return model, data.X_train, data.Y_train
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str):
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def repeat(fn, repeats: int, device: str):
+    """(list of seconds, last result) of ``repeats`` calls."""
+    return interleaved({"": (fn, repeats)}, device)[""]
+
+
+def interleaved(calls: dict, device: str, warm_up: bool = False) -> dict:
+    """{name: (list of seconds, last result)} for {name: (fn, repeats)}, run in turns.
+
+    Taking turns spreads the load of a shared machine over every method alike, so their
+    ratios hold even when absolute times drift; ``warm_up`` makes one untimed call of each.
+    """
+    if warm_up:
+        for fn, _ in calls.values():
+            timed(fn, device)
+    results = {name: ([], None) for name in calls}
+    for turn in range(max(r for _, r in calls.values())):
+        for name, (fn, repeats) in calls.items():
+            if turn < repeats:
+                seconds, out = timed(fn, device)
+                results[name] = (results[name][0] + [seconds], out)
+    return results
+
+
+def row(model: str, measurement: str, method: str, seconds: list[float], *, hvps=None, samples=None,
+        value=None, se=None, note: str = "") -> dict:
+    return {"model": model, "measurement": measurement, "method": method,
+            "median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
+            "repeats": len(seconds), "hvps": hvps, "samples": samples, "value": value, "se": se,
+            "note": note}
+
+
+# --- the plain baseline ------------------------------------------------------------------------
+
+
+def params_of(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def plain_gradient(model, X, Y):
+    return torch.autograd.grad(mse_loss(model(X), Y), params_of(model))
+
+
+def plain_graph(model, X, Y):
+    """The full-batch gradient with its graph kept for double backward."""
+    return torch.autograd.grad(mse_loss(model(X), Y), params_of(model), create_graph=True)
+
+
+def plain_hvp(model, grads, vector):
+    return torch.autograd.grad(grads, params_of(model), vector, retain_graph=True)
+
+
+def dot(a, b) -> float:
+    return sum((x * y).sum() for x, y in zip(a, b)).item()
+
+
+def plain_rayleigh(model, xb, yb) -> float:
+    grads = plain_graph(model, xb, yb)
+    detached = [g.detach() for g in grads]
+    return dot(detached, plain_hvp(model, grads, detached)) / dot(detached, detached)
+
+
+def plain_batch_sharpness(model, X, Y, b, generator, rel_se, max_samples):
+    n = X.shape[0]
+
+    def sample(m):
+        return [plain_rayleigh(model, X[idx], Y[idx])
+                for idx in (sample_batch_indices(n, b, generator, X.device) for _ in range(m))]
+
+    return mean_with_stopping(sample, min_samples=20, max_samples=max_samples, rel_se=rel_se)
+
+
+def plain_gni_samples(model, X, Y, b, generator, count):
+    """``count`` samples g_B^T H g_B, each one batch gradient and one full-batch HVP."""
+    n = X.shape[0]
+    grads = plain_graph(model, X, Y)
+    values = []
+    for _ in range(count):
+        idx = sample_batch_indices(n, b, generator, X.device)
+        g_b = [g.detach() for g in plain_gradient(model, X[idx], Y[idx])]
+        values.append(dot(g_b, plain_hvp(model, grads, g_b)))
+    return values
+
+
+def plain_lambda_max(model, X, Y, tol, max_hvps, generator):
+    """Power iteration on the plain HVP, stopped on the same residual rule as ours."""
+    grads = plain_graph(model, X, Y)
+    params = params_of(model)
+    shapes = [p.shape for p in params]
+    sizes = [p.numel() for p in params]
+
+    def matvec(V):
+        columns = []
+        for j in range(V.shape[1]):
+            pieces = [piece.view(s) for piece, s in zip(V[:, j].split(sizes), shapes)]
+            columns.append(torch.cat([h.reshape(-1) for h in plain_hvp(model, grads, pieces)]))
+        return torch.stack(columns, dim=1)
+
+    p = params[0]
+    return power_iteration(matvec, sum(sizes), tol=tol, max_iter=max_hvps, generator=generator,
+                           dtype=p.dtype, device=p.device)
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+def bench_gradient_and_hvp(name, model, X, Y, args, with_hvp: bool):
+    """One full-batch gradient, and one full-batch HVP on a new vector by each exact mode."""
+    from torch.func import functional_call, grad, jvp
+
+    build, grads = timed(lambda: plain_graph(model, X, Y), args.device)
+    params = params_of(model)
+    vectors = [torch.randn_like(p) for p in params]
+    block = 8
+    batched = [torch.randn(block, *p.shape, device=p.device, dtype=p.dtype) for p in params]
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    detached = {k: p.detach() for k, p in model.named_parameters()}
+    tangent = dict(zip(names, vectors))
+
+    def loss_of(values):
+        return mse_loss(functional_call(model, values, (X,)), Y)
+
+    calls = {"gradient": (lambda: plain_gradient(model, X, Y), args.repeats)}
+    if with_hvp:
+        calls.update({
+            "double backward": (lambda: plain_hvp(model, grads, vectors), args.repeats),
+            "vmap block": (lambda: torch.autograd.grad(grads, params, batched, retain_graph=True,
+                                                       is_grads_batched=True), args.repeats),
+            "forward-over-reverse": (lambda: jvp(grad(loss_of), (detached,), (tangent,)), args.repeats),
+        })
+    results = interleaved(calls, args.device, warm_up=True)
+    gradient = results["gradient"][0]
+    rows = [row(name, "full-batch gradient", "forward + backward", gradient)]
+    if not with_hvp:
+        return rows
+    rows.append(row(name, "HVP graph (one-off)", "gradient with create_graph", [build],
+                    note=f"{build / statistics.median(gradient):.2f}x gradient"))
+    methods = {"double backward": ("double backward, retained graph (ours)", 1),
+               "vmap block": (f"vmap block of {block} (is_grads_batched), per vector", block),
+               "forward-over-reverse": ("torch.func forward-over-reverse jvp(grad)", 1)}
+    for key, (method, per_call) in methods.items():
+        seconds = [s / per_call for s in results[key][0]]
+        rows.append(row(name, "HVP on a new vector", method, seconds, hvps=1,
+                        note=f"{statistics.median(seconds) / statistics.median(gradient):.2f}x gradient"))
+    return rows
+
+
+def sgd_steps(model, X, Y, steps, lr, batch, seed):
+    """A copy of ``model`` after a few plain SGD steps (the state a warm start meets)."""
+    moved = copy.deepcopy(model)
+    generator = torch.Generator(device=X.device).manual_seed(seed)
+    optimizer = torch.optim.SGD(moved.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = sample_batch_indices(X.shape[0], batch, generator, X.device)
+        optimizer.zero_grad()
+        mse_loss(moved(X[idx]), Y[idx]).backward()
+        optimizer.step()
+    return moved
+
+
+def bench_lambda_max(name, model, X, Y, args):
+    rows = []
+    tol = 1e-3
+
+    def ours(target, warm=None, k=1):
+        return measures.lambda_max(target, mse_loss, X, Y, tol=tol, warm_start=warm,
+                                   generator=measurement_generator(0, k))
+
+    seconds, (cold, est) = repeat(lambda: ours(model), args.repeats, args.device)
+    rows.append(row(name, "lambda_max, tol 1e-3, cold", "ours: Lanczos", seconds, hvps=est.hvps,
+                    value=est.value, note="" if cold.converged else "not converged"))
+    moved = sgd_steps(model, X, Y, steps=args.warm_steps, lr=0.05, batch=8, seed=1)
+    seconds, (warm, est) = repeat(lambda: ours(moved, cold.vectors, 2), args.repeats, args.device)
+    rows.append(row(name, "lambda_max, tol 1e-3, warm", f"ours: Lanczos warm ({args.warm_steps} SGD steps later)",
+                    seconds, hvps=est.hvps, value=est.value, note="" if warm.converged else "not converged"))
+    seconds, result = repeat(lambda: plain_lambda_max(model, X, Y, tol, args.power_max_hvps,
+                                                      measurement_generator(0, 1)), 1, args.device)
+    note = "" if result.converged else f"not converged, residual {float(result.residuals[0]):.1e}"
+    rows.append(row(name, "lambda_max, tol 1e-3, cold", "baseline: power iteration", seconds,
+                    hvps=result.matvecs, value=float(result.values[0]), note=note))
+    return rows
+
+
+def bench_batch_sharpness(name, model, X, Y, args, batch_sizes):
+    rows = []
+    for b in batch_sizes:
+        options = {"rel_se": 0.005, "max_samples": args.max_samples}
+        # One untimed batch of each first, so neither pays the one-off costs of a first call.
+        plain_rayleigh(model, X[:b], Y[:b])
+        measures.batch_sharpness(model, mse_loss, X, Y, b, generator=measurement_generator(1, b), min_samples=2,
+                                 max_samples=2)
+        results = interleaved({
+            "ours": (lambda: measures.batch_sharpness(model, mse_loss, X, Y, b, generator=measurement_generator(0, b),
+                                                      **options), args.repeats),
+            "baseline": (lambda: plain_batch_sharpness(model, X, Y, b, measurement_generator(0, b), **options),
+                         args.baseline_repeats)}, args.device)
+        (seconds, est), (base_seconds, base) = results["ours"], results["baseline"]
+        fast = linear_network(model, mse_loss, X, Y) is not None
+        rows.append(row(name, f"Batch Sharpness b={b}, SE 0.5%",
+                        "ours: stacked Gram matrices" if fast else "ours: per-batch double backward",
+                        seconds, hvps=est.hvps, samples=est.n, value=est.value, se=est.se))
+        rows.append(row(name, f"Batch Sharpness b={b}, SE 0.5%", "baseline: one batch at a time",
+                        base_seconds, hvps=base.n, samples=base.n, value=base.value, se=base.se))
+        rows[-2]["note"] = f"{statistics.median(base_seconds) / statistics.median(seconds):.1f}x faster"
+    return rows
+
+
+def bench_gni(name, model, X, Y, args):
+    b = 8
+    limits = {"max_samples": args.gni_max_samples}
+    count = args.gni_baseline_samples
+    results = interleaved({
+        "ours": (lambda: measures.gni(model, mse_loss, X, Y, b, generator=measurement_generator(0, 3), **limits),
+                 args.repeats),
+        "baseline": (lambda: plain_gni_samples(model, X, Y, b, measurement_generator(0, 3), count), 1)},
+        args.device)
+    (seconds, est), (base_seconds, _) = results["ours"], results["baseline"]
+    fast = linear_network(model, mse_loss, X, Y) is not None
+    rows = [row(name, f"GNI b={b}, SE 1%", "ours: batch directions per data pass" if fast
+                else "ours: blocks of exact HVPs", seconds, hvps=est.hvps, samples=est.n,
+                value=est.value, se=est.se)]
+    scaled = [s * GNI_FIXED_SAMPLES / count for s in base_seconds]
+    rows.append(row(name, f"GNI b={b}, SE 1%", f"baseline: {GNI_FIXED_SAMPLES} sequential full-batch HVPs",
+                    scaled, hvps=GNI_FIXED_SAMPLES, samples=GNI_FIXED_SAMPLES,
+                    note=f"scaled from {count} samples"))
+    if est.n == args.gni_max_samples and est.se > 0.01 * abs(est.value):
+        # Capped before the 1 % rule fired: only the cost per sample compares.
+        per_sample = (statistics.median(scaled) / GNI_FIXED_SAMPLES) / (statistics.median(seconds) / est.n)
+        rows[0]["note"] = (f"{per_sample:.1f}x faster per sample; capped at {est.n} samples "
+                           f"(SE {est.se / abs(est.value):.1%})")
+    else:
+        rows[0]["note"] = f"{statistics.median(scaled) / statistics.median(seconds):.1f}x faster"
+    return rows
+
+
+def bench_gni_all_b(name, model, X, Y, args):
+    n = X.shape[0]
+    sizes = [b for b in (8, 16, 32, 64, 128, 256, 512, 1024) if b < n] + [n]
+    seconds, by_size = repeat(lambda: gni_by_batch_size(model, mse_loss, X, Y, sizes,
+                                                        generator=measurement_generator(0, 4)),
+                              args.repeats, args.device)
+    est = by_size[sizes[0]]
+    rows = [row(name, f"GNI for {len(sizes)} batch sizes 8..n", "ours: one tr(HS) estimate", seconds,
+                hvps=est.hvps, samples=est.n, value=est.value, se=est.se,
+                note=", ".join(f"b={b}: {e.value:.4g}" for b, e in by_size.items()))]
+    per_size = []
+    for b in sizes[:3]:
+        s, _ = timed(lambda: measures.gni(model, mse_loss, X, Y, b, generator=measurement_generator(0, 5)),
+                     args.device)
+        per_size.append(s)
+    total = statistics.mean(per_size) * len(sizes)
+    rows.append(row(name, f"GNI for {len(sizes)} batch sizes 8..n", "ours: measures.gni per batch size",
+                    [total], note=f"scaled from b = {', '.join(map(str, sizes[:3]))}"))
+    rows[0]["note"] = f"{total / statistics.median(seconds):.1f}x faster; " + rows[0]["note"]
+    return rows
+
+
+def bench_large(args) -> list[dict]:
+    """lambda_max of the MLP on --large-n samples in a fresh process, for its peak memory."""
+    command = [sys.executable, os.path.abspath(__file__), "--large-worker", "--large-n", str(args.large_n),
+               "--device", args.device, "--hvp-chunk", str(args.hvp_chunk)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    note = f"peak {result['peak_bytes'] / 2**30:.2f} GiB ({result['peak_kind']}); chunks of {args.hvp_chunk}"
+    if not result["converged"]:
+        note += "; not converged"
+    return [row("mlp", f"lambda_max on n={args.large_n}, tol 1e-3", "ours: Lanczos, chunked HVPs",
+                [result["seconds"]], hvps=result["hvps"], value=result["value"], note=note)]
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident set: VmHWM on Linux (ru_maxrss survives exec, so a child
+    of a large process would report its parent's peak), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def large_worker(args) -> None:
+    model, X, Y = problem("mlp", args.large_n, args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    seconds, (eig, est) = timed(lambda: measures.lambda_max(model, mse_loss, X, Y, tol=1e-3, chunk_size=args.hvp_chunk,
+                                                            generator=measurement_generator(0, 6)), args.device)
+    if args.device.startswith("cuda"):
+        peak, kind = torch.cuda.max_memory_allocated(), "CUDA allocated"
+    else:
+        peak, kind = peak_resident_bytes(), "resident set"
+    print(json.dumps({"seconds": seconds, "hvps": est.hvps, "value": est.value, "converged": bool(eig.converged),
+                      "peak_bytes": peak, "peak_kind": kind}))
+
+
+def bench_sanity(args) -> list[dict]:
+    """The 1000-step CPU sanity run with lambda_max and Batch Sharpness, through training.main,
+    and the same run without measurements (what the machine's load does to plain training)."""
+    import pandas as pd
+
+    import training
+
+    steps = 100 if args.quick else 1000
+    base = ["--dataset", "synthetic", "--input-shape", "3,32,32", "--num-data", "64", "--model", "mlp",
+            "--loss", "mse", "--batch", "4", "--lr", "0.05", "--steps", str(steps), "--quiet"]
+    if args.device == "cpu":
+        base.append("--cpu")
+    rows = []
+    for label, extra in (("with --lambdamax --batch-sharpness", ["--lambdamax", "--batch-sharpness"]),
+                         ("training only", [])):
+        with tempfile.TemporaryDirectory() as folder:
+            run_dir = os.path.join(folder, "run")
+            seconds, code = timed(lambda: training.main([*base, *extra, "--run-dir", run_dir]), args.device)
+            if code != 0:
+                raise SystemExit(f"sanity run failed with exit code {code}")
+            folder_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(run_dir)
+                               for f in files)
+            checkpoints = len(os.listdir(os.path.join(run_dir, "checkpoints")))
+            frame = pd.read_csv(os.path.join(run_dir, "results.txt"), comment="#")
+        note = f"run folder {folder_bytes / 2**20:.0f} MiB in {checkpoints} checkpoints"
+        if extra:
+            note += (f"; lambda_max measured {int(frame['lambda_max'].notna().sum())}x "
+                     f"({frame['lambda_max_seconds'].sum():.1f} s), Batch Sharpness "
+                     f"{int(frame['batch_sharpness'].notna().sum())}x ({frame['batch_sharpness_seconds'].sum():.1f} s)")
+        rows.append(row("mlp n=64", f"sanity run: {steps} steps, b=4", f"training.main, {label}", [seconds],
+                        note=note))
+    return rows
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def fmt(value, digits=4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}g}"
+
+
+def markdown(rows: list[dict]) -> str:
+    header = ["model", "measurement", "method", "median s", "range s", "HVPs", "samples", "value", "SE", "note"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r["model"], r["measurement"], r["method"], fmt(r["median_s"], 3),
+                 f"{fmt(r['min_s'], 3)}–{fmt(r['max_s'], 3)}", fmt(r["hvps"]), fmt(r["samples"]),
+                 fmt(r["value"]), fmt(r["se"], 2), r["note"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of our measurements (median and range)")
+    p.add_argument("--baseline-repeats", type=int, default=1, help="repeats of the slow baselines")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run only these sections")
+    p.add_argument("--models", nargs="+", choices=("mlp", "cnn"), default=["mlp", "cnn"])
+    p.add_argument("--mlp-n", type=int, default=2048)
+    p.add_argument("--cnn-n", type=int, default=512)
+    p.add_argument("--max-samples", type=int, default=1000, help="Batch Sharpness sample limit")
+    p.add_argument("--gni-max-samples", type=int, default=1000, help="GNI sample limit")
+    p.add_argument("--gni-baseline-samples", type=int, default=10, help="baseline GNI samples timed (then scaled to 500)")
+    p.add_argument("--power-max-hvps", type=int, default=150, help="cap of the power-iteration baseline")
+    p.add_argument("--cnn-repeats", type=int, default=1, help="repeats of our measurements on the CNN")
+    p.add_argument("--cnn-gni-max-samples", type=int, default=40, help="GNI sample limit on the CNN")
+    p.add_argument("--cnn-power-max-hvps", type=int, default=30, help="power-iteration cap on the CNN")
+    p.add_argument("--cnn-gni-baseline-samples", type=int, default=3, help="baseline GNI samples timed on the CNN")
+    p.add_argument("--warm-steps", type=int, default=5, help="SGD steps between the cold and the warm lambda_max")
+    p.add_argument("--large-n", type=int, default=8192, help="samples of the chunked lambda_max (50000: CIFAR-10 size)")
+    p.add_argument("--hvp-chunk", type=int, default=2048, help="chunk of the large lambda_max")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run")
+    p.add_argument("--json", default=None, help="write the rows and the settings here")
+    p.add_argument("--large-worker", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.large_worker:
+        large_worker(args)
+        return
+    if args.quick:
+        args.repeats, args.mlp_n, args.cnn_n, args.large_n, args.hvp_chunk = 1, 128, 32, 256, 100
+        args.max_samples, args.gni_max_samples, args.gni_baseline_samples, args.power_max_hvps = 40, 40, 2, 20
+        args.cnn_gni_max_samples, args.cnn_power_max_hvps, args.cnn_gni_baseline_samples = 20, 10, 2
+    sections = args.only or SECTIONS
+    rows = []
+    sizes = {"mlp": args.mlp_n, "cnn": args.cnn_n}
+    for name in args.models:
+        model, X, Y = problem(name, sizes[name], args.device)
+        label = f"{name} n={sizes[name]}"
+        if name == "cnn":  # every exact HVP of the CNN costs seconds on a CPU: fewer and capped
+            args = copy.copy(args)
+            args.repeats, args.gni_max_samples = args.cnn_repeats, args.cnn_gni_max_samples
+            args.power_max_hvps, args.gni_baseline_samples = args.cnn_power_max_hvps, args.cnn_gni_baseline_samples
+        if "gradient" in sections or "hvp" in sections:
+            rows += bench_gradient_and_hvp(label, model, X, Y, args, with_hvp="hvp" in sections)
+        if "lambda_max" in sections:
+            rows += bench_lambda_max(label, model, X, Y, args)
+        if "batch_sharpness" in sections:
+            rows += bench_batch_sharpness(label, model, X, Y, args, (8, 64) if name == "mlp" else (8,))
+        if "gni" in sections:
+            rows += bench_gni(label, model, X, Y, args)
+        if "gni_all_b" in sections and name == "mlp":
+            rows += bench_gni_all_b(label, model, X, Y, args)
+        print(markdown(rows), flush=True)
+    if "large" in sections:
+        rows += bench_large(args)
+    if "sanity" in sections:
+        rows += bench_sanity(args)
+    options = {k: v for k, v in vars(args).items() if k not in ("large_worker", "threads")}
+    settings = {**options, "date": datetime.date.today().isoformat(), "device": args.device,
+                "threads": torch.get_num_threads(), "torch": torch.__version__, "command": " ".join(sys.argv)}
+    print(f"\n{settings['date']}, {args.device}, {settings['threads']} threads, torch {torch.__version__}")
+    print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": settings, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
