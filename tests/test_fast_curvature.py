@@ -114,6 +114,7 @@ def test_fast_path_applies_only_to_linear_chains_with_known_losses():
         (mlp, LOSSES["ce"], X, soft),  # soft ce targets
         (mlp, lambda out, y, reduction="mean": LOSSES["mse"](out, y, reduction), X, Y),
         (mlp, LOSSES["mse"], X, Y[:, :2]),  # targets not of the outputs' size
+        (build_model("mlp", (2, 3, 2), 1, width=4), LOSSES["mse"], X, Y[:, 0]),  # (n,) broadcasts
     ]
     for model, loss_fn, inputs, targets in rejected:
         assert fast_curvature.linear_network(model, loss_fn, inputs, targets) is None

@@ -135,7 +135,8 @@ def linear_network(model, loss_fn, X, Y) -> "LinearNetwork | None":
     if flat_inputs != layers[0].weight.shape[1]:
         return None
     outputs = layers[-1].weight.shape[0]
-    if loss == "mse" and Y[0].numel() != outputs:
+    # mse_loss broadcasts outputs (n, C) against targets; only (n, C) targets mean one per output.
+    if loss == "mse" and tuple(Y.shape[1:]) != (outputs,):
         return None
     return LinearNetwork(layers, loss)
 
