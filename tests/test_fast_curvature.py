@@ -238,6 +238,9 @@ def test_decomposition_fast_equals_exact_and_gives_gni_for_every_batch_size():
                                                generator=measurement_generator(1, 1), rel_se=0.05)
     assert sorted(by_size) == [3, 5, 9]
     assert by_size[3].se > by_size[5].se > by_size[9].se == 0
+    with pytest.raises(ValueError):
+        fast_curvature.gni_decomposition(tiny_mlp(batchnorm=True), loss_fn, X, Y, sample_batch=2,
+                                         generator=measurement_generator(1, 1))
 
 
 def test_decomposition_standard_errors_are_honest():

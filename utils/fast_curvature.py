@@ -58,6 +58,7 @@ from utils.estimators import (Estimate, mean_with_stopping, ratio_of_means_with_
                               sample_batch_indices)
 from utils.hvp import HessianOperator, flat_grad, forward, trainable_params
 from utils.losses import ce_loss, mse_loss
+from utils.models import has_batchnorm
 
 _ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.SiLU: "silu"}
 # Rows (samples x directions) processed at once: bounds the memory of the stacked tensors.
@@ -689,6 +690,7 @@ class NoiseDecomposition:
     ``grad_norm2`` = |g|^2 and ``gHg`` = g^T H g are exact; ``trace_HS`` is a Monte Carlo
     estimate with standard error ``trace_HS_se`` from ``samples`` random batches of size
     ``sample_batch``, each giving the unbiased (g_B - g)^T H (g_B - g) / c_{sample_batch}.
+    The identity needs g_B = (1/b) sum_{i in B} g_i, which train-mode BatchNorm breaks.
     """
 
     num_data: int
@@ -725,6 +727,10 @@ def gni_decomposition(model, loss_fn, X, Y, *, generator, sample_batch: int,
     n = X.shape[0]
     if not 1 <= sample_batch < n:
         raise ValueError(f"sample_batch must be in [1, n) = [1, {n}), got {sample_batch}")
+    if train_mode and has_batchnorm(model):
+        # Train-mode BatchNorm couples the samples of a batch: g_B is not a mean of g_i.
+        raise ValueError("the identity needs per-sample gradients; with BatchNorm in train mode "
+                         "measure GNI per batch size with utils.measures.gni")
     target_batch = sample_batch if target_batch is None else target_batch
     forms = _centred_forms(model, loss_fn, X, Y, chunk_size, train_mode, exact)
     c_sample, c_target = noise_factor(n, sample_batch), noise_factor(n, target_batch)
