@@ -1,7 +1,9 @@
 """Shared behaviour of the command-line scripts: user errors become one line and exit code 2."""
 
 import argparse
+import signal
 import sys
+import threading
 
 from utils.errors import UserError
 
@@ -20,3 +22,29 @@ def run_cli(work, prog: str) -> int:
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+
+
+class SignalCatcher:
+    """Turns SIGINT/SIGTERM into a flag that a loop checks between units of work.
+
+    Used as a context manager; the previous handlers come back on exit. Outside the main
+    thread (where Python cannot install handlers) it never fires.
+    """
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 
-from utils.cli import OneLineParser
+from utils.cli import OneLineParser, SignalCatcher
 from utils.errors import UserError
 from utils.results import atomic_write_json, read_json
 
@@ -623,26 +623,6 @@ def launch_point(sweep_dir: str, definition: dict, point: dict, env: dict) -> At
     return attempt
 
 
-class _StopRequest:
-    """SIGINT / SIGTERM while the local executor runs: start nothing new, pass the signal on."""
-
-    def __init__(self):
-        self.received = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def run_local(sweep_dir: str, definition: dict, jobs: int, out=None) -> int:
     """Run the points that are not done, ``jobs`` processes at a time, CPU threads split evenly.
 
@@ -655,7 +635,7 @@ def run_local(sweep_dir: str, definition: dict, jobs: int, out=None) -> int:
     queue = list(definition["points"])
     active: list[Attempt] = []
     unfinished, forwarded = 0, False
-    with _StopRequest() as stop:
+    with SignalCatcher() as stop:
         while active or (queue and stop.received is None):
             while queue and len(active) < jobs and stop.received is None:
                 point = queue.pop(0)

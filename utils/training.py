@@ -30,6 +30,7 @@ import torch
 from utils import schedule
 from utils.checkpoints import (checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
                                rng_state, save_checkpoint, set_rng_state)
+from utils.cli import SignalCatcher
 from utils.config import CONFIG_VERSION, DEFAULT_STEPS, RunConfig, datasets_root, results_root, validate
 from utils.data import load_dataset
 from utils.errors import UserError
@@ -158,29 +159,6 @@ def config_record(setup: Setup, measurement_plan: dict, command_line: list[str] 
         "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command_line": command_line,
     }
-
-
-class _SignalCatcher:
-    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half."""
-
-    def __init__(self):
-        self.received = None
-        self._previous = {}
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in EXIT_CODES:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class _Progress:
@@ -470,7 +448,7 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
             prune_checkpoints(run_dir, cfg.keep_checkpoints)
 
     model.train()
-    with _SignalCatcher() as signals:
+    with SignalCatcher() as signals:
         while step < total:
             epoch, position = divmod(step, setup.steps_per_epoch)
             if step % checkpoint_every == 0 or step == start_step:  # a fork is resumable from its first step
