@@ -327,3 +327,10 @@ def test_param_distance_is_the_euclidean_distance_over_trainable_parameters():
         model[3].bias[1] -= 4.0
     est = param_distance(model, reference)
     assert est.value == pytest.approx(5.0, rel=1e-12) and est.hvps == 0 and math.isnan(est.se)
+
+
+def test_batch_lambda_max_warns_when_solves_miss_their_tolerance():
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
+    with pytest.warns(UserWarning, match="batch solves stopped above tol"):
+        batch_lambda_max(model, LOSSES["mse"], X, Y, 3, generator=torch.Generator().manual_seed(0),
+                         min_samples=10, max_samples=10, tol=1e-12, max_iter=2)

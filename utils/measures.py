@@ -9,6 +9,7 @@ parameters, buffers, ``.grad`` and train/eval mode as they found them.
 """
 
 import time
+import warnings
 
 import torch
 
@@ -202,7 +203,8 @@ def batch_sharpness_ratio(model, loss_fn, X, Y, batch_size, *, generator, min_sa
 def _top_eigen(matvec, op, *, tol, max_iter, generator, init=None):
     """Lanczos for the largest eigenvalue of ``matvec``, in the size, dtype and device of ``op``.
 
-    The start is ``init`` plus one random vector from ``generator``, or that vector alone.
+    The start is span(``init``) when given (see :func:`utils.eigs.lanczos`), else one random
+    vector from ``generator``.
     """
     options = {"tol": tol, "init": init, "generator": generator, "dtype": op.dtype,
                "device": op.device}
@@ -217,14 +219,15 @@ def batch_lambda_max(model, loss_fn, X, Y, batch_size, *, generator, min_samples
     """Mean top eigenvalue of mini-batch Hessians, E_B[ lambda_max(H_B) ].
 
     Each random batch gets its own Lanczos solve to a relative residual ``tol``, started from
-    the previous batch's top eigenvector plus one random vector (the batch Hessians share most
-    of their top eigenspace, so this saves products without steering the answer). Batches are
-    drawn until SE / |mean| < ``rel_se`` (at least ``min_samples``, at most ``max_samples``).
-    Columns ``batch_lambda_max``, ``batch_lambda_max_se``, ``batch_lambda_max_n``.
+    the previous batch's top eigenvector (the batch Hessians share most of their top
+    eigenspace, so this saves products; the residual test keeps it from steering the answer).
+    Batches are drawn until SE / |mean| < ``rel_se`` (at least ``min_samples``, at most
+    ``max_samples``). Solves that miss ``tol`` are reported in one warning with the worst
+    residual. Columns ``batch_lambda_max``, ``batch_lambda_max_se``, ``batch_lambda_max_n``.
     """
     start = time.perf_counter()
     n = X.shape[0]
-    hvps, previous = 0, None
+    hvps, previous, missed = 0, None, []
 
     def sample(m):
         nonlocal hvps, previous
@@ -237,10 +240,15 @@ def batch_lambda_max(model, loss_fn, X, Y, batch_size, *, generator, min_samples
             previous = result.vectors
             hvps += op.hvps
             values.append(result.values[0].item())
+            if not result.converged:
+                missed.append(float(result.residuals.max()))
         return values
 
     estimate = mean_with_stopping(sample, min_samples=min_samples, max_samples=max_samples,
                                   rel_se=rel_se)
+    if missed:
+        warnings.warn(f"batch lambda_max: {len(missed)} of {estimate.n} batch solves stopped above tol {tol:g} "
+                      f"(worst relative residual {max(missed):.2e})")
     return Estimate(estimate.value, estimate.se, estimate.n, hvps, time.perf_counter() - start)
 
 
