@@ -22,10 +22,10 @@ BatchNorm statistics of each chunk in train mode.
 
 import torch
 
-from utils.hvp import as_model_data, chunks, flatten, forward, split, trainable_params
+from utils.hvp import CurvatureOperator, chunks, flatten, forward, split
 
 
-class GaussNewtonOperator:
+class GaussNewtonOperator(CurvatureOperator):
     """G, the Gauss–Newton matrix of the mean loss of ``model`` on (X, Y), as a linear operator.
 
     ``matvec(V)`` takes a flat vector (P,) or a block (P, m) and returns G V of the same shape;
@@ -33,21 +33,6 @@ class GaussNewtonOperator:
     from the same graph (unchunked) or chunks. The model's parameters, buffers, ``.grad`` and
     mode are left as they were.
     """
-
-    def __init__(self, model, loss_fn, X, Y, *, chunk_size=None, train_mode=True):
-        self.model, self.loss_fn = model, loss_fn
-        self.params = trainable_params(model)
-        self.dim = sum(p.numel() for p in self.params)
-        self.dtype, self.device = self.params[0].dtype, self.params[0].device
-        self.X = as_model_data(X, self.dtype, self.device)
-        self.Y = as_model_data(Y, self.dtype, self.device)
-        self.n = self.X.shape[0]
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        self.chunk_size = None if chunk_size is None or chunk_size >= self.n else chunk_size
-        self.train_mode = bool(train_mode)
-        self.hvps = 0
-        self._graph = None
 
     def _build(self, start: int, stop: int):
         """(outputs, dummy u, J^T u with graph, loss gradient in output space with graph)."""

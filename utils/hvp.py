@@ -113,14 +113,11 @@ def _loss_and_grad(model, loss_fn, X, Y, *, chunk_size, train_mode):
     return loss, grad
 
 
-class HessianOperator:
-    """H, the Hessian of the mean loss of ``model`` on (X, Y), as a symmetric linear operator.
-
-    ``matvec(V)`` takes a flat vector (P,) or a block (P, m) and returns H V of the same shape;
-    ``hvps`` counts the vectors multiplied (a block of m counts m). ``gradient()`` and ``loss()``
-    are computed on the same data with the same chunking and mode. ``chunk_size=None`` (or
-    >= n) keeps one graph for the whole data; otherwise chunks of ``chunk_size`` samples are
-    processed one at a time.
+class CurvatureOperator:
+    """What every curvature operator on (model, loss_fn, X, Y) holds: the trainable parameters
+    (flattened in ``model.parameters()`` order, ``dim`` of them), the data in the parameters'
+    dtype and device, the chunking (None: one graph for all n samples), the train/eval mode of
+    the products and the count of vectors multiplied (``hvps``).
     """
 
     def __init__(self, model, loss_fn, X, Y, *, chunk_size=None, train_mode=True):
@@ -137,6 +134,20 @@ class HessianOperator:
         self.train_mode = bool(train_mode)
         self.hvps = 0
         self._graph = None
+
+
+class HessianOperator(CurvatureOperator):
+    """H, the Hessian of the mean loss of ``model`` on (X, Y), as a symmetric linear operator.
+
+    ``matvec(V)`` takes a flat vector (P,) or a block (P, m) and returns H V of the same shape;
+    ``hvps`` counts the vectors multiplied (a block of m counts m). ``gradient()`` and ``loss()``
+    are computed on the same data with the same chunking and mode. ``chunk_size=None`` (or
+    >= n) keeps one graph for the whole data; otherwise chunks of ``chunk_size`` samples are
+    processed one at a time.
+    """
+
+    def __init__(self, model, loss_fn, X, Y, *, chunk_size=None, train_mode=True):
+        super().__init__(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
         self._loss = None
         self._grad = None
 
