@@ -61,11 +61,40 @@ def lambda_max(model, loss_fn, X, Y, *, k=1, tol=1e-3, max_iter=None, chunk_size
     return result, estimate
 
 
-def _rayleigh_on_batch(model, loss_fn, xb, yb, train_mode) -> float:
-    """g_B^T H_B g_B / |g_B|^2 with gradient and Hessian of the same batch."""
+def _batch_quadratic_and_norm(model, loss_fn, xb, yb, train_mode) -> tuple[float, float]:
+    """(g_B^T H_B g_B, |g_B|^2) with gradient and Hessian of the same batch."""
     op = HessianOperator(model, loss_fn, xb, yb, train_mode=train_mode)
     g = op.gradient()
-    return (g @ op.matvec(g) / (g @ g)).item()
+    return (g @ op.matvec(g)).item(), (g @ g).item()
+
+
+def _rayleigh_on_batch(model, loss_fn, xb, yb, train_mode) -> float:
+    """g_B^T H_B g_B / |g_B|^2 with gradient and Hessian of the same batch."""
+    quadratic, norm2 = _batch_quadratic_and_norm(model, loss_fn, xb, yb, train_mode)
+    return quadratic / norm2
+
+
+class _ExactBatches:
+    """Draws m random batches and returns their (g_B^T H_B g_B, |g_B|^2) by double backward.
+
+    The exact path shared by the Monte Carlo Batch Sharpness estimators; ``hvps`` counts one
+    product per batch.
+    """
+
+    def __init__(self, model, loss_fn, X, Y, batch_size, generator, train_mode):
+        self.args = (model, loss_fn, train_mode)
+        self.X, self.Y, self.batch_size, self.generator = X, Y, batch_size, generator
+        self.hvps = 0
+
+    def __call__(self, m) -> tuple[list, list]:
+        model, loss_fn, train_mode = self.args
+        pairs = []
+        for _ in range(m):
+            idx = sample_batch_indices(self.X.shape[0], self.batch_size, self.generator, self.X.device)
+            pairs.append(_batch_quadratic_and_norm(model, loss_fn, self.X[idx], self.Y[idx], train_mode))
+        self.hvps += m
+        quadratic, norm2 = zip(*pairs)
+        return list(quadratic), list(norm2)
 
 
 def step_sharpness(model, loss_fn, xb, yb, train_mode=True, exact=False) -> Estimate:
@@ -98,21 +127,15 @@ def batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=
                                               max_samples=max_samples, rel_se=rel_se,
                                               train_mode=train_mode)
     start = time.perf_counter()
-    n = X.shape[0]
-    hvps = 0
+    batches = _ExactBatches(model, loss_fn, X, Y, batch_size, generator, train_mode)
 
     def sample(m):
-        nonlocal hvps
-        hvps += m
-        values = []
-        for _ in range(m):
-            idx = sample_batch_indices(n, batch_size, generator, X.device)
-            values.append(_rayleigh_on_batch(model, loss_fn, X[idx], Y[idx], train_mode))
-        return values
+        quadratic, norm2 = batches(m)
+        return [q / g2 for q, g2 in zip(quadratic, norm2)]
 
     estimate = mean_with_stopping(sample, min_samples=min_samples, max_samples=max_samples,
                                   rel_se=rel_se)
-    return Estimate(estimate.value, estimate.se, estimate.n, hvps,
+    return Estimate(estimate.value, estimate.se, estimate.n, batches.hvps,
                     time.perf_counter() - start)
 
 
@@ -156,13 +179,6 @@ def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_sam
                     time.perf_counter() - start)
 
 
-def _batch_quadratic_and_norm(model, loss_fn, xb, yb, train_mode) -> tuple[float, float]:
-    """(g_B^T H_B g_B, |g_B|^2) with gradient and Hessian of the same batch."""
-    op = HessianOperator(model, loss_fn, xb, yb, train_mode=train_mode)
-    g = op.gradient()
-    return (g @ op.matvec(g)).item(), (g @ g).item()
-
-
 def batch_sharpness_ratio(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
                           max_samples=1000, rel_se=0.005, train_mode=True,
                           exact=False) -> Estimate:
@@ -182,22 +198,10 @@ def batch_sharpness_ratio(model, loss_fn, X, Y, batch_size, *, generator, min_sa
                                                     max_samples=max_samples, rel_se=rel_se,
                                                     train_mode=train_mode)
     start = time.perf_counter()
-    n = X.shape[0]
-    hvps = 0
-
-    def sample(m):
-        nonlocal hvps
-        hvps += m
-        pairs = []
-        for _ in range(m):
-            idx = sample_batch_indices(n, batch_size, generator, X.device)
-            pairs.append(_batch_quadratic_and_norm(model, loss_fn, X[idx], Y[idx], train_mode))
-        quadratic, norm2 = zip(*pairs)
-        return list(quadratic), list(norm2)
-
-    estimate = ratio_of_means_with_stopping(sample, min_samples=min_samples,
+    batches = _ExactBatches(model, loss_fn, X, Y, batch_size, generator, train_mode)
+    estimate = ratio_of_means_with_stopping(batches, min_samples=min_samples,
                                             max_samples=max_samples, rel_se=rel_se)
-    return Estimate(estimate.value, estimate.se, estimate.n, hvps, time.perf_counter() - start)
+    return Estimate(estimate.value, estimate.se, estimate.n, batches.hvps, time.perf_counter() - start)
 
 
 def _top_eigen(matvec, op, *, tol, max_iter, generator, init=None):
