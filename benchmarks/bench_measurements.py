@@ -44,6 +44,7 @@ from utils.data import load_dataset  # noqa: E402
 from utils.eigs import power_iteration  # noqa: E402
 from utils.estimators import mean_with_stopping, measurement_generator, sample_batch_indices  # noqa: E402
 from utils.fast_curvature import gni_by_batch_size, linear_network  # noqa: E402
+from utils.hvp import default_hvp_mode  # noqa: E402
 from utils.losses import mse_loss  # noqa: E402
 from utils.models import build_model  # noqa: E402
 
@@ -181,7 +182,7 @@ def plain_lambda_max(model, X, Y, tol, max_hvps, generator):
 
 def bench_gradient_and_hvp(name, model, X, Y, args, with_hvp: bool):
     """One full-batch gradient, and one full-batch HVP on a new vector by each exact mode."""
-    from torch.func import functional_call, grad, jvp
+    from torch.func import functional_call, grad, jvp, vmap
 
     build, grads = timed(lambda: plain_graph(model, X, Y), args.device)
     params = params_of(model)
@@ -202,6 +203,8 @@ def bench_gradient_and_hvp(name, model, X, Y, args, with_hvp: bool):
             "vmap block": (lambda: torch.autograd.grad(grads, params, batched, retain_graph=True,
                                                        is_grads_batched=True), args.repeats),
             "forward-over-reverse": (lambda: jvp(grad(loss_of), (detached,), (tangent,)), args.repeats),
+            "vmap forward-over-reverse": (lambda: vmap(lambda t: jvp(grad(loss_of), (detached,), (t,))[1])(
+                dict(zip(names, batched))), args.repeats),
         })
     results = interleaved(calls, args.device, warm_up=True)
     gradient = results["gradient"][0]
@@ -210,10 +213,14 @@ def bench_gradient_and_hvp(name, model, X, Y, args, with_hvp: bool):
         return rows
     rows.append(row(name, "HVP graph (one-off)", "gradient with create_graph", [build],
                     note=f"{build / statistics.median(gradient):.2f}x gradient"))
-    methods = {"double backward": ("double backward, retained graph (ours)", 1),
-               "vmap block": (f"vmap block of {block} (is_grads_batched), per vector", block),
-               "forward-over-reverse": ("torch.func forward-over-reverse jvp(grad)", 1)}
-    for key, (method, per_call) in methods.items():
+    ours = default_hvp_mode(model, X.device)
+    methods = {"double backward": ("double backward, retained graph", 1, "double-backward"),
+               "vmap block": (f"block of {block} (is_grads_batched), per vector", block, "double-backward-batched"),
+               "forward-over-reverse": ("torch.func forward-over-reverse jvp(grad)", 1, "forward-over-reverse"),
+               "vmap forward-over-reverse": (f"vmap of jvp(grad), block of {block}, per vector", block, None)}
+    for key, (method, per_call, mode) in methods.items():
+        if mode == ours:
+            method += f" (ours: {ours})"
         seconds = [s / per_call for s in results[key][0]]
         rows.append(row(name, "HVP on a new vector", method, seconds, hvps=1,
                         note=f"{statistics.median(seconds) / statistics.median(gradient):.2f}x gradient"))
@@ -248,12 +255,41 @@ def bench_lambda_max(name, model, X, Y, args):
     seconds, (warm, est) = repeat(lambda: ours(moved, cold.vectors, 2), args.repeats, args.device)
     rows.append(row(name, "lambda_max, tol 1e-3, warm", f"ours: Lanczos warm ({args.warm_steps} SGD steps later)",
                     seconds, hvps=est.hvps, value=est.value, note="" if warm.converged else "not converged"))
+    rows.append(bench_lambda_max_along_training(name, model, X, Y, tol, args))
     seconds, result = repeat(lambda: plain_lambda_max(model, X, Y, tol, args.power_max_hvps,
                                                       measurement_generator(0, 1)), 1, args.device)
     note = "" if result.converged else f"not converged, residual {float(result.residuals[0]):.1e}"
     rows.append(row(name, "lambda_max, tol 1e-3, cold", "baseline: power iteration", seconds,
                     hvps=result.matvecs, value=float(result.values[0]), note=note))
     return rows
+
+
+def bench_lambda_max_along_training(name, model, X, Y, tol, args) -> dict:
+    """Warm-started lambda_max as a run measures it: every ``--trajectory-every`` SGD steps
+    (batch 8, lr 0.05) from initialisation, each solve started from the previous eigenvector.
+    The row gives the median time and HVPs of the warm solves; the note their spread."""
+    moved = copy.deepcopy(model)
+    generator = torch.Generator(device=X.device).manual_seed(1)
+    optimizer = torch.optim.SGD(moved.parameters(), lr=0.05)
+    cache, seconds, counts, value = None, [], [], None
+    for point in range(args.trajectory_points + 1):
+        took, (result, est) = timed(lambda: measures.lambda_max(
+            moved, mse_loss, X, Y, tol=tol, warm_start=cache, generator=measurement_generator(0, point)),
+            args.device)
+        cache, value = result.vectors, est.value
+        if point > 0:  # the first solve is cold
+            seconds.append(took)
+            counts.append(est.hvps)
+        for _ in range(args.trajectory_every):
+            idx = sample_batch_indices(X.shape[0], 8, generator, X.device)
+            optimizer.zero_grad()
+            mse_loss(moved(X[idx]), Y[idx]).backward()
+            optimizer.step()
+    note = (f"{len(counts)} warm solves every {args.trajectory_every} SGD steps from initialisation: "
+            f"HVPs median {statistics.median(counts)}, mean {statistics.mean(counts):.1f}, "
+            f"range {min(counts)}-{max(counts)}")
+    return row(name, "lambda_max, tol 1e-3, warm along training", "ours: Lanczos warm", seconds,
+               hvps=statistics.median(counts), value=value, note=note)
 
 
 def bench_batch_sharpness(name, model, X, Y, args, batch_sizes):
@@ -444,6 +480,9 @@ def build_parser():
     p.add_argument("--cnn-power-max-hvps", type=int, default=30, help="power-iteration cap on the CNN")
     p.add_argument("--cnn-gni-baseline-samples", type=int, default=3, help="baseline GNI samples timed on the CNN")
     p.add_argument("--warm-steps", type=int, default=5, help="SGD steps between the cold and the warm lambda_max")
+    p.add_argument("--trajectory-points", type=int, default=20, help="warm lambda_max solves along training")
+    p.add_argument("--trajectory-every", type=int, default=10, help="SGD steps between those solves")
+    p.add_argument("--cnn-trajectory-points", type=int, default=4, help="warm solves along training on the CNN")
     p.add_argument("--large-n", type=int, default=8192, help="samples of the chunked lambda_max (50000: CIFAR-10 size)")
     p.add_argument("--hvp-chunk", type=int, default=2048, help="chunk of the large lambda_max")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -464,6 +503,7 @@ def main() -> None:
         args.repeats, args.mlp_n, args.cnn_n, args.large_n, args.hvp_chunk = 1, 128, 32, 256, 100
         args.max_samples, args.gni_max_samples, args.gni_baseline_samples, args.power_max_hvps = 40, 40, 2, 20
         args.cnn_gni_max_samples, args.cnn_power_max_hvps, args.cnn_gni_baseline_samples = 20, 10, 2
+        args.trajectory_points, args.cnn_trajectory_points = 3, 2
     sections = args.only or SECTIONS
     rows = []
     sizes = {"mlp": args.mlp_n, "cnn": args.cnn_n}
@@ -474,6 +514,7 @@ def main() -> None:
             args = copy.copy(args)
             args.repeats, args.gni_max_samples = args.cnn_repeats, args.cnn_gni_max_samples
             args.power_max_hvps, args.gni_baseline_samples = args.cnn_power_max_hvps, args.cnn_gni_baseline_samples
+            args.trajectory_points = args.cnn_trajectory_points
         if "gradient" in sections or "hvp" in sections:
             rows += bench_gradient_and_hvp(label, model, X, Y, args, with_hvp="hvp" in sections)
         if "lambda_max" in sections:

@@ -3,7 +3,7 @@ import torch
 
 from curvature_reference import (LOSSES, dense_gradient, dense_hessian, dense_loss,
                                  finite_difference_hessian, tiny_data, tiny_mlp)
-from utils.hvp import HessianOperator, flat_grad, flat_params, num_params
+from utils.hvp import HVP_MODES, HessianOperator, default_hvp_mode, flat_grad, flat_params, num_params
 
 N = 10
 
@@ -124,3 +124,48 @@ def test_bad_vector_shape():
     op = HessianOperator(model, LOSSES["mse"], X, Y)
     with pytest.raises(ValueError):
         op.matvec(torch.zeros(op.dim + 1, dtype=torch.float64))
+
+
+def tiny_cnn(seed=0):
+    """1x5x5 inputs -> Conv(1->2, 3x3) -> tanh -> MaxPool -> Linear(2 -> 2), in float64."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Tanh(), torch.nn.MaxPool2d(3),
+                                   torch.nn.Flatten(), torch.nn.Linear(2, 2)).double()
+
+
+@pytest.mark.parametrize("mode", HVP_MODES)
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("network", ["mlp", "cnn"])
+def test_every_mode_matches_dense_hessian(mode, chunk_size, network):
+    if network == "mlp":
+        model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
+    else:
+        generator = torch.Generator().manual_seed(5)
+        model = tiny_cnn()
+        X = torch.randn(N, 1, 5, 5, generator=generator, dtype=torch.float64)
+        Y = torch.randint(0, 2, (N,), generator=generator)
+    loss_fn = LOSSES["ce"]
+    H = dense_hessian(model, loss_fn, X, Y)
+    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, mode=mode)
+    V = random_block(op.dim, 11)  # more columns than one batched pass takes
+    assert op.mode == mode
+    torch.testing.assert_close(op.matvec(V), H @ V, rtol=0, atol=1e-12)
+    torch.testing.assert_close(op.matvec(V[:, 4]), H @ V[:, 4], rtol=0, atol=1e-12)
+    torch.testing.assert_close(op.gradient(), dense_gradient(model, loss_fn, X, Y), rtol=0, atol=1e-13)
+    assert op.hvps == 12
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_default_mode_per_model_and_device():
+    mlp, cnn, bn = tiny_mlp(), tiny_cnn(), torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    assert {default_hvp_mode(m, "cpu") for m in (mlp, cnn, bn)} == {"double-backward"}
+    assert default_hvp_mode(mlp, "cuda") == "double-backward-batched"
+    assert default_hvp_mode(cnn, "cuda:0") == "forward-over-reverse"
+    assert default_hvp_mode(bn, "cuda") == "double-backward-batched"
+    X, Y = tiny_data(N, "mse")
+    assert HessianOperator(tiny_mlp(), LOSSES["mse"], X, Y).mode == "double-backward"
+    with pytest.raises(ValueError, match="BatchNorm"):
+        HessianOperator(tiny_mlp(batchnorm=True), LOSSES["mse"], X, Y, mode="forward-over-reverse")
+    with pytest.raises(ValueError, match="unknown HVP mode"):
+        HessianOperator(tiny_mlp(), LOSSES["mse"], X, Y, mode="finite-differences")

@@ -7,14 +7,37 @@ For a model with trainable parameters theta (flattened, length P) and data (X, Y
 
 On the whole training set the data are processed in chunks of ``chunk_size`` samples so that
 memory stays bounded: L = sum_c (n_c/n) L_c, grad L = sum_c (n_c/n) grad L_c and
-H = sum_c (n_c/n) H_c. Unchunked, the graph of grad L is built once and reused by every
-product; chunked, it is rebuilt per chunk for every block of vectors. A block of m vectors
-goes through one graph as m backward passes with the graph retained. This is the fastest exact
-mode for every model measured (``benchmarks/bench_measurements.py`` on two CPU cores; one
-full-batch product on a new vector, in full-batch gradients): MLP 3072-512-512-10, n = 2048:
-double backward 1.25, ``is_grads_batched`` blocks of 8 1.72 per vector, ``torch.func``
-forward-over-reverse ``jvp(grad)`` 3.22; CNN, n = 512: 2.67, 3.49 and 4.02. Building the
-shared graph costs 1.4 (MLP) and 1.7 (CNN) gradients once.
+H = sum_c (n_c/n) H_c.
+
+Three exact modes compute the same H V (to round-off); the operator takes the fastest one for
+the model and device unless told otherwise (:func:`default_hvp_mode`):
+
+    double-backward          the graph of grad L is built once (create_graph) and every vector
+                             is one backward pass through it with the graph retained; chunked,
+                             the graph is rebuilt per chunk for every block of vectors.
+    double-backward-batched  the same graph; a block of vectors goes through it in groups of
+                             8 by one batched backward (``is_grads_batched``).
+    forward-over-reverse     ``torch.func.jvp`` of ``torch.func.grad``: no retained graph, every
+                             product one forward-mode pass over the gradient computation; a
+                             block goes through ``vmap`` in groups of 8. Not for BatchNorm.
+
+Cost of one full-batch product on a new vector, in full-batch gradients
+(``benchmarks/bench_measurements.py``; building the retained graph costs about one gradient
+once):
+
+    MLP 3072-512-512-10, n = 2048   CPU (2 cores)   double backward 1.2-1.3, batched 1.6-1.7 per
+                                                    vector, jvp(grad) 3.1-3.2
+                                    GPU (H200)      double backward 1.1-1.3, batched 0.47-0.68
+                                                    per vector, jvp(grad) 3.5-4.3
+    CNN (2.48 M), n = 512           CPU             double backward 2.0-2.7, batched 2.7-3.5,
+                                                    jvp(grad) 2.6-4.0, vmap blocks 3.0
+                                    GPU             double backward 4.3-4.5, batched 4.2-4.5,
+                                                    jvp(grad) 3.2-3.5, vmap blocks 1.6 per vector
+
+hence double backward on the CPU, batched double backward for networks without convolutions on
+a GPU, and forward-over-reverse for convolutional networks on a GPU. (``torch.func.linearize``
+applies a product in 1.6 gradients on the GPU CNN but takes over 100 gradients to trace, more
+than a whole lambda_max solve saves.)
 
 The train/eval mode is explicit because BatchNorm makes the loss (and its Hessian) depend on
 it; it is applied during the forward passes only, the previous mode of every submodule is
@@ -29,7 +52,26 @@ retained graph after the parameters are modified in place.
 from contextlib import contextmanager
 
 import torch
-from torch.func import functional_call
+from torch.func import functional_call, grad, jvp, vmap
+
+from utils.models import has_batchnorm
+
+HVP_MODES = ("double-backward", "double-backward-batched", "forward-over-reverse")
+_VECTORS_PER_PASS = 8  # vectors per batched backward or vmap call: bounds the extra memory
+
+
+def default_hvp_mode(model: torch.nn.Module, device) -> str:
+    """The fastest exact product mode measured for this kind of model on this device.
+
+    CPU: ``double-backward``. CUDA: ``forward-over-reverse`` for convolutional networks
+    without BatchNorm, ``double-backward-batched`` otherwise (see the module docstring).
+    """
+    if torch.device(device).type != "cuda":
+        return "double-backward"
+    convolutional = any(isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)) for m in model.modules())
+    if convolutional and not has_batchnorm(model):
+        return "forward-over-reverse"
+    return "double-backward-batched"
 
 
 def trainable_params(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -83,6 +125,12 @@ def split(v: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
 def flatten(tensors) -> torch.Tensor:
     """Per-parameter tensors concatenated into one flat vector, in parameter order."""
     return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _split_block(block: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A (P, m) block as per-parameter tensors of shape (*param.shape, m)."""
+    sizes = [p.numel() for p in params]
+    return [piece.reshape(*p.shape, block.shape[1]) for piece, p in zip(block.split(sizes), params)]
 
 
 def chunks(n: int, chunk_size: int | None):
@@ -143,11 +191,17 @@ class HessianOperator(CurvatureOperator):
     ``hvps`` counts the vectors multiplied (a block of m counts m). ``gradient()`` and ``loss()``
     are computed on the same data with the same chunking and mode. ``chunk_size=None`` (or
     >= n) keeps one graph for the whole data; otherwise chunks of ``chunk_size`` samples are
-    processed one at a time.
+    processed one at a time. ``mode`` is one of :data:`HVP_MODES`, by default
+    :func:`default_hvp_mode` of the model and its device.
     """
 
-    def __init__(self, model, loss_fn, X, Y, *, chunk_size=None, train_mode=True):
+    def __init__(self, model, loss_fn, X, Y, *, chunk_size=None, train_mode=True, mode=None):
         super().__init__(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
+        self.mode = mode or default_hvp_mode(model, self.device)
+        if self.mode not in HVP_MODES:
+            raise ValueError(f"unknown HVP mode {self.mode!r}; choose one of {', '.join(HVP_MODES)}")
+        if self.mode == "forward-over-reverse" and has_batchnorm(model):
+            raise ValueError("forward-over-reverse products do not support BatchNorm; use double-backward")
         self._loss = None
         self._grad = None
 
@@ -167,7 +221,7 @@ class HessianOperator(CurvatureOperator):
         return self._graph
 
     def _products(self, grads, V: torch.Tensor) -> torch.Tensor:
-        """Columns of H_c V by one backward pass per column through the retained graph."""
+        """Columns of H_c V by backward passes through the retained graph of ``grads``."""
         # Gradient entries that do not depend on theta (e.g. a bias feeding a linear loss)
         # have a zero Hessian row and no graph to differentiate.
         live = [i for i, g in enumerate(grads) if g.requires_grad]
@@ -175,11 +229,43 @@ class HessianOperator(CurvatureOperator):
         if not live:
             return out
         outputs = [grads[i] for i in live]
-        for j in range(V.shape[1]):
-            pieces = split(V[:, j], self.params)
-            hv = torch.autograd.grad(outputs, self.params, grad_outputs=[pieces[i] for i in live],
-                                     retain_graph=True, allow_unused=True, materialize_grads=True)
-            out[:, j] = flatten(hv)
+        batched = self.mode == "double-backward-batched"
+        step = _VECTORS_PER_PASS if batched else 1
+        for j in range(0, V.shape[1], step):
+            block = V[:, j : j + step]
+            pieces = [p.movedim(-1, 0) for p in _split_block(block, self.params)]
+            if batched and block.shape[1] > 1:
+                hv = torch.autograd.grad(outputs, self.params, grad_outputs=[pieces[i] for i in live],
+                                         retain_graph=True, allow_unused=True, materialize_grads=True,
+                                         is_grads_batched=True)
+            else:
+                hv = torch.autograd.grad(outputs, self.params, grad_outputs=[pieces[i][0] for i in live],
+                                         retain_graph=True, allow_unused=True, materialize_grads=True)
+                hv = [h.unsqueeze(0) for h in hv]
+            out[:, j : j + step] = torch.cat([h.reshape(h.shape[0], -1) for h in hv], dim=1).T
+        return out
+
+    def _forward_over_reverse(self, start: int, stop: int, V: torch.Tensor) -> torch.Tensor:
+        """Columns of H_c V on X[start:stop] by jvp of the gradient, vmapped over groups."""
+        names = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        primals = {name: p.detach() for name, p in zip(names, self.params)}
+        X, Y = self.X[start:stop], self.Y[start:stop]
+
+        def loss_of(values):
+            return self.loss_fn(functional_call(self.model, values, (X,)), Y)
+
+        def product(tangents):
+            return flatten(jvp(grad(loss_of), (primals,), (tangents,))[1].values())
+
+        out = torch.empty_like(V)
+        with model_mode(self.model, self.train_mode):
+            for j in range(0, V.shape[1], _VECTORS_PER_PASS):
+                block = V[:, j : j + _VECTORS_PER_PASS]
+                pieces = [p.movedim(-1, 0) for p in _split_block(block, self.params)]
+                if block.shape[1] == 1:
+                    out[:, j] = product({name: piece[0] for name, piece in zip(names, pieces)})
+                else:
+                    out[:, j : j + block.shape[1]] = vmap(product)(dict(zip(names, pieces))).T
         return out
 
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
@@ -188,7 +274,11 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(f"expected a vector (P,) or block (P, m) with P={self.dim}, "
                              f"got shape {tuple(V.shape)}")
         block = V.reshape(self.dim, -1).to(device=self.device, dtype=self.dtype)
-        if self.chunk_size is None:
+        if self.mode == "forward-over-reverse":
+            result = torch.zeros_like(block)
+            for start, stop in chunks(self.n, self.chunk_size):
+                result += (stop - start) / self.n * self._forward_over_reverse(start, stop, block)
+        elif self.chunk_size is None:
             result = self._products(self._full_graph()[1], block)
         else:
             result = self._chunked_products(block)
@@ -211,7 +301,7 @@ class HessianOperator(CurvatureOperator):
     def _ensure_loss_and_grad(self):
         if self._grad is not None:
             return
-        if self.chunk_size is None:
+        if self.chunk_size is None and self.mode != "forward-over-reverse":
             self._full_graph()
         else:
             self._loss, self._grad = _loss_and_grad(
