@@ -63,7 +63,8 @@ def lambda_max(model, loss_fn, X, Y, *, k=1, tol=1e-3, max_iter=None, chunk_size
 
 def _batch_quadratic_and_norm(model, loss_fn, xb, yb, train_mode) -> tuple[float, float]:
     """(g_B^T H_B g_B, |g_B|^2) with gradient and Hessian of the same batch."""
-    op = HessianOperator(model, loss_fn, xb, yb, train_mode=train_mode)
+    # One graph gives g_B and then H_B g_B; other modes would pay for the gradient twice.
+    op = HessianOperator(model, loss_fn, xb, yb, train_mode=train_mode, mode="double-backward")
     g = op.gradient()
     return (g @ op.matvec(g)).item(), (g @ g).item()
 
@@ -418,7 +419,7 @@ def momentum_sharpness(model, loss_fn, X, Y, batch_size, *, optimizer, generator
         quadratic, slope = [], []
         for _ in range(m):
             idx = sample_batch_indices(n, batch_size, generator, X.device)
-            op = HessianOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
+            op = HessianOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode, mode="double-backward")
             g = op.gradient()
             s = momentum_direction(g, buffer.to(g), group["momentum"], group["nesterov"])
             quadratic.append((s @ op.matvec(s)).item())
