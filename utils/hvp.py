@@ -27,17 +27,18 @@ once):
 
     MLP 3072-512-512-10, n = 2048   CPU (2 cores)   double backward 1.2-1.3, batched 1.6-1.7 per
                                                     vector, jvp(grad) 3.1-3.2
-                                    GPU (H200)      double backward 1.1-1.3, batched 0.47-0.68
+                                    GPU (H200)      double backward 0.8-1.3, batched 0.37-0.68
                                                     per vector, jvp(grad) 3.5-4.3
     CNN (2.48 M), n = 512           CPU             double backward 2.0-2.7, batched 2.7-3.5,
                                                     jvp(grad) 2.6-4.0, vmap blocks 3.0
-                                    GPU             double backward 4.3-4.5, batched 4.2-4.5,
-                                                    jvp(grad) 3.2-3.5, vmap blocks 1.6 per vector
+                                    GPU             double backward 3.3-4.5, batched 3.3-4.5,
+                                                    jvp(grad) 2.7-3.5, vmap blocks 1.2-1.7 per
+                                                    vector
 
 hence double backward on the CPU, batched double backward for networks without convolutions on
-a GPU, and forward-over-reverse for convolutional networks on a GPU. (``torch.func.linearize``
-applies a product in 1.6 gradients on the GPU CNN but takes over 100 gradients to trace, more
-than a whole lambda_max solve saves.)
+a GPU, and forward-over-reverse for convolutional networks without BatchNorm on a GPU.
+(``torch.func.linearize`` applies a product in 1.6 gradients on the GPU CNN but takes over 100
+gradients to trace, more than a whole lambda_max solve saves.)
 
 The train/eval mode is explicit because BatchNorm makes the loss (and its Hessian) depend on
 it; it is applied during the forward passes only, the previous mode of every submodule is
