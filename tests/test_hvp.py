@@ -169,3 +169,16 @@ def test_default_mode_per_model_and_device():
         HessianOperator(tiny_mlp(batchnorm=True), LOSSES["mse"], X, Y, mode="forward-over-reverse")
     with pytest.raises(ValueError, match="unknown HVP mode"):
         HessianOperator(tiny_mlp(), LOSSES["mse"], X, Y, mode="finite-differences")
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_gradient_quadratic_form_matches_dense(chunk_size):
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
+    loss_fn = LOSSES["ce"]
+    H, g = dense_hessian(model, loss_fn, X, Y), dense_gradient(model, loss_fn, X, Y)
+    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size)
+    quadratic, norm2 = op.gradient_quadratic_form()
+    assert quadratic == pytest.approx((g @ H @ g).item(), rel=1e-12)
+    assert norm2 == pytest.approx((g @ g).item(), rel=1e-12)
+    assert op.hvps == 1
+    assert all(p.grad is None for p in model.parameters())

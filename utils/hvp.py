@@ -217,8 +217,6 @@ class HessianOperator(CurvatureOperator):
     def _full_graph(self):
         if self._graph is None:
             self._graph = self._build(0, self.n)
-            self._loss = self._graph[0].item()
-            self._grad = flatten(self._graph[1]).detach()
         return self._graph
 
     def _products(self, grads, V: torch.Tensor) -> torch.Tensor:
@@ -226,12 +224,12 @@ class HessianOperator(CurvatureOperator):
         # Gradient entries that do not depend on theta (e.g. a bias feeding a linear loss)
         # have a zero Hessian row and no graph to differentiate.
         live = [i for i, g in enumerate(grads) if g.requires_grad]
-        out = torch.zeros_like(V)
         if not live:
-            return out
+            return torch.zeros_like(V)
         outputs = [grads[i] for i in live]
         batched = self.mode == "double-backward-batched"
         step = _VECTORS_PER_PASS if batched else 1
+        columns = []
         for j in range(0, V.shape[1], step):
             block = V[:, j : j + step]
             pieces = [p.movedim(-1, 0) for p in _split_block(block, self.params)]
@@ -239,12 +237,12 @@ class HessianOperator(CurvatureOperator):
                 hv = torch.autograd.grad(outputs, self.params, grad_outputs=[pieces[i] for i in live],
                                          retain_graph=True, allow_unused=True, materialize_grads=True,
                                          is_grads_batched=True)
+                columns.append(torch.cat([h.reshape(h.shape[0], -1) for h in hv], dim=1).T)
             else:
                 hv = torch.autograd.grad(outputs, self.params, grad_outputs=[pieces[i][0] for i in live],
                                          retain_graph=True, allow_unused=True, materialize_grads=True)
-                hv = [h.unsqueeze(0) for h in hv]
-            out[:, j : j + step] = torch.cat([h.reshape(h.shape[0], -1) for h in hv], dim=1).T
-        return out
+                columns.append(flatten(hv).unsqueeze(1))
+        return columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
 
     def _forward_over_reverse(self, start: int, stop: int, V: torch.Tensor) -> torch.Tensor:
         """Columns of H_c V on X[start:stop] by jvp of the gradient, vmapped over groups."""
@@ -303,7 +301,8 @@ class HessianOperator(CurvatureOperator):
         if self._grad is not None:
             return
         if self.chunk_size is None and self.mode != "forward-over-reverse":
-            self._full_graph()
+            loss, grads = self._full_graph()
+            self._loss, self._grad = loss.item(), flatten(grads).detach()
         else:
             self._loss, self._grad = _loss_and_grad(
                 self.model, self.loss_fn, self.X, self.Y,
@@ -313,6 +312,26 @@ class HessianOperator(CurvatureOperator):
         """grad L (P,), detached, on the operator's data, chunking and mode."""
         self._ensure_loss_and_grad()
         return self._grad.clone()
+
+    def gradient_quadratic_form(self) -> tuple[float, float]:
+        """(g^T H g, |g|^2) for the operator's own gradient g (one HVP).
+
+        Unchunked, g and H g come from one graph parameter by parameter, with no flat copies
+        of length P: on small batches of large networks those copies cost as much as the
+        products themselves.
+        """
+        if self.chunk_size is not None:
+            g = self.gradient()
+            return (g @ self.matvec(g)).item(), (g @ g).item()
+        _, grads = self._full_graph()
+        live = [i for i, g in enumerate(grads) if g.requires_grad]
+        directions = [grads[i].detach() for i in live]
+        hv = torch.autograd.grad([grads[i] for i in live], self.params, grad_outputs=directions,
+                                 retain_graph=True, allow_unused=True, materialize_grads=True)
+        quadratic = sum((h * d).sum() for h, d in zip((hv[i] for i in live), directions))
+        norm2 = sum((g.detach() * g.detach()).sum() for g in grads)
+        self.hvps += 1
+        return float(quadratic), float(norm2)
 
     def loss(self) -> float:
         """L on the operator's data, chunking and mode."""
