@@ -28,7 +28,10 @@ class SignalCatcher:
     """Turns SIGINT/SIGTERM into a flag that a loop checks between units of work.
 
     Used as a context manager; the previous handlers come back on exit. Outside the main
-    thread (where Python cannot install handlers) it never fires.
+    thread (where Python cannot install handlers) it never fires. A second signal means
+    "stop now" (a long measurement may keep the current unit of work going for minutes): it
+    exits at once with 128 + the signal number, losing the unfinished work as a hard kill
+    would.
     """
 
     def __init__(self):
@@ -42,6 +45,10 @@ class SignalCatcher:
         return self
 
     def _handle(self, signum, frame):
+        if self.received is not None:
+            print(f"second {signal.Signals(signum).name}: stopping now, without finishing the current step",
+                  file=sys.stderr)
+            raise SystemExit(128 + signum)
         self.received = signal.Signals(signum)
 
     def __exit__(self, *exc):
