@@ -177,7 +177,7 @@ def test_gradient_quadratic_form_matches_dense(chunk_size):
     loss_fn = LOSSES["ce"]
     H, g = dense_hessian(model, loss_fn, X, Y), dense_gradient(model, loss_fn, X, Y)
     op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size)
-    quadratic, norm2 = op.gradient_quadratic_form()
+    quadratic, norm2 = (t.item() for t in op.gradient_quadratic_form())
     assert quadratic == pytest.approx((g @ H @ g).item(), rel=1e-12)
     assert norm2 == pytest.approx((g @ g).item(), rel=1e-12)
     assert op.hvps == 1

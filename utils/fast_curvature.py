@@ -41,8 +41,8 @@ to round-off, draws the same random batches from the same generator in the same 
 applies the same stopping rule, so an estimate is reproduced by the exact path. Models of other
 shapes (convolutions, BatchNorm, frozen parameters), other losses and soft ce targets are not
 chains in this sense (:func:`linear_network` returns None): the per-batch measurements then run
-one double backward per batch on per-parameter tensors (the exact path without its flat
-parameter-sized copies), and GNI is left to the exact path. The chains have no mode-dependent
+one double backward per batch as the exact path does
+(:meth:`utils.hvp.HessianOperator.gradient_quadratic_form`), and GNI is left to the exact path. The chains have no mode-dependent
 layers, so train/eval mode matters only on that general route.
 """
 
@@ -480,29 +480,6 @@ def batch_terms(model, loss_fn, X, Y, idx: torch.Tensor, train_mode=True):
     return _batch_route(model, loss_fn, X, Y, idx.shape[1], train_mode).terms(idx)
 
 
-def _double_backward_terms(model, loss_fn, xb, yb, train_mode) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g_B^T H_B g_B, |g_B|^2) of one batch by double backward, on per-parameter tensors.
-
-    The exact path of :mod:`utils.measures` without the flat parameter-sized copies: one
-    gradient with its graph and one Hessian-vector product that frees it.
-    """
-    params = trainable_params(model)
-    xb = xb.to(device=params[0].device, dtype=params[0].dtype) if xb.is_floating_point() else xb
-    yb = yb.to(device=params[0].device, dtype=params[0].dtype) if yb.is_floating_point() else yb
-    loss = loss_fn(forward(model, xb, train_mode), yb)
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True,
-                                materialize_grads=True)
-    live = [i for i, g in enumerate(grads) if g.requires_grad]
-    detached = [g.detach() for g in grads]
-    norm2 = sum((g * g).sum() for g in detached)
-    if not live:
-        return torch.zeros_like(norm2), norm2
-    products = torch.autograd.grad([grads[i] for i in live], params,
-                                   grad_outputs=[detached[i] for i in live], allow_unused=True,
-                                   materialize_grads=True)
-    return sum((g * h).sum() for g, h in zip(detached, products)), norm2
-
-
 @dataclass
 class _BatchRoute:
     """How per-batch terms are computed: ``terms(idx)`` maps index rows (K, b) to the pair
@@ -520,8 +497,9 @@ def _batch_route(model, loss_fn, X, Y, batch_size, train_mode) -> _BatchRoute:
     net = linear_network(model, loss_fn, X, Y)
     if net is None:
         def one_at_a_time(idx):
-            terms = [_double_backward_terms(model, loss_fn, X[rows], Y[rows], train_mode)
-                     for rows in idx]
+            # One graph per batch serves g_B and H_B g_B (see HessianOperator.gradient_quadratic_form).
+            terms = [HessianOperator(model, loss_fn, X[rows], Y[rows], train_mode=train_mode,
+                                     mode="double-backward").gradient_quadratic_form() for rows in idx]
             return tuple(torch.stack(column).detach() for column in zip(*terms))
         return _BatchRoute(one_at_a_time, per_call=1, min_block=1, ahead=False)
 

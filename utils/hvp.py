@@ -313,25 +313,28 @@ class HessianOperator(CurvatureOperator):
         self._ensure_loss_and_grad()
         return self._grad.clone()
 
-    def gradient_quadratic_form(self) -> tuple[float, float]:
-        """(g^T H g, |g|^2) for the operator's own gradient g (one HVP).
+    def gradient_quadratic_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g^T H g, |g|^2) for the operator's own gradient g, as 0-dim tensors (one HVP).
 
         Unchunked, g and H g come from one graph parameter by parameter, with no flat copies
         of length P: on small batches of large networks those copies cost as much as the
-        products themselves.
+        products themselves. The results stay on the device (no synchronisation), so many
+        batches can be stacked before they are read.
         """
         if self.chunk_size is not None:
             g = self.gradient()
-            return (g @ self.matvec(g)).item(), (g @ g).item()
+            return g @ self.matvec(g), g @ g
         _, grads = self._full_graph()
         live = [i for i, g in enumerate(grads) if g.requires_grad]
-        directions = [grads[i].detach() for i in live]
-        hv = torch.autograd.grad([grads[i] for i in live], self.params, grad_outputs=directions,
-                                 retain_graph=True, allow_unused=True, materialize_grads=True)
-        quadratic = sum((h * d).sum() for h, d in zip((hv[i] for i in live), directions))
-        norm2 = sum((g.detach() * g.detach()).sum() for g in grads)
+        detached = [g.detach() for g in grads]
+        norm2 = sum((g * g).sum() for g in detached)
         self.hvps += 1
-        return float(quadratic), float(norm2)
+        if not live:
+            return torch.zeros_like(norm2), norm2
+        products = torch.autograd.grad([grads[i] for i in live], self.params,
+                                       grad_outputs=[detached[i] for i in live], retain_graph=True,
+                                       allow_unused=True, materialize_grads=True)
+        return sum((g * h).sum() for g, h in zip(detached, products)), norm2
 
     def loss(self) -> float:
         """L on the operator's data, chunking and mode."""

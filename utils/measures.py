@@ -65,7 +65,8 @@ def _batch_quadratic_and_norm(model, loss_fn, xb, yb, train_mode) -> tuple[float
     """(g_B^T H_B g_B, |g_B|^2) with gradient and Hessian of the same batch."""
     # One graph gives g_B and then H_B g_B; other modes would pay for the gradient twice.
     op = HessianOperator(model, loss_fn, xb, yb, train_mode=train_mode, mode="double-backward")
-    return op.gradient_quadratic_form()
+    quadratic, norm2 = op.gradient_quadratic_form()
+    return quadratic.item(), norm2.item()
 
 
 def _rayleigh_on_batch(model, loss_fn, xb, yb, train_mode) -> float:
