@@ -181,6 +181,15 @@ def test_gauss_newton_is_the_hessian_of_a_linear_model():
         torch.testing.assert_close(op.matvec(torch.eye(H.shape[0], dtype=torch.float64)), H, rtol=1e-10, atol=1e-12)
 
 
+def exact_gn_batch_sharpness(model, loss_name, X, Y):
+    """E_B[g_B^T G_B g_B / |g_B|^2] over every batch, G_B from explicit Jacobians."""
+    quotients = []
+    for idx in all_batches():
+        g_B = dense_gradient(model, LOSSES[loss_name], X[idx], Y[idx])
+        quotients.append((g_B @ dense_gauss_newton(model, loss_name, X[idx], Y[idx]) @ g_B / (g_B @ g_B)).item())
+    return float(np.mean(quotients))
+
+
 @pytest.mark.parametrize("loss_name", ["mse", "ce"])
 def test_gn_lambda_max_and_gn_batch_sharpness_match_exact_values(loss_name):
     model, (X, Y) = tiny_mlp(), tiny_data(N, loss_name)
@@ -189,13 +198,19 @@ def test_gn_lambda_max_and_gn_batch_sharpness_match_exact_values(loss_name):
     G = dense_gauss_newton(model, loss_name, X, Y)
     assert top.value == pytest.approx(torch.linalg.eigvalsh(G)[-1].item(), rel=1e-9)
     assert eig.converged and top.hvps == eig.matvecs and math.isnan(top.se)
-    quotients = []
-    for idx in all_batches():
-        g_B = dense_gradient(model, loss_fn, X[idx], Y[idx])
-        quotients.append((g_B @ dense_gauss_newton(model, loss_name, X[idx], Y[idx]) @ g_B / (g_B @ g_B)).item())
+    exact = exact_gn_batch_sharpness(model, loss_name, X, Y)
     est = gn_batch_sharpness(model, loss_fn, X, Y, B, generator=measurement_generator(0, 5))
     assert est.se < 0.005 * abs(est.value) or est.n == 1000
-    assert abs(est.value - np.mean(quotients)) < 4 * est.se and est.hvps == est.n
+    assert abs(est.value - exact) < 4 * est.se and est.hvps == est.n
+
+
+def test_gn_batch_sharpness_standard_errors_are_honest():
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
+    exact = exact_gn_batch_sharpness(model, "ce", X, Y)
+    estimates = [gn_batch_sharpness(model, LOSSES["ce"], X, Y, B, generator=measurement_generator(seed, 0),
+                                    min_samples=40, max_samples=40)
+                 for seed in range(100)]
+    check_honest(estimates, exact)
 
 
 def test_gradient_norms_match_enumeration_and_the_sampling_formula():
@@ -250,22 +265,37 @@ def test_momentum_direction_is_the_update_sgd_takes(nesterov, history):
     torch.testing.assert_close(s, (before - flat_params(twin)) / 0.1, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_momentum_sharpness_converges_to_the_exact_ratio_of_means(nesterov):
-    model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
-    loss_fn = LOSSES["ce"]
-    optimizer = sgd_with_history(model, loss_fn, X, Y, nesterov, 4)
-    buffer = momentum_buffer(optimizer, model)
+def exact_momentum_sharpness(model, loss_fn, X, Y, buffer, nesterov):
+    """E_B[s^T H_B s] / E_B[s^T g_B] over every batch, s written out for mu = 0.9."""
     quadratic, slope = [], []
     for g, H in batch_derivatives(model, loss_fn, X, Y):
         s = g + 0.9 * (0.9 * buffer + g) if nesterov else g + 0.9 * buffer
         quadratic.append((s @ H @ s).item())
         slope.append((s @ g).item())
-    exact = np.mean(quadratic) / np.mean(slope)
+    return float(np.mean(quadratic) / np.mean(slope))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_sharpness_converges_to_the_exact_ratio_of_means(nesterov):
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
+    loss_fn = LOSSES["ce"]
+    optimizer = sgd_with_history(model, loss_fn, X, Y, nesterov, 4)
+    exact = exact_momentum_sharpness(model, loss_fn, X, Y, momentum_buffer(optimizer, model), nesterov)
     est = momentum_sharpness(model, loss_fn, X, Y, B, optimizer=optimizer, generator=measurement_generator(0, 7))
     assert est.se < 0.005 * abs(est.value) or est.n == 1000
     assert abs(est.value - exact) < 4 * est.se and est.hvps == est.n
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_momentum_sharpness_standard_errors_are_honest():
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
+    loss_fn = LOSSES["ce"]
+    optimizer = sgd_with_history(model, loss_fn, X, Y, False, 4)
+    exact = exact_momentum_sharpness(model, loss_fn, X, Y, momentum_buffer(optimizer, model), False)
+    estimates = [momentum_sharpness(model, loss_fn, X, Y, B, optimizer=optimizer,
+                                    generator=measurement_generator(seed, 0), min_samples=40, max_samples=40)
+                 for seed in range(100)]
+    check_honest(estimates, exact)
 
 
 def adam_with_state(model, step, seed=3):
