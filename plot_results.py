@@ -6,10 +6,10 @@
 Panels (those the runs have data for): losses on a log scale, λ_max, Batch Sharpness with its
 standard-error band, step sharpness smoothed, GNI, accuracy, with the dashed stability line of
 each run's optimiser (2/η for SGD, (2 + 2μ)/η with momentum μ). Writes ``results.png`` and
-``results.pdf`` into the run folder or ``--out DIR``; for several runs ``results_overlay_<hash>.*``
+``results.pdf`` into the run folder or ``--out DIR``; for several runs ``results_overlay.*`` into
+``--out DIR`` (which runs spread over several folders need), or else ``results_overlay_<hash>.*``
 (8 hex digits naming the set of runs, so different overlays never overwrite each other) into
-the folder that directly holds them all (a ``<dataset>_<model>`` folder, a sweep's ``runs/``) or
-``--out DIR``, which runs spread over several folders need.
+the folder that directly holds them all (a ``<dataset>_<model>`` folder, a sweep's ``runs/``).
 """
 
 import sys
@@ -29,8 +29,8 @@ def build_parser():
     g.add_argument("--smooth", type=int, default=None, metavar="K",
                    help="rolling mean over K measurements for step sharpness (default: a twentieth of them)")
     g.add_argument("--dpi", type=int, default=150, help="resolution of the PNG (default 150)")
-    g.add_argument("--name", default=None, help="file name stem (default results, or for several runs results_overlay_<hash>, "
-                        "<hash> being 8 hex digits of the SHA-1 of the run folders' sorted relative paths)")
+    g.add_argument("--name", default=None, help="file name stem (default results, or for several runs results_overlay, plus _<hash> without "
+                        "--out: 8 hex digits of the SHA-1 of the run folders' sorted relative paths)")
     return p
 
 
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
                 raise UserError(f"{run.run_dir}/results.txt has no rows yet; let the run train first")
         figure = plot_runs(runs, frames, smooth=args.smooth)
         folder = analysis_folder(runs, args.out)
-        stem = args.name or selection_stem("results" if len(runs) == 1 else "results_overlay", runs)
+        stem = args.name or selection_stem("results" if len(runs) == 1 else "results_overlay", runs, args.out)
         for path in save_figure(figure, folder, stem, dpi=args.dpi):
             print(f"wrote {path}")
         return 0

@@ -7,10 +7,10 @@ Per run: the plateau of λ_max and of Batch Sharpness (the median over the last 
 fraction of training, or final_fullbs.json / final_ghg.json / final.json when present), their
 gap and the optimiser's stability line (2/η for SGD). Writes ``sharpness_gap.csv`` and
 ``sharpness_gap.png`` / ``.pdf`` (both sharpnesses and the gap against batch size, one line per
-step size), and prints the table. For several runs the files are ``sharpness_gap_<hash>.*``
-(8 hex digits naming the set of runs, so different selections never overwrite each other) in
-the folder that directly holds them all (a ``<dataset>_<model>`` folder, a sweep's ``runs/``)
-or ``--out DIR``, which runs spread over several folders need.
+step size), and prints the table, into the run folder or ``--out DIR`` (which runs spread over
+several folders need). Several runs without ``--out`` write ``sharpness_gap_<hash>.*`` (8 hex
+digits naming the set of runs, so different selections never overwrite each other) into the
+folder that directly holds them all (a ``<dataset>_<model>`` folder, a sweep's ``runs/``).
 """
 
 import os
@@ -32,8 +32,9 @@ FIX = {"lambda_max": "train with --lambdamax or --final, or run compute_final_fu
 
 def build_parser():
     p = build_analysis_parser(PROG, "Plateaus of λ_max and Batch Sharpness over a group of runs, and their gap. "
-                                    "Several runs write sharpness_gap_<hash>.csv/.png/.pdf, <hash> being 8 hex digits "
-                                    "of the SHA-1 of the run folders' sorted relative paths.",
+                                    "Writes sharpness_gap.csv/.png/.pdf; several runs without --out write "
+                                    "sharpness_gap_<hash>.*, <hash> being 8 hex digits of the SHA-1 of the run "
+                                    "folders' sorted relative paths.",
                               default_latest=False, rebuilds=False)
     g = p.add_argument_group("plateaus")
     g.add_argument("--tail", type=float, default=0.2, help="median over this last fraction of training (default 0.2)")
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         table = table.sort_values(["lr", "batch"], kind="stable")
         figure = plot_sharpness_gap(table)
         folder = analysis_folder(runs, args.out)
-        stem = selection_stem("sharpness_gap", runs)
+        stem = selection_stem("sharpness_gap", runs, args.out)
         shown = ["lr", "batch", "optimizer", "lambda_max", "batch_sharpness", "batch_sharpness_se", "gap", "threshold"]
         print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.5g}"))
         written = write_text_files({os.path.join(folder, f"{stem}.csv"): table.to_csv(index=False)})

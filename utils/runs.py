@@ -264,11 +264,12 @@ def analysis_folder(runs: list[Run], out: str | None) -> str:
     return base
 
 
-def selection_stem(stem: str, runs: list[Run]) -> str:
-    """``stem`` for one run; for several, ``stem_<hash>``: the first 8 hex digits of the SHA-1 of
-    the runs' paths relative to their common folder (sorted, one per line), so different
-    selections never overwrite each other's files and the same selection reuses its own."""
-    if len(runs) == 1:
+def selection_stem(stem: str, runs: list[Run], out: str | None = None) -> str:
+    """``stem`` for one run or into a folder the user named (``out``); else, for several runs,
+    ``stem_<hash>``: the first 8 hex digits of the SHA-1 of the runs' paths relative to their
+    common folder (sorted, one per line), so different selections written next to the runs
+    never overwrite each other's files and the same selection reuses its own."""
+    if len(runs) == 1 or out is not None:
         return stem
     base = common_folder(runs)
     names = "\n".join(sorted(os.path.relpath(os.path.abspath(run.run_dir), base) for run in runs))
