@@ -716,7 +716,7 @@ def build_status_parser() -> argparse.ArgumentParser:
     return p
 
 
-SLURM_ONLY = ("partition", "mem_gb", "array_parallelism", "wait")
+SLURM_ONLY = ("partition", "time_min", "gpus_per_run", "cpus_per_run", "mem_gb", "array_parallelism", "wait")
 
 
 def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
@@ -728,7 +728,7 @@ def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, list[str], 
     else:
         before, shared = argv, []
     options = {opt: action for action in own._actions for opt in action.option_strings}
-    own_tokens, grid_tokens = [], []
+    own_tokens, grid_tokens, given = [], [], []
     i = 0
     while i < len(before):
         token = before[i]
@@ -739,12 +739,16 @@ def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, list[str], 
             continue
         takes = 0 if action.nargs == 0 or "=" in token else 1
         own_tokens.extend(before[i:i + 1 + takes])
+        given.append(action.dest)
         i += 1 + takes
     args = own.parse_args(own_tokens)
     if args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {args.jobs}")
+    # Flags of the other executor would be silently ignored; defaults do not count, only what was typed.
     if args.executor == "local":
-        given = [name for name in SLURM_ONLY if getattr(args, name) not in (None, False)]
-        if given:
-            raise UserError(f"--{given[0].replace('_', '-')} applies to --executor slurm only; drop it or add --executor slurm")
+        slurm_only = [name for name in given if name in SLURM_ONLY]
+        if slurm_only:
+            raise UserError(f"--{slurm_only[0].replace('_', '-')} applies to --executor slurm only; drop it or add --executor slurm")
+    elif "jobs" in given:
+        raise UserError("--jobs applies to --executor local only; with --executor slurm use --array-parallelism")
     return args, grid_tokens, shared
