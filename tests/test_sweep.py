@@ -22,7 +22,7 @@ import utils.sweep_slurm
 from utils.checkpoints import list_checkpoints, load_checkpoint
 from utils.results import is_timing_column, read_results
 from utils.runs import select_runs
-from utils.sweep import TRAINING_SCRIPT, define_sweep, parse_grid_tokens, prepare_sweep, sweep_folder, sweep_run_dirs
+from utils.sweep import TRAINING_SCRIPT, define_sweep, load_grid_file, parse_grid_tokens, prepare_sweep, sweep_folder, sweep_run_dirs
 
 BASE = ["--width", "16", "--num-data", "120", "--steps", "20", "--quiet"]
 GRID = ["--lr", "0.05", "0.1", "--batch", "8", "16"]
@@ -259,6 +259,18 @@ def test_grid_file_and_dry_run(results_env, tmp_path, capsys):
                                       "--momentum", "0.9", *nesterov, *BASE, "--run-dir", os.path.join(runs, name)]))
     assert capsys.readouterr().out.splitlines() == expected
     assert not os.path.exists(sweep_folder("file"))
+
+
+def test_yaml_grid_file_equals_the_json_one(results_env, tmp_path, capsys):
+    as_json = {"lr": [0.05, 0.1], "classes": [[1, 9]], "momentum": 0.9, "nesterov": [True, False]}
+    (tmp_path / "grid.json").write_text(json.dumps(as_json))
+    (tmp_path / "grid.yaml").write_text("lr: [0.05, 0.1]\nclasses:\n  - [1, 9]\nmomentum: 0.9\nnesterov: [true, false]\n")
+    assert load_grid_file(str(tmp_path / "grid.yaml")) == load_grid_file(str(tmp_path / "grid.json"))
+    printed = []
+    for name in ("grid.json", "grid.yaml"):
+        assert sweep.main(["--name", "file", "--grid", str(tmp_path / name), "--batch", "8", "--dry-run", "--", *BASE]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and len(printed[0].splitlines()) == 4
 
 
 def test_grid_tokens():
