@@ -62,7 +62,7 @@ class Panel:
 
 
 PANELS = (
-    Panel("loss", (Curve("batch_loss", "batch", faint=True), Curve("full_loss", "full")), log=True),
+    Panel("loss", (Curve("batch_loss", "step's batch", faint=True), Curve("full_loss", "full")), log=True),
     Panel("λ_max", (Curve("lambda_max", "λ_max"), Curve("batch_lambda_max", "E[λ_max(H_B)]", dashed=True)),
           stability=True),
     Panel("Batch Sharpness", (Curve("batch_sharpness", "E[gᵀHg/‖g‖²]"),
