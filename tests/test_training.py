@@ -147,6 +147,7 @@ def test_default_run_folder_name(results_env):
     (["--lr", "abc"], "--lr"),
     (["--no-such-flag"], "--no-such-flag"),
     (["--dataset", "cifar10"], "--download"),
+    (["--model", "linear", "--lambdamax", "--num-eigenvalues", "700", "--eig-method", "lobpcg"], "at most 650"),
 ])
 def test_user_errors_exit_2_with_one_line(results_env, capsys, argv, fragment):
     code = training.main(["--quiet", "--steps", "2", *argv])
@@ -171,6 +172,25 @@ def test_existing_run_dir_is_never_overwritten(results_env, capsys):
     code, _ = train(results_env, "--steps", "3")
     assert code == 2 and "already exists" in capsys.readouterr().err
     assert (results_env / "run" / "results.txt").read_text() == before
+
+
+def test_progress_lines_show_the_latest_measurements(results_env, capsys):
+    """Off a terminal a line every tenth of the run, carrying values measured at earlier steps."""
+    assert training.main(["--width", "16", "--num-data", "200", "--batch", "16", "--steps", "40", "--lambdamax",
+                          "--measure-every", "7", "--full-loss-every", "7", "--run-dir", str(results_env / "run")]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"step {k}/40" for k in range(4, 41, 4)]
+    assert all("batch_loss=" in line and "full_loss=" in line and "lambda_max=" in line for line in lines)
+
+
+def test_unconverged_eigen_solver_warns_with_its_residual_and_the_run_goes_on(results_env):
+    with pytest.warns(UserWarning, match=r"step 0: lambda_max solver stopped at relative residual \d\.\d\de-\d+ "
+                                         r"above --eig-tol 1e-09"):
+        code, run_dir = train(results_env, "--steps", "3", "--lambdamax", "--measure-every", "5",
+                              "--eig-method", "power", "--eig-tol", "1e-9")
+    frame = read_results(run_dir / "results.txt")
+    assert code == 0 and list(frame["step"]) == [0, 1, 2]
+    assert frame["lambda_max"].iloc[0] > 0 and frame["lambda_max"].iloc[1:].isna().all()
 
 
 def test_subprocess_smoke(results_env):

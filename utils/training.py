@@ -91,6 +91,10 @@ def build(cfg: RunConfig) -> Setup:
     model = build_model(cfg.model, data.input_shape, data.output_dim, width=cfg.width, depth=cfg.depth,
                         activation=cfg.activation, init_scale=cfg.init_scale, init_seed=cfg.init_seed,
                         no_init=cfg.no_init).to(device)
+    num_params = count_parameters(model)
+    if cfg.num_eigenvalues > num_params:
+        raise UserError(f"--num-eigenvalues {cfg.num_eigenvalues} exceeds the model's {num_params} parameters; "
+                        f"ask for at most {num_params}")
     steps_per_epoch = n // cfg.batch
     total_steps = cfg.epochs * steps_per_epoch if cfg.epochs else (cfg.steps or DEFAULT_STEPS)
     loss_fn, optimizer = get_loss(cfg.loss), make_optimizer(cfg, model)
@@ -164,10 +168,15 @@ def config_record(setup: Setup, measurement_plan: dict, command_line: list[str] 
 
 
 class _Progress:
-    """tqdm on a terminal; a plain line every tenth of the run otherwise; nothing when quiet."""
+    """tqdm on a terminal; a plain line every tenth of the run otherwise; nothing when quiet.
+
+    Both show the latest value of each quantity, however many steps ago it was measured:
+    measurements are sparse, so the step a line is printed at rarely carries one.
+    """
 
     def __init__(self, total: int, initial: int, quiet: bool):
         self.total, self.quiet, self.bar = total, quiet, None
+        self.latest = {}
         self.interactive = sys.stderr.isatty()
         if not quiet and self.interactive:
             from tqdm import tqdm
@@ -178,7 +187,8 @@ class _Progress:
     def update(self, step: int, info: dict) -> None:
         if self.quiet:
             return
-        text = ", ".join(f"{k}={v:.4g}" for k, v in info.items() if v is not None and not math.isnan(v))
+        self.latest.update((k, v) for k, v in info.items() if v is not None)
+        text = ", ".join(f"{k}={v:.4g}" for k, v in self.latest.items())
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(text, refresh=False)
