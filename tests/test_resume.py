@@ -11,10 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
+import plot_results
 import training
 import utils.training
 from utils.checkpoints import list_checkpoints, load_checkpoint
+from utils.plotting import run_labels
 from utils.results import is_timing_column, read_results
+from utils.runs import load_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--width", "16", "--num-data", "120", "--batch", "8", "--quiet", "--steps", "40",
@@ -163,6 +166,12 @@ def test_fork_continues_step_numbering_and_matches_parent(results_env):
     assert state["optimizer"]["param_groups"][0]["lr"] == 0.2
     assert not read_results(faster / "results.txt")["batch_loss"].iloc[1:].equals(
         parent_rows[parent_rows["step"] >= 18]["batch_loss"].iloc[1:].reset_index(drop=True))
+
+    # Parent and fork overlaid: the fork's curves start at its step, labelled by what changed.
+    figures = results_env / "figures"
+    assert plot_results.main([str(parent), str(faster), "--out", str(figures)]) == 0
+    assert sorted(os.listdir(figures)) == ["results_overlay.pdf", "results_overlay.png"]
+    assert run_labels([load_run(str(parent)), load_run(str(faster))]) == ["lr=0.05", "lr=0.2"]
 
 
 @pytest.mark.parametrize("argv, fragment", [
