@@ -358,11 +358,11 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_bad_synthetic_arguments():
-    with pytest.raises(UserError, match="num_classes"):
+    with pytest.raises(UserError, match="--num-classes"):
         load_dataset("synthetic", root=None, classes=[0, 1])
-    with pytest.raises(UserError, match="input_shape"):
+    with pytest.raises(UserError, match="--input-shape"):
         load_dataset("synthetic", root=None, input_shape=(2, 3, 32, 32))
-    with pytest.raises(UserError, match="input_shape"):
+    with pytest.raises(UserError, match="--input-shape"):
         load_dataset("synthetic", root=None, input_shape=(0, 5))
     with pytest.raises(UserError, match="at least 2"):
         load_dataset("synthetic", root=None, num_classes=1)

@@ -107,10 +107,10 @@ def load_dataset(
 
     if name == "synthetic":
         if classes is not None:
-            raise UserError("classes does not apply to synthetic data; set num_classes instead")
+            raise UserError("--classes does not apply to synthetic data; set --num-classes instead")
         _check_positive_int(num_classes, "num_classes")
         if num_classes < 2:
-            raise UserError(f"num_classes must be at least 2, got {num_classes}")
+            raise UserError(f"--num-classes must be at least 2, got {num_classes}")
         shape = _check_input_shape(_SYNTHETIC_INPUT_SHAPE if input_shape is None else input_shape)
         train, test = _synthetic_splits(shape, num_classes, num_data or _SYNTHETIC_NUM_TRAIN, dataset_seed)
         kept = num_classes
@@ -121,7 +121,7 @@ def load_dataset(
             keep = _check_classes(classes, name)
             train, test = _keep_classes(train, keep), _keep_classes(test, keep)
             if len(train.y) == 0:
-                raise UserError(f"no training images of {name} carry the labels {keep}; choose other classes")
+                raise UserError(f"no training images of {name} carry the labels {keep}; choose other --classes")
             kept = len(keep)
         if num_data is not None:
             train = _subset(train, num_data, dataset_seed, name)
@@ -381,7 +381,7 @@ def _check_input_shape(shape) -> tuple:
     """(C, H, W); a shorter shape such as (H, W) or (d,) is padded on the left with ones."""
     shape = tuple(shape)
     if not 1 <= len(shape) <= 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
-        raise UserError(f"input_shape must be one to three positive integers (C, H, W), got {shape}")
+        raise UserError(f"--input-shape must be one to three positive integers (C,H,W), got {shape}")
     return (1,) * (3 - len(shape)) + shape
 
 
@@ -390,12 +390,12 @@ def _check_classes(classes, name) -> list[int]:
     valid = f"valid labels of {name} are 0..{_NUM_LABELS - 1}"
     for label in keep:
         if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < _NUM_LABELS:
-            raise UserError(f"unknown class label {label!r}; {valid}")
+            raise UserError(f"unknown class label {label!r} in --classes; {valid}")
     keep = [int(label) for label in keep]
     if len(set(keep)) != len(keep):
-        raise UserError(f"classes {keep} repeat a label; list each label once")
+        raise UserError(f"--classes {keep} repeat a label; list each label once")
     if len(keep) < 2:
-        raise UserError(f"classes {keep} keeps fewer than two labels; list at least two ({valid})")
+        raise UserError(f"--classes {keep} keeps fewer than two labels; list at least two ({valid})")
     return keep
 
 
