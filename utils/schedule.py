@@ -22,12 +22,12 @@ def dense_early(total_steps: int, early_measurements: int, late_measurements: in
 
     The first ``total_steps // 10`` steps get about ``early_measurements`` evaluations, the
     rest about ``late_measurements``; intervals are at least one step, and the late interval
-    is a multiple of the early one so the two segments line up.
+    is the multiple of the early one nearest to its ideal length, so the two segments line up.
     """
     early_end = max(1, total_steps // 10)
     early_every = max(1, early_end // max(1, early_measurements))
     late_every = max(1, (total_steps - early_end) // max(1, late_measurements))
-    late_every = max(early_every, late_every - late_every % early_every)
+    late_every = early_every * max(1, round(late_every / early_every))
     return [[0, early_every], [early_end, late_every]]
 
 
