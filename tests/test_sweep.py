@@ -22,7 +22,7 @@ import utils.sweep_slurm
 from utils.checkpoints import list_checkpoints, load_checkpoint
 from utils.results import is_timing_column, read_results
 from utils.runs import select_runs
-from utils.sweep import TRAINING_SCRIPT, define_sweep, load_grid_file, parse_grid_tokens, prepare_sweep, sweep_folder, sweep_run_dirs
+from utils.sweep import TRAINING_SCRIPT, define_sweep, load_grid_file, parse_grid_tokens, prepare_sweep, sweep_folder, sweep_run_dirs, training_env
 
 BASE = ["--width", "16", "--num-data", "120", "--steps", "20", "--quiet"]
 GRID = ["--lr", "0.05", "0.1", "--batch", "8", "16"]
@@ -331,3 +331,12 @@ def test_sweep_name_errors(results_env, capsys):
     # The same shared flags in another order and without --quiet make the same sweep.
     assert sweep.main(["--name", "taken", "--lr", "0.1", "--dry-run", "--", "--steps", "20", "--num-data", "120",
                        "--width", "16"]) == 0
+
+
+def test_runs_split_the_cpu_threads_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    env = training_env(3)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert training_env(3)["OMP_NUM_THREADS"] == "5" and "MKL_NUM_THREADS" not in training_env(3)

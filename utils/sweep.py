@@ -529,6 +529,9 @@ def _ignore_preemption_signal():
 
 
 def training_env(threads: int) -> dict:
+    """The runs' environment: ``threads`` CPU threads each, unless the user set OMP_NUM_THREADS."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return dict(os.environ)
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
