@@ -207,7 +207,7 @@ class HessianOperator(CurvatureOperator):
         self._grad = None
 
     def _build(self, start: int, stop: int):
-        """(loss, grads that depend on theta, their parameter indices) on X[start:stop]."""
+        """(loss, its gradients with their graph kept for double backward) on X[start:stop]."""
         loss = self.loss_fn(forward(self.model, self.X[start:stop], self.train_mode),
                             self.Y[start:stop])
         grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True,
