@@ -245,3 +245,24 @@ def test_real_signals_and_concurrent_starts(results_env):
     folders = {o.strip().splitlines()[-1] for o, _ in outputs}
     assert len(folders) == 8
     assert all(os.path.isfile(os.path.join(f.removeprefix("run folder: "), "summary.json")) for f in folders)
+
+
+def test_resume_keeps_the_cadences_recorded_when_the_run_started(results_env, monkeypatch):
+    """Defaults may change between the start and the resume of a run (a code update): the
+    resumed run follows the schedule its config.json recorded."""
+    run_dir = results_env / "recorded"
+    argv = [a for a in BASE if a not in ("--checkpoint-every", "6", "--full-loss-every", "3")]
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 11)
+        assert training.main([*argv, "--lambdamax", "--run-dir", str(run_dir)]) == 130
+    record = json.loads((run_dir / "config.json").read_text())
+    record["resolved"]["schedule"]["lambdamax"] = [[0, 7]]
+    record["resolved"]["schedule"]["full_loss"] = [[0, 5]]
+    record["resolved"]["checkpoint_every"] = 9
+    (run_dir / "config.json").write_text(json.dumps(record))
+    assert training.main(["--resume", str(run_dir), "--quiet"]) == 0
+    rows = read_results(run_dir / "results.txt")
+    later = rows[rows["step"] >= 12]
+    assert list(later.dropna(subset=["lambda_max"])["step"]) == [14, 21, 28, 35]
+    assert list(later.dropna(subset=["full_loss"])["step"]) == [15, 20, 25, 30, 35]
+    assert [s for s, _ in list_checkpoints(run_dir) if s > 12] == [18, 27, 36, 40]

@@ -226,12 +226,12 @@ def _results_comments(cfg: RunConfig, command_line) -> list[str]:
 
 
 def _finish(run_dir: str, setup: Setup, monitor: Monitor, writer: ResultsWriter, start_step: int,
-            elapsed_before: float) -> dict:
+            elapsed_before: float, cadences: dict | None = None) -> dict:
     trackers = open_trackers(setup.cfg, run_dir, read_json(os.path.join(run_dir, "config.json")), start_step)
     summary = None
     try:
         summary = train_loop(setup, monitor, trackers.mirror(writer), run_dir, start_step=start_step,
-                             elapsed_before=elapsed_before)
+                             elapsed_before=elapsed_before, cadences=cadences)
     finally:
         writer.close()
         trackers.close(summary)
@@ -343,6 +343,7 @@ def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None =
     setup = build(cfg)
     monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
                       setup.optimizer)
+    cadences = recorded_cadences(record, monitor)
     # On the CPU: the RNG states must stay CPU tensors; load_state_dict copies to the device.
     state = load_checkpoint(path)
     restore(setup, monitor, state)
@@ -357,7 +358,22 @@ def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None =
         writer = ResultsWriter(results_path, columns, append=True)
     except PermissionError as exc:
         raise UserError(f"cannot write into {run_dir} ({exc.strerror}); resume needs a writable run folder")
-    return run_dir, _finish(run_dir, setup, monitor, writer, start_step=step, elapsed_before=state.get("wall_time", 0.0))
+    return run_dir, _finish(run_dir, setup, monitor, writer, start_step=step, elapsed_before=state.get("wall_time", 0.0),
+                            cadences=cadences)
+
+
+def recorded_cadences(record: dict, monitor: Monitor) -> dict:
+    """The cadences a run started with, from its config.json, for resuming it.
+
+    A resumed run keeps the measurement, full-loss and checkpoint cadences recorded when it
+    started, even where the defaults of this code have changed since; ``monitor.schedule`` is
+    set to them and {"full_loss": ..., "checkpoint_every": ...} is returned (None where the
+    record lacks one: the current default is used).
+    """
+    resolved = record.get("resolved", {})
+    recorded = resolved.get("schedule") or {}
+    monitor.schedule = {name: recorded.get(name, cadence) for name, cadence in monitor.schedule.items()}
+    return {"full_loss": recorded.get("full_loss"), "checkpoint_every": resolved.get("checkpoint_every")}
 
 
 def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[str] | None = None) -> tuple[str, dict]:
@@ -440,12 +456,15 @@ def checkpoint_state(setup: Setup, monitor: Monitor, step: int, elapsed: float) 
 
 
 def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: str,
-               start_step: int, elapsed_before: float) -> dict:
+               start_step: int, elapsed_before: float, cadences: dict | None = None) -> dict:
+    """Train from ``start_step`` to the end; ``cadences`` (see :func:`recorded_cadences`)
+    replace the full-loss and checkpoint cadences derived from the config."""
     cfg, model, optimizer, loss_fn = setup.cfg, setup.model, setup.optimizer, setup.loss_fn
     X, Y = setup.data.X_train, setup.data.Y_train
     n, b, total = X.shape[0], cfg.batch, setup.total_steps
-    checkpoint_every = cfg.checkpoint_every or default_checkpoint_every(total)
-    loss_schedule = full_loss_schedule(cfg, total)
+    cadences = cadences or {}
+    checkpoint_every = cadences.get("checkpoint_every") or cfg.checkpoint_every or default_checkpoint_every(total)
+    loss_schedule = cadences.get("full_loss") or full_loss_schedule(cfg, total)
     started = time.perf_counter() - elapsed_before
     progress = _Progress(total, start_step, cfg.quiet)
     status, step, permutation, perm_epoch = "finished", start_step, None, None
