@@ -182,3 +182,20 @@ def test_gradient_quadratic_form_matches_dense(chunk_size):
     assert norm2 == pytest.approx((g @ g).item(), rel=1e-12)
     assert op.hvps == 1
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", HVP_MODES)
+def test_every_mode_with_parameters_of_zero_curvature(mode):
+    """An unused parameter and a bias the loss depends on linearly: zero Hessian rows."""
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
+    model.register_parameter("unused", torch.nn.Parameter(torch.ones(3, dtype=torch.float64)))
+
+    def linear_in_last_bias(outputs, targets, reduction="mean"):
+        return LOSSES["mse"](outputs, targets, reduction) + 0.5 * outputs.sum(dim=1).mean()
+
+    op = HessianOperator(model, linear_in_last_bias, X, Y, mode=mode)
+    reference = HessianOperator(model, linear_in_last_bias, X, Y, mode="double-backward")
+    V = random_block(op.dim, 10)
+    HV = op.matvec(V)
+    torch.testing.assert_close(HV, reference.matvec(V), rtol=0, atol=1e-12)
+    assert HV[:3].abs().max() == 0  # the Sequential's own parameter comes first in parameters()

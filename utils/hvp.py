@@ -237,7 +237,10 @@ class HessianOperator(CurvatureOperator):
                 hv = torch.autograd.grad(outputs, self.params, grad_outputs=[pieces[i] for i in live],
                                          retain_graph=True, allow_unused=True, materialize_grads=True,
                                          is_grads_batched=True)
-                columns.append(torch.cat([h.reshape(h.shape[0], -1) for h in hv], dim=1).T)
+                # Parameters the outputs do not reach come back as unbatched zeros.
+                width = block.shape[1]
+                columns.append(torch.cat([(h if h.dim() > p.dim() else h.expand(width, *p.shape)).reshape(width, -1)
+                                          for h, p in zip(hv, self.params)], dim=1).T)
             else:
                 hv = torch.autograd.grad(outputs, self.params, grad_outputs=[pieces[i][0] for i in live],
                                          retain_graph=True, allow_unused=True, materialize_grads=True)
