@@ -22,7 +22,8 @@ import utils.sweep_slurm
 from utils.checkpoints import list_checkpoints, load_checkpoint
 from utils.results import is_timing_column, read_results
 from utils.runs import select_runs
-from utils.sweep import TRAINING_SCRIPT, define_sweep, load_grid_file, parse_grid_tokens, prepare_sweep, sweep_folder, sweep_run_dirs, training_env
+from utils.sweep import (TRAINING_SCRIPT, define_sweep, load_grid_file, local_threads, parse_grid_tokens, prepare_sweep,
+                         sweep_folder, sweep_run_dirs, training_env)
 
 BASE = ["--width", "16", "--num-data", "120", "--steps", "20", "--quiet"]
 GRID = ["--lr", "0.05", "0.1", "--batch", "8", "16"]
@@ -335,8 +336,9 @@ def test_sweep_name_errors(results_env, capsys):
 
 def test_runs_split_the_cpu_threads_unless_the_user_chose(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
-    env = training_env(3)
-    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    monkeypatch.setattr(utils.sweep, "available_cpus", lambda: 8)
+    assert local_threads(1) == 8 and local_threads(3) == 2 and local_threads(16) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
-    assert training_env(3)["OMP_NUM_THREADS"] == "5" and "MKL_NUM_THREADS" not in training_env(3)
+    assert local_threads(2) == 5
+    env = training_env(3)  # what a SLURM job's --cpus-per-run sets, whatever the login shell exported
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"

@@ -529,10 +529,17 @@ def _ignore_preemption_signal():
 
 
 def training_env(threads: int) -> dict:
-    """The runs' environment: ``threads`` CPU threads each, unless the user set OMP_NUM_THREADS."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return dict(os.environ)
+    """The runs' environment, with ``threads`` CPU threads each."""
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def local_threads(jobs: int) -> int:
+    """CPU threads per run of a local sweep: the user's OMP_NUM_THREADS when set, else an even
+    split of the available CPUs among ``jobs`` runs at a time."""
+    chosen = os.environ.get("OMP_NUM_THREADS", "")
+    if chosen.isdigit() and int(chosen) > 0:
+        return int(chosen)
+    return max(1, available_cpus() // jobs)
 
 
 def available_cpus() -> int:
@@ -627,13 +634,13 @@ def launch_point(sweep_dir: str, definition: dict, point: dict, env: dict) -> At
 
 
 def run_local(sweep_dir: str, definition: dict, jobs: int, out=None) -> int:
-    """Run the points that are not done, ``jobs`` processes at a time, CPU threads split evenly.
+    """Run the points that are not done, ``jobs`` processes at a time (threads: :func:`local_threads`).
 
     Returns 0 when every run ended, 1 when some failed or are held by another launcher, and
     130 / 143 when a signal stopped the sweep (the running points are checkpointed).
     """
     out = out or sys.stdout
-    threads = max(1, available_cpus() // jobs)
+    threads = local_threads(jobs)
     env = training_env(threads)
     queue = list(definition["points"])
     active: list[Attempt] = []
@@ -697,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: processes on this machine; slurm: a job array through submitit")
     p.add_argument("--dry-run", action="store_true", help="print the training.py command of every run and stop")
     g = p.add_argument_group("local executor")
-    g.add_argument("--jobs", type=int, default=1, metavar="J", help="runs at a time; CPU threads are split evenly among them")
+    g.add_argument("--jobs", type=int, default=1, metavar="J", help="runs at a time; CPU threads are split evenly among them unless OMP_NUM_THREADS is set")
     g = p.add_argument_group("slurm executor")
     g.add_argument("--partition", metavar="NAME", help="SLURM partition")
     g.add_argument("--time-min", type=int, default=240, metavar="MINUTES", help="time limit per job in minutes (a job that hits it "
