@@ -1,6 +1,5 @@
 """The analysis scripts end to end on short digits runs, their library functions, and bad inputs."""
 
-import hashlib
 import json
 import math
 import os

@@ -1,6 +1,7 @@
 """Shared behaviour of the command-line scripts: user errors become one line and exit code 2."""
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -46,8 +47,9 @@ class SignalCatcher:
 
     def _handle(self, signum, frame):
         if self.received is not None:
-            print(f"second {signal.Signals(signum).name}: stopping now, without finishing the current step",
-                  file=sys.stderr)
+            # os.write, not print: the signal may land while the main thread is inside a
+            # write to stderr, where a buffered write would fail as re-entrant.
+            os.write(2, f"second {signal.Signals(signum).name}: stopping now, without finishing the current step\n".encode())
             raise SystemExit(128 + signum)
         self.received = signal.Signals(signum)
 

@@ -103,12 +103,12 @@ def load_dataset(
     if isinstance(dataset_seed, bool) or not isinstance(dataset_seed, int) or dataset_seed < 0:
         raise UserError(f"dataset_seed must be a non-negative integer, got {dataset_seed!r}")
     if num_data is not None:
-        _check_positive_int(num_data, "num_data")
+        _check_positive_int(num_data, "--num-data")
 
     if name == "synthetic":
         if classes is not None:
             raise UserError("--classes does not apply to synthetic data; set --num-classes instead")
-        _check_positive_int(num_classes, "num_classes")
+        _check_positive_int(num_classes, "--num-classes")
         if num_classes < 2:
             raise UserError(f"--num-classes must be at least 2, got {num_classes}")
         shape = _check_input_shape(_SYNTHETIC_INPUT_SHAPE if input_shape is None else input_shape)

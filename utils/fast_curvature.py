@@ -56,7 +56,7 @@ from torch import nn
 
 from utils.estimators import (Estimate, mean_with_stopping, ratio_of_means_with_stopping,
                               sample_batch_indices)
-from utils.hvp import HessianOperator, flat_grad, forward, trainable_params
+from utils.hvp import HessianOperator, flat_grad
 from utils.losses import ce_loss, mse_loss
 from utils.models import has_batchnorm
 
