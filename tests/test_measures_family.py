@@ -364,3 +364,13 @@ def test_batch_lambda_max_warns_when_solves_miss_their_tolerance():
     with pytest.warns(UserWarning, match="batch solves stopped above tol"):
         batch_lambda_max(model, LOSSES["mse"], X, Y, 3, generator=torch.Generator().manual_seed(0),
                          min_samples=10, max_samples=10, tol=1e-12, max_iter=2)
+
+
+def test_batch_lambda_max_standard_errors_are_honest():
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
+    loss_fn = LOSSES["mse"]
+    exact = np.mean([torch.linalg.eigvalsh(H)[-1].item() for _, H in batch_derivatives(model, loss_fn, X, Y)])
+    estimates = [batch_lambda_max(model, loss_fn, X, Y, B, generator=measurement_generator(seed, 0),
+                                  min_samples=20, max_samples=20)
+                 for seed in range(100)]
+    check_honest(estimates, exact)
