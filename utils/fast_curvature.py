@@ -56,7 +56,7 @@ from torch import nn
 
 from utils.estimators import (Estimate, mean_with_stopping, ratio_of_means_with_stopping,
                               sample_batch_indices)
-from utils.hvp import HessianOperator, flat_grad
+from utils.hvp import HessianOperator, batch_quadratic_forms, flat_grad
 from utils.losses import ce_loss, mse_loss
 from utils.models import has_batchnorm
 
@@ -497,10 +497,7 @@ def _batch_route(model, loss_fn, X, Y, batch_size, train_mode) -> _BatchRoute:
     net = linear_network(model, loss_fn, X, Y)
     if net is None:
         def one_at_a_time(idx):
-            # One graph per batch serves g_B and H_B g_B (see HessianOperator.gradient_quadratic_form).
-            terms = [HessianOperator(model, loss_fn, X[rows], Y[rows], train_mode=train_mode,
-                                     mode="double-backward").gradient_quadratic_form() for rows in idx]
-            return tuple(torch.stack(column).detach() for column in zip(*terms))
+            return batch_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
         return _BatchRoute(one_at_a_time, per_call=1, min_block=1, ahead=False)
 
     return _BatchRoute(_StackedTerms(net, X, Y), per_call=max(1, _ROW_BUDGET // (4 * batch_size)),

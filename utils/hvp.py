@@ -104,11 +104,15 @@ def model_mode(model: torch.nn.Module, train_mode: bool):
 
 def forward(model: torch.nn.Module, X: torch.Tensor, train_mode: bool) -> torch.Tensor:
     """model(X) in the given mode, updating running statistics on copies of the buffers."""
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
     with model_mode(model, train_mode):
-        if not buffers:
-            return model(X)
-        return functional_call(model, buffers, (X,))
+        return _forward_in_current_mode(model, X)
+
+
+def _forward_in_current_mode(model: torch.nn.Module, X: torch.Tensor) -> torch.Tensor:
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    if not buffers:
+        return model(X)
+    return functional_call(model, buffers, (X,))
 
 
 def as_model_data(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -160,6 +164,43 @@ def _loss_and_grad(model, loss_fn, X, Y, *, chunk_size, train_mode):
         loss += weight * chunk_loss.item()
         grad += weight * flatten(g)
     return loss, grad
+
+
+def _quadratic_form_of_gradient(grads, params, *, retain_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g^T H g, |g|^2) from gradients ``grads`` of a loss w.r.t. ``params`` built with
+    create_graph=True: one double backward with g itself as the vector, parameter by
+    parameter (no flat copies of length P). Both are 0-dim tensors on the device."""
+    live = [i for i, g in enumerate(grads) if g.requires_grad]
+    detached = [g.detach() for g in grads]
+    norm2 = sum((g * g).sum() for g in detached)
+    if not live:
+        return torch.zeros_like(norm2), norm2
+    products = torch.autograd.grad([grads[i] for i in live], params, grad_outputs=[detached[i] for i in live],
+                                   retain_graph=retain_graph, allow_unused=True, materialize_grads=True)
+    return sum((g * h).sum() for g, h in zip(detached, products)), norm2
+
+
+def batch_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mode=True) -> tuple:
+    """(g_B^T H_B g_B, |g_B|^2) for every batch B given as a row of ``idx`` (K, b), each (K,).
+
+    g_B and H_B are the gradient and Hessian of the mean loss on (X[B], Y[B]); each batch takes
+    one graph and one double backward, as :meth:`HessianOperator.gradient_quadratic_form` does,
+    with the parameters, the data conversion and the train/eval switch set up once for all K
+    batches. Nothing is read back to the host, so the device can run ahead.
+    """
+    params = trainable_params(model)
+    X = as_model_data(X, params[0].dtype, params[0].device)
+    Y = as_model_data(Y, params[0].dtype, params[0].device)
+    quadratics, norms = [], []
+    with model_mode(model, train_mode):
+        for rows in idx:
+            loss = loss_fn(_forward_in_current_mode(model, X[rows]), Y[rows])
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True,
+                                        materialize_grads=True)
+            quadratic, norm2 = _quadratic_form_of_gradient(grads, params, retain_graph=False)
+            quadratics.append(quadratic)
+            norms.append(norm2)
+    return torch.stack(quadratics).detach(), torch.stack(norms).detach()
 
 
 class CurvatureOperator:
@@ -328,16 +369,8 @@ class HessianOperator(CurvatureOperator):
             g = self.gradient()
             return g @ self.matvec(g), g @ g
         _, grads = self._full_graph()
-        live = [i for i, g in enumerate(grads) if g.requires_grad]
-        detached = [g.detach() for g in grads]
-        norm2 = sum((g * g).sum() for g in detached)
         self.hvps += 1
-        if not live:
-            return torch.zeros_like(norm2), norm2
-        products = torch.autograd.grad([grads[i] for i in live], self.params,
-                                       grad_outputs=[detached[i] for i in live], retain_graph=True,
-                                       allow_unused=True, materialize_grads=True)
-        return sum((g * h).sum() for g, h in zip(detached, products)), norm2
+        return _quadratic_form_of_gradient(grads, self.params, retain_graph=True)
 
     def loss(self) -> float:
         """L on the operator's data, chunking and mode."""
