@@ -3,7 +3,8 @@ import torch
 
 from curvature_reference import (LOSSES, dense_gradient, dense_hessian, dense_loss,
                                  finite_difference_hessian, tiny_data, tiny_mlp)
-from utils.hvp import HVP_MODES, HessianOperator, default_hvp_mode, flat_grad, flat_params, num_params
+from utils.hvp import (HVP_MODES, HessianOperator, batch_quadratic_forms, default_hvp_mode, flat_grad, flat_params,
+                       num_params)
 
 N = 10
 
@@ -181,6 +182,25 @@ def test_gradient_quadratic_form_matches_dense(chunk_size):
     assert quadratic == pytest.approx((g @ H @ g).item(), rel=1e-12)
     assert norm2 == pytest.approx((g @ g).item(), rel=1e-12)
     assert op.hvps == 1
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("batchnorm, train_mode", [(False, True), (True, True), (True, False)])
+def test_batch_quadratic_forms_match_dense_per_batch(batchnorm, train_mode):
+    model, (X, Y) = tiny_mlp(batchnorm=batchnorm), tiny_data(N, "ce")
+    loss_fn = LOSSES["ce"]
+    model.train(not train_mode)  # the requested mode wins and the model's own flag comes back
+    buffers = [b.clone() for b in model.buffers()]
+    idx = torch.tensor([[0, 3, 5], [1, 2, 9], [4, 6, 8], [7, 0, 2]])
+    quadratics, norms = batch_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
+    assert quadratics.shape == norms.shape == (4,)
+    for rows, quadratic, norm2 in zip(idx, quadratics, norms):
+        g = dense_gradient(model, loss_fn, X[rows], Y[rows], train_mode)
+        H = dense_hessian(model, loss_fn, X[rows], Y[rows], train_mode)
+        assert quadratic.item() == pytest.approx((g @ H @ g).item(), rel=1e-12)
+        assert norm2.item() == pytest.approx((g @ g).item(), rel=1e-12)
+    assert model.training == (not train_mode)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
     assert all(p.grad is None for p in model.parameters())
 
 
