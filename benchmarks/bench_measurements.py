@@ -55,10 +55,10 @@ GNI_FIXED_SAMPLES = 500  # the fixed sample count of a GNI estimate without a st
 # --- setup and timing ------------------------------------------------------------------------
 
 
-def problem(name: str, n: int, device: str):
-    data = load_dataset("synthetic", root=None, loss="mse", num_data=n, input_shape=(3, 32, 32),
+def problem(name: str, n: int, device: str, side: int = 32):
+    data = load_dataset("synthetic", root=None, loss="mse", num_data=n, input_shape=(3, side, side),
                         num_classes=10, device=device)
-    model = build_model(name, (3, 32, 32), 10).to(device)
+    model = build_model(name, (3, side, side), 10).to(device)
     return model, data.X_train, data.Y_train
 
 
@@ -495,6 +495,8 @@ def build_parser():
     p.add_argument("--gni-max-samples", type=int, default=1000, help="GNI sample limit")
     p.add_argument("--gni-baseline-samples", type=int, default=10, help="baseline GNI samples timed (then scaled to 500)")
     p.add_argument("--power-max-hvps", type=int, default=150, help="cap of the power-iteration baseline")
+    p.add_argument("--cnn-side", type=int, default=32,
+                   help="image side of the CNN's inputs (12: small batches whose cost is mostly overhead)")
     p.add_argument("--cnn-repeats", type=int, default=1, help="repeats of our measurements on the CNN")
     p.add_argument("--cnn-gni-max-samples", type=int, default=40, help="GNI sample limit on the CNN")
     p.add_argument("--cnn-power-max-hvps", type=int, default=30, help="power-iteration cap on the CNN")
@@ -530,7 +532,7 @@ def main() -> None:
     rows = []
     sizes = {"mlp": args.mlp_n, "cnn": args.cnn_n}
     for name in args.models:
-        model, X, Y = problem(name, sizes[name], args.device)
+        model, X, Y = problem(name, sizes[name], args.device, args.cnn_side if name == "cnn" else 32)
         label = f"{name} n={sizes[name]}"
         if name == "cnn":  # every exact HVP of the CNN costs seconds on a CPU: fewer and capped
             args = copy.copy(args)

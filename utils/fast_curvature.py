@@ -41,8 +41,8 @@ to round-off, draws the same random batches from the same generator in the same 
 applies the same stopping rule, so an estimate is reproduced by the exact path. Models of other
 shapes (convolutions, BatchNorm, frozen parameters), other losses and soft ce targets are not
 chains in this sense (:func:`linear_network` returns None): the per-batch measurements then run
-one double backward per batch as the exact path does
-(:meth:`utils.hvp.HessianOperator.gradient_quadratic_form`), and GNI is left to the exact path. The chains have no mode-dependent
+one double backward per batch as the exact path does (:func:`utils.hvp.batch_quadratic_forms`,
+many batches per call), and GNI is left to the exact path. The chains have no mode-dependent
 layers, so train/eval mode matters only on that general route.
 """
 
@@ -67,6 +67,8 @@ _ROW_BUDGET = 1 << 14
 _MIN_ROWS_AHEAD = 256
 # Numbers of per-sample quantities (beyond the inputs) kept to reuse across batches.
 _CACHE_NUMBERS = 1 << 26
+# Batches whose double-backward terms one call computes (setup shared, one read-back).
+_GRAPHS_PER_CALL = 64
 # Parameter-sized vectors held at once by the exact path.
 _EXACT_BLOCK = 10
 
@@ -496,9 +498,10 @@ def _batch_route(model, loss_fn, X, Y, batch_size, train_mode) -> _BatchRoute:
     """Stacked Gram matrices for Linear/activation chains, else one double backward per batch."""
     net = linear_network(model, loss_fn, X, Y)
     if net is None:
-        def one_at_a_time(idx):
+        def double_backward_terms(idx):
             return batch_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
-        return _BatchRoute(one_at_a_time, per_call=1, min_block=1, ahead=False)
+        # Each batch's graph is freed before the next is built, so a call may take many batches.
+        return _BatchRoute(double_backward_terms, per_call=_GRAPHS_PER_CALL, min_block=1, ahead=False)
 
     return _BatchRoute(_StackedTerms(net, X, Y), per_call=max(1, _ROW_BUDGET // (4 * batch_size)),
                        min_block=max(1, _MIN_ROWS_AHEAD // batch_size), ahead=True)
