@@ -40,6 +40,8 @@ def build_parser():
     g.add_argument("--hvp-chunk", type=int, default=None, help="samples per chunk of full-batch Hessian products (default: the run's)")
     g.add_argument("--seed", type=int, default=None, help="seed of the random batches (default: the run's --measure-seed)")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="precision of the measurements (default float32, as in training)")
+    g.add_argument("--exact-measurements", action="store_true",
+                   help="measure by the plain double-backward path instead of the fast one (same values to round-off; for checking)")
     return p
 
 
@@ -61,14 +63,16 @@ def measure_run(run, checkpoint: str, args) -> dict:
     seed = run.cfg.measure_seed if args.seed is None else args.seed
     chunk_size = args.hvp_chunk or run.cfg.hvp_chunk
     gni = gni_all_batch_sizes(setup.model, setup.loss_fn, X, Y, sizes, measure_seed=seed, step=step,
-                              chunk_size=chunk_size, max_samples=args.max_samples)
+                              chunk_size=chunk_size, max_samples=args.max_samples, exact=args.exact_measurements)
     by_size = {}
     for b in tqdm(sizes, desc=run.name, unit="batch size", disable=args.quiet):
         estimates = ghg_family(setup.model, setup.loss_fn, X, Y, b, measure_seed=seed, step=step,
-                               chunk_size=chunk_size, max_samples=args.max_samples, gni=None if gni is None else gni[b])
+                               chunk_size=chunk_size, max_samples=args.max_samples, gni=None if gni is None else gni[b],
+                               exact=args.exact_measurements)
         by_size[str(b)] = ghg_record(estimates)
     return {"step": step, "checkpoint": os.path.basename(checkpoint), "num_train": n, "training_batch": run.cfg.batch,
-            "measure_seed": seed, "dtype": args.dtype, "device": str(setup.device), "threshold": stability_threshold(run.cfg),
+            "measure_seed": seed, "dtype": args.dtype, "exact_measurements": args.exact_measurements,
+            "device": str(setup.device), "threshold": stability_threshold(run.cfg),
             "threshold_label": stability_label(run.cfg),
             "gni_method": "per batch size" if gni is None else "tr(HS) identity", "batch_sizes": by_size}
 

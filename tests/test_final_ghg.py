@@ -11,6 +11,7 @@ import compute_final_gHg
 import sharpness_gap
 from analysis_runs import (check_bad_input, copy_run, final_model, missing_folder, no_checkpoints, runs,  # noqa: F401
                            unknown_version)
+from utils import fast_curvature
 from utils.analysis import default_batch_sizes, gni_all_batch_sizes
 from utils.estimators import measurement_generator
 from utils.fast_curvature import gni_by_batch_size
@@ -51,6 +52,25 @@ def test_ghg_matches_the_measurement_functions(runs, tmp_path, capsys):
     table = pd.read_csv(out / "final_ghg.csv")
     assert list(table["batch_size"]) == [4, 8, 32]
     assert table.loc[1, "gni"] == record["batch_sizes"]["8"]["gni"]
+
+
+def test_exact_measurements_take_the_plain_path_with_the_same_values(runs, tmp_path, monkeypatch):
+    common = [str(runs["a"]), "--batch-sizes", "4", "--max-samples", "25", "--dtype", "float64", "--cpu", "--quiet"]
+    assert compute_final_gHg.main([*common, "--out", str(tmp_path / "fast")]) == 0
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--exact-measurements reached a fast path")
+
+    for name in ("batch_sharpness", "batch_sharpness_ratio", "gni", "step_sharpness", "_FastCentredForms"):
+        monkeypatch.setattr(fast_curvature, name, refuse)
+    assert compute_final_gHg.main([*common, "--exact-measurements", "--out", str(tmp_path / "exact")]) == 0
+    fast, exact = (json.loads((tmp_path / kind / "final_ghg.json").read_text()) for kind in ("fast", "exact"))
+    assert (fast["exact_measurements"], exact["exact_measurements"]) == (False, True)
+    for b in ("4", "8"):
+        for name in ("batch_sharpness", "batch_sharpness_ratio", "gni"):
+            assert exact["batch_sizes"][b][f"{name}_n"] == fast["batch_sizes"][b][f"{name}_n"]
+            for column in (name, f"{name}_se"):
+                assert exact["batch_sizes"][b][column] == pytest.approx(fast["batch_sizes"][b][column], rel=1e-9)
 
 
 def test_gni_is_measured_per_batch_size_with_batchnorm():

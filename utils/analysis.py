@@ -82,7 +82,8 @@ def _sample_limits(max_samples) -> dict:
 
 
 def ghg_family(model, loss_fn, X, Y, batch_size: int, *, measure_seed: int, step: int,
-               chunk_size=None, max_samples=None, gni: Estimate | None = None) -> dict[str, Estimate]:
+               chunk_size=None, max_samples=None, gni: Estimate | None = None,
+               exact: bool = False) -> dict[str, Estimate]:
     """The gHg family at one batch size b, each with its standard error and sample count:
 
         batch_sharpness        E_B[ g_B^T H_B g_B / |g_B|^2 ]      (mean of ratios)
@@ -92,7 +93,8 @@ def ghg_family(model, loss_fn, X, Y, batch_size: int, *, measure_seed: int, step
     Each estimate draws its batches from a fresh ``measurement_generator(measure_seed, step)``:
     the three share their random batches (common random numbers), so differences between
     them are less noisy than their separate standard errors suggest. ``gni``, when given
-    (from :func:`gni_all_batch_sizes`), is used instead of measuring GNI at b alone.
+    (from :func:`gni_all_batch_sizes`), is used instead of measuring GNI at b alone. ``exact``
+    takes the plain double-backward path instead of the fast one (same values to round-off).
     """
     limit = _sample_limits(max_samples)
 
@@ -100,29 +102,32 @@ def ghg_family(model, loss_fn, X, Y, batch_size: int, *, measure_seed: int, step
         return measurement_generator(measure_seed, step, device=X.device)
 
     if gni is None:
-        gni = measures.gni(model, loss_fn, X, Y, batch_size, generator=generator(), chunk_size=chunk_size, **limit)
+        gni = measures.gni(model, loss_fn, X, Y, batch_size, generator=generator(), chunk_size=chunk_size,
+                           exact=exact, **limit)
     return {
-        "batch_sharpness": measures.batch_sharpness(model, loss_fn, X, Y, batch_size, generator=generator(), **limit),
+        "batch_sharpness": measures.batch_sharpness(model, loss_fn, X, Y, batch_size, generator=generator(),
+                                                    exact=exact, **limit),
         "batch_sharpness_ratio": measures.batch_sharpness_ratio(model, loss_fn, X, Y, batch_size,
-                                                                generator=generator(), **limit),
+                                                                generator=generator(), exact=exact, **limit),
         "gni": gni,
     }
 
 
 def gni_all_batch_sizes(model, loss_fn, X, Y, batch_sizes, *, measure_seed: int, step: int,
-                        chunk_size=None, max_samples=None) -> dict[int, Estimate] | None:
+                        chunk_size=None, max_samples=None, exact: bool = False) -> dict[int, Estimate] | None:
     """GNI(b) = (g^T H g + c_b tr(HS)) / |g|^2 for every b from one estimate of tr(HS)
     (:func:`utils.fast_curvature.gni_by_batch_size`), c_b = (n - b) / (b (n - 1)).
 
     None where that identity does not hold: with BatchNorm, g_B is not the mean of the
     per-sample gradients of B; with n < 2 there is no noise to sample. The batches come from
-    ``measurement_generator(measure_seed, step)``.
+    ``measurement_generator(measure_seed, step)``; ``exact`` estimates tr(HS) by double-backward
+    Hessian-vector products instead of stacked Gram products.
     """
     if has_batchnorm(model) or X.shape[0] < 2:
         return None
     return gni_by_batch_size(model, loss_fn, X, Y, batch_sizes, chunk_size=chunk_size,
                              generator=measurement_generator(measure_seed, step, device=X.device),
-                             **_sample_limits(max_samples))
+                             exact=exact, **_sample_limits(max_samples))
 
 
 def ghg_record(estimates: dict[str, Estimate]) -> dict:
