@@ -529,6 +529,7 @@ def main() -> None:
         args.cnn_gni_max_samples, args.cnn_power_max_hvps, args.cnn_gni_baseline_samples = 20, 10, 2
         args.trajectory_points, args.cnn_trajectory_points, args.warm_draws, args.cnn_warm_draws = 3, 2, 2, 1
     sections = args.only or SECTIONS
+    given = args  # the CNN gets a copy with its own limits; the JSON keeps the options as given
     rows = []
     sizes = {"mlp": args.mlp_n, "cnn": args.cnn_n}
     for name in args.models:
@@ -554,7 +555,7 @@ def main() -> None:
         rows += bench_large(args)
     if "sanity" in sections:
         rows += bench_sanity(args)
-    options = {k: v for k, v in vars(args).items() if k not in ("large_worker", "threads")}
+    options = {k: v for k, v in vars(given).items() if k not in ("large_worker", "threads")}
     settings = {**options, "date": datetime.date.today().isoformat(), "device": args.device,
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "command": " ".join(sys.argv)}
     print(f"\n{settings['date']}, {args.device}, {settings['threads']} threads, torch {torch.__version__}")
