@@ -298,3 +298,29 @@ def test_exact_measurements_flag_is_recorded_and_gives_the_same_columns(results_
     fast, exact = (frames[False][columns].dropna(), frames[True][columns].dropna())
     assert len(fast) == 3
     np.testing.assert_allclose(fast.to_numpy(), exact.to_numpy(), rtol=2e-4)
+
+
+def test_exact_measurements_use_plain_double_backward_for_every_hessian_product(results_env, monkeypatch):
+    """On a GPU the default HVP mode is a faster one; --exact-measurements must not ask for it."""
+    import json
+
+    import training
+    from utils import hvp
+    from utils import training as training_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a measurement asked for the default (fast) HVP mode")
+
+    monkeypatch.setattr(hvp, "default_hvp_mode", refuse)
+    monkeypatch.setattr(training_module, "default_hvp_mode", refuse)
+    model, (X, Y) = tiny_mlp(), tiny_data(12, "mse")
+    with pytest.raises(AssertionError, match="fast"):
+        measures.lambda_max(model, LOSSES["mse"], X, Y)
+    common = ["--width", "16", "--num-data", "120", "--batch", "8", "--steps", "11", "--quiet", "--measure-every", "5",
+              "--exact-measurements"]
+    runs = {"sgd": ["--lambdamax", "--batch-lambdamax", "--hessian-trace", "--gni", "--batch-sharpness", "--final"],
+            "adam": ["--adam", "--lr", "0.001", "--preconditioned-sharpness"]}
+    for name, flags in runs.items():
+        run_dir = results_env / name
+        assert training.main([*common, *flags, "--run-dir", str(run_dir)]) == 0
+        assert json.loads((run_dir / "config.json").read_text())["resolved"]["hvp_mode"] == "double-backward"

@@ -58,6 +58,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from utils.models import has_batchnorm
 
 HVP_MODES = ("double-backward", "double-backward-batched", "forward-over-reverse")
+PLAIN_HVP_MODE = "double-backward"  # one backward per vector through the retained graph
 _VECTORS_PER_PASS = 8  # vectors per batched backward or vmap call: bounds the extra memory
 
 

@@ -6,6 +6,11 @@ g_B and H_B those of the mean loss on a batch B of b distinct points drawn unifo
 All of them count Hessian-vector products and wall time into the returned Estimate, draw any
 randomness from the generator they are given (never the global RNG), and leave the model's
 parameters, buffers, ``.grad`` and train/eval mode as they found them.
+
+``exact=True`` is the plain path kept for checking: per-batch quantities by one double backward
+per batch instead of :mod:`utils.fast_curvature`, and every Hessian product by plain double
+backward instead of the fastest mode for the model and device (:func:`utils.hvp.default_hvp_mode`).
+The values agree to round-off either way.
 """
 
 import time
@@ -18,13 +23,18 @@ from utils.errors import UserError
 from utils.estimators import (Estimate, exact_estimate, mean_with_stopping,
                               ratio_of_means_with_stopping, sample_batch_indices)
 from utils.gauss_newton import GaussNewtonOperator
-from utils.hvp import HessianOperator, flat_grad, flat_params, trainable_params
+from utils.hvp import PLAIN_HVP_MODE, HessianOperator, flat_grad, flat_params, trainable_params
 
 EIG_METHODS = ("lanczos", "lobpcg", "power")
 
 
+def _product_mode(exact: bool):
+    """The HVP mode of a measurement: plain double backward when ``exact``, else the default."""
+    return PLAIN_HVP_MODE if exact else None
+
+
 def lambda_max(model, loss_fn, X, Y, *, k=1, tol=1e-3, max_iter=None, chunk_size=None,
-               train_mode=True, warm_start=None, generator=None, method=None):
+               train_mode=True, warm_start=None, generator=None, method=None, exact=False):
     """The k algebraically largest eigenvalues of H on the WHOLE training set (X, Y).
 
         lambda_max = max_{|v|=1} v^T H v,   H = (1/n) sum_i hess l_i
@@ -42,7 +52,8 @@ def lambda_max(model, loss_fn, X, Y, *, k=1, tol=1e-3, max_iter=None, chunk_size
         raise UserError(f"unknown eigen-solver {method!r}; choose one of {', '.join(EIG_METHODS)}")
     if method == "power" and k != 1:
         raise UserError(f"power iteration finds one eigenvalue, got k={k}; use lanczos or lobpcg")
-    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
+    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                         mode=_product_mode(exact))
     if isinstance(warm_start, eigs.EigResult):
         warm_start = warm_start.vectors
     if warm_start is not None:
@@ -64,7 +75,7 @@ def lambda_max(model, loss_fn, X, Y, *, k=1, tol=1e-3, max_iter=None, chunk_size
 def _batch_quadratic_and_norm(model, loss_fn, xb, yb, train_mode) -> tuple[float, float]:
     """(g_B^T H_B g_B, |g_B|^2) with gradient and Hessian of the same batch."""
     # One graph gives g_B and then H_B g_B; other modes would pay for the gradient twice.
-    op = HessianOperator(model, loss_fn, xb, yb, train_mode=train_mode, mode="double-backward")
+    op = HessianOperator(model, loss_fn, xb, yb, train_mode=train_mode, mode=PLAIN_HVP_MODE)
     quadratic, norm2 = op.gradient_quadratic_form()
     return quadratic.item(), norm2.item()
 
@@ -162,7 +173,8 @@ def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_sam
                                   max_samples=max_samples, rel_se=rel_se)
     start = time.perf_counter()
     n = X.shape[0]
-    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
+    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                         mode=_product_mode(exact))
 
     def sample(m):
         G = torch.stack([flat_grad(model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
@@ -220,7 +232,7 @@ def _top_eigen(matvec, op, *, tol, max_iter, generator, init=None):
 
 def batch_lambda_max(model, loss_fn, X, Y, batch_size, *, generator, min_samples=10,
                      max_samples=100, rel_se=0.02, train_mode=True, tol=1e-3,
-                     max_iter=None) -> Estimate:
+                     max_iter=None, exact=False) -> Estimate:
     """Mean top eigenvalue of mini-batch Hessians, E_B[ lambda_max(H_B) ].
 
     Each random batch gets its own Lanczos solve to a relative residual ``tol``, started from
@@ -239,7 +251,7 @@ def batch_lambda_max(model, loss_fn, X, Y, batch_size, *, generator, min_samples
         values = []
         for _ in range(m):
             idx = sample_batch_indices(n, batch_size, generator, X.device)
-            op = HessianOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
+            op = HessianOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode, mode=_product_mode(exact))
             result = _top_eigen(op.matvec, op, tol=tol, max_iter=max_iter, generator=generator,
                                 init=previous)
             previous = result.vectors
@@ -264,7 +276,7 @@ def rademacher_probe(dim: int, generator: torch.Generator, dtype, device) -> tor
 
 
 def hessian_trace(model, loss_fn, X, Y, *, generator, chunk_size=None, min_samples=10,
-                  max_samples=1000, rel_se=0.01, train_mode=True, block_size=10) -> Estimate:
+                  max_samples=1000, rel_se=0.01, train_mode=True, block_size=10, exact=False) -> Estimate:
     """tr(H) of the full-batch Hessian by Hutchinson's estimator with Rademacher probes.
 
         tr(H) = E_z[ z^T H z ],   z_j = +-1 independently,
@@ -276,7 +288,8 @@ def hessian_trace(model, loss_fn, X, Y, *, generator, chunk_size=None, min_sampl
     Columns ``hessian_trace``, ``hessian_trace_se``, ``hessian_trace_n``.
     """
     start = time.perf_counter()
-    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
+    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                         mode=_product_mode(exact))
 
     def sample(m):
         Z = torch.stack([rademacher_probe(op.dim, generator, op.dtype, op.device) for _ in range(m)],
@@ -419,7 +432,7 @@ def momentum_sharpness(model, loss_fn, X, Y, batch_size, *, optimizer, generator
         quadratic, slope = [], []
         for _ in range(m):
             idx = sample_batch_indices(n, batch_size, generator, X.device)
-            op = HessianOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode, mode="double-backward")
+            op = HessianOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode, mode=PLAIN_HVP_MODE)
             g = op.gradient()
             s = momentum_direction(g, buffer.to(g), group["momentum"], group["nesterov"])
             quadratic.append((s @ op.matvec(s)).item())
@@ -452,7 +465,7 @@ def adam_preconditioner(optimizer: torch.optim.Adam, model) -> torch.Tensor | No
 
 
 def preconditioned_sharpness(model, loss_fn, X, Y, *, optimizer, tol=1e-3, max_iter=None,
-                             chunk_size=None, train_mode=True, generator=None):
+                             chunk_size=None, train_mode=True, generator=None, exact=False):
     """lambda_max(P^{-1/2} H P^{-1/2}) of the full-batch Hessian, P Adam's preconditioner.
 
     P = diag(sqrt(v_hat) + eps) from the bias-corrected second moments in ``optimizer``'s state
@@ -466,7 +479,8 @@ def preconditioned_sharpness(model, loss_fn, X, Y, *, optimizer, tol=1e-3, max_i
     P = adam_preconditioner(optimizer, model)
     if P is None:
         raise ValueError("Adam has no second moments before its first step")
-    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
+    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                         mode=_product_mode(exact))
     scale = P.to(device=op.device, dtype=op.dtype).rsqrt()[:, None]
 
     def matvec(V):  # the solvers pass blocks (P, m)

@@ -142,9 +142,11 @@ class Monitor:
             return {"batch_sharpness_ratio": measures.batch_sharpness_ratio(*data, cfg.batch, generator=generator,
                                                                             exact=cfg.exact_measurements)}
         if flag == "batch_lambdamax":
-            return {"batch_lambda_max": measures.batch_lambda_max(*data, cfg.batch, generator=generator, tol=tol)}
+            return {"batch_lambda_max": measures.batch_lambda_max(*data, cfg.batch, generator=generator, tol=tol,
+                                                                  exact=cfg.exact_measurements)}
         if flag == "hessian_trace":
-            return {"hessian_trace": measures.hessian_trace(*data, generator=generator, chunk_size=cfg.hvp_chunk)}
+            return {"hessian_trace": measures.hessian_trace(*data, generator=generator, chunk_size=cfg.hvp_chunk,
+                                                            exact=cfg.exact_measurements)}
         if flag == "gauss_newton":
             eig, top = measures.gn_lambda_max(*data, tol=tol, chunk_size=cfg.hvp_chunk, generator=generator)
             _warn_unconverged(step, "gn_lambda_max", eig, tol)
@@ -160,7 +162,8 @@ class Monitor:
             if not self.optimizer.state:  # Adam has no second moments before its first step
                 return {}
             eig, est = measures.preconditioned_sharpness(*data, optimizer=self.optimizer, tol=tol,
-                                                         chunk_size=cfg.hvp_chunk, generator=generator)
+                                                         chunk_size=cfg.hvp_chunk, generator=generator,
+                                                         exact=cfg.exact_measurements)
             _warn_unconverged(step, "preconditioned_sharpness", eig, tol)
             return {"preconditioned_sharpness": est}
         if flag == "param_distance":
@@ -173,7 +176,7 @@ class Monitor:
         eig, est = measures.lambda_max(
             model or self.model, self.loss_fn, self.X, self.Y, k=cfg.num_eigenvalues, tol=tol,
             chunk_size=cfg.hvp_chunk, warm_start=self.eigenvectors,
-            generator=self._generator(step, "lambdamax"), method=cfg.eig_method)
+            generator=self._generator(step, "lambdamax"), method=cfg.eig_method, exact=cfg.exact_measurements)
         _warn_unconverged(step, "lambda_max", eig, tol)
         self.eigenvectors = eig.vectors.detach().to(next(self.model.parameters()).dtype)
         row = {"lambda_max": float(eig.values[0]), "lambda_max_seconds": est.seconds, "lambda_max_hvps": est.hvps}
