@@ -529,33 +529,33 @@ def main() -> None:
         args.cnn_gni_max_samples, args.cnn_power_max_hvps, args.cnn_gni_baseline_samples = 20, 10, 2
         args.trajectory_points, args.cnn_trajectory_points, args.warm_draws, args.cnn_warm_draws = 3, 2, 2, 1
     sections = args.only or SECTIONS
-    given = args  # the CNN gets a copy with its own limits; the JSON keeps the options as given
     rows = []
     sizes = {"mlp": args.mlp_n, "cnn": args.cnn_n}
     for name in args.models:
         model, X, Y = problem(name, sizes[name], args.device, args.cnn_side if name == "cnn" else 32)
         label = f"{name} n={sizes[name]}"
+        limits = args
         if name == "cnn":  # every exact HVP of the CNN costs seconds on a CPU: fewer and capped
-            args = copy.copy(args)
-            args.repeats, args.gni_max_samples = args.cnn_repeats, args.cnn_gni_max_samples
-            args.power_max_hvps, args.gni_baseline_samples = args.cnn_power_max_hvps, args.cnn_gni_baseline_samples
-            args.trajectory_points, args.warm_draws = args.cnn_trajectory_points, args.cnn_warm_draws
+            limits = copy.copy(args)
+            limits.repeats, limits.gni_max_samples = args.cnn_repeats, args.cnn_gni_max_samples
+            limits.power_max_hvps, limits.gni_baseline_samples = args.cnn_power_max_hvps, args.cnn_gni_baseline_samples
+            limits.trajectory_points, limits.warm_draws = args.cnn_trajectory_points, args.cnn_warm_draws
         if "gradient" in sections or "hvp" in sections:
-            rows += bench_gradient_and_hvp(label, model, X, Y, args, with_hvp="hvp" in sections)
+            rows += bench_gradient_and_hvp(label, model, X, Y, limits, with_hvp="hvp" in sections)
         if "lambda_max" in sections:
-            rows += bench_lambda_max(label, model, X, Y, args)
+            rows += bench_lambda_max(label, model, X, Y, limits)
         if "batch_sharpness" in sections:
-            rows += bench_batch_sharpness(label, model, X, Y, args, (8, 64) if name == "mlp" else (8,))
+            rows += bench_batch_sharpness(label, model, X, Y, limits, (8, 64) if name == "mlp" else (8,))
         if "gni" in sections:
-            rows += bench_gni(label, model, X, Y, args)
+            rows += bench_gni(label, model, X, Y, limits)
         if "gni_all_b" in sections and name == "mlp":
-            rows += bench_gni_all_b(label, model, X, Y, args)
+            rows += bench_gni_all_b(label, model, X, Y, limits)
         print(markdown(rows), flush=True)
     if "large" in sections:
         rows += bench_large(args)
     if "sanity" in sections:
         rows += bench_sanity(args)
-    options = {k: v for k, v in vars(given).items() if k not in ("large_worker", "threads")}
+    options = {k: v for k, v in vars(args).items() if k not in ("large_worker", "threads")}
     settings = {**options, "date": datetime.date.today().isoformat(), "device": args.device,
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "command": " ".join(sys.argv)}
     print(f"\n{settings['date']}, {args.device}, {settings['threads']} threads, torch {torch.__version__}")
