@@ -185,7 +185,7 @@ class Monitor:
         return row
 
     def final(self, step: int) -> dict:
-        """End-of-run lambda_max (tol 1e-4), Batch Sharpness and GNI: the contents of final.json.
+        """End-of-run lambda_max (and lambda_2..k, tol 1e-4), Batch Sharpness and GNI: the contents of final.json.
 
         Float32 Hessian products stall near a relative residual of 1e-4, so the final
         eigen-solve runs on a float64 copy of the model.
@@ -197,8 +197,9 @@ class Monitor:
         gni = measures.gni(self.model, self.loss_fn, self.X, self.Y, cfg.batch,
                            generator=self._generator(step, "final_gni"), chunk_size=cfg.hvp_chunk,
                            exact=cfg.exact_measurements)
-        record = {"step": step, "lambda_max": top["lambda_max"], "batch_sharpness": bs.value,
-                  "batch_sharpness_se": bs.se, "gni": gni.value, "gni_se": gni.se}
+        record = {"step": step, "lambda_max": top["lambda_max"],
+                  **{f"lambda_{i}": top[f"lambda_{i}"] for i in range(2, cfg.num_eigenvalues + 1)},
+                  "batch_sharpness": bs.value, "batch_sharpness_se": bs.se, "gni": gni.value, "gni_se": gni.se}
         for flag in FAMILY_COLUMNS:
             if getattr(cfg, flag):
                 for name, est in self.family(flag, step, min(cfg.eig_tol, 1e-4)).items():
