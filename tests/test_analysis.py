@@ -254,6 +254,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, tmp_path, capsys,
     check_bad_input(SCRIPTS[script], ["--cpu"] if script == "fullbs" else [], damage, runs, tmp_path, capsys)
 
 
+def test_a_file_given_as_a_run_is_named_as_a_file(runs):
+    with pytest.raises(UserError, match="results.txt is a file, not a folder; pass the folder of an EOSS run"):
+        select_runs([os.path.join(runs["a"], "results.txt")])
+
+
 def test_truncated_results_without_newline_and_empty_results(runs, tmp_path):
     run_dir = copy_run(runs["a"], tmp_path)
     text = (run_dir / "results.txt").read_text()

@@ -176,6 +176,7 @@ def test_fork_continues_step_numbering_and_matches_parent(results_env):
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--resume", "{tmp}/nowhere"], "does not exist"),
+    (["--resume", "{run}/results.txt"], "is a file, not a folder"),
     (["--resume", "{tmp}"], "not an EOSS run folder"),
     (["--resume", "{run}", "--lr", "0.1"], "--lr"),
     (["--resume-step", "3"], "--resume"),

@@ -80,7 +80,8 @@ def _matches(cfg: RunConfig, dataset, model, lr, batch) -> bool:
 def _runs_under(folder: str) -> list[Run]:
     """The given folder as a run, or the runs below it; damaged runs below it are skipped with a warning."""
     if not os.path.isdir(folder):
-        raise UserError(f"{folder} does not exist; pass the folder of an EOSS run")
+        problem = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise UserError(f"{folder} {problem}; pass the folder of an EOSS run")
     if os.path.isfile(os.path.join(folder, CONFIG_FILE)):
         return [load_run(folder)]
     runs = []

@@ -287,7 +287,8 @@ def read_run_config(run_dir: str) -> dict:
     """config.json of a run folder, checked; a folder that is not a run is a UserError."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isdir(run_dir):
-        raise UserError(f"{run_dir} does not exist; pass the folder of an EOSS run")
+        problem = "is a file, not a folder" if os.path.exists(run_dir) else "does not exist"
+        raise UserError(f"{run_dir} {problem}; pass the folder of an EOSS run")
     if not os.path.isfile(path):
         raise UserError(f"{run_dir} is not an EOSS run folder (no config.json); pass the folder that training.py printed")
     try:
