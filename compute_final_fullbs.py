@@ -21,6 +21,7 @@ from utils.cli import run_cli
 from utils.config import EIGEN_METHODS
 from utils.errors import UserError
 from utils.estimators import measurement_generator
+from utils.hvp import measurement_hvp_mode
 from utils.runs import (DTYPES, build_analysis_parser, checkpoint_list, load_weights, output_folders,
                         rebuild, runs_from_args, write_text_files)
 
@@ -40,6 +41,8 @@ def build_parser():
     g.add_argument("--seed", type=int, default=None, help="seed of the solver's random start (default: the run's --measure-seed)")
     g.add_argument("--dtype", choices=DTYPES, default="float64",
                    help="precision of the Hessian products (default float64: float32 rounding keeps residuals near 1e-4)")
+    g.add_argument("--exact-measurements", action="store_true",
+                   help="Hessian products by plain double backward instead of the fastest mode (for checking)")
     return p
 
 
@@ -56,7 +59,7 @@ def check_args(args) -> None:
 
 def measure_run(run, checkpoints, args) -> tuple[list[dict], str]:
     """One record per checkpoint (step, eigenvalues, residual, cost), each solve warm-started by
-    the last; and the device they were computed on."""
+    the last; the device they were computed on; and the mode of the Hessian products."""
     setup = rebuild(run, cpu=args.cpu, dtype=DTYPES[args.dtype])
     seed = run.cfg.measure_seed if args.seed is None else args.seed
     chunk = args.hvp_chunk or run.cfg.hvp_chunk
@@ -66,18 +69,20 @@ def measure_run(run, checkpoints, args) -> tuple[list[dict], str]:
         step = load_weights(setup, path)
         record, previous = full_batch_sharpness(
             setup.model, setup.loss_fn, X, Y, k=args.num_eigenvalues, tol=args.tol, method=args.eig_method,
-            chunk_size=chunk, warm_start=previous, generator=measurement_generator(seed, step, device=setup.device))
+            chunk_size=chunk, warm_start=previous, generator=measurement_generator(seed, step, device=setup.device),
+            exact=args.exact_measurements)
         if not record["converged"]:
             warnings.warn(f"{run.run_dir} step {step}: the eigen-solver stopped at relative residual "
                           f"{record['residual']:.2e}, above --tol {args.tol:g}")
         records.append({"step": step, "checkpoint": os.path.basename(path), **record})
-    return records, str(setup.device)
+    return records, str(setup.device), measurement_hvp_mode(setup.model, setup.device, exact=args.exact_measurements)
 
 
-def final_record(run, records, args, device) -> dict:
+def final_record(run, records, args, device, hvp_mode) -> dict:
     return {**records[-1], "num_eigenvalues": args.num_eigenvalues, "tol": args.tol,
             "method": args.eig_method or ("lanczos" if args.num_eigenvalues == 1 else "lobpcg"),
             "measure_seed": run.cfg.measure_seed if args.seed is None else args.seed, "dtype": args.dtype, "device": device,
+            "exact_measurements": args.exact_measurements, "hvp_mode": hvp_mode,
             "threshold": stability_threshold(run.cfg), "threshold_label": stability_label(run.cfg)}
 
 
@@ -92,9 +97,9 @@ def main(argv=None) -> int:
         chosen = [found if args.all_checkpoints else found[-1:] for found in checkpoints]
         results = [measure_run(run, found, args) for run, found in zip(runs, chosen)]
         outputs = {}
-        for run, folder, (records, device) in zip(runs, output_folders(runs, args.out), results):
-            outputs[os.path.join(folder, "final_fullbs.json")] = json.dumps(final_record(run, records, args, device),
-                                                                            indent=2) + "\n"
+        for run, folder, (records, device, hvp_mode) in zip(runs, output_folders(runs, args.out), results):
+            record = final_record(run, records, args, device, hvp_mode)
+            outputs[os.path.join(folder, "final_fullbs.json")] = json.dumps(record, indent=2) + "\n"
             if args.all_checkpoints:
                 outputs[os.path.join(folder, "fullbs_checkpoints.csv")] = pd.DataFrame(records).to_csv(index=False)
             print(run.run_dir)

@@ -99,6 +99,23 @@ def test_fullbs_final_checkpoint_equals_the_measurement_function(runs, tmp_path)
     assert single["dtype"] == "float32" and single["lambda_max"] == pytest.approx(direct.value, rel=2e-4)
 
 
+def test_fullbs_exact_measurements_multiply_by_plain_double_backward(runs, tmp_path, monkeypatch):
+    from utils import hvp
+
+    assert compute_final_fullbs.main([str(runs["a"]), "--out", str(tmp_path / "fast"), "--cpu"]) == 0
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--exact-measurements asked for the default (fast) HVP mode")
+
+    monkeypatch.setattr(hvp, "default_hvp_mode", refuse)
+    assert compute_final_fullbs.main([str(runs["a"]), "--out", str(tmp_path / "exact"), "--cpu",
+                                      "--exact-measurements"]) == 0
+    fast, exact = (json.loads((tmp_path / kind / "final_fullbs.json").read_text()) for kind in ("fast", "exact"))
+    assert (fast["exact_measurements"], exact["exact_measurements"]) == (False, True)
+    assert fast["hvp_mode"] == exact["hvp_mode"] == "double-backward"  # on a CPU the default is the plain mode
+    assert exact["lambda_max"] == pytest.approx(fast["lambda_max"], rel=1e-12)
+
+
 def test_fullbs_writes_into_the_latest_run_by_default(runs, tmp_path, monkeypatch):
     root = tmp_path / "results"
     older = copy_run(runs["a"], root, "older")

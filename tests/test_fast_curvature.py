@@ -306,13 +306,11 @@ def test_exact_measurements_use_plain_double_backward_for_every_hessian_product(
 
     import training
     from utils import hvp
-    from utils import training as training_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("a measurement asked for the default (fast) HVP mode")
 
     monkeypatch.setattr(hvp, "default_hvp_mode", refuse)
-    monkeypatch.setattr(training_module, "default_hvp_mode", refuse)
     model, (X, Y) = tiny_mlp(), tiny_data(12, "mse")
     with pytest.raises(AssertionError, match="fast"):
         measures.lambda_max(model, LOSSES["mse"], X, Y)

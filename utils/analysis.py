@@ -48,15 +48,16 @@ def stability_label(cfg) -> str:
 
 
 def full_batch_sharpness(model, loss_fn, X, Y, *, k=1, tol=1e-5, method=None, chunk_size=None,
-                         warm_start=None, generator=None):
+                         warm_start=None, generator=None, exact=False):
     """Top-k eigenvalues of the full-batch Hessian H = (1/n) sum_i hess l_i, to a relative residual ``tol``.
 
     Returns (record, EigResult): the record holds ``lambda_max``, ``lambda_2`` ... ``lambda_k``,
     the largest relative residual ||H v - lambda v|| / |lambda|, ``converged``, ``hvps`` and
-    ``seconds``; the EigResult's vectors warm-start the next call.
+    ``seconds``; the EigResult's vectors warm-start the next call. ``exact`` multiplies by plain
+    double backward instead of the fastest mode for the model and device.
     """
     eig, estimate = measures.lambda_max(model, loss_fn, X, Y, k=k, tol=tol, chunk_size=chunk_size,
-                                        warm_start=warm_start, generator=generator, method=method)
+                                        warm_start=warm_start, generator=generator, method=method, exact=exact)
     record = {"lambda_max": float(eig.values[0])}
     record.update({f"lambda_{i}": float(eig.values[i - 1]) for i in range(2, k + 1)})
     record.update({"residual": float(eig.residuals.max()), "converged": bool(eig.converged),

@@ -76,6 +76,12 @@ def default_hvp_mode(model: torch.nn.Module, device) -> str:
     return "double-backward-batched"
 
 
+def measurement_hvp_mode(model: torch.nn.Module, device, *, exact: bool) -> str:
+    """The mode a measurement's Hessian products take: plain double backward for
+    ``--exact-measurements``, else :func:`default_hvp_mode` (what run records report)."""
+    return PLAIN_HVP_MODE if exact else default_hvp_mode(model, device)
+
+
 def trainable_params(model: torch.nn.Module) -> list[torch.Tensor]:
     """The parameters that require grad, in ``model.parameters()`` order."""
     return [p for p in model.parameters() if p.requires_grad]

@@ -34,7 +34,7 @@ from utils.cli import SignalCatcher
 from utils.config import CONFIG_VERSION, DEFAULT_STEPS, RunConfig, datasets_root, results_root, validate
 from utils.data import load_dataset
 from utils.errors import UserError
-from utils.hvp import PLAIN_HVP_MODE, default_hvp_mode
+from utils.hvp import measurement_hvp_mode
 from utils.losses import accuracy, get_loss
 from utils.models import build_model, count_parameters
 from utils.monitor import Monitor
@@ -156,7 +156,7 @@ def config_record(setup: Setup, measurement_plan: dict, command_line: list[str] 
             "checkpoint_every": cfg.checkpoint_every or default_checkpoint_every(setup.total_steps),
             "schedule": {"full_loss": full_loss_schedule(cfg, setup.total_steps), **measurement_plan},
             "measurement_mode": "train",
-            "hvp_mode": PLAIN_HVP_MODE if cfg.exact_measurements else default_hvp_mode(setup.model, setup.device),
+            "hvp_mode": measurement_hvp_mode(setup.model, setup.device, exact=cfg.exact_measurements),
         },
         "device": str(setup.device),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
