@@ -7,6 +7,7 @@ derivatives through training-mode ``batch_norm`` in torch 2.14 (see
 pytorch/pytorch#196699), while reverse over ``grad`` agrees with finite differences.
 """
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -82,3 +83,12 @@ def dense_gradient(model, loss_fn, X, Y, train_mode=True):
 def dense_loss(model, loss_fn, X, Y, train_mode=True):
     loss, flat = _flat_loss(model, loss_fn, X, Y, train_mode)
     return loss(flat).item()
+
+
+def check_honest(values, ses, exact):
+    """Repeated Monte Carlo estimates and their standard errors against the exact value: the
+    spread of the estimates matches the mean SE (ratio in [0.75, 1.33]) and at least 88 % of
+    the 95 % intervals cover the exact value."""
+    values, ses = np.asarray(values, dtype=float), np.asarray(ses, dtype=float)
+    assert 0.75 <= values.std(ddof=1) / ses.mean() <= 1.33
+    assert np.mean(np.abs(values - exact) <= 1.96 * ses) >= 0.88
