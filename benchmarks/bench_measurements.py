@@ -43,7 +43,7 @@ from utils import measures  # noqa: E402
 from utils.data import load_dataset  # noqa: E402
 from utils.eigs import power_iteration  # noqa: E402
 from utils.estimators import mean_with_stopping, measurement_generator, sample_batch_indices  # noqa: E402
-from utils.fast_curvature import gni_by_batch_size, linear_network  # noqa: E402
+from utils.fast_curvature import batch_route, gni_by_batch_size, linear_network  # noqa: E402
 from utils.hvp import default_hvp_mode  # noqa: E402
 from utils.losses import mse_loss  # noqa: E402
 from utils.models import build_model  # noqa: E402
@@ -326,9 +326,7 @@ def bench_batch_sharpness(name, model, X, Y, args, batch_sizes):
             "baseline": (lambda: plain_batch_sharpness(model, X, Y, b, measurement_generator(0, b), **options),
                          args.baseline_repeats)}, args.device)
         (seconds, est), (base_seconds, base) = results["ours"], results["baseline"]
-        fast = linear_network(model, mse_loss, X, Y) is not None
-        rows.append(row(name, f"Batch Sharpness b={b}, SE 0.5%",
-                        "ours: stacked Gram matrices" if fast else "ours: per-batch double backward",
+        rows.append(row(name, f"Batch Sharpness b={b}, SE 0.5%", f"ours: {batch_route(model, mse_loss, X, Y)}",
                         seconds, hvps=est.hvps, samples=est.n, value=est.value, se=est.se))
         rows.append(row(name, f"Batch Sharpness b={b}, SE 0.5%", "baseline: one batch at a time",
                         base_seconds, hvps=base.n, samples=base.n, value=base.value, se=base.se))

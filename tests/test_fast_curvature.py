@@ -150,6 +150,28 @@ def test_other_models_take_the_per_batch_route_with_exact_values(train_mode):
         assert got.value == pytest.approx(want.value, rel=1e-11)
 
 
+def test_vmapped_route_reproduces_the_exact_estimates(monkeypatch):
+    """The route a GPU takes for models without BatchNorm, forced on here: the same batches,
+    estimates and standard errors as the exact loop, whatever it computes ahead."""
+    model, loss_fn, (X, Y) = tiny_cnn(), LOSSES["ce"], image_data(10, "ce")
+    mlp_X, mlp_Y = tiny_data(10, "mse")
+    assert fast_curvature.batch_route(model, loss_fn, X, Y) == "double-backward"  # on the CPU
+    assert fast_curvature.batch_route(tiny_mlp(), LOSSES["mse"], mlp_X, mlp_Y) == "stacked-gram"
+    assert fast_curvature.batch_route(tiny_mlp(), LOSSES["mse"], mlp_X, mlp_Y, exact=True) == "double-backward"
+    assert fast_curvature.batch_route(model, loss_fn, X, Y, device="cuda:0") == "vmap-double-backward"
+    assert fast_curvature.batch_route(tiny_mlp(batchnorm=True), LOSSES["mse"], mlp_X, mlp_Y,
+                                      device="cuda") == "double-backward"
+    monkeypatch.setattr(fast_curvature, "batch_route", lambda *args, **kwargs: "vmap-double-backward")
+    limits = {"min_samples": 10, "max_samples": 60, "rel_se": 0.01}
+    for fast, exact in [(fast_curvature.batch_sharpness, measures.batch_sharpness),
+                        (fast_curvature.batch_sharpness_ratio, measures.batch_sharpness_ratio)]:
+        got = fast(model, loss_fn, X, Y, 3, generator=measurement_generator(2, 2), **limits)
+        want = exact(model, loss_fn, X, Y, 3, generator=measurement_generator(2, 2), exact=True, **limits)
+        assert got.n == want.n > limits["min_samples"] and got.hvps >= got.n
+        assert got.value == pytest.approx(want.value, rel=1e-11)
+        assert got.se == pytest.approx(want.se, rel=1e-8)
+
+
 @pytest.mark.parametrize("loss_name", ["mse", "ce"])
 def test_estimates_reproduce_the_exact_path_with_the_same_generator(loss_name):
     model = perturbed(build_model("mlp", (2, 3, 2), 3, width=5, depth=2, activation="gelu").double())
@@ -315,4 +337,5 @@ def test_exact_measurements_use_plain_double_backward_for_every_hessian_product(
     for name, flags in runs.items():
         run_dir = results_env / name
         assert training.main([*common, *flags, "--run-dir", str(run_dir)]) == 0
-        assert json.loads((run_dir / "config.json").read_text())["resolved"]["hvp_mode"] == "double-backward"
+        resolved = json.loads((run_dir / "config.json").read_text())["resolved"]
+        assert resolved["hvp_mode"] == resolved["batch_route"] == "double-backward"

@@ -4,7 +4,7 @@ import torch
 from curvature_reference import (LOSSES, dense_gradient, dense_hessian, dense_loss,
                                  finite_difference_hessian, tiny_data, tiny_mlp)
 from utils.hvp import (HVP_MODES, HessianOperator, batch_quadratic_forms, default_hvp_mode, flat_grad, flat_params,
-                       num_params)
+                       num_params, vmapped_quadratic_forms)
 
 N = 10
 
@@ -202,6 +202,29 @@ def test_batch_quadratic_forms_match_dense_per_batch(batchnorm, train_mode):
     assert model.training == (not train_mode)
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "ce"])
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_vmapped_quadratic_forms_match_dense_per_batch(loss_name, train_mode):
+    model, (X, Y) = tiny_mlp(), tiny_data(N, loss_name)
+    loss_fn = LOSSES[loss_name]
+    # A frozen parameter stays out of g and H; an unused one has zero gradient and curvature.
+    model[0].bias.requires_grad_(False)
+    model.register_parameter("unused", torch.nn.Parameter(torch.ones(2, dtype=torch.float64)))
+    model.train(not train_mode)  # the requested mode wins and the model's own flag comes back
+    idx = torch.tensor([[0, 3, 5], [1, 2, 9], [4, 6, 8], [7, 0, 2], [5, 5, 1]])
+    quadratics, norms = vmapped_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
+    assert quadratics.shape == norms.shape == (5,)
+    for rows, quadratic, norm2 in zip(idx, quadratics, norms):
+        g = dense_gradient(model, loss_fn, X[rows], Y[rows], train_mode)
+        H = dense_hessian(model, loss_fn, X[rows], Y[rows], train_mode)
+        assert quadratic.item() == pytest.approx((g @ H @ g).item(), rel=1e-12)
+        assert norm2.item() == pytest.approx((g @ g).item(), rel=1e-12)
+    assert model.training == (not train_mode)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="BatchNorm"):
+        vmapped_quadratic_forms(tiny_mlp(batchnorm=True), loss_fn, X, Y, idx)
 
 
 @pytest.mark.parametrize("mode", HVP_MODES)

@@ -107,9 +107,10 @@ def test_local_sweep_runs_skips_and_resumes(results_env, capsys):
     os.unlink(marker)
     assert sweep.main(["--name", "grid", *GRID, "--jobs", "2", "--", *BASE]) == 0
     out = capsys.readouterr().out
+    threads = local_threads(2)  # the machine's CPUs split between two runs, or OMP_NUM_THREADS
     assert [line for line in out.splitlines() if line.startswith("lr")][:5] == [
         "lr0.05_batch8: finished, skipped", "lr0.05_batch16: finished, skipped",
-        "lr0.1_batch8: resumed (log logs/lr0.1_batch8.log, 1 CPU thread)",
+        f"lr0.1_batch8: resumed (log logs/lr0.1_batch8.log, {threads} CPU thread{'s' if threads > 1 else ''})",
         "lr0.1_batch16: finished, skipped", "lr0.1_batch8: finished (steps 20/20)"]
     with open(os.path.join(sweep_dir, "logs", "lr0.1_batch8.log")) as f:
         assert f"{TRAINING_SCRIPT} --resume {killed} --quiet" in f.read()

@@ -45,6 +45,7 @@ def test_run_folder_contract(results_env, capsys):
     assert record["resolved"]["num_train"] == 200 and record["resolved"]["total_steps"] == 30
     assert record["resolved"]["num_params"] == 64 * 16 + 16 + 16 * 16 + 16 + 16 * 10 + 10
     assert record["resolved"]["hvp_mode"] == "double-backward"  # the fastest exact mode on a CPU
+    assert record["resolved"]["batch_route"] == "stacked-gram"
     assert "torch" in record["versions"] and record["device"] == "cpu"
 
     steps = [step for step, _ in list_checkpoints(run_dir)]

@@ -42,7 +42,9 @@ applies the same stopping rule, so an estimate is reproduced by the exact path. 
 shapes (convolutions, BatchNorm, frozen parameters), other losses and soft ce targets are not
 chains in this sense (:func:`linear_network` returns None): the per-batch measurements then run
 one double backward per batch as the exact path does (:func:`utils.hvp.batch_quadratic_forms`,
-many batches per call), and GNI is left to the exact path. The chains have no mode-dependent
+many batches per call) or, on a GPU and without BatchNorm, the same double backward for all the
+batches of a call at once under ``vmap`` (:func:`utils.hvp.vmapped_quadratic_forms`); see
+:func:`batch_route`. GNI is left to the exact path there. The chains have no mode-dependent
 layers, so train/eval mode matters only on that general route.
 """
 
@@ -56,7 +58,8 @@ from torch import nn
 
 from utils.estimators import (Estimate, mean_with_stopping, ratio_of_means_with_stopping,
                               sample_batch_indices)
-from utils.hvp import HessianOperator, batch_quadratic_forms, flat_grad
+from utils.hvp import (HessianOperator, batch_quadratic_forms, flat_grad, num_params, trainable_params,
+                       vmapped_quadratic_forms)
 from utils.losses import ce_loss, mse_loss
 from utils.models import has_batchnorm
 
@@ -69,6 +72,10 @@ _MIN_ROWS_AHEAD = 256
 _CACHE_NUMBERS = 1 << 26
 # Batches whose double-backward terms one call computes (setup shared, one read-back).
 _GRAPHS_PER_CALL = 64
+# Parameter-sized numbers per vmapped call (about 3 per batch are live at once): bounds its memory.
+_VMAP_NUMBERS = 1 << 27
+# Batches computed ahead of the stopping rule on the vmapped route.
+_VMAP_MIN_AHEAD = 8
 # Parameter-sized vectors held at once by the exact path.
 _EXACT_BLOCK = 10
 
@@ -482,6 +489,31 @@ def batch_terms(model, loss_fn, X, Y, idx: torch.Tensor, train_mode=True):
     return _batch_route(model, loss_fn, X, Y, idx.shape[1], train_mode).terms(idx)
 
 
+BATCH_ROUTES = ("stacked-gram", "vmap-double-backward", "double-backward")
+
+
+def batch_route(model, loss_fn, X, Y, *, device=None, exact: bool = False) -> str:
+    """How the per-batch terms g_B^T H_B g_B and |g_B|^2 of Batch Sharpness are computed.
+
+    ``stacked-gram``: stacked Gram matrices, for Linear/activation chains (:func:`linear_network`).
+    ``vmap-double-backward``: :func:`utils.hvp.vmapped_quadratic_forms`, all batches of a call
+    at once, for other models without BatchNorm on a GPU, where one small batch is bound by
+    kernel launches (CNN, b = 8, H200: 7x the one-batch loop). ``double-backward``: one batch at
+    a time (:func:`utils.hvp.batch_quadratic_forms`), on the CPU, where the loop is as fast or
+    faster (CNN on 32x32 inputs: vmap takes twice as long), for BatchNorm, and for ``exact``.
+    ``device`` defaults to the parameters' device.
+    """
+    if exact:
+        return "double-backward"
+    if linear_network(model, loss_fn, X, Y) is not None:
+        return "stacked-gram"
+    params = trainable_params(model)
+    device = torch.device(device) if device is not None else params[0].device
+    if device.type == "cuda" and not has_batchnorm(model):
+        return "vmap-double-backward"
+    return "double-backward"
+
+
 @dataclass
 class _BatchRoute:
     """How per-batch terms are computed: ``terms(idx)`` maps index rows (K, b) to the pair
@@ -495,16 +527,23 @@ class _BatchRoute:
 
 
 def _batch_route(model, loss_fn, X, Y, batch_size, train_mode) -> _BatchRoute:
-    """Stacked Gram matrices for Linear/activation chains, else one double backward per batch."""
-    net = linear_network(model, loss_fn, X, Y)
-    if net is None:
-        def double_backward_terms(idx):
-            return batch_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
-        # Each batch's graph is freed before the next is built, so a call may take many batches.
-        return _BatchRoute(double_backward_terms, per_call=_GRAPHS_PER_CALL, min_block=1, ahead=False)
+    """The route of :func:`batch_route` with its block sizes."""
+    route = batch_route(model, loss_fn, X, Y)
+    if route == "stacked-gram":
+        return _BatchRoute(_StackedTerms(linear_network(model, loss_fn, X, Y), X, Y),
+                           per_call=max(1, _ROW_BUDGET // (4 * batch_size)),
+                           min_block=max(1, _MIN_ROWS_AHEAD // batch_size), ahead=True)
+    if route == "vmap-double-backward":
+        per_call = max(1, min(_GRAPHS_PER_CALL, _VMAP_NUMBERS // num_params(model)))
 
-    return _BatchRoute(_StackedTerms(net, X, Y), per_call=max(1, _ROW_BUDGET // (4 * batch_size)),
-                       min_block=max(1, _MIN_ROWS_AHEAD // batch_size), ahead=True)
+        def vmapped_terms(idx):
+            return vmapped_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
+        return _BatchRoute(vmapped_terms, per_call=per_call, min_block=min(per_call, _VMAP_MIN_AHEAD), ahead=True)
+
+    def double_backward_terms(idx):
+        return batch_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
+    # Each batch's graph is freed before the next is built, so a call may take many batches.
+    return _BatchRoute(double_backward_terms, per_call=_GRAPHS_PER_CALL, min_block=1, ahead=False)
 
 
 class _StackedTerms:

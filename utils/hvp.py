@@ -53,7 +53,7 @@ retained graph after the parameters are modified in place.
 from contextlib import contextmanager
 
 import torch
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from utils.models import has_batchnorm
 
@@ -208,6 +208,40 @@ def batch_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mode
             quadratics.append(quadratic)
             norms.append(norm2)
     return torch.stack(quadratics).detach(), torch.stack(norms).detach()
+
+
+def vmapped_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mode=True) -> tuple:
+    """The same (g_B^T H_B g_B, |g_B|^2) as :func:`batch_quadratic_forms`, all K batches at once.
+
+    One ``torch.func.vmap`` over the batches of reverse-over-reverse differentiation: ``vjp``
+    of ``grad L_B`` at theta returns g_B together with the map u -> H_B u, which is applied to
+    g_B itself. Each batch kernel then runs once for all K batches, which pays on a GPU where a
+    single small batch is bound by kernel launches. Not for BatchNorm (torch.func cannot take
+    its second derivatives under ``vmap``). Memory: a few parameter-sized vectors per batch.
+    """
+    if has_batchnorm(model):
+        raise ValueError("vmapped per-batch forms do not support BatchNorm; use batch_quadratic_forms")
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    params = trainable_params(model)
+    primals = {name: p.detach() for name, p in zip(names, params)}
+    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+    buffers = dict(model.named_buffers())
+    X = as_model_data(X, params[0].dtype, params[0].device)
+    Y = as_model_data(Y, params[0].dtype, params[0].device)
+
+    def batch_terms(xb, yb):
+        def batch_gradient(values):
+            return grad(lambda v: loss_fn(functional_call(model, (v, frozen, buffers), (xb,)), yb))(values)
+
+        gradient, hessian_times = vjp(batch_gradient, primals)
+        (product,) = hessian_times(gradient)
+        quadratic = sum((gradient[name] * product[name]).sum() for name in names)
+        norm2 = sum((gradient[name] * gradient[name]).sum() for name in names)
+        return quadratic, norm2
+
+    with model_mode(model, train_mode):
+        quadratic, norm2 = vmap(batch_terms)(X[idx], Y[idx])
+    return quadratic.detach(), norm2.detach()
 
 
 class CurvatureOperator:

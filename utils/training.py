@@ -34,6 +34,7 @@ from utils.cli import SignalCatcher
 from utils.config import CONFIG_VERSION, DEFAULT_STEPS, RunConfig, datasets_root, results_root, validate
 from utils.data import load_dataset
 from utils.errors import UserError
+from utils.fast_curvature import batch_route
 from utils.hvp import measurement_hvp_mode
 from utils.losses import accuracy, get_loss
 from utils.models import build_model, count_parameters
@@ -157,6 +158,8 @@ def config_record(setup: Setup, measurement_plan: dict, command_line: list[str] 
             "schedule": {"full_loss": full_loss_schedule(cfg, setup.total_steps), **measurement_plan},
             "measurement_mode": "train",
             "hvp_mode": measurement_hvp_mode(setup.model, setup.device, exact=cfg.exact_measurements),
+            "batch_route": batch_route(setup.model, setup.loss_fn, data.X_train, data.Y_train,
+                                       device=setup.device, exact=cfg.exact_measurements),
         },
         "device": str(setup.device),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
