@@ -45,6 +45,7 @@ from utils.eigs import power_iteration  # noqa: E402
 from utils.estimators import mean_with_stopping, measurement_generator, sample_batch_indices  # noqa: E402
 from utils.fast_curvature import batch_route, gni_by_batch_size, linear_network  # noqa: E402
 from utils.hvp import default_hvp_mode  # noqa: E402
+from utils.r_operator import ChainCurvature, is_chain  # noqa: E402
 from utils.losses import mse_loss  # noqa: E402
 from utils.models import build_model  # noqa: E402
 
@@ -198,6 +199,14 @@ def bench_gradient_and_hvp(name, model, X, Y, args, with_hvp: bool):
         return mse_loss(functional_call(model, values, (X,)), Y)
 
     calls = {"gradient": (lambda: plain_gradient(model, X, Y), args.repeats)}
+    chain = None
+    if with_hvp and is_chain(model):
+        ChainCurvature(model, mse_loss, X, Y)  # one-off start-up costs, as for plain_graph above
+        chain_build, chain = timed(lambda: ChainCurvature(model, mse_loss, X, Y), args.device)
+        calls.update({
+            "r-operator": (lambda: chain.product(vectors), args.repeats),
+            "vmap r-operator": (lambda: chain.products(batched), args.repeats),
+        })
     if with_hvp:
         calls.update({
             "double backward": (lambda: plain_hvp(model, grads, vectors), args.repeats),
@@ -214,12 +223,19 @@ def bench_gradient_and_hvp(name, model, X, Y, args, with_hvp: bool):
         return rows
     rows.append(row(name, "HVP graph (one-off)", "gradient with create_graph", [build],
                     note=f"{build / statistics.median(gradient):.2f}x gradient"))
+    if chain is not None:
+        rows.append(row(name, "HVP graph (one-off)", "r-operator primal pass (forward + backward)", [chain_build],
+                        note=f"{chain_build / statistics.median(gradient):.2f}x gradient"))
     ours = default_hvp_mode(model, X.device)
     methods = {"double backward": ("double backward, retained graph", 1, "double-backward"),
                "vmap block": (f"block of {block} (is_grads_batched), per vector", block, "double-backward-batched"),
                "forward-over-reverse": ("torch.func forward-over-reverse jvp(grad)", 1, "forward-over-reverse"),
-               "vmap forward-over-reverse": (f"vmap of jvp(grad), block of {block}, per vector", block, None)}
+               "vmap forward-over-reverse": (f"vmap of jvp(grad), block of {block}, per vector", block, None),
+               "r-operator": ("r-operator on the cached primal pass", 1, "r-operator"),
+               "vmap r-operator": (f"vmap of the r-operator, block of {block}, per vector", block, None)}
     for key, (method, per_call, mode) in methods.items():
+        if key not in results:
+            continue
         if mode == ours:
             method += f" (ours: {ours})"
         seconds = [s / per_call for s in results[key][0]]
@@ -344,9 +360,13 @@ def bench_gni(name, model, X, Y, args):
         "baseline": (lambda: plain_gni_samples(model, X, Y, b, measurement_generator(0, 3), count), 1)},
         args.device)
     (seconds, est), (base_seconds, _) = results["ours"], results["baseline"]
-    fast = linear_network(model, mse_loss, X, Y) is not None
-    rows = [row(name, f"GNI b={b}, SE 1%", "ours: batch directions per data pass" if fast
-                else "ours: blocks of exact HVPs", seconds, hvps=est.hvps, samples=est.n,
+    if linear_network(model, mse_loss, X, Y) is not None:
+        method = "ours: batch directions per data pass"
+    elif default_hvp_mode(model, X.device) == "r-operator":
+        method = "ours: blocks of quadratic forms (r-operator)"
+    else:
+        method = "ours: blocks of exact HVPs"
+    rows = [row(name, f"GNI b={b}, SE 1%", method, seconds, hvps=est.hvps, samples=est.n,
                 value=est.value, se=est.se)]
     scaled = [s * GNI_FIXED_SAMPLES / count for s in base_seconds]
     rows.append(row(name, f"GNI b={b}, SE 1%", f"baseline: {GNI_FIXED_SAMPLES} sequential full-batch HVPs",

@@ -155,7 +155,9 @@ def test_vmapped_route_reproduces_the_exact_estimates(monkeypatch):
     estimates and standard errors as the exact loop, whatever it computes ahead."""
     model, loss_fn, (X, Y) = tiny_cnn(), LOSSES["ce"], image_data(10, "ce")
     mlp_X, mlp_Y = tiny_data(10, "mse")
-    assert fast_curvature.batch_route(model, loss_fn, X, Y) == "double-backward"  # on the CPU
+    assert fast_curvature.batch_route(model, loss_fn, X, Y) == "r-operator"  # on the CPU
+    assert fast_curvature.batch_route(model, loss_fn, X, Y, exact=True) == "double-backward"
+    assert fast_curvature.batch_route(tiny_mlp(batchnorm=True), LOSSES["mse"], *tiny_data(10, "mse")) == "double-backward"
     assert fast_curvature.batch_route(tiny_mlp(), LOSSES["mse"], mlp_X, mlp_Y) == "stacked-gram"
     assert fast_curvature.batch_route(tiny_mlp(), LOSSES["mse"], mlp_X, mlp_Y, exact=True) == "double-backward"
     assert fast_curvature.batch_route(model, loss_fn, X, Y, device="cuda:0") == "vmap-double-backward"

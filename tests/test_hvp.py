@@ -3,8 +3,8 @@ import torch
 
 from curvature_reference import (LOSSES, dense_gradient, dense_hessian, dense_loss,
                                  finite_difference_hessian, tiny_data, tiny_mlp)
-from utils.hvp import (HVP_MODES, HessianOperator, batch_quadratic_forms, default_hvp_mode, flat_grad, flat_params,
-                       num_params, vmapped_quadratic_forms)
+from utils.hvp import (HVP_MODES, HessianOperator, batch_quadratic_forms, chain_quadratic_forms, default_hvp_mode,
+                       flat_grad, flat_params, num_params, vmapped_quadratic_forms)
 
 N = 10
 
@@ -154,16 +154,20 @@ def test_every_mode_matches_dense_hessian(mode, chunk_size, network):
     torch.testing.assert_close(op.matvec(V), H @ V, rtol=0, atol=1e-12)
     torch.testing.assert_close(op.matvec(V[:, 4]), H @ V[:, 4], rtol=0, atol=1e-12)
     torch.testing.assert_close(op.gradient(), dense_gradient(model, loss_fn, X, Y), rtol=0, atol=1e-13)
-    assert op.hvps == 12
+    torch.testing.assert_close(op.quadratic_forms(V), (V * (H @ V)).sum(0), rtol=0, atol=1e-12)
+    assert op.hvps == 23
     assert all(p.grad is None for p in model.parameters())
 
 
 def test_default_mode_per_model_and_device():
     mlp, cnn, bn = tiny_mlp(), tiny_cnn(), torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
-    assert {default_hvp_mode(m, "cpu") for m in (mlp, cnn, bn)} == {"double-backward"}
+    assert {default_hvp_mode(m, "cpu") for m in (mlp, bn)} == {"double-backward"}
+    assert default_hvp_mode(cnn, "cpu") == default_hvp_mode(cnn, "cuda:0") == "r-operator"
     assert default_hvp_mode(mlp, "cuda") == "double-backward-batched"
-    assert default_hvp_mode(cnn, "cuda:0") == "forward-over-reverse"
     assert default_hvp_mode(bn, "cuda") == "double-backward-batched"
+    cnn_without_pooling = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(18, 2),
+                                              torch.nn.GELU(approximate="tanh"))  # no known second derivative
+    assert default_hvp_mode(cnn_without_pooling, "cuda") == "forward-over-reverse"
     X, Y = tiny_data(N, "mse")
     assert HessianOperator(tiny_mlp(), LOSSES["mse"], X, Y).mode == "double-backward"
     with pytest.raises(ValueError, match="BatchNorm"):
@@ -227,18 +231,43 @@ def test_vmapped_quadratic_forms_match_dense_per_batch(loss_name, train_mode):
         vmapped_quadratic_forms(tiny_mlp(batchnorm=True), loss_fn, X, Y, idx)
 
 
+@pytest.mark.parametrize("loss_name", ["mse", "ce"])
+def test_chain_quadratic_forms_match_dense_per_batch(loss_name):
+    generator = torch.Generator().manual_seed(5)
+    X = torch.randn(N, 1, 5, 5, generator=generator, dtype=torch.float64)
+    Y = tiny_data(N, loss_name)[1]
+    model, loss_fn = tiny_cnn(), LOSSES[loss_name]
+    idx = torch.tensor([[0, 3, 5], [1, 2, 9], [4, 6, 8], [5, 5, 1]])
+    quadratics, norms = chain_quadratic_forms(model, loss_fn, X, Y, idx)
+    assert quadratics.shape == norms.shape == (4,)
+    for rows, quadratic, norm2 in zip(idx, quadratics, norms):
+        g = dense_gradient(model, loss_fn, X[rows], Y[rows])
+        H = dense_hessian(model, loss_fn, X[rows], Y[rows])
+        assert quadratic.item() == pytest.approx((g @ H @ g).item(), rel=1e-12)
+        assert norm2.item() == pytest.approx((g @ g).item(), rel=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("mode", HVP_MODES)
 def test_every_mode_with_parameters_of_zero_curvature(mode):
     """An unused parameter and a bias the loss depends on linearly: zero Hessian rows."""
     model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
-    model.register_parameter("unused", torch.nn.Parameter(torch.ones(3, dtype=torch.float64)))
 
     def linear_in_last_bias(outputs, targets, reduction="mean"):
         return LOSSES["mse"](outputs, targets, reduction) + 0.5 * outputs.sum(dim=1).mean()
 
+    unused = 0
+    if mode == "r-operator":  # takes layer chains only: the linear loss alone
+        model.register_parameter("unused", torch.nn.Parameter(torch.ones(3, dtype=torch.float64)))
+        with pytest.raises(ValueError, match="chains"):
+            HessianOperator(model, linear_in_last_bias, X, Y, mode=mode)
+        del model.unused
+    else:
+        model.register_parameter("unused", torch.nn.Parameter(torch.ones(3, dtype=torch.float64)))
+        unused = 3
     op = HessianOperator(model, linear_in_last_bias, X, Y, mode=mode)
     reference = HessianOperator(model, linear_in_last_bias, X, Y, mode="double-backward")
     V = random_block(op.dim, 10)
     HV = op.matvec(V)
     torch.testing.assert_close(HV, reference.matvec(V), rtol=0, atol=1e-12)
-    assert HV[:3].abs().max() == 0  # the Sequential's own parameter comes first in parameters()
+    assert not HV[:unused].any()  # the Sequential's own parameter comes first in parameters()

@@ -30,10 +30,7 @@ For the paper's MLP the 3072 x 512 input layer then appears in one forward produ
 b x b Gram matrix per batch, instead of the six parameter-sized products of a double-backward
 Hessian-vector product.
 
-Derivatives of the activations: relu' = [z > 0] and relu'' = 0 (as autograd differentiates
-relu); tanh' = 1 - t^2, tanh'' = -2 t (1 - t^2); with s the logistic sigmoid, silu' = s (1 + z (1 - s)),
-silu'' = s (1 - s) (2 + z (1 - 2 s)); with Phi and phi the normal cdf and density, gelu' = Phi + z phi,
-gelu'' = phi (2 - z^2). Losses: mse l = |f - y|^2 has dl/df = 2 (f - y) and d^2l/df^2 = 2 I;
+The activations' derivatives are listed in :mod:`utils.activations`. Losses: mse l = |f - y|^2 has dl/df = 2 (f - y) and d^2l/df^2 = 2 I;
 ce with p = softmax(f) has dl/df = p - e_y and d^2l/df^2 = diag(p) - p p^T.
 
 Every function here returns the same numbers as the double-backward path of :mod:`utils.measures`
@@ -42,9 +39,10 @@ applies the same stopping rule, so an estimate is reproduced by the exact path. 
 shapes (convolutions, BatchNorm, frozen parameters), other losses and soft ce targets are not
 chains in this sense (:func:`linear_network` returns None): the per-batch measurements then run
 one double backward per batch as the exact path does (:func:`utils.hvp.batch_quadratic_forms`,
-many batches per call) or, on a GPU and without BatchNorm, the same double backward for all the
-batches of a call at once under ``vmap`` (:func:`utils.hvp.vmapped_quadratic_forms`); see
-:func:`batch_route`. GNI is left to the exact path there. The chains have no mode-dependent
+many batches per call); on a GPU and without BatchNorm, the same double backward for all the
+batches of a call at once under ``vmap`` (:func:`utils.hvp.vmapped_quadratic_forms`); and for
+convolutional layer chains on the CPU, a primal pass and a second-order forward pass per batch
+(:func:`utils.hvp.chain_quadratic_forms`); see :func:`batch_route`. GNI is left to the exact path there. The chains have no mode-dependent
 layers, so train/eval mode matters only on that general route.
 """
 
@@ -56,14 +54,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.activations import activate, activation_name
 from utils.estimators import (Estimate, mean_with_stopping, ratio_of_means_with_stopping,
                               sample_batch_indices)
-from utils.hvp import (HessianOperator, batch_quadratic_forms, flat_grad, num_params, trainable_params,
-                       vmapped_quadratic_forms)
+from utils.hvp import (HessianOperator, batch_quadratic_forms, chain_quadratic_forms, flat_grad, num_params,
+                       trainable_params, vmapped_quadratic_forms)
 from utils.losses import ce_loss, mse_loss
 from utils.models import has_batchnorm
+from utils.r_operator import is_chain
 
-_ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.SiLU: "silu"}
 # Rows (samples x directions) processed at once: bounds the memory of the stacked tensors.
 _ROW_BUDGET = 1 << 14
 # Samples computed ahead of the stopping rule: at least this many rows per stacked pass.
@@ -87,12 +86,6 @@ class _Layer:
     activation: str | None  # applied after this layer; None for the output layer
 
 
-def _activation_name(module: nn.Module) -> str | None:
-    if isinstance(module, nn.GELU):
-        return "gelu" if module.approximate == "none" else None
-    return _ACTIVATIONS.get(type(module))
-
-
 def _layers_of(model: nn.Module) -> list[_Layer] | None:
     """The (Linear, activation) chain of a Sequential model, or None if it is not one."""
     if not isinstance(model, nn.Sequential):
@@ -112,7 +105,7 @@ def _layers_of(model: nn.Module) -> list[_Layer] | None:
             return None
         activation = None
         if i + 1 < len(modules):
-            activation = _activation_name(modules[i + 1])
+            activation = activation_name(modules[i + 1])
             if activation is None:
                 return None
         bias = None if linear.bias is None else linear.bias.detach()
@@ -149,24 +142,6 @@ def linear_network(model, loss_fn, X, Y) -> "LinearNetwork | None":
     if loss == "mse" and tuple(Y.shape[1:]) != (outputs,):
         return None
     return LinearNetwork(layers, loss)
-
-
-def _activate(name: str, z: torch.Tensor):
-    """(act(z), act'(z), act''(z) or None where it is zero)."""
-    if name == "relu":
-        return torch.relu(z), (z > 0).to(z.dtype), None
-    if name == "tanh":
-        t = torch.tanh(z)
-        d1 = 1 - t * t
-        return t, d1, -2 * t * d1
-    if name == "silu":
-        s = torch.sigmoid(z)
-        return z * s, s * (1 + z * (1 - s)), s * (1 - s) * (2 + z * (1 - 2 * s))
-    if name == "gelu":
-        cdf = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2))))
-        pdf = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
-        return z * cdf, cdf + z * pdf, pdf * (2 - z * z)
-    raise ValueError(f"no derivatives for activation {name!r}")
 
 
 def _plus(a, b):
@@ -226,7 +201,7 @@ class LinearNetwork:
                 z = z + layer.bias
             if layer.activation is None:
                 return inputs, derivatives, z
-            h, d1, d2 = _activate(layer.activation, z)
+            h, d1, d2 = activate(layer.activation, z)
             derivatives.append((d1, d2))
         raise AssertionError("the last layer has no activation")
 
@@ -489,7 +464,7 @@ def batch_terms(model, loss_fn, X, Y, idx: torch.Tensor, train_mode=True):
     return _batch_route(model, loss_fn, X, Y, idx.shape[1], train_mode).terms(idx)
 
 
-BATCH_ROUTES = ("stacked-gram", "vmap-double-backward", "double-backward")
+BATCH_ROUTES = ("stacked-gram", "vmap-double-backward", "r-operator", "double-backward")
 
 
 def batch_route(model, loss_fn, X, Y, *, device=None, exact: bool = False) -> str:
@@ -498,10 +473,13 @@ def batch_route(model, loss_fn, X, Y, *, device=None, exact: bool = False) -> st
     ``stacked-gram``: stacked Gram matrices, for Linear/activation chains (:func:`linear_network`).
     ``vmap-double-backward``: :func:`utils.hvp.vmapped_quadratic_forms`, all batches of a call
     at once, for other models without BatchNorm on a GPU, where one small batch is bound by
-    kernel launches (CNN, b = 8, H200: 7x the one-batch loop). ``double-backward``: one batch at
-    a time (:func:`utils.hvp.batch_quadratic_forms`), on the CPU, where the loop is as fast or
-    faster (CNN on 32x32 inputs: vmap takes twice as long), for BatchNorm, and for ``exact``.
-    ``device`` defaults to the parameters' device.
+    kernel launches (CNN, b = 8, H200: 7x the one-batch loop). ``r-operator``: on the CPU, for
+    other layer chains (:func:`utils.r_operator.is_chain`, the ``cnn`` model), one primal pass
+    per batch and g_B^T H_B g_B by forward differentiation (:func:`utils.hvp.chain_quadratic_forms`;
+    CNN on 32x32 inputs: 1.6x the loop, where vmap takes twice as long as the loop).
+    ``double-backward``: one batch at a time (:func:`utils.hvp.batch_quadratic_forms`), for
+    everything else (BatchNorm, ResNets on the CPU) and for ``exact``. ``device`` defaults to
+    the parameters' device.
     """
     if exact:
         return "double-backward"
@@ -511,6 +489,8 @@ def batch_route(model, loss_fn, X, Y, *, device=None, exact: bool = False) -> st
     device = torch.device(device) if device is not None else params[0].device
     if device.type == "cuda" and not has_batchnorm(model):
         return "vmap-double-backward"
+    if is_chain(model):
+        return "r-operator"
     return "double-backward"
 
 
@@ -539,6 +519,11 @@ def _batch_route(model, loss_fn, X, Y, batch_size, train_mode) -> _BatchRoute:
         def vmapped_terms(idx):
             return vmapped_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
         return _BatchRoute(vmapped_terms, per_call=per_call, min_block=min(per_call, _VMAP_MIN_AHEAD), ahead=True)
+
+    if route == "r-operator":
+        def chain_terms(idx):
+            return chain_quadratic_forms(model, loss_fn, X, Y, idx)
+        return _BatchRoute(chain_terms, per_call=_GRAPHS_PER_CALL, min_block=1, ahead=False)
 
     def double_backward_terms(idx):
         return batch_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
@@ -839,7 +824,7 @@ class _ExactCentredForms:
     def _block(self, idx: torch.Tensor) -> torch.Tensor:
         V = torch.stack([flat_grad(self.model, self.loss_fn, self.X[rows], self.Y[rows],
                                    train_mode=self.train_mode) - self.g for rows in idx], dim=1)
-        return (V * self.op.matvec(V)).sum(dim=0)
+        return self.op.quadratic_forms(V)
 
 
 def _centred_forms(model, loss_fn, X, Y, chunk_size, train_mode, exact):

@@ -9,7 +9,7 @@ On the whole training set the data are processed in chunks of ``chunk_size`` sam
 memory stays bounded: L = sum_c (n_c/n) L_c, grad L = sum_c (n_c/n) grad L_c and
 H = sum_c (n_c/n) H_c.
 
-Three exact modes compute the same H V (to round-off); the operator takes the fastest one for
+Four exact modes compute the same H V (to round-off); the operator takes the fastest one for
 the model and device unless told otherwise (:func:`default_hvp_mode`):
 
     double-backward          the graph of grad L is built once (create_graph) and every vector
@@ -20,25 +20,35 @@ the model and device unless told otherwise (:func:`default_hvp_mode`):
     forward-over-reverse     ``torch.func.jvp`` of ``torch.func.grad``: no retained graph, every
                              product one forward-mode pass over the gradient computation; a
                              block goes through ``vmap`` in groups of 8. Not for BatchNorm.
+    r-operator               Pearlmutter's R-operator on a cached primal forward and backward
+                             pass (:mod:`utils.r_operator`): each product is only the tangent
+                             half of forward-over-reverse. Layer chains only (Conv2d, Linear,
+                             activations, MaxPool2d, Flatten); one vector at a time on the CPU,
+                             groups of 8 through ``vmap`` on a GPU. ``quadratic_forms`` (v^T H v,
+                             for GNI and the Hessian trace) skips the backward half altogether.
 
 Cost of one full-batch product on a new vector, in full-batch gradients
 (``benchmarks/bench_measurements.py``; building the retained graph costs about one gradient
-once):
+once, the R-operator's primal pass 0.6-0.9):
 
     MLP 3072-512-512-10, n = 2048   CPU (2 cores)   double backward 1.2-1.3, batched 1.6-1.7 per
-                                                    vector, jvp(grad) 3.1-3.2
+                                                    vector, jvp(grad) 3.1-3.2, r-operator 1.2
                                     GPU (H200)      double backward 0.8-1.3, batched 0.37-0.68
-                                                    per vector, jvp(grad) 3.5-4.3
+                                                    per vector, jvp(grad) 3.5-4.3, r-operator
+                                                    2.2, its vmap blocks 0.46 per vector
     CNN (2.48 M), n = 512           CPU             double backward 2.0-2.7, batched 2.7-3.5,
-                                                    jvp(grad) 2.6-4.0, vmap blocks 3.0
+                                                    jvp(grad) 2.6-4.0, vmap blocks 3.0,
+                                                    r-operator 1.4-1.7
                                     GPU             double backward 3.3-4.5, batched 3.3-4.5,
                                                     jvp(grad) 2.7-3.5, vmap blocks 1.2-1.7 per
-                                                    vector
+                                                    vector, r-operator 1.71, its vmap blocks
+                                                    1.07 per vector
 
-hence double backward on the CPU, batched double backward for networks without convolutions on
-a GPU, and forward-over-reverse for convolutional networks without BatchNorm on a GPU.
-(``torch.func.linearize`` applies a product in 1.6 gradients on the GPU CNN but takes over 100
-gradients to trace, more than a whole lambda_max solve saves.)
+hence the R-operator for convolutional chains (the ``cnn`` model) on either device, double
+backward for other models on the CPU, batched double backward for networks without
+convolutions on a GPU, and forward-over-reverse for other convolutional networks without
+BatchNorm on a GPU. (``torch.func.linearize`` applies a product in 1.6-1.8 gradients on the GPU
+CNN but takes 130-150 gradients to trace, more than a whole lambda_max solve saves.)
 
 The train/eval mode is explicit because BatchNorm makes the loss (and its Hessian) depend on
 it; it is applied during the forward passes only, the previous mode of every submodule is
@@ -56,8 +66,9 @@ import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from utils.models import has_batchnorm
+from utils.r_operator import ChainCurvature, is_chain
 
-HVP_MODES = ("double-backward", "double-backward-batched", "forward-over-reverse")
+HVP_MODES = ("double-backward", "double-backward-batched", "forward-over-reverse", "r-operator")
 PLAIN_HVP_MODE = "double-backward"  # one backward per vector through the retained graph
 _VECTORS_PER_PASS = 8  # vectors per batched backward or vmap call: bounds the extra memory
 
@@ -65,12 +76,15 @@ _VECTORS_PER_PASS = 8  # vectors per batched backward or vmap call: bounds the e
 def default_hvp_mode(model: torch.nn.Module, device) -> str:
     """The fastest exact product mode measured for this kind of model on this device.
 
-    CPU: ``double-backward``. CUDA: ``forward-over-reverse`` for convolutional networks
-    without BatchNorm, ``double-backward-batched`` otherwise (see the module docstring).
+    ``r-operator`` for convolutional layer chains (:func:`utils.r_operator.is_chain`). Else on
+    the CPU ``double-backward``; on CUDA ``forward-over-reverse`` for convolutional networks
+    without BatchNorm and ``double-backward-batched`` otherwise (see the module docstring).
     """
+    convolutional = any(isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)) for m in model.modules())
+    if convolutional and is_chain(model):
+        return "r-operator"
     if torch.device(device).type != "cuda":
         return "double-backward"
-    convolutional = any(isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)) for m in model.modules())
     if convolutional and not has_batchnorm(model):
         return "forward-over-reverse"
     return "double-backward-batched"
@@ -210,6 +224,23 @@ def batch_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mode
     return torch.stack(quadratics).detach(), torch.stack(norms).detach()
 
 
+def chain_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor) -> tuple:
+    """The same (g_B^T H_B g_B, |g_B|^2) as :func:`batch_quadratic_forms`, for layer chains
+    (:func:`utils.r_operator.is_chain`): per batch one primal pass gives g_B, and g_B^T H_B g_B
+    is its second directional derivative by forward differentiation, with no double backward.
+    Chains have no mode-dependent layers, so there is no train/eval switch."""
+    params = trainable_params(model)
+    X = as_model_data(X, params[0].dtype, params[0].device)
+    Y = as_model_data(Y, params[0].dtype, params[0].device)
+    quadratics, norms = [], []
+    for rows in idx:
+        chain = ChainCurvature(model, loss_fn, X[rows], Y[rows])
+        gradient = chain.gradient()
+        quadratics.append(chain.quadratic_form(gradient))
+        norms.append(sum((g * g).sum() for g in gradient))
+    return torch.stack(quadratics).detach(), torch.stack(norms).detach()
+
+
 def vmapped_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mode=True) -> tuple:
     """The same (g_B^T H_B g_B, |g_B|^2) as :func:`batch_quadratic_forms`, all K batches at once.
 
@@ -285,8 +316,12 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(f"unknown HVP mode {self.mode!r}; choose one of {', '.join(HVP_MODES)}")
         if self.mode == "forward-over-reverse" and has_batchnorm(model):
             raise ValueError("forward-over-reverse products do not support BatchNorm; use double-backward")
+        if self.mode == "r-operator" and not is_chain(model):
+            raise ValueError("r-operator products take chains of Conv2d, Linear, activations, MaxPool2d and "
+                             "Flatten only; use double-backward")
         self._loss = None
         self._grad = None
+        self._chain = None
 
     def _build(self, start: int, stop: int):
         """(loss, its gradients with their graph kept for double backward) on X[start:stop]."""
@@ -352,13 +387,83 @@ class HessianOperator(CurvatureOperator):
                     out[:, j : j + block.shape[1]] = vmap(product)(dict(zip(names, pieces))).T
         return out
 
+    def _chain_of(self, start: int, stop: int) -> ChainCurvature:
+        """The R-operator's primal cache on X[start:stop] (kept when it covers all the data)."""
+        if self._chain is not None and (start, stop) == (0, self.n):
+            return self._chain
+        with model_mode(self.model, self.train_mode):
+            chain = ChainCurvature(self.model, self.loss_fn, self.X[start:stop], self.Y[start:stop])
+        if (start, stop) == (0, self.n):
+            self._chain = chain
+        return chain
+
+    def _r_operator(self, chain: ChainCurvature, V: torch.Tensor) -> torch.Tensor:
+        """Columns of H_c V: one at a time on the CPU, groups through ``vmap`` on a GPU."""
+        step = _VECTORS_PER_PASS if self.device.type == "cuda" else 1
+        out = torch.empty_like(V)
+        for j in range(0, V.shape[1], step):
+            block = V[:, j : j + step]
+            pieces = [p.movedim(-1, 0) for p in _split_block(block, self.params)]
+            if block.shape[1] == 1:
+                out[:, j] = flatten(chain.product([piece[0] for piece in pieces]))
+            else:
+                products = chain.products(pieces)
+                out[:, j : j + block.shape[1]] = torch.cat([h.reshape(block.shape[1], -1) for h in products], 1).T
+        return out
+
+    def _r_operator_forms(self, chain: ChainCurvature, V: torch.Tensor) -> torch.Tensor:
+        """v^T H_c v for the columns of V, grouped as in :meth:`_r_operator`."""
+        step = _VECTORS_PER_PASS if self.device.type == "cuda" else 1
+        forms = []
+        for j in range(0, V.shape[1], step):
+            pieces = [p.movedim(-1, 0) for p in _split_block(V[:, j : j + step], self.params)]
+            if pieces[0].shape[0] == 1:
+                forms.append(chain.quadratic_form([piece[0] for piece in pieces]).reshape(1))
+            else:
+                forms.append(chain.quadratic_forms(pieces))
+        return torch.cat(forms) if forms else V.new_zeros(0)
+
+    def _through_chains(self, per_chain, shape) -> torch.Tensor:
+        """sum_c (n_c/n) per_chain(chain of chunk c), over the R-operator's primal caches."""
+        result = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # The chunks' primal passes give the gradient too: the first pass keeps it for gradient()/loss().
+        with_gradient = self._grad is None
+        loss, grad = 0.0, torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        for start, stop in chunks(self.n, self.chunk_size):
+            chain = self._chain_of(start, stop)
+            weight = (stop - start) / self.n
+            result += weight * per_chain(chain)
+            if with_gradient:
+                loss += weight * chain.loss.item()
+                grad += weight * flatten(chain.gradient())
+        if with_gradient:
+            self._loss, self._grad = loss, grad
+        return result
+
+    def quadratic_forms(self, V: torch.Tensor) -> torch.Tensor:
+        """v^T H v for every column v of V (P, m), shape (m,); ``hvps`` counts m.
+
+        The R-operator mode takes each as a second directional derivative by forward
+        differentiation (two thirds of a product's work); other modes from :meth:`matvec`.
+        """
+        if V.dim() != 2 or V.shape[0] != self.dim:
+            raise ValueError(f"expected a block (P, m) with P={self.dim}, got shape {tuple(V.shape)}")
+        if self.mode != "r-operator":
+            return (V * self.matvec(V)).sum(dim=0)
+        block = V.to(device=self.device, dtype=self.dtype)
+        forms = self._through_chains(lambda chain: self._r_operator_forms(chain, block), (block.shape[1],))
+        self.hvps += block.shape[1]
+        return forms
+
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
         """H V for V of shape (P,) or (P, m)."""
         if V.shape[0] != self.dim or V.dim() not in (1, 2):
             raise ValueError(f"expected a vector (P,) or block (P, m) with P={self.dim}, "
                              f"got shape {tuple(V.shape)}")
         block = V.reshape(self.dim, -1).to(device=self.device, dtype=self.dtype)
-        if self.mode == "forward-over-reverse":
+        if self.mode == "r-operator":
+            result = self._through_chains(lambda chain: self._r_operator(chain, block), block.shape)
+        elif self.mode == "forward-over-reverse":
             result = torch.zeros_like(block)
             for start, stop in chunks(self.n, self.chunk_size):
                 result += (stop - start) / self.n * self._forward_over_reverse(start, stop, block)
@@ -385,7 +490,9 @@ class HessianOperator(CurvatureOperator):
     def _ensure_loss_and_grad(self):
         if self._grad is not None:
             return
-        if self.chunk_size is None and self.mode != "forward-over-reverse":
+        if self.mode == "r-operator":
+            self._through_chains(lambda chain: 0.0, ())
+        elif self.chunk_size is None and self.mode != "forward-over-reverse":
             loss, grads = self._full_graph()
             self._loss, self._grad = loss.item(), flatten(grads).detach()
         else:
@@ -406,7 +513,7 @@ class HessianOperator(CurvatureOperator):
         products themselves. The results stay on the device (no synchronisation), so many
         batches can be stacked before they are read.
         """
-        if self.chunk_size is not None:
+        if self.chunk_size is not None or self.mode == "r-operator":
             g = self.gradient()
             return g @ self.matvec(g), g @ g
         _, grads = self._full_graph()

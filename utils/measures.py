@@ -180,7 +180,7 @@ def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_sam
         G = torch.stack([flat_grad(model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
                          for idx in (sample_batch_indices(n, batch_size, generator, X.device)
                                      for _ in range(m))], dim=1)
-        return (G * op.matvec(G)).sum(dim=0)
+        return op.quadratic_forms(G)
 
     # SE / |mean| does not depend on the constant |g|^2, so the stopping rule runs on the
     # numerator samples; the first chunked pass also yields g without an extra pass.
@@ -294,7 +294,7 @@ def hessian_trace(model, loss_fn, X, Y, *, generator, chunk_size=None, min_sampl
     def sample(m):
         Z = torch.stack([rademacher_probe(op.dim, generator, op.dtype, op.device) for _ in range(m)],
                         dim=1)
-        return (Z * op.matvec(Z)).sum(dim=0)
+        return op.quadratic_forms(Z)
 
     estimate = mean_with_stopping(sample, min_samples=min_samples, max_samples=max_samples,
                                   rel_se=rel_se, block_size=block_size)
