@@ -96,3 +96,31 @@ def test_other_layers_are_not_chains():
         assert not is_chain(model)
     with pytest.raises(ValueError, match="chains"):
         ChainCurvature(rejected[0], LOSSES["mse"], torch.zeros(1, 2, 9, 9), torch.zeros(1, 3))
+
+
+def test_products_match_the_dense_hessian_of_unusual_chains():
+    X, Y = data(5, "mse", (4, 9, 9))
+    torch.manual_seed(4)
+    # Grouped convolutions, overlapping padded pooling, in-place activations (one right after the
+    # first layer, whose output is where theta enters) and a chain that ends in an activation.
+    check_against_dense(nn.Sequential(
+        nn.Conv2d(4, 4, 3, stride=2, padding=2, dilation=2, groups=2), nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, stride=2, padding=1), nn.Conv2d(4, 2, (2, 1), stride=(1, 2)), nn.SiLU(inplace=True),
+        nn.Flatten(), nn.Linear(8, 3), nn.Tanh()).double(), "mse", X, Y)
+    # Linear layers on 3-d inputs and max pooling of each sample's (rows, columns).
+    X3 = torch.randn(5, 4, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    check_against_dense(nn.Sequential(nn.Linear(6, 6), nn.GELU(), nn.MaxPool2d(2), nn.Flatten(),
+                                      nn.Linear(6, 3)).double(), "ce", X3, data(5, "ce", (1,))[1])
+
+
+def test_the_cache_is_a_snapshot_at_theta():
+    model, loss_fn = small_cnn(nn.Tanh), LOSSES["mse"]
+    X, Y = data(4, "mse", (2, 9, 9))
+    V = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(7),
+                    dtype=torch.float64)
+    want = dense_hessian(model, loss_fn, X, Y) @ V
+    chain = ChainCurvature(model, loss_fn, X, Y)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    torch.testing.assert_close(flatten(chain.product(split(V, list(model.parameters())))), want, rtol=0, atol=1e-12)

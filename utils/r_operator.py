@@ -58,7 +58,8 @@ class _Layer:
 
     def __init__(self, module, inputs, first: bool):
         self.module, self.inputs, self.first = module, inputs, first
-        self.weight = module.weight.detach()
+        # A copy: the cache is a snapshot at theta even if the parameters change in place later.
+        self.weight = module.weight.detach().clone()
         self.has_bias = module.bias is not None
         self.delta = None
 
@@ -101,12 +102,12 @@ class _MaxPool:
         self.indices, self.input_shape = indices, input_shape
 
     def forward(self, h):
-        return h.flatten(2).gather(2, self.indices.flatten(2)).view(self.indices.shape)
+        return h.flatten(-2).gather(-1, self.indices.flatten(-2)).view(self.indices.shape)
 
     def backward(self, error):
-        n, c, rows, cols = self.input_shape
-        zeros = torch.zeros(n, c, rows * cols, dtype=error.dtype, device=error.device)
-        return zeros.scatter_add(2, self.indices.flatten(2), error.flatten(2)).view(self.input_shape)
+        *leading, rows, cols = self.input_shape
+        zeros = torch.zeros(*leading, rows * cols, dtype=error.dtype, device=error.device)
+        return zeros.scatter_add(-1, self.indices.flatten(-2), error.flatten(-2)).view(self.input_shape)
 
 
 class _Reshape:
@@ -152,7 +153,8 @@ class ChainCurvature:
                     with torch.no_grad():
                         _, d1, d2 = activate(activation_name(module), h)
                     step = _Activation(d1, d2)
-                    h = module(h)
+                    # Out of place: an in-place activation would overwrite z, whose dL/dz is kept.
+                    h = module(h.clone()) if getattr(module, "inplace", False) else module(h)
                     self.steps.append(step)
                     if d2 is not None and h.requires_grad:
                         wanted.append(h)
