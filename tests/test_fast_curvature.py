@@ -332,6 +332,13 @@ def test_exact_measurements_use_plain_double_backward_for_every_hessian_product(
     model, (X, Y) = tiny_mlp(), tiny_data(12, "mse")
     with pytest.raises(AssertionError, match="fast"):
         measures.lambda_max(model, LOSSES["mse"], X, Y)
+    cnn, (images, labels) = tiny_cnn(), image_data(10, "ce")  # the default mode would be the R-operator
+    limits = {"min_samples": 5, "max_samples": 10}
+    with pytest.raises(AssertionError, match="fast"):
+        fast_curvature.gni_by_batch_size(cnn, LOSSES["ce"], images, labels, [3], generator=measurement_generator(0, 0),
+                                         **limits)
+    fast_curvature.gni_by_batch_size(cnn, LOSSES["ce"], images, labels, [3], generator=measurement_generator(0, 0),
+                                     exact=True, **limits)
     common = ["--width", "16", "--num-data", "120", "--batch", "8", "--steps", "11", "--quiet", "--measure-every", "5",
               "--exact-measurements"]
     runs = {"sgd": ["--lambdamax", "--batch-lambdamax", "--hessian-trace", "--gni", "--batch-sharpness", "--final"],

@@ -57,8 +57,8 @@ from torch import nn
 from utils.activations import activate, activation_name
 from utils.estimators import (Estimate, mean_with_stopping, ratio_of_means_with_stopping,
                               sample_batch_indices)
-from utils.hvp import (HessianOperator, batch_quadratic_forms, chain_quadratic_forms, flat_grad, num_params,
-                       trainable_params, vmapped_quadratic_forms)
+from utils.hvp import (PLAIN_HVP_MODE, HessianOperator, batch_quadratic_forms, chain_quadratic_forms, flat_grad,
+                       num_params, trainable_params, vmapped_quadratic_forms)
 from utils.losses import ce_loss, mse_loss
 from utils.models import has_batchnorm
 from utils.r_operator import is_chain
@@ -722,8 +722,9 @@ def gni_decomposition(model, loss_fn, X, Y, *, generator, sample_batch: int,
     Random batches of ``sample_batch`` points (1 <= sample_batch < n) are drawn from
     ``generator`` until GNI at ``target_batch`` (default ``sample_batch``) has SE / |GNI| <
     ``rel_se`` (at least ``min_samples``, at most ``max_samples`` batches). Networks of Linear
-    layers and element-wise activations use stacked Gram products, others (or ``exact``) exact
-    double-backward Hessian-vector products on the whole data, chunked by ``chunk_size``.
+    layers and element-wise activations use stacked Gram products, others exact Hessian-vector
+    products on the whole data in the model's default mode (``exact``: plain double backward),
+    chunked by ``chunk_size``.
     """
     start = time.perf_counter()
     n = X.shape[0]
@@ -806,13 +807,14 @@ class _FastCentredForms:
 
 
 class _ExactCentredForms:
-    """The same quantities by double-backward Hessian-vector products (any model)."""
+    """The same quantities by full-batch Hessian-vector products (any model) in ``mode``
+    (None: :func:`utils.hvp.default_hvp_mode`)."""
 
-    def __init__(self, model, loss_fn, X, Y, chunk_size, train_mode):
+    def __init__(self, model, loss_fn, X, Y, chunk_size, train_mode, mode):
         self.model, self.loss_fn, self.X, self.Y = model, loss_fn, X, Y
         self.train_mode = train_mode
         self.op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size,
-                                  train_mode=train_mode)
+                                  train_mode=train_mode, mode=mode)
         self.g = self.op.gradient()
         self.norm2 = (self.g @ self.g).item()
         self.gHg = (self.g @ self.op.matvec(self.g)).item()
@@ -830,5 +832,5 @@ class _ExactCentredForms:
 def _centred_forms(model, loss_fn, X, Y, chunk_size, train_mode, exact):
     net = None if exact else linear_network(model, loss_fn, X, Y)
     if net is None:
-        return _ExactCentredForms(model, loss_fn, X, Y, chunk_size, train_mode)
+        return _ExactCentredForms(model, loss_fn, X, Y, chunk_size, train_mode, PLAIN_HVP_MODE if exact else None)
     return _FastCentredForms(net, model, loss_fn, X, Y, chunk_size)
