@@ -45,9 +45,9 @@ from utils.eigs import power_iteration  # noqa: E402
 from utils.estimators import mean_with_stopping, measurement_generator, sample_batch_indices  # noqa: E402
 from utils.fast_curvature import batch_route, gni_by_batch_size, linear_network  # noqa: E402
 from utils.hvp import default_hvp_mode  # noqa: E402
-from utils.r_operator import ChainCurvature, is_chain  # noqa: E402
 from utils.losses import mse_loss  # noqa: E402
 from utils.models import build_model  # noqa: E402
+from utils.r_operator import ChainCurvature, is_chain  # noqa: E402
 
 SECTIONS = ("gradient", "hvp", "lambda_max", "batch_sharpness", "gni", "gni_all_b", "large", "sanity")
 GNI_FIXED_SAMPLES = 500  # the fixed sample count of a GNI estimate without a stopping rule

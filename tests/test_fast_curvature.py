@@ -163,6 +163,8 @@ def test_vmapped_route_reproduces_the_exact_estimates(monkeypatch):
     assert fast_curvature.batch_route(model, loss_fn, X, Y, device="cuda:0") == "vmap-double-backward"
     assert fast_curvature.batch_route(tiny_mlp(batchnorm=True), LOSSES["mse"], mlp_X, mlp_Y,
                                       device="cuda") == "double-backward"
+    with_dropout = nn.Sequential(nn.Conv2d(2, 3, 2), nn.Dropout(0.1), nn.Flatten(), nn.Linear(12, 3)).double()
+    assert fast_curvature.batch_route(with_dropout, loss_fn, X, Y, device="cuda") == "double-backward"
     monkeypatch.setattr(fast_curvature, "batch_route", lambda *args, **kwargs: "vmap-double-backward")
     limits = {"min_samples": 10, "max_samples": 60, "rel_se": 0.01}
     for fast, exact in [(fast_curvature.batch_sharpness, measures.batch_sharpness),

@@ -428,16 +428,17 @@ class HessianOperator(CurvatureOperator):
         result = torch.zeros(shape, dtype=self.dtype, device=self.device)
         # The chunks' primal passes give the gradient too: the first pass keeps it for gradient()/loss().
         with_gradient = self._grad is None
-        loss, grad = 0.0, torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        loss = torch.zeros((), dtype=self.dtype, device=self.device)
+        grad = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         for start, stop in chunks(self.n, self.chunk_size):
             chain = self._chain_of(start, stop)
             weight = (stop - start) / self.n
             result += weight * per_chain(chain)
             if with_gradient:
-                loss += weight * chain.loss.item()
+                loss += weight * chain.loss
                 grad += weight * flatten(chain.gradient())
         if with_gradient:
-            self._loss, self._grad = loss, grad
+            self._loss, self._grad = loss.item(), grad
         return result
 
     def quadratic_forms(self, V: torch.Tensor) -> torch.Tensor:
@@ -513,7 +514,10 @@ class HessianOperator(CurvatureOperator):
         products themselves. The results stay on the device (no synchronisation), so many
         batches can be stacked before they are read.
         """
-        if self.chunk_size is not None or self.mode == "r-operator":
+        if self.mode == "r-operator":
+            g = self.gradient()
+            return self.quadratic_forms(g[:, None])[0], g @ g
+        if self.chunk_size is not None:
             g = self.gradient()
             return g @ self.matvec(g), g @ g
         _, grads = self._full_graph()
