@@ -36,13 +36,13 @@ once, the R-operator's primal pass 0.6-0.9):
                                     GPU (H200)      double backward 0.8-1.3, batched 0.37-0.68
                                                     per vector, jvp(grad) 3.5-4.3, r-operator
                                                     2.2, its vmap blocks 0.46 per vector
-    CNN (2.48 M), n = 512           CPU             double backward 2.0-2.7, batched 2.7-3.5,
+    CNN (2.48 M), n = 512           CPU             double backward 1.5-2.7, batched 2.1-3.5,
                                                     jvp(grad) 2.6-4.0, vmap blocks 3.0,
                                                     r-operator 1.4-1.7
                                     GPU             double backward 3.3-4.5, batched 3.3-4.5,
                                                     jvp(grad) 2.7-3.5, vmap blocks 1.2-1.7 per
-                                                    vector, r-operator 1.71, its vmap blocks
-                                                    1.07 per vector
+                                                    vector, r-operator 1.71-1.74, its vmap blocks
+                                                    1.02-1.07 per vector
 
 hence the R-operator for convolutional chains (the ``cnn`` model) on either device, double
 backward for other models on the CPU, batched double backward for networks without
