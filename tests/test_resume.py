@@ -267,3 +267,24 @@ def test_resume_keeps_the_cadences_recorded_when_the_run_started(results_env, mo
     assert list(later.dropna(subset=["lambda_max"])["step"]) == [14, 21, 28, 35]
     assert list(later.dropna(subset=["full_loss"])["step"]) == [15, 20, 25, 30, 35]
     assert [s for s, _ in list_checkpoints(run_dir) if s > 12] == [18, 27, 36, 40]
+
+
+def test_resume_notes_when_the_hessian_products_changed(results_env, monkeypatch, capsys):
+    run_dir = results_env / "modes"
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 11)
+        assert training.main([*BASE, "--lambdamax", "--run-dir", str(run_dir)]) == 130
+    capsys.readouterr()
+    record = json.loads((run_dir / "config.json").read_text())
+    record["resolved"]["hvp_mode"] = "double-backward-batched"  # as if started on a GPU
+    (run_dir / "config.json").write_text(json.dumps(record))
+    assert training.main(["--resume", str(run_dir), "--quiet"]) == 0
+    assert "note: the run started with other Hessian products (hvp_mode double-backward-batched -> " \
+           "double-backward)" in capsys.readouterr().err
+    fresh = results_env / "same"
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 11)
+        assert training.main([*BASE, "--lambdamax", "--run-dir", str(fresh)]) == 130
+    capsys.readouterr()
+    assert training.main(["--resume", str(fresh), "--quiet"]) == 0
+    assert "note:" not in capsys.readouterr().err

@@ -345,6 +345,7 @@ def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None =
         raise UserError(f"{run_dir} has no results.txt; the run folder is damaged, start the run again")
     step, path = _pick_checkpoint(run_dir, resume_step, at_or_before=False)
     setup = build(cfg)
+    note_changed_products(record, setup)
     monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
                       setup.optimizer)
     cadences = recorded_cadences(record, monitor)
@@ -364,6 +365,21 @@ def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None =
         raise UserError(f"cannot write into {run_dir} ({exc.strerror}); resume needs a writable run folder")
     return run_dir, _finish(run_dir, setup, monitor, writer, start_step=step, elapsed_before=state.get("wall_time", 0.0),
                             cadences=cadences)
+
+
+def note_changed_products(record: dict, setup: Setup) -> None:
+    """Say on stderr when a resumed run multiplies by the Hessian another way than it started
+    (another device, or a code update that chose a faster mode): its measurements then agree
+    with the first part to round-off, not bit for bit."""
+    resolved = record.get("resolved", {})
+    now = {"hvp_mode": measurement_hvp_mode(setup.model, setup.device, exact=setup.cfg.exact_measurements),
+           "batch_route": batch_route(setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
+                                      device=setup.device, exact=setup.cfg.exact_measurements)}
+    changed = [f"{key} {resolved[key]} -> {value}" for key, value in now.items()
+               if resolved.get(key) not in (None, value)]
+    if changed:
+        print(f"note: the run started with other Hessian products ({', '.join(changed)}); measurements from here "
+              "on agree with the earlier ones to round-off, not bit for bit", file=sys.stderr)
 
 
 def recorded_cadences(record: dict, monitor: Monitor) -> dict:
