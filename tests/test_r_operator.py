@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -7,6 +11,7 @@ from utils.hvp import flatten, split
 from utils.models import build_model
 from utils.r_operator import ChainCurvature, is_chain
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.SiLU, nn.GELU]
 
 
@@ -124,3 +129,16 @@ def test_the_cache_is_a_snapshot_at_theta():
         for p in model.parameters():
             p.mul_(1.5)
     torch.testing.assert_close(flatten(chain.product(split(V, list(model.parameters())))), want, rtol=0, atol=1e-12)
+
+
+def test_no_torch_deprecation_warning_reaches_the_user():
+    """torch's forward-mode decompositions warn about torch.jit.script when a process first
+    loads them; a fresh process with that warning made an error must still measure."""
+    code = ("import torch; from utils.models import build_model; from utils.losses import mse_loss; "
+            "from utils.r_operator import ChainCurvature; m = build_model('cnn', (1, 12, 12), 2, width=4); "
+            "c = ChainCurvature(m, mse_loss, torch.randn(3, 1, 12, 12), torch.randn(3, 2)); "
+            "print(float(c.quadratic_form([torch.ones_like(p) for p in m.parameters()])))")
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) > 0

@@ -63,10 +63,10 @@ retained graph after the parameters are modified in place.
 from contextlib import contextmanager
 
 import torch
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, vjp, vmap
 
 from utils.models import has_batchnorm
-from utils.r_operator import ChainCurvature, is_chain
+from utils.r_operator import ChainCurvature, is_chain, quiet_jvp
 
 HVP_MODES = ("double-backward", "double-backward-batched", "forward-over-reverse", "r-operator")
 PLAIN_HVP_MODE = "double-backward"  # one backward per vector through the retained graph
@@ -374,7 +374,7 @@ class HessianOperator(CurvatureOperator):
             return self.loss_fn(functional_call(self.model, values, (X,)), Y)
 
         def product(tangents):
-            return flatten(jvp(grad(loss_of), (primals,), (tangents,))[1].values())
+            return flatten(quiet_jvp(grad(loss_of), (primals,), (tangents,))[1].values())
 
         out = torch.empty_like(V)
         with model_mode(self.model, self.train_mode):

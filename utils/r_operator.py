@@ -23,12 +23,22 @@ and backward are paid once per operator, and the first layer, whose input is dat
 its terms. The same cache gives L and grad L (delta_l (x) h_{l-1}) without another pass.
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, jvp, vmap
 
 from utils.activations import activate, activation_name
+
+
+def quiet_jvp(fn, primals, tangents):
+    """``torch.func.jvp``, without the FutureWarning about ``torch.jit.script`` that torch's own
+    forward-mode decompositions raise when the first one in a process loads them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+        return jvp(fn, primals, tangents)
 
 
 def is_chain(model: nn.Module) -> bool:
@@ -182,7 +192,7 @@ class ChainCurvature:
 
     def _output_curvature(self, tangent):
         """(d^2 L / df^2) tangent at the cached output."""
-        return jvp(grad(lambda f: self.loss_fn(f, self.Y)), (self.output,), (tangent,))[1]
+        return quiet_jvp(grad(lambda f: self.loss_fn(f, self.Y)), (self.output,), (tangent,))[1]
 
     def product(self, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
         """H V, for V and the result given per parameter."""
