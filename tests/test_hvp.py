@@ -192,6 +192,16 @@ def test_gradient_quadratic_form_matches_dense(chunk_size):
     assert all(p.grad is None for p in model.parameters())
 
 
+def assert_dense_per_batch(model, loss_fn, X, Y, idx, quadratics, norms, train_mode=True):
+    """(g_B^T H_B g_B, |g_B|^2) of each index row of ``idx`` equal the dense float64 values."""
+    assert quadratics.shape == norms.shape == (idx.shape[0],)
+    for rows, quadratic, norm2 in zip(idx, quadratics, norms):
+        g = dense_gradient(model, loss_fn, X[rows], Y[rows], train_mode)
+        H = dense_hessian(model, loss_fn, X[rows], Y[rows], train_mode)
+        assert quadratic.item() == pytest.approx((g @ H @ g).item(), rel=1e-12)
+        assert norm2.item() == pytest.approx((g @ g).item(), rel=1e-12)
+
+
 @pytest.mark.parametrize("batchnorm, train_mode", [(False, True), (True, True), (True, False)])
 def test_batch_quadratic_forms_match_dense_per_batch(batchnorm, train_mode):
     model, (X, Y) = tiny_mlp(batchnorm=batchnorm), tiny_data(N, "ce")
@@ -200,12 +210,7 @@ def test_batch_quadratic_forms_match_dense_per_batch(batchnorm, train_mode):
     buffers = [b.clone() for b in model.buffers()]
     idx = torch.tensor([[0, 3, 5], [1, 2, 9], [4, 6, 8], [7, 0, 2]])
     quadratics, norms = batch_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
-    assert quadratics.shape == norms.shape == (4,)
-    for rows, quadratic, norm2 in zip(idx, quadratics, norms):
-        g = dense_gradient(model, loss_fn, X[rows], Y[rows], train_mode)
-        H = dense_hessian(model, loss_fn, X[rows], Y[rows], train_mode)
-        assert quadratic.item() == pytest.approx((g @ H @ g).item(), rel=1e-12)
-        assert norm2.item() == pytest.approx((g @ g).item(), rel=1e-12)
+    assert_dense_per_batch(model, loss_fn, X, Y, idx, quadratics, norms, train_mode)
     assert model.training == (not train_mode)
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
     assert all(p.grad is None for p in model.parameters())
@@ -222,12 +227,7 @@ def test_vmapped_quadratic_forms_match_dense_per_batch(loss_name, train_mode):
     model.train(not train_mode)  # the requested mode wins and the model's own flag comes back
     idx = torch.tensor([[0, 3, 5], [1, 2, 9], [4, 6, 8], [7, 0, 2], [5, 5, 1]])
     quadratics, norms = vmapped_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
-    assert quadratics.shape == norms.shape == (5,)
-    for rows, quadratic, norm2 in zip(idx, quadratics, norms):
-        g = dense_gradient(model, loss_fn, X[rows], Y[rows], train_mode)
-        H = dense_hessian(model, loss_fn, X[rows], Y[rows], train_mode)
-        assert quadratic.item() == pytest.approx((g @ H @ g).item(), rel=1e-12)
-        assert norm2.item() == pytest.approx((g @ g).item(), rel=1e-12)
+    assert_dense_per_batch(model, loss_fn, X, Y, idx, quadratics, norms, train_mode)
     assert model.training == (not train_mode)
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="BatchNorm"):
@@ -242,12 +242,7 @@ def test_chain_quadratic_forms_match_dense_per_batch(loss_name):
     model, loss_fn = tiny_cnn(), LOSSES[loss_name]
     idx = torch.tensor([[0, 3, 5], [1, 2, 9], [4, 6, 8], [5, 5, 1]])
     quadratics, norms = chain_quadratic_forms(model, loss_fn, X, Y, idx)
-    assert quadratics.shape == norms.shape == (4,)
-    for rows, quadratic, norm2 in zip(idx, quadratics, norms):
-        g = dense_gradient(model, loss_fn, X[rows], Y[rows])
-        H = dense_hessian(model, loss_fn, X[rows], Y[rows])
-        assert quadratic.item() == pytest.approx((g @ H @ g).item(), rel=1e-12)
-        assert norm2.item() == pytest.approx((g @ g).item(), rel=1e-12)
+    assert_dense_per_batch(model, loss_fn, X, Y, idx, quadratics, norms)
     assert all(p.grad is None for p in model.parameters())
 
 
