@@ -30,8 +30,9 @@ For the paper's MLP the 3072 x 512 input layer then appears in one forward produ
 b x b Gram matrix per batch, instead of the six parameter-sized products of a double-backward
 Hessian-vector product.
 
-The activations' derivatives are listed in :mod:`utils.activations`. Losses: mse l = |f - y|^2 has dl/df = 2 (f - y) and d^2l/df^2 = 2 I;
-ce with p = softmax(f) has dl/df = p - e_y and d^2l/df^2 = diag(p) - p p^T.
+The activations' derivatives are listed in :mod:`utils.activations`. Losses: mse
+l = |f - y|^2 has dl/df = 2 (f - y) and d^2l/df^2 = 2 I; ce with p = softmax(f) has
+dl/df = p - e_y and d^2l/df^2 = diag(p) - p p^T.
 
 Every function here returns the same numbers as the double-backward path of :mod:`utils.measures`
 to round-off, draws the same random batches from the same generator in the same order and
@@ -42,8 +43,9 @@ one double backward per batch as the exact path does (:func:`utils.hvp.batch_qua
 many batches per call); on a GPU and without BatchNorm, the same double backward for all the
 batches of a call at once under ``vmap`` (:func:`utils.hvp.vmapped_quadratic_forms`); and for
 convolutional layer chains on the CPU, a primal pass and a second-order forward pass per batch
-(:func:`utils.hvp.chain_quadratic_forms`); see :func:`batch_route`. GNI is left to the exact path there. The chains have no mode-dependent
-layers, so train/eval mode matters only on that general route.
+(:func:`utils.hvp.chain_quadratic_forms`); see :func:`batch_route`. GNI is left to the exact
+path there. The chains have no mode-dependent layers, so train/eval mode matters only on that
+general route.
 """
 
 import math

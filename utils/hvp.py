@@ -397,30 +397,29 @@ class HessianOperator(CurvatureOperator):
             self._chain = chain
         return chain
 
-    def _r_operator(self, chain: ChainCurvature, V: torch.Tensor) -> torch.Tensor:
-        """Columns of H_c V: one at a time on the CPU, groups through ``vmap`` on a GPU."""
+    def _column_groups(self, V: torch.Tensor):
+        """(first column, per-parameter tangents stacked along a first axis) for the R-operator:
+        one column at a time on the CPU, groups of 8 (through ``vmap``) on a GPU."""
         step = _VECTORS_PER_PASS if self.device.type == "cuda" else 1
-        out = torch.empty_like(V)
         for j in range(0, V.shape[1], step):
-            block = V[:, j : j + step]
-            pieces = [p.movedim(-1, 0) for p in _split_block(block, self.params)]
-            if block.shape[1] == 1:
+            yield j, [p.movedim(-1, 0) for p in _split_block(V[:, j : j + step], self.params)]
+
+    def _r_operator(self, chain: ChainCurvature, V: torch.Tensor) -> torch.Tensor:
+        """Columns of H_c V."""
+        out = torch.empty_like(V)
+        for j, pieces in self._column_groups(V):
+            width = pieces[0].shape[0]
+            if width == 1:
                 out[:, j] = flatten(chain.product([piece[0] for piece in pieces]))
             else:
                 products = chain.products(pieces)
-                out[:, j : j + block.shape[1]] = torch.cat([h.reshape(block.shape[1], -1) for h in products], 1).T
+                out[:, j : j + width] = torch.cat([h.reshape(width, -1) for h in products], 1).T
         return out
 
     def _r_operator_forms(self, chain: ChainCurvature, V: torch.Tensor) -> torch.Tensor:
-        """v^T H_c v for the columns of V, grouped as in :meth:`_r_operator`."""
-        step = _VECTORS_PER_PASS if self.device.type == "cuda" else 1
-        forms = []
-        for j in range(0, V.shape[1], step):
-            pieces = [p.movedim(-1, 0) for p in _split_block(V[:, j : j + step], self.params)]
-            if pieces[0].shape[0] == 1:
-                forms.append(chain.quadratic_form([piece[0] for piece in pieces]).reshape(1))
-            else:
-                forms.append(chain.quadratic_forms(pieces))
+        """v^T H_c v for the columns of V."""
+        forms = [chain.quadratic_form([piece[0] for piece in pieces]).reshape(1) if pieces[0].shape[0] == 1
+                 else chain.quadratic_forms(pieces) for _, pieces in self._column_groups(V)]
         return torch.cat(forms) if forms else V.new_zeros(0)
 
     def _through_chains(self, per_chain, shape) -> torch.Tensor:
