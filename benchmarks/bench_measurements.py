@@ -14,7 +14,9 @@ gradient with ``create_graph=True`` and one double-backward Hessian-vector produ
 quantities the same way on the whole data (one graph, one double backward per vector). It draws
 the same batches from the same generator and applies the same stopping rule as ours, so values
 and standard errors agree and only the time differs. Baselines that would take minutes per
-repeat are timed on a few samples and scaled (marked ``scaled``).
+repeat are timed on a few samples and scaled (marked ``scaled``). lambda_max is also solved by
+LOBPCG with the cost profile of the paper's code (:func:`paper_lobpcg`), cold, warm-started
+and along training, on the same HVPs as the baseline.
 
 Also: full-batch lambda_max of the MLP on ``--large-n`` samples with chunked products in a
 fresh process (peak resident memory, or peak CUDA memory), and the 1000-step sanity run
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -51,6 +54,7 @@ from utils.r_operator import ChainCurvature, is_chain  # noqa: E402
 
 SECTIONS = ("gradient", "hvp", "lambda_max", "batch_sharpness", "gni", "gni_all_b", "large", "sanity")
 GNI_FIXED_SAMPLES = 500  # the fixed sample count of a GNI estimate without a stopping rule
+PAPER_RELTOL = 0.005  # the relative tolerance of the paper code's lambda_max solves
 
 
 # --- setup and timing ------------------------------------------------------------------------
@@ -159,8 +163,8 @@ def plain_gni_samples(model, X, Y, b, generator, count):
     return values
 
 
-def plain_lambda_max(model, X, Y, tol, max_hvps, generator):
-    """Power iteration on the plain HVP, stopped on the same residual rule as ours."""
+def plain_operator(model, X, Y):
+    """(matvec, dim) of the full-batch Hessian by plain double backward through one graph."""
     grads = plain_graph(model, X, Y)
     params = params_of(model)
     shapes = [p.shape for p in params]
@@ -173,9 +177,64 @@ def plain_lambda_max(model, X, Y, tol, max_hvps, generator):
             columns.append(torch.cat([h.reshape(-1) for h in plain_hvp(model, grads, pieces)]))
         return torch.stack(columns, dim=1)
 
-    p = params[0]
-    return power_iteration(matvec, sum(sizes), tol=tol, max_iter=max_hvps, generator=generator,
+    return matvec, sum(sizes)
+
+
+def plain_lambda_max(model, X, Y, tol, max_hvps, generator):
+    """Power iteration on the plain HVP, stopped on the same residual rule as ours."""
+    matvec, dim = plain_operator(model, X, Y)
+    p = params_of(model)[0]
+    return power_iteration(matvec, dim, tol=tol, max_iter=max_hvps, generator=generator,
                            dtype=p.dtype, device=p.device)
+
+
+def paper_lobpcg(matvec, dim, *, init=None, generator=None, reltol=PAPER_RELTOL, max_iter=100,
+                 dtype=torch.float32, device="cpu"):
+    """lambda_max by single-vector LOBPCG with the cost profile of the paper's code.
+
+    As that code runs it for lambda_max (k = 1): the start x (the cached eigenvector, or a
+    Gaussian vector) costs one product; each iteration takes the Rayleigh-Ritz step on
+    span[x, p, r] (r = Hx - theta x, p the previous search direction; no p in the first
+    iteration), multiplying the orthonormalised r and p by H (1 product, then 2), and then
+    multiplies the new x by H once more (1 product) instead of combining the products it holds:
+    2 HVPs in the first iteration, 3 after it. It stops when
+    ||Hx - theta x|| < (reltol / 2) (||Hx|| + theta), about reltol * theta; the paper runs it at
+    reltol 0.005 for at most 100 iterations. Returns (value, vector, HVPs, converged).
+    """
+    hvps = 0
+
+    def product(block):
+        nonlocal hvps
+        hvps += block.shape[1]
+        return matvec(block)
+
+    if init is None:
+        init = torch.randn(dim, 1, generator=generator, dtype=dtype, device=device)
+    x = init[:, :1] / init[:, :1].norm()
+    hx = product(x)
+    theta = float(x[:, 0] @ hx[:, 0])
+    direction = None
+    for iteration in range(max_iter + 1):
+        residual = hx - theta * x
+        converged = residual.norm() < reltol / 2 * (hx.norm() + theta)
+        if converged or iteration == max_iter:
+            break
+        new = residual if direction is None else torch.cat([direction, residual], dim=1)
+        for _ in range(2):  # twice is enough to make float32 columns orthogonal to x
+            new = new - x @ (x.T @ new)
+        q, r = torch.linalg.qr(new)
+        q = q[:, r.diagonal().abs() > 1e-6 * r.diagonal().abs().max()]
+        basis = torch.cat([x, q], dim=1)
+        images = torch.cat([hx, product(q)], dim=1)
+        projected = basis.T.double() @ images.double()
+        values, vectors = torch.linalg.eigh((projected + projected.T) / 2)
+        top = vectors[:, -1:].to(dtype)
+        x = basis @ top
+        direction = q @ top[1:]
+        x = x / x.norm()
+        hx = product(x)  # the paper's redundant product: images @ top would do
+        theta = float(values[-1])
+    return theta, x, hvps, bool(converged)
 
 
 # --- sections ---------------------------------------------------------------------------------
@@ -257,75 +316,118 @@ def sgd_steps(model, X, Y, steps, lr, batch, seed):
     return moved
 
 
+class Solve(NamedTuple):
+    """What a lambda_max solve hands on: its vector (the next warm start), cost and value."""
+
+    vector: torch.Tensor
+    hvps: int
+    value: float
+    converged: bool
+
+
 def bench_lambda_max(name, model, X, Y, args):
-    rows = []
+    """lambda_max cold, at the first warm start and along training: ours (Lanczos, tol 1e-3)
+    and, for the models in ``--lobpcg-baseline``, LOBPCG as the paper's code runs it (at its
+    tolerance of 0.5 % and at ours), on the same model states."""
     tol = 1e-3
 
-    def ours(target, warm=None, k=1):
-        return measures.lambda_max(target, mse_loss, X, Y, tol=tol, warm_start=warm,
-                                   generator=measurement_generator(0, k))
+    def ours(target, warm, seed):
+        result, estimate = measures.lambda_max(target, mse_loss, X, Y, tol=tol, warm_start=warm,
+                                               generator=measurement_generator(0, seed))
+        return Solve(result.vectors, estimate.hvps, estimate.value, result.converged)
 
-    seconds, (cold, est) = repeat(lambda: ours(model), args.repeats, args.device)
-    rows.append(row(name, "lambda_max, tol 1e-3, cold", "ours: Lanczos", seconds, hvps=est.hvps,
-                    value=est.value, note="" if cold.converged else "not converged"))
-    rows.append(bench_first_warm_solve(name, model, X, Y, cold, ours, args))
-    rows.append(bench_lambda_max_along_training(name, model, X, Y, tol, args))
+    def paper(reltol):
+        def solve(target, warm, seed):
+            matvec, dim = plain_operator(target, X, Y)
+            p = params_of(target)[0]
+            value, vector, hvps, converged = paper_lobpcg(matvec, dim, init=warm, reltol=reltol, dtype=p.dtype,
+                                                          device=p.device, generator=measurement_generator(0, seed))
+            return Solve(vector, hvps, value, converged)
+        return solve
+
+    solvers = {f"ours: Lanczos, tol {tol:.1%}": (ours, args.repeats)}
+    if args.lobpcg_baseline:
+        # At the paper's tolerance, and at ours for a comparison at equal accuracy.
+        for reltol in (PAPER_RELTOL, tol):
+            solvers[f"baseline: LOBPCG as in the paper, tol {reltol:.1%}"] = (paper(reltol), args.baseline_repeats)
+    rows, colds = [], {}
+    for method, (solve, repeats) in solvers.items():
+        seconds, colds[method] = repeat(lambda: solve(model, None, 1), repeats, args.device)
+        cold = colds[method]
+        rows.append(row(name, "lambda_max, cold", method, seconds, hvps=cold.hvps, value=cold.value,
+                        note="" if cold.converged else "not converged"))
+    rows += bench_first_warm_solve(name, model, X, Y, solvers, colds, args)
+    rows += bench_lambda_max_along_training(name, model, X, Y, solvers, args)
     seconds, result = repeat(lambda: plain_lambda_max(model, X, Y, tol, args.power_max_hvps,
                                                       measurement_generator(0, 1)), 1, args.device)
     note = "" if result.converged else f"not converged, residual {float(result.residuals[0]):.1e}"
-    rows.append(row(name, "lambda_max, tol 1e-3, cold", "baseline: power iteration", seconds,
+    rows.append(row(name, "lambda_max, cold", f"baseline: power iteration, tol {tol:.1%}", seconds,
                     hvps=result.matvecs, value=float(result.values[0]), note=note))
     return rows
 
 
-def bench_first_warm_solve(name, model, X, Y, cold, solve, args) -> dict:
+def spread(counts: list[int]) -> str:
+    return (f"HVPs median {statistics.median(counts)}, mean {statistics.mean(counts):.1f}, "
+            f"range {min(counts)}-{max(counts)}")
+
+
+def bench_first_warm_solve(name, model, X, Y, solvers, colds, args) -> list[dict]:
     """The first warm solve of a run: ``--warm-steps`` SGD steps (batch 8, lr 0.05) after the
-    cold solve at initialisation, started from its eigenvector. The cost depends on how the
-    steps rotate the top eigenvectors, so it is taken over ``--warm-draws`` draws of the steps;
-    the row gives the median time and HVPs, the note their spread."""
-    seconds, counts, value, missed = [], [], None, 0
+    cold solve at initialisation, started from its eigenvector (each solver from its own). The
+    cost depends on how the steps rotate the top eigenvectors, so it is taken over
+    ``--warm-draws`` draws of the steps; a row gives the median time and HVPs, its note their
+    spread and how far the values lie from ours."""
+    outcomes = {method: ([], []) for method in solvers}
     for draw in range(1, args.warm_draws + 1):
         moved = sgd_steps(model, X, Y, steps=args.warm_steps, lr=0.05, batch=8, seed=draw)
-        took, (warm, est) = timed(lambda: solve(moved, cold.vectors, 2), args.device)
-        seconds.append(took)
-        counts.append(est.hvps)
-        missed += not warm.converged
-        if draw == 1:
-            value = est.value
-    note = (f"{len(counts)} draw(s) of the {args.warm_steps} SGD steps: HVPs median {statistics.median(counts)}, "
-            f"mean {statistics.mean(counts):.1f}, range {min(counts)}-{max(counts)}; value of the first draw")
+        for method, (solve, _) in solvers.items():
+            took, result = timed(lambda: solve(moved, colds[method].vector, 2), args.device)
+            outcomes[method][0].append(took)
+            outcomes[method][1].append(result)
+    return [warm_row(name, "lambda_max, warm", f"{method} ({args.warm_steps} SGD steps later)",
+                     seconds, results, outcomes[next(iter(solvers))][1],
+                     f"{len(results)} draw(s) of the {args.warm_steps} SGD steps")
+            for method, (seconds, results) in outcomes.items()]
+
+
+def warm_row(name, measurement, method, seconds, results, reference, what) -> dict:
+    counts = [r.hvps for r in results]
+    note = f"{what}: {spread(counts)}; value of the first"
+    if results is not reference:
+        worst = max(abs(r.value - ref.value) / abs(ref.value) for r, ref in zip(results, reference))
+        note += f"; values differ from ours by up to {worst:.1e} (relative)"
+    missed = sum(not r.converged for r in results)
     if missed:
         note += f"; {missed} not converged"
-    return row(name, "lambda_max, tol 1e-3, warm", f"ours: Lanczos warm ({args.warm_steps} SGD steps later)",
-               seconds, hvps=statistics.median(counts), value=value, note=note)
+    return row(name, measurement, method, seconds, hvps=statistics.median(counts), value=results[0].value, note=note)
 
 
-def bench_lambda_max_along_training(name, model, X, Y, tol, args) -> dict:
+def bench_lambda_max_along_training(name, model, X, Y, solvers, args) -> list[dict]:
     """Warm-started lambda_max as a run measures it: every ``--trajectory-every`` SGD steps
-    (batch 8, lr 0.05) from initialisation, each solve started from the previous eigenvector.
-    The row gives the median time and HVPs of the warm solves; the note their spread."""
+    (batch 8, lr 0.05) from initialisation, each solve started from the previous eigenvector of
+    the same solver. A row gives the median time and HVPs of the warm solves; the note their
+    spread."""
     moved = copy.deepcopy(model)
     generator = torch.Generator(device=X.device).manual_seed(1)
     optimizer = torch.optim.SGD(moved.parameters(), lr=0.05)
-    cache, seconds, counts, value = None, [], [], None
+    caches = {method: None for method in solvers}
+    outcomes = {method: ([], []) for method in solvers}
     for point in range(args.trajectory_points + 1):
-        took, (result, est) = timed(lambda: measures.lambda_max(
-            moved, mse_loss, X, Y, tol=tol, warm_start=cache, generator=measurement_generator(0, point)),
-            args.device)
-        cache, value = result.vectors, est.value
-        if point > 0:  # the first solve is cold
-            seconds.append(took)
-            counts.append(est.hvps)
+        for method, (solve, _) in solvers.items():
+            took, result = timed(lambda: solve(moved, caches[method], point), args.device)
+            caches[method] = result.vector
+            if point > 0:  # the first solve is cold
+                outcomes[method][0].append(took)
+                outcomes[method][1].append(result)
         for _ in range(args.trajectory_every):
             idx = sample_batch_indices(X.shape[0], 8, generator, X.device)
             optimizer.zero_grad()
             mse_loss(moved(X[idx]), Y[idx]).backward()
             optimizer.step()
-    note = (f"{len(counts)} warm solves every {args.trajectory_every} SGD steps from initialisation: "
-            f"HVPs median {statistics.median(counts)}, mean {statistics.mean(counts):.1f}, "
-            f"range {min(counts)}-{max(counts)}")
-    return row(name, "lambda_max, tol 1e-3, warm along training", "ours: Lanczos warm", seconds,
-               hvps=statistics.median(counts), value=value, note=note)
+    what = f"{args.trajectory_points} warm solves every {args.trajectory_every} SGD steps from initialisation"
+    reference = outcomes[next(iter(solvers))][1]
+    return [warm_row(name, "lambda_max, warm along training", method, seconds, results, reference, what)
+            for method, (seconds, results) in outcomes.items()]
 
 
 def bench_batch_sharpness(name, model, X, Y, args, batch_sizes):
@@ -506,7 +608,8 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=3, help="repeats of our measurements (median and range)")
     p.add_argument("--baseline-repeats", type=int, default=1, help="repeats of the slow baselines")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run only these sections")
-    p.add_argument("--models", nargs="+", choices=("mlp", "cnn"), default=["mlp", "cnn"])
+    p.add_argument("--models", nargs="+", choices=("mlp", "cnn", "resnet", "resnet_bn"), default=["mlp", "cnn"],
+                   help="the convolutional models run on --cnn-n samples with the --cnn-* settings")
     p.add_argument("--mlp-n", type=int, default=2048)
     p.add_argument("--cnn-n", type=int, default=512)
     p.add_argument("--max-samples", type=int, default=1000, help="Batch Sharpness sample limit")
@@ -518,6 +621,8 @@ def build_parser():
     p.add_argument("--cnn-repeats", type=int, default=1, help="repeats of our measurements on the CNN")
     p.add_argument("--cnn-gni-max-samples", type=int, default=40, help="GNI sample limit on the CNN")
     p.add_argument("--cnn-power-max-hvps", type=int, default=30, help="power-iteration cap on the CNN")
+    p.add_argument("--lobpcg-baseline", nargs="*", choices=("mlp", "cnn", "resnet", "resnet_bn"), default=["mlp"],
+                   help="models whose lambda_max rows also run LOBPCG as in the paper's code (none: no models)")
     p.add_argument("--cnn-gni-baseline-samples", type=int, default=3, help="baseline GNI samples timed on the CNN")
     p.add_argument("--warm-steps", type=int, default=5, help="SGD steps between the cold and the warm lambda_max")
     p.add_argument("--warm-draws", type=int, default=8, help="draws of those SGD steps (first warm solve)")
@@ -548,13 +653,14 @@ def main() -> None:
         args.trajectory_points, args.cnn_trajectory_points, args.warm_draws, args.cnn_warm_draws = 3, 2, 2, 1
     sections = args.only or SECTIONS
     rows = []
-    sizes = {"mlp": args.mlp_n, "cnn": args.cnn_n}
     for name in args.models:
-        model, X, Y = problem(name, sizes[name], args.device, args.cnn_side if name == "cnn" else 32)
-        label = f"{name} n={sizes[name]}"
-        limits = args
-        if name == "cnn":  # every exact HVP of the CNN costs seconds on a CPU: fewer and capped
-            limits = copy.copy(args)
+        convolutional = name != "mlp"
+        n = args.cnn_n if convolutional else args.mlp_n
+        model, X, Y = problem(name, n, args.device, args.cnn_side if convolutional else 32)
+        label = f"{name} n={n}"
+        limits = copy.copy(args)
+        limits.lobpcg_baseline = name in args.lobpcg_baseline
+        if convolutional:  # every exact HVP of these costs seconds on a CPU: fewer and capped
             limits.repeats, limits.gni_max_samples = args.cnn_repeats, args.cnn_gni_max_samples
             limits.power_max_hvps, limits.gni_baseline_samples = args.cnn_power_max_hvps, args.cnn_gni_baseline_samples
             limits.trajectory_points, limits.warm_draws = args.cnn_trajectory_points, args.cnn_warm_draws

@@ -1,0 +1,88 @@
+"""The baselines written inside benchmarks/bench_measurements.py: the ratios it reports are only
+as good as these, so they are checked like any measurement."""
+
+import importlib.util
+import os
+
+import torch
+import torch.nn as nn
+
+from utils.hvp import HessianOperator
+from utils.losses import mse_loss
+
+F64 = torch.float64
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                     "bench_measurements.py")
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("bench_measurements", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_benchmark()
+
+
+def spectrum_matrix(dim=150, seed=0):
+    """Q diag(values) Q^T: a top eigenvalue 6 and a second 5.4 above a bulk in [-1, 4]."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.cat([torch.tensor([6.0, 5.4], dtype=F64), torch.rand(dim - 2, generator=g, dtype=F64) * 5 - 1])
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=F64))
+    return (q * values) @ q.T, q[:, :1]
+
+
+def counting(matrix):
+    widths = []
+
+    def matvec(block):
+        widths.append(block.shape[1])
+        return matrix @ block
+
+    return matvec, widths
+
+
+def test_paper_lobpcg_finds_the_top_eigenvalue_within_its_tolerance():
+    matrix, _ = spectrum_matrix()
+    matvec, _ = counting(matrix)
+    for reltol in (0.005, 1e-6):
+        value, vector, hvps, converged = bench.paper_lobpcg(matvec, matrix.shape[0], reltol=reltol, dtype=F64,
+                                                            generator=torch.Generator().manual_seed(1))
+        assert converged
+        image = matrix @ vector
+        assert (image - value * vector).norm() < reltol / 2 * (image.norm() + value)
+        # A residual r puts some eigenvalue within r of value, and within r^2 / gap of the top one.
+        assert abs(value - 6.0) < 6.0 * reltol
+    assert abs(value - 6.0) < 1e-9
+
+
+def test_paper_lobpcg_pays_the_paper_codes_products():
+    """One product for the start, then per iteration [p, r] (only r the first time) and the new
+    x once more: 2 HVPs in the first iteration and 3 in every later one."""
+    matrix, _ = spectrum_matrix()
+    matvec, widths = counting(matrix)
+    _, _, hvps, _ = bench.paper_lobpcg(matvec, matrix.shape[0], reltol=1e-4, dtype=F64,
+                                       generator=torch.Generator().manual_seed(2))
+    iterations = (len(widths) - 1) // 2
+    assert widths == [1, 1, 1] + [2, 1] * (iterations - 1)
+    assert hvps == sum(widths) == 3 * iterations
+
+
+def test_paper_lobpcg_warm_started_on_an_eigenvector_stops_at_once():
+    matrix, top = spectrum_matrix()
+    matvec, widths = counting(matrix)
+    value, _, hvps, converged = bench.paper_lobpcg(matvec, matrix.shape[0], init=top, dtype=F64)
+    assert converged and hvps == 1 and widths == [1]
+    assert abs(value - 6.0) < 1e-12
+
+
+def test_plain_operator_is_the_full_batch_hessian():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+    X, Y = torch.randn(12, 4, dtype=F64), torch.randn(12, 3, dtype=F64)
+    matvec, dim = bench.plain_operator(model, X, Y)
+    reference = HessianOperator(model, mse_loss, X, Y, mode="double-backward")
+    block = torch.randn(dim, 3, dtype=F64)
+    assert dim == reference.dim
+    torch.testing.assert_close(matvec(block), reference.matvec(block), rtol=1e-12, atol=1e-12)
