@@ -209,7 +209,7 @@ def paper_lobpcg(matvec, dim, *, init=None, generator=None, reltol=PAPER_RELTOL,
         return matvec(block)
 
     if init is None:
-        init = torch.randn(dim, 1, generator=generator, dtype=dtype, device=device)
+        init = torch.randn(dim, 1, generator=generator, dtype=dtype).to(device)  # same start on every device
     x = init[:, :1] / init[:, :1].norm()
     hx = product(x)
     theta = float(x[:, 0] @ hx[:, 0])
