@@ -241,6 +241,8 @@ def test_wanting_more_eigenvalues_than_dimensions_is_a_user_error():
         lobpcg(lambda v: v, 3, k=0)
 
 
+# torch.func.hessian goes through torch's forward-mode decompositions, which still call torch.jit.script.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_hessian_of_a_tiny_mlp():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()

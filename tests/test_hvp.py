@@ -1,10 +1,12 @@
+import copy
+
 import pytest
 import torch
 
 from curvature_reference import (LOSSES, dense_gradient, dense_hessian, dense_loss,
                                  finite_difference_hessian, tiny_data, tiny_mlp)
 from utils.hvp import (HVP_MODES, HessianOperator, batch_quadratic_forms, chain_quadratic_forms, default_hvp_mode,
-                       flat_grad, flat_params, num_params, vmapped_quadratic_forms)
+                       flat_grad, flat_params, forward, num_params, vmapped_quadratic_forms)
 
 N = 10
 
@@ -83,6 +85,35 @@ def test_no_side_effects_and_mode_restored():
     assert [m.training for m in model.modules()] == [False, False, True, False]
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class CallCounter(torch.nn.Module):
+    """A layer whose forward pass writes to a buffer of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+@pytest.mark.parametrize("counter", [False, True])
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_forward_leaves_every_buffer_alone(train_mode, counter):
+    """BatchNorm alone takes the no-tracking route, any other buffer the copied-buffer route;
+    both give the model's own output and leave buffers and tracking flags as they were."""
+    model, (X, _) = tiny_mlp(batchnorm=True), tiny_data(N, "mse")
+    if counter:
+        model.insert(2, CallCounter())
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.tensor([0.3, -0.2, 0.1, 0.5]))
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    reference = copy.deepcopy(model).train(train_mode)(X)
+    torch.testing.assert_close(forward(model, X, train_mode), reference, rtol=0, atol=0)
+    assert all(torch.equal(before[name], b) for name, b in model.named_buffers())
+    assert model[1].track_running_stats and model.training
 
 
 @pytest.mark.parametrize("train_mode", [True, False])

@@ -124,16 +124,39 @@ def model_mode(model: torch.nn.Module, train_mode: bool):
 
 
 def forward(model: torch.nn.Module, X: torch.Tensor, train_mode: bool) -> torch.Tensor:
-    """model(X) in the given mode, updating running statistics on copies of the buffers."""
+    """model(X) in the given mode, leaving the model's buffers (running statistics) untouched."""
     with model_mode(model, train_mode):
         return _forward_in_current_mode(model, X)
 
 
 def _forward_in_current_mode(model: torch.nn.Module, X: torch.Tensor) -> torch.Tensor:
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    if not buffers:
+    owners = [m for m in model.modules() if next(m.buffers(recurse=False), None) is not None]
+    if not owners:
         return model(X)
+    if all(isinstance(m, _RUNNING_STATISTICS) for m in owners):
+        # A BatchNorm that does not track statistics normalises a training batch by its own
+        # statistics, as before, and leaves its buffers alone; copying the buffers into a
+        # functional call instead costs more than a small batch's whole product on a GPU.
+        with _statistics_not_tracked(owners):
+            return model(X)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     return functional_call(model, buffers, (X,))
+
+
+_RUNNING_STATISTICS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+
+
+@contextmanager
+def _statistics_not_tracked(norms: list[torch.nn.Module]):
+    """BatchNorm layers that neither update nor count running statistics while inside."""
+    tracking = [m.track_running_stats for m in norms]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(norms, tracking):
+            m.track_running_stats = flag
 
 
 def as_model_data(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
