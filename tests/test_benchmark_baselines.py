@@ -7,6 +7,7 @@ import os
 import torch
 import torch.nn as nn
 
+from spectra import counting, known_matrix
 from utils.hvp import HessianOperator
 from utils.losses import mse_loss
 
@@ -26,21 +27,11 @@ bench = load_benchmark()
 
 
 def spectrum_matrix(dim=150, seed=0):
-    """Q diag(values) Q^T: a top eigenvalue 6 and a second 5.4 above a bulk in [-1, 4]."""
+    """A top eigenvalue 6 and a second 5.4 above a bulk in [-1, 4], with the top eigenvector."""
     g = torch.Generator().manual_seed(seed)
     values = torch.cat([torch.tensor([6.0, 5.4], dtype=F64), torch.rand(dim - 2, generator=g, dtype=F64) * 5 - 1])
-    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=F64))
-    return (q * values) @ q.T, q[:, :1]
-
-
-def counting(matrix):
-    widths = []
-
-    def matvec(block):
-        widths.append(block.shape[1])
-        return matrix @ block
-
-    return matvec, widths
+    matrix = known_matrix(values, seed)
+    return matrix, torch.linalg.eigh(matrix).eigenvectors[:, -1:]
 
 
 def test_paper_lobpcg_finds_the_top_eigenvalue_within_its_tolerance():

@@ -5,18 +5,11 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, hessian
 
+from spectra import counting, known_matrix
 from utils.eigs import EigResult, _inner, lanczos, lobpcg, power_iteration
 from utils.errors import UserError
 
 F64 = torch.float64
-
-
-def known_matrix(values, seed=0):
-    """Q diag(values) Q^T with a random orthogonal Q (float64)."""
-    values = torch.as_tensor(values, dtype=F64)
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=g, dtype=F64))
-    return (q * values) @ q.T
 
 
 def outlier_spectrum(dim=120, seed=0):
@@ -24,17 +17,6 @@ def outlier_spectrum(dim=120, seed=0):
     g = torch.Generator().manual_seed(seed)
     bulk = torch.rand(dim - 4, generator=g, dtype=F64) * 4 - 2
     return torch.cat([torch.tensor([50.0, 30.0, 20.0, 10.0], dtype=F64), bulk])
-
-
-def counting(matrix):
-    """matvec for ``matrix`` that records the width of every block it is given."""
-    widths = []
-
-    def matvec(block):
-        widths.append(block.shape[1])
-        return matrix @ block
-
-    return matvec, widths
 
 
 def true_residuals(matrix, result):
