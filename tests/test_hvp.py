@@ -99,21 +99,64 @@ class CallCounter(torch.nn.Module):
         return x
 
 
-@pytest.mark.parametrize("counter", [False, True])
-@pytest.mark.parametrize("train_mode", [True, False])
-def test_forward_leaves_every_buffer_alone(train_mode, counter):
-    """BatchNorm alone takes the no-tracking route, any other buffer the copied-buffer route;
-    both give the model's own output and leave buffers and tracking flags as they were."""
-    model, (X, _) = tiny_mlp(batchnorm=True), tiny_data(N, "mse")
-    if counter:
-        model.insert(2, CallCounter())
+class CountingBatchNorm(torch.nn.BatchNorm1d):
+    """A BatchNorm subclass that writes to a buffer of its own as well."""
+
+    def __init__(self, features):
+        super().__init__(features)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+def two_batchnorm_mlp(extra=None, norm=torch.nn.BatchNorm1d):
+    """3 -> 4 -> 4 -> 2 in float64 with two BatchNorm layers, the first not tracking statistics
+    although it has them, and ``extra`` (a module) after both activations."""
+    torch.manual_seed(0)
+    first, second = torch.nn.BatchNorm1d(4), norm(4)
+    extras = [extra] if extra else []
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), first, torch.nn.Tanh(), *extras, torch.nn.Linear(4, 4),
+                                second, torch.nn.Tanh(), *extras, torch.nn.Linear(4, 2)).double()
     with torch.no_grad():
-        model[1].running_mean.copy_(torch.tensor([0.3, -0.2, 0.1, 0.5]))
-    before = {name: b.clone() for name, b in model.named_buffers()}
+        first.running_mean.copy_(torch.tensor([0.3, -0.2, 0.1, 0.5]))
+        second.running_var.copy_(torch.tensor([0.5, 2.0, 1.5, 0.8]))
+    first.track_running_stats = False
+    return model
+
+
+@pytest.mark.parametrize("other", [None, "shared counter", "BatchNorm subclass"])
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_forward_leaves_every_buffer_alone(train_mode, other):
+    """Plain BatchNorm alone in train mode takes the no-tracking route, everything else the
+    copied-buffer route; both give the model's own output and leave every buffer (the same
+    tensors, with the same values), tracking flag and mode as it was, also for a module with a
+    buffer of its own that appears twice in the model."""
+    if other == "BatchNorm subclass":
+        model = two_batchnorm_mlp(norm=CountingBatchNorm)
+    else:
+        model = two_batchnorm_mlp(CallCounter() if other else None)
+    X = tiny_data(N, "mse")[0]
+    before = {name: (b, b.clone()) for name, b in model.named_buffers(remove_duplicate=False)}
+    flags = [m.track_running_stats for m in model if isinstance(m, torch.nn.BatchNorm1d)]
     reference = copy.deepcopy(model).train(train_mode)(X)
     torch.testing.assert_close(forward(model, X, train_mode), reference, rtol=0, atol=0)
-    assert all(torch.equal(before[name], b) for name, b in model.named_buffers())
-    assert model[1].track_running_stats and model.training
+    for name, b in model.named_buffers(remove_duplicate=False):
+        assert b is before[name][0] and torch.equal(b, before[name][1])
+    assert [m.track_running_stats for m in model if isinstance(m, torch.nn.BatchNorm1d)] == flags == [False, True]
+    assert all(m.training for m in model.modules())
+
+
+def test_eval_mode_operator_is_a_snapshot_of_the_running_statistics():
+    """An eval-mode operator keeps the statistics it was built with, even when training moves
+    the model's own running statistics afterwards."""
+    model, (X, Y) = tiny_mlp(batchnorm=True), tiny_data(N, "mse")
+    op = HessianOperator(model, LOSSES["mse"], X, Y, train_mode=False)
+    V = random_block(op.dim, 2)
+    first = op.matvec(V)
+    model.train()(X * 3 + 1)  # a training forward pass moves running_mean and running_var
+    torch.testing.assert_close(op.matvec(V), first, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("train_mode", [True, False])

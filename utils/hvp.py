@@ -52,8 +52,9 @@ CNN but takes 130-150 gradients to trace, more than a whole lambda_max solve sav
 
 The train/eval mode is explicit because BatchNorm makes the loss (and its Hessian) depend on
 it; it is applied during the forward passes only, the previous mode of every submodule is
-restored afterwards, and the running statistics are updated on copies, so a measurement never
-changes the model's parameters, buffers, ``.grad`` or mode. With BatchNorm in train mode the
+restored afterwards, and running statistics are left alone (training-mode BatchNorm stops
+tracking them, anything else works on copies), so a measurement never changes the model's
+parameters, buffers, ``.grad`` or mode. With BatchNorm in train mode the
 statistics are those of each chunk, so chunked and unchunked operators differ there.
 
 The operator is a snapshot at the parameters it was built at; autograd refuses to use a
@@ -136,15 +137,16 @@ def _forward_in_current_mode(model: torch.nn.Module, X: torch.Tensor) -> torch.T
     owners = [m for m in model.modules() if next(m.buffers(recurse=False), None) is not None]
     if not owners:
         return model(X)
-    if all(isinstance(m, _RUNNING_STATISTICS) for m in owners):
-        # A BatchNorm that does not track statistics normalises a training batch by its own
-        # statistics, as before, and leaves its buffers alone. Copying every buffer into a
-        # functional call instead made per-batch products of a BatchNorm ResNet on a GPU about
-        # 5 % slower than plain autograd.
+    if all(type(m) in _RUNNING_STATISTICS and m.training for m in owners):
+        # A training-mode BatchNorm that does not track statistics normalises by the batch's
+        # own statistics, as before, and neither reads nor writes its buffers, so nothing needs
+        # copying; the copies cost a few per cent of a small batch's product on a GPU.
         with _statistics_not_tracked(owners):
             return model(X)
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    return functional_call(model, buffers, (X,))
+    # Elsewhere buffers may be written (running statistics) or kept by the graph (eval-mode
+    # BatchNorm): the forward pass gets copies, so the operator is a snapshot of them too.
+    with _buffers_replaced_by_copies(owners):
+        return model(X)
 
 
 @contextmanager
@@ -158,6 +160,25 @@ def _statistics_not_tracked(norms: list[torch.nn.Module]):
     finally:
         for m, flag in zip(norms, tracking):
             m.track_running_stats = flag
+
+
+@contextmanager
+def _buffers_replaced_by_copies(owners: list[torch.nn.Module]):
+    """Each module's buffers swapped for clones while inside, the originals put back after.
+
+    Swapping per module (``model.modules()`` lists a shared module once) keeps a module that
+    appears twice in the model from being swapped twice and restored to a clone, which
+    ``torch.func.functional_call`` does with such modules."""
+    originals = [(m, dict(m.named_buffers(recurse=False))) for m in owners]
+    for m, buffers in originals:
+        for name, buffer in buffers.items():
+            setattr(m, name, buffer.clone())
+    try:
+        yield
+    finally:
+        for m, buffers in originals:
+            for name, buffer in buffers.items():
+                setattr(m, name, buffer)
 
 
 def as_model_data(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
