@@ -194,12 +194,16 @@ def paper_lobpcg(matvec, dim, *, init=None, generator=None, reltol=PAPER_RELTOL,
 
     As that code runs it for lambda_max (k = 1): the start x (the cached eigenvector, or a
     Gaussian vector) costs one product; each iteration takes the Rayleigh-Ritz step on
-    span[x, p, r] (r = Hx - theta x, p the previous search direction; no p in the first
+    span[x, r, p] (r = Hx - theta x, p the previous search direction; no p in the first
     iteration), multiplying the orthonormalised r and p by H (1 product, then 2), and then
     multiplies the new x by H once more (1 product) instead of combining the products it holds:
-    2 HVPs in the first iteration, 3 after it. It stops when
-    ||Hx - theta x|| < (reltol / 2) (||Hx|| + theta), about reltol * theta; the paper runs it at
-    reltol 0.005 for at most 100 iterations. Returns (value, vector, HVPs, converged).
+    2 HVPs in the first iteration, 3 after it. Convergence is tested after each iteration, never
+    on the start, so a solve takes at least one iteration; it has converged when
+    ||Hx - theta x|| < (reltol / 2) (||Hx|| + theta), about reltol * theta. The paper runs it at
+    reltol 0.005 for at most 100 iterations. A column of [r, p] that has become dependent on
+    the others is dropped but still counted, as that code multiplies it as well.
+    Returns (value, vector, HVPs, converged); a product that is not finite ends the solve
+    unconverged.
     """
     hvps = 0
 
@@ -213,17 +217,19 @@ def paper_lobpcg(matvec, dim, *, init=None, generator=None, reltol=PAPER_RELTOL,
     x = init[:, :1] / init[:, :1].norm()
     hx = product(x)
     theta = float(x[:, 0] @ hx[:, 0])
-    direction = None
-    for iteration in range(max_iter + 1):
+    direction, converged = None, False
+    for _ in range(max_iter):
         residual = hx - theta * x
-        converged = residual.norm() < reltol / 2 * (hx.norm() + theta)
-        if converged or iteration == max_iter:
-            break
-        new = residual if direction is None else torch.cat([direction, residual], dim=1)
+        # Residual first, so that a search direction dependent on it is what drops out.
+        new = residual if direction is None else torch.cat([residual, direction], dim=1)
         for _ in range(2):  # twice is enough to make float32 columns orthogonal to x
             new = new - x @ (x.T @ new)
         q, r = torch.linalg.qr(new)
-        q = q[:, r.diagonal().abs() > 1e-6 * r.diagonal().abs().max()]
+        kept = r.diagonal().abs() > 1e-6 * r.diagonal().abs().max()
+        hvps += int((~kept).sum())
+        q = q[:, kept]
+        if q.shape[1] == 0:
+            break
         basis = torch.cat([x, q], dim=1)
         images = torch.cat([hx, product(q)], dim=1)
         projected = basis.T.double() @ images.double()
@@ -234,7 +240,12 @@ def paper_lobpcg(matvec, dim, *, init=None, generator=None, reltol=PAPER_RELTOL,
         x = x / x.norm()
         hx = product(x)  # the paper's redundant product: images @ top would do
         theta = float(values[-1])
-    return theta, x, hvps, bool(converged)
+        if not torch.isfinite(hx).all():
+            break
+        converged = bool((hx - theta * x).norm() < reltol / 2 * (hx.norm() + theta))
+        if converged:
+            break
+    return theta, x, hvps, converged
 
 
 # --- sections ---------------------------------------------------------------------------------
@@ -356,6 +367,10 @@ def bench_lambda_max(name, model, X, Y, args):
         cold = colds[method]
         rows.append(row(name, "lambda_max, cold", method, seconds, hvps=cold.hvps, value=cold.value,
                         note="" if cold.converged else "not converged"))
+    sharpness = colds[next(iter(solvers))].value
+    if args.sgd_lr * sharpness >= 2:
+        raise SystemExit(f"{name}: SGD at lr {args.sgd_lr} diverges from this initialisation (lambda_max "
+                         f"{sharpness:.3g} >= 2/lr); pass --sgd-lr below {2 / sharpness:.2g}")
     rows += bench_first_warm_solve(name, model, X, Y, solvers, colds, args)
     rows += bench_lambda_max_along_training(name, model, X, Y, solvers, args)
     seconds, result = repeat(lambda: plain_lambda_max(model, X, Y, tol, args.power_max_hvps,
@@ -372,14 +387,14 @@ def spread(counts: list[int]) -> str:
 
 
 def bench_first_warm_solve(name, model, X, Y, solvers, colds, args) -> list[dict]:
-    """The first warm solve of a run: ``--warm-steps`` SGD steps (batch 8, lr 0.05) after the
-    cold solve at initialisation, started from its eigenvector (each solver from its own). The
-    cost depends on how the steps rotate the top eigenvectors, so it is taken over
+    """The first warm solve of a run: ``--warm-steps`` SGD steps (batch 8, lr ``--sgd-lr``)
+    after the cold solve at initialisation, started from its eigenvector (each solver from its
+    own). The cost depends on how the steps rotate the top eigenvectors, so it is taken over
     ``--warm-draws`` draws of the steps; a row gives the median time and HVPs, its note their
     spread and how far the values lie from ours."""
     outcomes = {method: ([], []) for method in solvers}
     for draw in range(1, args.warm_draws + 1):
-        moved = sgd_steps(model, X, Y, steps=args.warm_steps, lr=0.05, batch=8, seed=draw)
+        moved = sgd_steps(model, X, Y, steps=args.warm_steps, lr=args.sgd_lr, batch=8, seed=draw)
         for method, (solve, _) in solvers.items():
             took, result = timed(lambda: solve(moved, colds[method].vector, 2), args.device)
             outcomes[method][0].append(took)
@@ -404,12 +419,12 @@ def warm_row(name, measurement, method, seconds, results, reference, what) -> di
 
 def bench_lambda_max_along_training(name, model, X, Y, solvers, args) -> list[dict]:
     """Warm-started lambda_max as a run measures it: every ``--trajectory-every`` SGD steps
-    (batch 8, lr 0.05) from initialisation, each solve started from the previous eigenvector of
-    the same solver. A row gives the median time and HVPs of the warm solves; the note their
-    spread."""
+    (batch 8, lr ``--sgd-lr``) from initialisation, each solve started from the previous
+    eigenvector of the same solver. A row gives the median time and HVPs of the warm solves;
+    the note their spread."""
     moved = copy.deepcopy(model)
     generator = torch.Generator(device=X.device).manual_seed(1)
-    optimizer = torch.optim.SGD(moved.parameters(), lr=0.05)
+    optimizer = torch.optim.SGD(moved.parameters(), lr=args.sgd_lr)
     caches = {method: None for method in solvers}
     outcomes = {method: ([], []) for method in solvers}
     for point in range(args.trajectory_points + 1):
@@ -625,6 +640,7 @@ def build_parser():
                    help="models whose lambda_max rows also run LOBPCG as in the paper's code (none: no models)")
     p.add_argument("--cnn-gni-baseline-samples", type=int, default=3, help="baseline GNI samples timed on the CNN")
     p.add_argument("--warm-steps", type=int, default=5, help="SGD steps between the cold and the warm lambda_max")
+    p.add_argument("--sgd-lr", type=float, default=0.05, help="learning rate of the SGD steps between lambda_max solves")
     p.add_argument("--warm-draws", type=int, default=8, help="draws of those SGD steps (first warm solve)")
     p.add_argument("--cnn-warm-draws", type=int, default=1, help="the same on the CNN")
     p.add_argument("--trajectory-points", type=int, default=20, help="warm lambda_max solves along training")

@@ -49,7 +49,7 @@ def test_paper_lobpcg_finds_the_top_eigenvalue_within_its_tolerance():
 
 
 def test_paper_lobpcg_pays_the_paper_codes_products():
-    """One product for the start, then per iteration [p, r] (only r the first time) and the new
+    """One product for the start, then per iteration [r, p] (only r the first time) and the new
     x once more: 2 HVPs in the first iteration and 3 in every later one."""
     matrix, _ = spectrum_matrix()
     matvec, widths = counting(matrix)
@@ -60,12 +60,54 @@ def test_paper_lobpcg_pays_the_paper_codes_products():
     assert hvps == sum(widths) == 3 * iterations
 
 
-def test_paper_lobpcg_warm_started_on_an_eigenvector_stops_at_once():
+def krylov_top_ritz_value(matrix, start, size):
+    """The largest Ritz value of H on the Krylov space K_size(H, start)."""
+    columns = [start / start.norm()]
+    for _ in range(size - 1):
+        columns.append(matrix @ columns[-1])
+    basis, _ = torch.linalg.qr(torch.cat(columns, dim=1))
+    return float(torch.linalg.eigvalsh(basis.T @ matrix @ basis)[-1])
+
+
+def test_paper_lobpcg_steps_are_rayleigh_ritz_on_the_krylov_spaces():
+    """With one vector, LOBPCG's first iteration is Rayleigh-Ritz on span[x0, H x0] and its second
+    on the three-dimensional Krylov space; ``max_iter`` caps the iterations and their products."""
+    matrix, _ = spectrum_matrix()
+    start = torch.randn(matrix.shape[0], 1, generator=torch.Generator().manual_seed(4), dtype=F64)
+    for iterations in (1, 2):
+        value, _, hvps, converged = bench.paper_lobpcg(counting(matrix)[0], matrix.shape[0], init=start,
+                                                       max_iter=iterations, dtype=F64)
+        assert not converged and hvps == 3 * iterations
+        assert abs(value - krylov_top_ritz_value(matrix, start, iterations + 1)) < 1e-12
+
+
+def test_paper_lobpcg_always_takes_one_iteration():
+    """The paper's code tests convergence after an iteration only: even an exact eigenvector
+    costs the start and one iteration."""
     matrix, top = spectrum_matrix()
     matvec, widths = counting(matrix)
     value, _, hvps, converged = bench.paper_lobpcg(matvec, matrix.shape[0], init=top, dtype=F64)
-    assert converged and hvps == 1 and widths == [1]
+    assert converged and hvps == 3 and widths == [1, 1, 1]
     assert abs(value - 6.0) < 1e-12
+
+
+def test_paper_lobpcg_pays_for_a_direction_it_drops():
+    """From a start inside a two-dimensional invariant space the first iteration is exact, so the
+    next residual vanishes; that column is dropped but paid for, as the paper's code multiplies it."""
+    matrix = torch.diag(torch.tensor([3.0, 1.0, 0.5], dtype=F64))
+    matvec, widths = counting(matrix)
+    start = torch.tensor([[1.0], [1.0], [0.0]], dtype=F64)
+    value, _, hvps, _ = bench.paper_lobpcg(matvec, 3, init=start, reltol=0.0, max_iter=2, dtype=F64)
+    assert widths == [1, 1, 1, 1, 1] and hvps == 6
+    assert abs(value - 3.0) < 1e-12
+
+
+def test_paper_lobpcg_stops_unconverged_on_products_that_are_not_finite():
+    def broken(block):
+        return torch.full_like(block, float("nan"))
+
+    _, _, hvps, converged = bench.paper_lobpcg(broken, 20, dtype=F64, generator=torch.Generator().manual_seed(0))
+    assert not converged and hvps <= 3
 
 
 def test_plain_operator_is_the_full_batch_hessian():
