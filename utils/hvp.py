@@ -139,8 +139,8 @@ def _forward_in_current_mode(model: torch.nn.Module, X: torch.Tensor) -> torch.T
         return model(X)
     if all(type(m) in _RUNNING_STATISTICS and m.training for m in owners):
         # A training-mode BatchNorm that does not track statistics normalises by the batch's
-        # own statistics, as before, and neither reads nor writes its buffers, so nothing needs
-        # copying; the copies cost a few per cent of a small batch's product on a GPU.
+        # own statistics, as before, and neither reads nor writes its buffers, so the per-batch
+        # loops of small batches need no copies.
         with _statistics_not_tracked(owners):
             return model(X)
     # Elsewhere buffers may be written (running statistics) or kept by the graph (eval-mode
