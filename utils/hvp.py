@@ -54,8 +54,8 @@ The train/eval mode is explicit because BatchNorm makes the loss (and its Hessia
 it; it is applied during the forward passes only, the previous mode of every submodule is
 restored afterwards, and running statistics are left alone (training-mode BatchNorm stops
 tracking them, anything else works on copies), so a measurement never changes the model's
-parameters, buffers, ``.grad`` or mode. With BatchNorm in train mode the
-statistics are those of each chunk, so chunked and unchunked operators differ there.
+parameters, buffers, ``.grad`` or mode. With BatchNorm in train mode the statistics are those
+of each chunk, so chunked and unchunked operators differ there.
 
 The operator is a snapshot at the parameters it was built at; autograd refuses to use a
 retained graph after the parameters are modified in place.
