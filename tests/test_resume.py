@@ -15,6 +15,7 @@ import plot_results
 import training
 import utils.training
 from utils.checkpoints import list_checkpoints, load_checkpoint
+from utils.config import RunConfig
 from utils.plotting import run_labels
 from utils.results import is_timing_column, read_results
 from utils.runs import load_run
@@ -217,6 +218,46 @@ def test_config_version_mismatch(results_env, capsys):
     os.unlink(run_dir / "summary.json")
     assert training.main(["--resume", str(run_dir)]) == 2
     assert "version" in capsys.readouterr().err
+
+
+def edit_config(run_dir, edit):
+    record = json.loads((run_dir / "config.json").read_text())
+    edit(record)
+    (run_dir / "config.json").write_text(json.dumps(record))
+
+
+def edit_results(run_dir, old, new):
+    text = (run_dir / "results.txt").read_text()
+    assert old in text
+    (run_dir / "results.txt").write_text(text.replace(old, new, 1))
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda run: edit_config(run, lambda r: r.pop("config")), 'config.json has no "config" settings'),
+    (lambda run: edit_config(run, lambda r: r.update(config=[1])), "config.json: config is a list, not a mapping"),
+    (lambda run: edit_config(run, lambda r: r["config"].update(lr="0.1")), "config setting lr = '0.1' is not of type float"),
+    (lambda run: edit_config(run, lambda r: r["config"].update(batch=None)), "config setting batch = None is not of type int"),
+    (lambda run: edit_config(run, lambda r: r["config"].update(classes=[1, "9"])), "config setting classes = [1, '9']"),
+    (lambda run: edit_results(run, "\nepoch,step,", "\nepoch,Step,"), "results.txt has no step column in its header line"),
+    (lambda run: edit_results(run, "\n0,2,", "\n0,two,"), "results.txt has a row with step 'two'"),
+])
+def test_hand_damaged_config_or_results_is_one_line_and_keeps_the_folder(results_env, capsys, damage, fragment):
+    run_dir = results_env / "run"
+    training.main([*BASE, "--steps", "12", "--run-dir", str(run_dir)])
+    os.unlink(run_dir / "summary.json")
+    damage(run_dir)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert training.main(["--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err and err.startswith("training.py: error: ")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_config_values_of_every_type_are_accepted():
+    values = RunConfig(classes=[1, 9], input_shape=[3, 4, 4], stop_loss=1e-3, steps=5, param_file="p.pt").to_dict()
+    assert RunConfig.from_dict({**values, "lr": 1}).lr == 1  # JSON may write a float without its point
+    assert RunConfig.from_dict(values) == RunConfig(**values)
 
 
 def test_real_signals_and_concurrent_starts(results_env):

@@ -117,11 +117,28 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        if not isinstance(values, dict):
+            raise UserError(f"config is a {type(values).__name__}, not a mapping of settings; the run folder is damaged")
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
             raise UserError(f"config has unknown settings {', '.join(unknown)}; it was written by a newer EOSS, update the code")
+        # A hand-edited config.json must fail here, in one line, rather than deep inside a run.
+        for name, value in values.items():
+            if not _fits(value, fields[name]):
+                raise UserError(f"config setting {name} = {value!r} is not of type {fields[name]}; the run folder is damaged")
         return cls(**values)
+
+
+def _fits(value, annotation: str) -> bool:
+    """Whether a JSON value has the type of a RunConfig field annotated ``annotation`` (an int is a float)."""
+    def integer(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    checks = {"None": lambda v: v is None, "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
+              "int": integer, "float": lambda v: integer(v) or isinstance(v, float),
+              "list[int]": lambda v: isinstance(v, list) and all(integer(item) for item in v)}
+    return any(checks[kind](value) for kind in annotation.split(" | "))
 
 
 DEFAULT_STEPS = 1000

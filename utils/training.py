@@ -298,9 +298,15 @@ def read_run_config(run_dir: str) -> dict:
         record = read_json(path)
     except (OSError, ValueError):
         raise UserError(f"{path} is not valid JSON; the run folder is damaged")
-    if not isinstance(record, dict) or record.get("version") != CONFIG_VERSION or "config" not in record:
+    if not isinstance(record, dict) or record.get("version") != CONFIG_VERSION:
         raise UserError(f"{path} has config format version {record.get('version') if isinstance(record, dict) else None!r}, "
                         f"this code reads version {CONFIG_VERSION}; use the EOSS version that wrote the run")
+    if "config" not in record:
+        raise UserError(f"{path} has no \"config\" settings; the run folder is damaged")
+    try:
+        RunConfig.from_dict(record["config"])
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}")
     return record
 
 
@@ -448,12 +454,17 @@ def truncate_results(path: str, before_step: int) -> None:
             kept.append(line)
         elif header is None:
             header = line.split(",")
+            if "step" not in header:
+                raise UserError(f"{path} has no step column in its header line; the run folder is damaged")
             kept.append(line)
         else:
             fields = line.split(",")
             if len(fields) != len(header):
                 break
-            if int(fields[header.index("step")]) >= before_step:
+            step = fields[header.index("step")]
+            if not step.isdigit():
+                raise UserError(f"{path} has a row with step {step!r}; the run folder is damaged")
+            if int(step) >= before_step:
                 break
             kept.append(line)
     if header is None:
