@@ -173,6 +173,8 @@ def test_sharpness_gap_prefers_final_fullbs_json_unless_tail_only(runs, tmp_path
 def test_plateaus_from_a_results_table():
     frame = pd.DataFrame({"step": range(10), "lambda_max": [9, math.nan, 9, 9, 9, math.nan, 1, math.nan, 3, 2]})
     assert tail_median(frame, "lambda_max", 0.5) == (2.0, 3)
+    # T = 10 steps, tail 0.5: the window starts at step 5 itself (steps 5..9).
+    assert tail_median(pd.DataFrame({"step": range(10), "x": [0.0] * 5 + [1.0, 5.0, 6.0, 7.0, 8.0]}), "x", 0.5) == (6.0, 5)
     value, count = tail_median(frame, "batch_sharpness", 0.5)
     assert math.isnan(value) and count == 0
     frame["batch_sharpness"] = 5.0

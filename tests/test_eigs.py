@@ -153,7 +153,7 @@ def test_same_generator_seed_gives_identical_results(solver):
 def test_max_iter_too_small_returns_unconverged_estimate(solver):
     matrix = known_matrix(outlier_spectrum(), seed=8)
     result = solve(solver, matrix, tol=1e-10, max_iter=2)
-    assert not result.converged
+    assert not result.converged and result.iterations == 2
     assert result.residuals.item() > 1e-10
     torch.testing.assert_close(result.residuals, true_residuals(matrix, result), rtol=1e-5, atol=1e-14)
     assert result.values.shape == (1,) and result.vectors.shape == (matrix.shape[0], 1)

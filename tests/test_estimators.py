@@ -80,6 +80,9 @@ def test_mean_stops_at_max_samples_and_is_exact_for_constant_samples():
     constant = mean_with_stopping(stream(np.full(50, 2.5)), min_samples=5, max_samples=50,
                                   rel_se=0.01)
     assert (constant.value, constant.se, constant.n) == (2.5, 0.0, 5)
+    # An exact zero (se = 0 at value 0) stops too, although se < rel_se * |value| cannot hold.
+    zero = mean_with_stopping(stream(np.zeros(50)), min_samples=5, max_samples=50, rel_se=0.01)
+    assert (zero.value, zero.se, zero.n) == (0.0, 0.0, 5)
 
 
 def delta_method(a, b):

@@ -8,7 +8,7 @@ from torch import nn
 
 from curvature_reference import LOSSES, check_honest, dense_gradient, dense_hessian, tiny_data, tiny_mlp
 from utils import fast_curvature, measures
-from utils.estimators import measurement_generator
+from utils.estimators import measurement_generator, sample_batch_indices
 from utils.hvp import HessianOperator, flat_grad
 from utils.models import ACTIVATIONS, build_model
 
@@ -267,6 +267,72 @@ def test_decomposition_fast_equals_exact_and_gives_gni_for_every_batch_size():
     with pytest.raises(ValueError):
         fast_curvature.gni_decomposition(tiny_mlp(batchnorm=True), loss_fn, X, Y, sample_batch=2,
                                          generator=measurement_generator(1, 1))
+
+
+def batchnorm_in_eval_mode():
+    """tiny_mlp with BatchNorm and running statistics far from any batch's own."""
+    model = tiny_mlp(batchnorm=True)
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.tensor([0.3, -0.2, 0.1, 0.5]))
+        model[1].running_var.copy_(torch.tensor([0.5, 2.0, 1.5, 0.8]))
+    return model
+
+
+@pytest.mark.parametrize("network, train_mode", [("mlp", True), ("batchnorm", False)])
+def test_decomposition_is_the_sample_mean_of_the_drawn_batches(network, train_mode):
+    """tr(HS), its SE, the stopping point and GNI(b) recomputed from dense derivatives of the
+    very batches the generator draws: samples (g_B - g)^T H (g_B - g) / c_2, SE with ddof = 1,
+    the rule run on GNI at the target batch size, GNI(b) = (g^T H g + c_b tr(HS)) / |g|^2."""
+    model = tiny_mlp() if network == "mlp" else batchnorm_in_eval_mode()
+    loss_fn = LOSSES["mse"]
+    X, Y = tiny_data(9, "mse")
+    n, sample_batch, target_batch, rel_se = 9, 2, 4, 0.12
+    c = lambda b: (n - b) / (b * (n - 1))
+    H = dense_hessian(model, loss_fn, X, Y, train_mode=train_mode)
+    g = dense_gradient(model, loss_fn, X, Y, train_mode=train_mode)
+    gHg, norm2 = (g @ H @ g).item(), (g @ g).item()
+    generator = measurement_generator(3, 7)
+    samples = []
+    for _ in range(200):
+        idx = sample_batch_indices(n, sample_batch, generator).tolist()
+        v = dense_gradient(model, loss_fn, X[idx], Y[idx], train_mode=train_mode) - g
+        samples.append((v @ H @ v).item() / c(sample_batch))
+    samples = np.array(samples)
+    target = (gHg + c(target_batch) * samples) / norm2
+    stop = next((k for k in range(10, 201)
+                 if target[:k].std(ddof=1) / math.sqrt(k) < rel_se * abs(target[:k].mean())), 200)
+    assert 10 < stop < 200
+    used = samples[:stop]
+    trace, trace_se = used.mean(), used.std(ddof=1) / math.sqrt(stop)
+
+    d = fast_curvature.gni_decomposition(model, loss_fn, X, Y, generator=measurement_generator(3, 7),
+                                         sample_batch=sample_batch, target_batch=target_batch, min_samples=10,
+                                         max_samples=200, rel_se=rel_se, train_mode=train_mode)
+    assert d.samples == stop
+    assert d.trace_HS == pytest.approx(trace, rel=1e-10)
+    assert d.trace_HS_se == pytest.approx(trace_se, rel=1e-8)
+    for b in (1, 2, 4, 7, 9):
+        est = d.gni(b)
+        assert est.value == pytest.approx((gHg + c(b) * trace) / norm2, rel=1e-10)
+        assert est.se == pytest.approx(c(b) * trace_se / norm2, rel=1e-8, abs=0)
+
+
+def test_gni_by_batch_size_samples_and_stops_at_the_smallest_batch_size():
+    model, (X, Y) = tiny_mlp(), tiny_data(9, "ce")
+    loss_fn = LOSSES["ce"]
+    limits = {"min_samples": 10, "max_samples": 300, "rel_se": 0.08}
+    by_size = fast_curvature.gni_by_batch_size(model, loss_fn, X, Y, [5, 3, 9], generator=measurement_generator(2, 4),
+                                               **limits)
+    d = fast_curvature.gni_decomposition(model, loss_fn, X, Y, generator=measurement_generator(2, 4), sample_batch=3,
+                                         **limits)
+    assert 10 < d.samples < 300
+    for b in (3, 5, 9):
+        assert (by_size[b].value, by_size[b].se, by_size[b].n) == (d.gni(b).value, d.gni(b).se, d.samples)
+    assert by_size[3].se < limits["rel_se"] * abs(by_size[3].value)
+    # Every batch size n alone: the batches are drawn at n - 1 and GNI(n) is exact.
+    (whole,) = fast_curvature.gni_by_batch_size(model, loss_fn, X, Y, [9], generator=measurement_generator(2, 4),
+                                                **limits).values()
+    assert whole.se == 0 and whole.n == 10
 
 
 def test_decomposition_standard_errors_are_honest():

@@ -18,9 +18,10 @@ from curvature_reference import LOSSES, check_honest, dense_gradient, dense_hess
 from utils.estimators import measurement_generator
 from utils.gauss_newton import GaussNewtonOperator
 from utils.hvp import flat_grad, flat_params
-from utils.measures import (adam_preconditioner, batch_lambda_max, batch_sharpness_ratio, gn_batch_sharpness,
-                            gn_lambda_max, gradient_norms, hessian_trace, momentum_buffer, momentum_direction,
-                            momentum_sharpness, param_distance, preconditioned_sharpness)
+from utils.measures import (adam_preconditioner, batch_lambda_max, batch_sharpness, batch_sharpness_ratio,
+                            gn_batch_sharpness, gn_lambda_max, gni, gradient_norms, hessian_trace, momentum_buffer,
+                            momentum_direction, momentum_sharpness, param_distance, preconditioned_sharpness,
+                            rademacher_probe)
 
 N, B = 8, 3
 
@@ -371,3 +372,45 @@ def test_batch_lambda_max_standard_errors_are_honest():
                                   min_samples=20, max_samples=20)
                  for seed in range(100)]
     check_honest_estimates(estimates, exact)
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_batchnorm_measurements_take_the_requested_mode(train_mode):
+    """With b = n every batch is the whole data, so each Monte Carlo measurement equals a dense
+    value of the requested mode: BatchNorm normalises by the data's own statistics in train
+    mode and by running statistics (set far from them here) in eval mode."""
+    model, (X, Y) = tiny_mlp(batchnorm=True), tiny_data(N, "mse")
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.tensor([0.3, -0.2, 0.1, 0.5]))
+        model[1].running_var.copy_(torch.tensor([0.5, 2.0, 1.5, 0.8]))
+    loss_fn = LOSSES["mse"]
+    H = dense_hessian(model, loss_fn, X, Y, train_mode=train_mode)
+    assert not torch.allclose(H, dense_hessian(model, loss_fn, X, Y, train_mode=not train_mode), rtol=0.05)
+    g = dense_gradient(model, loss_fn, X, Y, train_mode=train_mode)
+    G = dense_gauss_newton(model, "mse", X, Y, train_mode)
+    rayleigh = (g @ H @ g / (g @ g)).item()
+
+    def limits(samples=4):
+        return {"generator": measurement_generator(0, 0), "min_samples": samples, "max_samples": samples,
+                "train_mode": train_mode}
+
+    chunk_size = None if train_mode else 3  # train-mode chunks would normalise by their own statistics
+    assert gni(model, loss_fn, X, Y, N, chunk_size=chunk_size, **limits()).value == pytest.approx(rayleigh, rel=1e-10)
+    assert batch_sharpness(model, loss_fn, X, Y, N, **limits()).value == pytest.approx(rayleigh, rel=1e-10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # empty buffer: s_B = g_B
+    assert momentum_sharpness(model, loss_fn, X, Y, N, optimizer=optimizer, **limits()).value == pytest.approx(
+        rayleigh, rel=1e-10)
+    top = torch.linalg.eigvalsh(H)[-1].item()
+    assert batch_lambda_max(model, loss_fn, X, Y, N, tol=1e-10, **limits(2)).value == pytest.approx(top, rel=1e-9)
+    assert gn_batch_sharpness(model, loss_fn, X, Y, N, **limits()).value == pytest.approx(
+        (g @ G @ g / (g @ g)).item(), rel=1e-10)
+    _, gn_top = gn_lambda_max(model, loss_fn, X, Y, tol=1e-10, train_mode=train_mode)
+    assert gn_top.value == pytest.approx(torch.linalg.eigvalsh(G)[-1].item(), rel=1e-9)
+    batch, full = gradient_norms(model, loss_fn, X, Y, N, chunk_size=chunk_size, **limits())
+    assert batch.value == pytest.approx((g @ g).item(), rel=1e-10)
+    assert full.value == pytest.approx((g @ g).item(), rel=1e-10)
+    # The trace's probes are drawn one by one from the generator: recompute them.
+    probes = measurement_generator(0, 0)
+    Z = torch.stack([rademacher_probe(H.shape[0], probes, torch.float64, "cpu") for _ in range(5)], dim=1)
+    trace = hessian_trace(model, loss_fn, X, Y, block_size=5, **limits(5))
+    assert trace.value == pytest.approx((Z * (H @ Z)).sum(0).mean().item(), rel=1e-10)

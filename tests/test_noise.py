@@ -66,7 +66,8 @@ def test_noise_generator_is_a_pure_function_of_seed_step_and_substep():
     assert not torch.equal(draw(3, 7, 1), draw(4, 7, 1))
 
 
-@pytest.mark.parametrize("lr, h, m", [(0.05, 0.01, 5), (0.05, 0.03, 2), (0.1, 0.1, 1), (1.0, 0.3, 4), (0.3, 0.1, 3)])
+@pytest.mark.parametrize("lr, h, m", [(0.05, 0.01, 5), (0.05, 0.03, 2), (0.1, 0.1, 1), (1.0, 0.3, 4), (0.3, 0.1, 3),
+                                     (0.07, 0.01, 7)])  # 0.07 / 0.01 = 7.000000000000001 in floating point
 def test_sde_substeps_is_ceil_of_lr_over_h(lr, h, m):
     assert sde_substeps(lr, h) == m
 
@@ -110,6 +111,15 @@ def test_sgd_weights_give_the_mean_gradient_plus_centred_per_sample_gradients():
     loss = accumulate_gradient(model, mse_loss, X, Y, weights, chunk_size=7)
     expected = mean + (xi[:, None] * (per_sample - mean)).sum(dim=0) / math.sqrt(N * BATCH)
     torch.testing.assert_close(model.weight.grad.reshape(-1), expected, rtol=1e-12, atol=1e-12)
+    assert loss.item() == pytest.approx(mse_loss(model(X), Y).item(), rel=1e-12)
+
+
+def test_unweighted_gradient_in_uneven_chunks_is_the_mean_gradient():
+    """40 samples in chunks of 7: the last chunk of 5 weighs 5/40, not 7/40."""
+    model, X, Y, _, mean, _ = regression()
+    model.zero_grad(set_to_none=True)
+    loss = accumulate_gradient(model, mse_loss, X, Y, None, chunk_size=7)
+    torch.testing.assert_close(model.weight.grad.reshape(-1), mean, rtol=1e-12, atol=1e-12)
     assert loss.item() == pytest.approx(mse_loss(model(X), Y).item(), rel=1e-12)
 
 

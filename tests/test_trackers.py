@@ -112,3 +112,11 @@ def test_missing_tracker_package_is_one_line_and_no_run_folder(results_env, monk
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"pip install {package}" in err and flag in err
     assert not run_dir.exists()
+
+
+def test_only_finite_numbers_of_a_row_are_sent(fake_wandb, tmp_path):
+    from utils.trackers import WandbTracker
+
+    tracker = WandbTracker(fake_wandb, str(tmp_path), {"config": {}}, 0)
+    tracker.log_row({"step": 3, "loss": 0.5, "lambda_max_se": math.nan, "inf": math.inf, "diverged": True, "note": "x"})
+    assert fake_wandb.runs[0].logged == [(3, {"loss": 0.5, "diverged": 1.0})]
