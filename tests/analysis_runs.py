@@ -63,6 +63,29 @@ def unknown_version(run_dir):
     return "config format version 99"
 
 
+def mistyped_config(run_dir):
+    record = json.loads((run_dir / "config.json").read_text())
+    record["config"]["lr"] = "0.05"
+    (run_dir / "config.json").write_text(json.dumps(record))
+    return "config setting lr = '0.05' is not of type float"
+
+
+def renamed_step_column(run_dir):
+    text = (run_dir / "results.txt").read_text()
+    (run_dir / "results.txt").write_text(text.replace("\nepoch,step,", "\nepoch,Step,", 1))
+    return "has no step column"
+
+
+def garbled_value(run_dir):
+    lines = (run_dir / "results.txt").read_text().split("\n")
+    header_at = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    fields = lines[header_at + 3].split(",")
+    fields[2] = "x0.5"  # batch_loss of the third row
+    lines[header_at + 3] = ",".join(fields)
+    (run_dir / "results.txt").write_text("\n".join(lines))
+    return "not numbers in column batch_loss"
+
+
 def check_bad_input(script, extra_args, damage, runs, tmp_path, capsys):
     """A damaged run next to a good one: exit code 2, one line on stderr, no file written anywhere."""
     good = copy_run(runs["b"], tmp_path, "good")

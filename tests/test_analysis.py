@@ -13,8 +13,9 @@ import compute_final_fullbs
 import plot_results
 import sharpness_gap
 import training
-from analysis_runs import (check_bad_input, copy_run, final_model, missing_folder, no_checkpoints, runs,  # noqa: F401
-                           truncated_results, unknown_version)
+from analysis_runs import (check_bad_input, copy_run, final_model, garbled_value, missing_folder,  # noqa: F401
+                           mistyped_config, no_checkpoints, renamed_step_column, runs, truncated_results,
+                           unknown_version)
 from curvature_reference import dense_hessian
 from utils.analysis import sharpness_plateaus, stability_label, stability_threshold, tail_median
 from utils.config import RunConfig
@@ -264,8 +265,9 @@ def test_damaged_runs_below_a_folder_are_skipped_with_a_warning(runs, tmp_path):
 # Bad inputs: one line, exit code 2, nothing written
 
 SCRIPTS = {"fullbs": compute_final_fullbs, "gap": sharpness_gap, "plot": plot_results}
-CASES = [(script, missing_folder) for script in SCRIPTS] + [(script, unknown_version) for script in SCRIPTS] + \
-        [("fullbs", no_checkpoints), ("gap", truncated_results), ("plot", truncated_results)]
+CASES = [(script, damage) for damage in (missing_folder, unknown_version, mistyped_config) for script in SCRIPTS] + \
+        [("fullbs", no_checkpoints)] + \
+        [(script, damage) for damage in (truncated_results, renamed_step_column, garbled_value) for script in ("gap", "plot")]
 
 
 @pytest.mark.parametrize("script,damage", CASES, ids=[f"{s}-{d.__name__}" for s, d in CASES])

@@ -173,7 +173,13 @@ def read_run_results(run_dir: str):
     if cut:
         raise UserError(f"{path} ends in a cut-off row (the run was killed while writing); "
                         f"continue it with training.py --resume {run_dir}, which drops that row")
-    return pd.read_csv(io.StringIO(text), comment="#")
+    frame = pd.read_csv(io.StringIO(text), comment="#")
+    if "step" not in frame.columns:
+        raise UserError(f"{path} has no step column in its header line; the run folder is damaged")
+    garbled = [column for column in frame.columns if not pd.api.types.is_numeric_dtype(frame[column])]
+    if garbled:
+        raise UserError(f"{path} has values that are not numbers in column {garbled[0]}; the run folder is damaged")
+    return frame
 
 
 def read_optional_json(run_dir: str, name: str) -> dict | None:
