@@ -346,7 +346,7 @@ def test_bad_classes(classes, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(num_data=1498), "1497"),
+        (dict(num_data=1498), "--num-data 1498 exceeds the 1497 training images of digits"),
         (dict(num_data=0), "positive"),
         (dict(loss="hinge"), "mse, ce"),
         (dict(dataset_seed=-1), "dataset_seed"),

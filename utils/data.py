@@ -344,7 +344,7 @@ def _subset(split: _Split, num_data: int, seed: int, name: str) -> _Split:
     available = len(split.y)
     if num_data > available:
         raise UserError(
-            f"num_data {num_data} exceeds the {available} training images of {name}; choose at most {available}"
+            f"--num-data {num_data} exceeds the {available} training images of {name}; choose at most {available}"
         )
     rows = np.sort(np.random.default_rng(seed).choice(available, size=num_data, replace=False))
     return _Split(split.x[rows], split.y[rows])
