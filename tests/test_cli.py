@@ -3,7 +3,7 @@ import signal
 
 import pytest
 
-from utils.cli import SignalCatcher
+from utils.cli import OneLineParser, SignalCatcher
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -18,3 +18,17 @@ def test_first_signal_is_a_flag_and_second_stops_at_once(sig, code, capfd):
     assert stopped.value.code == code
     assert "stopping now" in capfd.readouterr().err
     assert signal.getsignal(sig) is before
+
+
+def test_help_shows_readable_defaults_and_leaves_unset_ones_to_their_words(capsys):
+    parser = OneLineParser(prog="demo")
+    parser.add_argument("--lr", type=float, default=0.05, help="step size")
+    parser.add_argument("--steps", type=int, default=None, help="number of steps (default 1000)")
+    parser.add_argument("--chunk", type=int, default=None, help="samples per chunk")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--tail", type=float, default=0.2, help="last fraction (default 0.2)")
+    text = " ".join(parser.format_help().split())
+    assert "step size (default: 0.05)" in text
+    assert "number of steps (default 1000)" in text and "(default: None)" not in text
+    assert "samples per chunk" in text and "no progress output" in text
+    assert "(default: False)" not in text and "(default: 0.2)" not in text

@@ -9,8 +9,28 @@ import threading
 from utils.errors import UserError
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default after its help when the default is a value a user can read.
+
+    Options whose default is None or a switch's False are left alone: their help says in words
+    what happens when they are not given, and help that already names its default is kept as is.
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports mistakes as a UserError (one line) instead of printing usage."""
+    """argparse that reports mistakes as a UserError (one line) instead of printing usage, and
+    whose --help shows the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
