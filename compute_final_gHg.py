@@ -19,8 +19,8 @@ import sys
 import pandas as pd
 from tqdm import tqdm
 
-from utils.analysis import (check_batch_sizes, default_batch_sizes, ghg_family, ghg_record, gni_all_batch_sizes,
-                            stability_label, stability_threshold)
+from utils.analysis import (check_batch_sizes, default_batch_sizes, estimates_at_sample_limit, ghg_family, ghg_record,
+                            gni_all_batch_sizes, stability_label, stability_threshold)
 from utils.cli import run_cli
 from utils.errors import UserError
 from utils.runs import (DTYPES, build_analysis_parser, checkpoint_list, load_weights, output_folders,
@@ -106,6 +106,11 @@ def main(argv=None) -> int:
             print(f"{run.run_dir} at step {record['step']} (training batch {run.cfg.batch}, "
                   f"{record['threshold_label']} = {record['threshold']:.4g})")
             print(table(record))
+            capped = estimates_at_sample_limit(record, args.max_samples)
+            for line in capped:
+                print(f"note: {line}")
+            if capped:
+                print("note: pass a larger --max-samples for estimates that reach their standard-error targets")
         for path in write_text_files(outputs):
             print(f"wrote {path}")
         return 0

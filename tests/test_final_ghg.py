@@ -12,7 +12,7 @@ import sharpness_gap
 from analysis_runs import (check_bad_input, copy_run, final_model, missing_folder, no_checkpoints, runs,  # noqa: F401
                            unknown_version)
 from utils import fast_curvature
-from utils.analysis import default_batch_sizes, gni_all_batch_sizes
+from utils.analysis import default_batch_sizes, estimates_at_sample_limit, gni_all_batch_sizes
 from utils.estimators import measurement_generator
 from utils.fast_curvature import gni_by_batch_size
 from utils.losses import mse_loss
@@ -23,8 +23,15 @@ def test_ghg_matches_the_measurement_functions(runs, tmp_path, capsys):
     out = tmp_path / "out"
     assert compute_final_gHg.main([str(runs["a"]), "--batch-sizes", "4", "32", "--max-samples", "25",
                                    "--out", str(out), "--cpu", "--quiet"]) == 0
-    assert f"wrote {out / 'final_ghg.csv'}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"wrote {out / 'final_ghg.csv'}" in printed
     record = json.loads((out / "final_ghg.json").read_text())
+    capped = [(b, name) for b, values in record["batch_sizes"].items()
+              for name in ("batch_sharpness", "batch_sharpness_ratio", "gni") if values[f"{name}_n"] == 25]
+    assert capped, "25 samples are too few for any estimate of this run to reach its target"
+    assert printed.count("note: ") == len(capped) + 1
+    for b, name in capped:
+        assert f"note: {name} at b={b} stopped at the 25-sample limit" in printed
     # The training batch size 8 is measured whatever --batch-sizes says.
     assert sorted(record["batch_sizes"], key=int) == ["4", "8", "32"] and record["training_batch"] == 8
     assert record["step"] == 30 and record["gni_method"] == "tr(HS) identity"
@@ -81,6 +88,20 @@ def test_gni_is_measured_per_batch_size_with_batchnorm():
     without = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     by_size = gni_all_batch_sizes(without, mse_loss, X, Y, [4, 6, 12], measure_seed=0, step=0, max_samples=20)
     assert sorted(by_size) == [4, 6, 12] and by_size[12].se == 0
+
+
+def test_estimates_at_the_sample_limit_are_named_with_their_relative_error():
+    values = {"batch_sharpness": 2.0, "batch_sharpness_se": 0.02, "batch_sharpness_n": 1000,
+              "batch_sharpness_ratio": -4.0, "batch_sharpness_ratio_se": 0.01, "batch_sharpness_ratio_n": 40,
+              "gni": 0.0, "gni_se": 0.5, "gni_n": 39}
+    record = {"batch_sizes": {"8": values}}
+    assert estimates_at_sample_limit(record) == [
+        "batch_sharpness at b=8 stopped at the 1000-sample limit with a relative standard error of 1.00%"]
+    assert estimates_at_sample_limit(record, max_samples=40) == [
+        "batch_sharpness at b=8 stopped at the 40-sample limit with a relative standard error of 1.00%",
+        "batch_sharpness_ratio at b=8 stopped at the 40-sample limit with a relative standard error of 0.25%"]
+    assert estimates_at_sample_limit(record, max_samples=39)[-1] == (
+        "gni at b=8 stopped at the 39-sample limit with a standard error of 0.5")
 
 
 def test_default_batch_sizes():

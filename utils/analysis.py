@@ -13,7 +13,7 @@ import math
 
 from utils import measures
 from utils.errors import UserError
-from utils.estimators import Estimate, measurement_generator
+from utils.estimators import MAX_SAMPLES, Estimate, measurement_generator
 from utils.fast_curvature import gni_by_batch_size
 from utils.models import has_batchnorm
 
@@ -138,6 +138,21 @@ def ghg_record(estimates: dict[str, Estimate]) -> dict:
         record.update({name: est.value, f"{name}_se": est.se, f"{name}_n": est.n,
                        f"{name}_hvps": est.hvps, f"{name}_seconds": est.seconds})
     return record
+
+
+def estimates_at_sample_limit(record: dict, max_samples=None) -> list[str]:
+    """One line per estimate of a final_ghg.json record that used every sample it was allowed
+    (``max_samples``, else the measurements' default cap): it stopped at that limit, not at
+    its standard-error target, so its error is larger than the measurement aims for."""
+    limit = MAX_SAMPLES if max_samples is None else max_samples
+    lines = []
+    for b, values in record["batch_sizes"].items():
+        for name in ("batch_sharpness", "batch_sharpness_ratio", "gni"):
+            if values.get(f"{name}_n", 0) >= limit:
+                value, se = values[name], values[f"{name}_se"]
+                error = f"a relative standard error of {abs(se / value):.2%}" if value else f"a standard error of {se:.3g}"
+                lines.append(f"{name} at b={b} stopped at the {limit}-sample limit with {error}")
+    return lines
 
 
 def tail_median(frame, column: str, tail: float) -> tuple[float, int]:

@@ -22,6 +22,10 @@ import torch
 
 from utils.errors import UserError
 
+# Default cap on the Monte Carlo samples of one estimate; an estimate that uses all of them
+# stopped short of its standard-error target.
+MAX_SAMPLES = 1000
+
 
 @dataclass
 class Estimate:
