@@ -183,6 +183,7 @@ def test_fork_continues_step_numbering_and_matches_parent(results_env):
     (["--resume-step", "3"], "--resume"),
     (["--cont-run", "{run}"], "--cont-step"),
     (["--cont-run", "{run}", "--cont-step", "3", "--width", "32"], "--width"),
+    (["--cont-run", "{run}", "--cont-step", "3", "--gni-every", "2"], "--gni-every paces --gni, which is off"),
     (["--resume", "{run}", "--resume-step", "7"], "available steps"),
 ])
 def test_continuation_errors(results_env, capsys, argv, fragment):

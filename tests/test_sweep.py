@@ -287,6 +287,7 @@ def test_grid_tokens():
     (["--lr", "0.1", "--", "--run-dir", "x"], "--run-dir is set by the sweep"),
     (["--lr", "0.1", "0.2", "--", "--lr", "0.3"], "--lr is both a grid flag and a flag after --"),
     (["--lr", "-1", "0.1"], "grid point lr-1: --lr must be a positive number"),
+    (["--lambdamax", "false", "true", "--", "--lambdamax-every", "5"], "--lambdamax-every paces --lambdamax, which is off"),
     (["--batch", "8.5"], "invalid int value: '8.5'"),
     (["--lr", "0.1", "0.10"], "grid points lr0.1 and lr0.10 are the same run"),
     (["--adam", "maybe"], "--adam is a switch"),

@@ -149,6 +149,8 @@ def test_default_run_folder_name(results_env):
     (["--no-such-flag"], "--no-such-flag"),
     (["--dataset", "cifar10"], "--download"),
     (["--model", "linear", "--lambdamax", "--num-eigenvalues", "700", "--eig-method", "lobpcg"], "at most 650"),
+    (["--lambdamax-every", "5"], "--lambdamax-every paces --lambdamax, which is off; add --lambdamax"),
+    (["--gni", "--batch-sharpness-every", "5"], "--batch-sharpness-every paces --batch-sharpness, which is off"),
 ])
 def test_user_errors_exit_2_with_one_line(results_env, capsys, argv, fragment):
     code = training.main(["--quiet", "--steps", "2", *argv])

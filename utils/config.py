@@ -312,6 +312,18 @@ def validate(cfg: RunConfig) -> None:
         need(value is None or value >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {value}")
 
 
+def check_cadences_have_measurements(cfg: RunConfig, given=None) -> None:
+    """Refuse a per-measurement cadence (``--lambdamax-every`` ...) whose measurement is off:
+    the run would silently measure nothing. ``given`` limits the check to those settings (a
+    fork answers for its own flags, not its parent's). Only runs about to start are checked,
+    so that stored runs with such a setting stay readable."""
+    for name in MEASUREMENTS:
+        cadence = f"{name}_every"
+        if getattr(cfg, cadence) is not None and not getattr(cfg, name) and (given is None or cadence in given):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag}-every paces {flag}, which is off; add {flag} or drop {flag}-every")
+
+
 def results_root() -> str:
     return os.environ.get("RESULTS") or "./results"
 

@@ -213,7 +213,7 @@ def _shared_settings(shared: list[str]) -> dict:
 
 def define_sweep(name: str, grid: dict, shared: list[str], command_line: list[str] | None = None) -> dict:
     """Check the grid and every point's training flags; return the sweep definition (grid.json)."""
-    from utils.config import build_parser, config_from_args, validate
+    from utils.config import build_parser, check_cadences_have_measurements, config_from_args, validate
 
     if not _NAME.match(name or ""):
         raise UserError(f"--name {name!r} must be a folder name of letters, digits, '.', '_' and '-'")
@@ -238,6 +238,7 @@ def define_sweep(name: str, grid: dict, shared: list[str], command_line: list[st
             args = build_parser().parse_args([*point["argv"], *shared])
             cfg = config_from_args(args)
             validate(cfg)
+            check_cadences_have_measurements(cfg)
         except UserError as exc:
             raise UserError(f"grid point {point['name']}: {exc}")
         key = json.dumps(cfg.to_dict(), sort_keys=True)

@@ -31,7 +31,8 @@ from utils import schedule
 from utils.checkpoints import (checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
                                rng_state, save_checkpoint, set_rng_state)
 from utils.cli import SignalCatcher
-from utils.config import CONFIG_VERSION, DEFAULT_STEPS, RunConfig, datasets_root, results_root, validate
+from utils.config import (CONFIG_VERSION, DEFAULT_STEPS, RunConfig, check_cadences_have_measurements, datasets_root,
+                          results_root, validate)
 from utils.data import load_dataset
 from utils.errors import UserError
 from utils.fast_curvature import batch_route
@@ -248,6 +249,7 @@ def run(cfg: RunConfig, command_line: list[str] | None = None) -> tuple[str, dic
     The summary's ``status`` is ``finished``, ``stopped_at_loss``, ``diverged`` or
     ``interrupted`` (then ``signal`` names SIGINT or SIGTERM and ``exit_code`` is 130 / 143).
     """
+    check_cadences_have_measurements(cfg)
     setup = build(cfg)
     monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
                       setup.optimizer)
@@ -419,6 +421,7 @@ def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[st
         values["steps"] = None
     values["run_dir"] = overrides.get("run_dir")
     cfg = RunConfig.from_dict(values)
+    check_cadences_have_measurements(cfg, given=overrides)
     step, path = _pick_checkpoint(parent_dir, cont_step, at_or_before=True)
     setup = build(cfg)
     if step >= setup.total_steps:
