@@ -22,7 +22,7 @@ from utils.config import RunConfig
 from utils.errors import UserError
 from utils.estimators import measurement_generator
 from utils.measures import lambda_max
-from utils.plotting import plot_runs, run_labels
+from utils.plotting import new_figure, plot_runs, run_labels, use_plain_log_labels
 from utils.runs import load_run, load_weights, read_run_results, select_runs
 
 
@@ -228,6 +228,41 @@ def test_plot_results_overlay_legend_from_configs(runs, tmp_path):
     assert sorted(os.listdir(out)) == ["results_overlay.pdf", "results_overlay.png"]
     stem = "results_overlay"
     assert matplotlib.image.imread(out / f"{stem}.png").shape[1] == 700
+
+
+def test_overlay_panels_name_their_line_styles_and_stability_line(runs):
+    selected = [load_run(str(runs["a"])), load_run(str(runs["b"]))]
+    figure = plot_runs(selected, [read_run_results(run.run_dir) for run in selected])
+    axes = {ax.get_title(): ax for ax in figure.axes if ax.get_visible()}
+
+    def key(title):
+        legend = axes[title].get_legend()
+        return None if legend is None else [(text.get_text(), line.get_linestyle(), line.get_color())
+                                            for text, line in zip(legend.get_texts(), legend.get_lines())]
+
+    # Colours are runs (the figure legend); a panel's own key is grey and names its line styles.
+    assert key("loss") == [("step's batch", "-", "0.3"), ("full", "-", "0.3")]
+    assert key("λ_max") == [("λ_max", "-", "0.3"), ("2/η", ":", "0.3")]
+    assert key("accuracy") is None
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["lr=0.05, batch=8", "lr=0.1, batch=16"]
+
+
+def test_log_axes_spanning_less_than_two_decades_get_plain_labels():
+    figure, (narrow, wide, huge) = new_figure(1, 3)
+    for ax, (low, high) in zip((narrow, wide, huge), [(0.3, 1.0), (0.018, 0.8), (1e-4, 1.0)]):
+        ax.plot([0, 1], [low, high])
+        ax.set_yscale("log")
+        use_plain_log_labels(ax)
+    figure.canvas.draw()
+
+    def labels(ax):
+        low, high = ax.get_ylim()
+        ticks = list(ax.yaxis.get_major_ticks()) + list(ax.yaxis.get_minor_ticks())
+        return {tick.label1.get_text() for tick in ticks if low <= tick.get_loc() <= high} - {""}
+
+    assert {"0.3", "0.4", "0.6", "1"} <= labels(narrow) and not any("10" in t for t in labels(narrow))
+    assert {"0.02", "0.1", "0.2"} <= labels(wide) and not labels(wide) & {"0.03", "0.04", "0.06"}
+    assert all("10" in t for t in labels(huge))
 
 
 # Selecting runs

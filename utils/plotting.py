@@ -15,7 +15,7 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import NullLocator, ScalarFormatter
+from matplotlib.ticker import LogFormatterSciNotation, NullLocator, ScalarFormatter
 
 from utils.analysis import stability_label, stability_threshold
 from utils.errors import UserError
@@ -81,6 +81,25 @@ PANELS = (
     Panel("distance to θ₀", (Curve("param_distance", "‖θ − θ₀‖"),)),
     Panel("accuracy", (Curve("full_accuracy", "train"),)),
 )
+
+
+class _PlainLogFormatter(LogFormatterSciNotation):
+    """Log-axis labels as plain numbers (0.3, 0.6, 1) on axes spanning less than two decades,
+    where matplotlib labels minor ticks too and 6×10⁻¹-style text crowds a narrow panel; past
+    one decade only the 1, 2, 5 steps keep their labels."""
+
+    def __call__(self, x, pos=None):
+        text = super().__call__(x, pos)
+        low, high = sorted(self.axis.get_view_interval())
+        if not text or low <= 0 or high / low >= 100:
+            return text
+        leading = round(x / 10 ** math.floor(math.log10(x) + 1e-9))
+        return f"{x:.3g}" if high / low < 10 or leading in (1, 2, 5) else ""
+
+
+def use_plain_log_labels(ax) -> None:
+    ax.yaxis.set_major_formatter(_PlainLogFormatter())
+    ax.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False))
 
 
 def new_figure(nrows: int, ncols: int, height: float | None = None) -> tuple[Figure, list]:
@@ -176,8 +195,7 @@ def plot_runs(runs, frames, *, smooth: int | None = None) -> Figure:
     distance to the initialisation, accuracy; the dashed stability line of each run's
     optimiser where it applies. Several runs are overlaid, one colour each, labelled by their settings.
     """
-    panels = [p for p in PANELS if any(c.column in f.columns and f[c.column].notna().any()
-                                       for c in p.curves for f in frames)]
+    panels = [p for p in PANELS if any(_has(f, c.column) for c in p.curves for f in frames)]
     ncols = 2 if len(panels) in (2, 4) else min(3, len(panels))  # no empty slots for 2 or 4 panels
     nrows = math.ceil(len(panels) / ncols)
     overlay = len(runs) > 1
@@ -194,8 +212,10 @@ def plot_runs(runs, frames, *, smooth: int | None = None) -> Figure:
             ax.set_xlabel("step")
             if panel.log:
                 ax.set_yscale("log")
-            if not overlay and len(ax.get_legend_handles_labels()[0]) > 1:
-                ax.legend(frameon=False)
+                use_plain_log_labels(ax)
+            handles = ax.get_legend_handles_labels()[0] if not overlay else _style_key(panel, runs, frames)
+            if len(handles) > 1:
+                ax.legend(handles=handles, frameon=False)
         if overlay:
             handles = [Line2D([], [], color=f"C{i % 10}", label=label) for i, label in enumerate(labels)]
             fig.legend(handles=handles, loc="outside upper center", ncols=min(4, len(handles)), frameon=False)
@@ -204,15 +224,34 @@ def plot_runs(runs, frames, *, smooth: int | None = None) -> Figure:
     return fig
 
 
+def _has(frame, column: str) -> bool:
+    return column in frame.columns and frame[column].notna().any()
+
+
+def _curve_style(curve: Curve, color) -> dict:
+    style = {"color": color, "linestyle": "--" if curve.dashed else "-"}
+    if curve.faint:
+        style.update(alpha=0.3, linewidth=0.6)
+    return style
+
+
+def _style_key(panel: Panel, runs, frames) -> list:
+    """Legend entries of an overlay panel in grey: which line style is which curve (colours
+    are runs, named in the figure legend), and the dotted stability line."""
+    key = [Line2D([], [], label=curve.label, **_curve_style(curve, "0.3"))
+           for curve in panel.curves if any(_has(frame, curve.column) for frame in frames)]
+    labels = sorted({stability_label(run.cfg) for run in runs if _stability_applies(panel, run.cfg)})
+    if labels:
+        key.append(Line2D([], [], color="0.3", linestyle=":", linewidth=0.8, label=" / ".join(labels)))
+    return key
+
+
 def _draw_panel(ax, panel: Panel, cfg, frame, color, run_label, overlay, smooth_window) -> None:
     for curve in panel.curves:
-        if curve.column not in frame.columns or frame[curve.column].isna().all():
+        if not _has(frame, curve.column):
             continue
         steps, values, data = _series(frame, curve.column, smooth_window, curve.smooth)
-        style = {"color": color, "linestyle": "--" if curve.dashed else "-"}
-        if curve.faint:
-            style.update(alpha=0.3, linewidth=0.6)
-        ax.plot(steps, values, label=None if overlay else curve.label, **style)
+        ax.plot(steps, values, label=None if overlay else curve.label, **_curve_style(curve, color))
         se = f"{curve.column}_se"
         if se in frame.columns and not curve.faint:
             spread = frame.loc[data.index, se].fillna(0).to_numpy()
