@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -184,6 +185,10 @@ def test_progress_lines_show_the_latest_measurements(results_env, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == [f"step {k}/40" for k in range(4, 41, 4)]
     assert all("batch_loss=" in line and "full_loss=" in line and "lambda_max=" in line for line in lines)
+    # Values from earlier rows carry their step; the measurement cadence is every 7 steps.
+    assert "lambda_max=" in lines[0] and " @3" not in lines[0]  # step 4/40 shows row 3, no measurement there
+    assert re.search(r"lambda_max=\S+ @0\b", lines[0]) and re.search(r"lambda_max=\S+ @35\b", lines[-1])
+    assert re.search(r"batch_loss=[^ ,]+,", lines[-1])  # the newest row's own value has no mark
 
 
 def test_unconverged_eigen_solver_warns_with_its_residual_and_the_run_goes_on(results_env):

@@ -175,7 +175,8 @@ class _Progress:
     """tqdm on a terminal; a plain line every tenth of the run otherwise; nothing when quiet.
 
     Both show the latest value of each quantity, however many steps ago it was measured:
-    measurements are sparse, so the step a line is printed at rarely carries one.
+    measurements are sparse, so the step a line is printed at rarely carries one. A value from
+    an earlier row than the newest is marked with that row's step (``lambda_max=16.9 @964``).
     """
 
     def __init__(self, total: int, initial: int, quiet: bool):
@@ -191,8 +192,8 @@ class _Progress:
     def update(self, step: int, info: dict) -> None:
         if self.quiet:
             return
-        self.latest.update((k, v) for k, v in info.items() if v is not None)
-        text = ", ".join(f"{k}={v:.4g}" for k, v in self.latest.items())
+        self.latest.update((k, (v, step)) for k, v in info.items() if v is not None)
+        text = ", ".join(f"{k}={v:.4g}" + ("" if at == step else f" @{at}") for k, (v, at) in self.latest.items())
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(text, refresh=False)
