@@ -3,6 +3,7 @@
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import matplotlib.image
 import pandas as pd
@@ -22,7 +23,7 @@ from utils.config import RunConfig
 from utils.errors import UserError
 from utils.estimators import measurement_generator
 from utils.measures import lambda_max
-from utils.plotting import new_figure, plot_runs, run_labels, use_plain_log_labels
+from utils.plotting import legend_order, new_figure, plot_runs, run_labels, use_plain_log_labels
 from utils.runs import load_run, load_weights, read_run_results, select_runs
 
 
@@ -245,6 +246,22 @@ def test_overlay_panels_name_their_line_styles_and_stability_line(runs):
     assert key("λ_max") == [("λ_max", "-", "0.3"), ("2/η", ":", "0.3")]
     assert key("accuracy") is None
     assert [text.get_text() for text in figure.legends[0].get_texts()] == ["lr=0.05, batch=8", "lr=0.1, batch=16"]
+
+
+def test_overlaid_runs_are_ordered_by_the_settings_they_differ_in(runs):
+    selected = [load_run(str(runs["b"])), load_run(str(runs["a"]))]
+    figure = plot_runs(selected, [read_run_results(run.run_dir) for run in selected])
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["lr=0.05, batch=8", "lr=0.1, batch=16"]
+
+    def run(**settings):
+        return SimpleNamespace(cfg=RunConfig(**settings), name=str(settings))
+
+    batches = [run(batch=b) for b in (64, 1497, 32, 16)]
+    assert [batches[i].cfg.batch for i in legend_order(batches)] == [16, 32, 64, 1497]
+    mixed = [run(lr=0.2, gd_noise="sgd"), run(lr=0.1, gd_noise="sgd"), run(lr=0.2)]
+    assert legend_order(mixed) == [1, 2, 0]  # lr first (config order), then plain SGD before noisy GD
+    same = [run(), run()]
+    assert legend_order(same) == [0, 1]
 
 
 def test_log_axes_spanning_less_than_two_decades_get_plain_labels():

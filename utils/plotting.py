@@ -153,11 +153,32 @@ def run_title(cfg) -> str:
     return " · ".join(parts)
 
 
+def _differing_settings(configs: list[dict]) -> list[str]:
+    return [key for key in configs[0]
+            if key not in _NOT_DISTINGUISHING and not key.endswith("_every") and any(c[key] != configs[0][key] for c in configs)]
+
+
+def legend_order(runs) -> list[int]:
+    """Indices of ``runs`` sorted by the settings in which they differ, in config order and
+    numerically where numbers (batch=16, 32, 64, 1497), so colours follow the settings; runs
+    that differ in nothing keep their order."""
+    configs = [run.cfg.to_dict() for run in runs]
+    differing = _differing_settings(configs)
+
+    def rank(value):
+        if value is None:
+            return (0, 0, "")
+        if isinstance(value, (int, float)):  # bools included: off before on
+            return (1, value, "")
+        return (2, 0, str(value))
+
+    return sorted(range(len(runs)), key=lambda i: tuple(rank(configs[i][key]) for key in differing))
+
+
 def run_labels(runs) -> list[str]:
     """Legend labels for overlaid runs: the settings in which their configs differ."""
     configs = [run.cfg.to_dict() for run in runs]
-    differing = [key for key in configs[0]
-                 if key not in _NOT_DISTINGUISHING and not key.endswith("_every") and any(c[key] != configs[0][key] for c in configs)]
+    differing = _differing_settings(configs)
     if not differing:
         return [run.name for run in runs]
     dynamics_keys = ("gd_noise", "sde", "sde_h", "noise_mag")
@@ -193,12 +214,15 @@ def plot_runs(runs, frames, *, smooth: int | None = None) -> Figure:
     standard-error band, step sharpness smoothed over ``smooth`` measurements, GNI,
     Gauss–Newton, momentum and preconditioned sharpness, Hessian trace, gradient norms,
     distance to the initialisation, accuracy; the dashed stability line of each run's
-    optimiser where it applies. Several runs are overlaid, one colour each, labelled by their settings.
+    optimiser where it applies. Several runs are overlaid, one colour each, labelled by their
+    settings and ordered by them (:func:`legend_order`).
     """
     panels = [p for p in PANELS if any(_has(f, c.column) for c in p.curves for f in frames)]
     ncols = 2 if len(panels) in (2, 4) else min(3, len(panels))  # no empty slots for 2 or 4 panels
     nrows = math.ceil(len(panels) / ncols)
     overlay = len(runs) > 1
+    order = legend_order(runs)
+    runs, frames = [runs[i] for i in order], [frames[i] for i in order]
     labels = run_labels(runs) if overlay else [None]
     with matplotlib.rc_context(STYLE):
         fig, axes = new_figure(nrows, ncols)
