@@ -15,8 +15,9 @@ quantities the same way on the whole data (one graph, one double backward per ve
 the same batches from the same generator and applies the same stopping rule as ours, so values
 and standard errors agree and only the time differs. Baselines that would take minutes per
 repeat are timed on a few samples and scaled (marked ``scaled``). lambda_max is also solved by
-LOBPCG with the cost profile of the paper's code (:func:`paper_lobpcg`), cold, warm-started
-and along training, on the same HVPs as the baseline.
+LOBPCG with the cost profile of the paper's code (:func:`paper_lobpcg`), cold, warm-started,
+along training and at training.py's cadence through a ``--run-steps`` run, on the same HVPs
+as the baseline.
 
 Also: full-batch lambda_max of the MLP on ``--large-n`` samples with chunked products in a
 fresh process (peak resident memory, or peak CUDA memory), and the 1000-step sanity run
@@ -43,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from utils import measures  # noqa: E402
+from utils.config import RunConfig  # noqa: E402
 from utils.data import load_dataset  # noqa: E402
 from utils.eigs import power_iteration  # noqa: E402
 from utils.estimators import mean_with_stopping, measurement_generator, sample_batch_indices  # noqa: E402
@@ -50,7 +52,9 @@ from utils.fast_curvature import batch_route, gni_by_batch_size, linear_network 
 from utils.hvp import default_hvp_mode  # noqa: E402
 from utils.losses import mse_loss  # noqa: E402
 from utils.models import build_model  # noqa: E402
+from utils.monitor import measurement_schedule  # noqa: E402
 from utils.r_operator import ChainCurvature, is_chain  # noqa: E402
+from utils.schedule import is_due  # noqa: E402
 
 SECTIONS = ("gradient", "hvp", "lambda_max", "batch_sharpness", "gni", "gni_all_b", "large", "sanity")
 GNI_FIXED_SAMPLES = 500  # the fixed sample count of a GNI estimate without a stopping rule
@@ -373,6 +377,8 @@ def bench_lambda_max(name, model, X, Y, args):
                          f"{sharpness:.3g} >= 2/lr); pass --sgd-lr below {2 / sharpness:.2g}")
     rows += bench_first_warm_solve(name, model, X, Y, solvers, colds, args)
     rows += bench_lambda_max_along_training(name, model, X, Y, solvers, args)
+    if args.run_steps:
+        rows += bench_lambda_max_training_run(name, model, X, Y, solvers, args)
     seconds, result = repeat(lambda: plain_lambda_max(model, X, Y, tol, args.power_max_hvps,
                                                       measurement_generator(0, 1)), 1, args.device)
     note = "" if result.converged else f"not converged, residual {float(result.residuals[0]):.1e}"
@@ -417,31 +423,56 @@ def warm_row(name, measurement, method, seconds, results, reference, what) -> di
     return row(name, measurement, method, seconds, hvps=statistics.median(counts), value=results[0].value, note=note)
 
 
-def bench_lambda_max_along_training(name, model, X, Y, solvers, args) -> list[dict]:
-    """Warm-started lambda_max as a run measures it: every ``--trajectory-every`` SGD steps
-    (batch 8, lr ``--sgd-lr``) from initialisation, each solve started from the previous
-    eigenvector of the same solver. A row gives the median time and HVPs of the warm solves;
-    the note their spread."""
+def warm_solves_along_sgd(model, X, Y, solvers, solve_steps, args) -> dict:
+    """Plain SGD (batch 8, lr ``--sgd-lr``, batches from a generator seeded 1) from
+    initialisation, with a lambda_max solve by every solver at each of ``solve_steps`` (the
+    state before that step's update), each started from the previous eigenvector of the same
+    solver. Returns, per solver, the times and results of the warm solves (the first is cold)."""
     moved = copy.deepcopy(model)
     generator = torch.Generator(device=X.device).manual_seed(1)
     optimizer = torch.optim.SGD(moved.parameters(), lr=args.sgd_lr)
     caches = {method: None for method in solvers}
     outcomes = {method: ([], []) for method in solvers}
-    for point in range(args.trajectory_points + 1):
-        for method, (solve, _) in solvers.items():
-            took, result = timed(lambda: solve(moved, caches[method], point), args.device)
-            caches[method] = result.vector
-            if point > 0:  # the first solve is cold
-                outcomes[method][0].append(took)
-                outcomes[method][1].append(result)
-        for _ in range(args.trajectory_every):
+    step = 0
+    for point, solve_step in enumerate(solve_steps):
+        for _ in range(solve_step - step):
             idx = sample_batch_indices(X.shape[0], 8, generator, X.device)
             optimizer.zero_grad()
             mse_loss(moved(X[idx]), Y[idx]).backward()
             optimizer.step()
+        step = solve_step
+        for method, (solve, _) in solvers.items():
+            took, result = timed(lambda: solve(moved, caches[method], point), args.device)
+            caches[method] = result.vector
+            if point > 0:
+                outcomes[method][0].append(took)
+                outcomes[method][1].append(result)
+    return outcomes
+
+
+def bench_lambda_max_along_training(name, model, X, Y, solvers, args) -> list[dict]:
+    """Warm-started lambda_max every ``--trajectory-every`` SGD steps from initialisation
+    (:func:`warm_solves_along_sgd`). A row gives the median time and HVPs of the warm solves;
+    the note their spread."""
+    steps = [point * args.trajectory_every for point in range(args.trajectory_points + 1)]
+    outcomes = warm_solves_along_sgd(model, X, Y, solvers, steps, args)
     what = f"{args.trajectory_points} warm solves every {args.trajectory_every} SGD steps from initialisation"
     reference = outcomes[next(iter(solvers))][1]
     return [warm_row(name, "lambda_max, warm along training", method, seconds, results, reference, what)
+            for method, (seconds, results) in outcomes.items()]
+
+
+def bench_lambda_max_training_run(name, model, X, Y, solvers, args) -> list[dict]:
+    """Warm-started lambda_max as ``training.py --lambdamax`` measures a run of ``--run-steps``
+    steps: at its default cadence (dense in the first tenth, sparser later), through the
+    progressive sharpening of the run's early phase."""
+    cadence = measurement_schedule(RunConfig(lambdamax=True), args.run_steps)["lambdamax"]
+    steps = [step for step in range(args.run_steps) if is_due(cadence, step)]
+    outcomes = warm_solves_along_sgd(model, X, Y, solvers, steps, args)
+    what = (f"{len(steps) - 1} warm solves at training.py's default cadence (steps {steps[1]}, {steps[2]}, ..., "
+            f"{steps[-1]}) in {args.run_steps} SGD steps")
+    reference = outcomes[next(iter(solvers))][1]
+    return [warm_row(name, "lambda_max, warm in a training run", method, seconds, results, reference, what)
             for method, (seconds, results) in outcomes.items()]
 
 
@@ -646,6 +677,9 @@ def build_parser():
     p.add_argument("--trajectory-points", type=int, default=20, help="warm lambda_max solves along training")
     p.add_argument("--trajectory-every", type=int, default=10, help="SGD steps between those solves")
     p.add_argument("--cnn-trajectory-points", type=int, default=4, help="warm solves along training on the CNN")
+    p.add_argument("--run-steps", type=int, default=1000,
+                   help="SGD steps of the training run whose lambda_max solves follow training.py's cadence (0: skip)")
+    p.add_argument("--cnn-run-steps", type=int, default=0, help="the same on the convolutional models")
     p.add_argument("--large-n", type=int, default=8192, help="samples of the chunked lambda_max (50000: CIFAR-10 size)")
     p.add_argument("--hvp-chunk", type=int, default=2048, help="chunk of the large lambda_max")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -667,6 +701,7 @@ def main() -> None:
         args.max_samples, args.gni_max_samples, args.gni_baseline_samples, args.power_max_hvps = 40, 40, 2, 20
         args.cnn_gni_max_samples, args.cnn_power_max_hvps, args.cnn_gni_baseline_samples = 20, 10, 2
         args.trajectory_points, args.cnn_trajectory_points, args.warm_draws, args.cnn_warm_draws = 3, 2, 2, 1
+        args.run_steps, args.cnn_run_steps = 60, 0
     sections = args.only or SECTIONS
     rows = []
     for name in args.models:
@@ -680,6 +715,7 @@ def main() -> None:
             limits.repeats, limits.gni_max_samples = args.cnn_repeats, args.cnn_gni_max_samples
             limits.power_max_hvps, limits.gni_baseline_samples = args.cnn_power_max_hvps, args.cnn_gni_baseline_samples
             limits.trajectory_points, limits.warm_draws = args.cnn_trajectory_points, args.cnn_warm_draws
+            limits.run_steps = args.cnn_run_steps
         if "gradient" in sections or "hvp" in sections:
             rows += bench_gradient_and_hvp(label, model, X, Y, limits, with_hvp="hvp" in sections)
         if "lambda_max" in sections:

@@ -1,6 +1,7 @@
 """The baselines written inside benchmarks/bench_measurements.py: the ratios it reports are only
 as good as these, so they are checked like any measurement."""
 
+import copy
 import importlib.util
 import os
 
@@ -119,3 +120,40 @@ def test_plain_operator_is_the_full_batch_hessian():
     block = torch.randn(dim, 3, dtype=F64)
     assert dim == reference.dim
     torch.testing.assert_close(matvec(block), reference.matvec(block), rtol=1e-12, atol=1e-12)
+
+
+def test_warm_solves_follow_one_sgd_trajectory_and_hand_on_each_solvers_vector():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    X, Y = torch.randn(20, 3), torch.randn(20, 2)
+    seen = {"a": [], "b": []}
+
+    def solver(method, value):
+        def solve(target, warm, point):
+            params = torch.cat([p.detach().flatten() for p in target.parameters()]).clone()
+            seen[method].append((params, warm))
+            return bench.Solve(vector=torch.full((1,), value + point), hvps=point, value=value, converged=True)
+        return solve
+
+    args = type("Args", (), {"sgd_lr": 0.1, "device": "cpu"})()
+    solvers = {"a": (solver("a", 10.0), 1), "b": (solver("b", 20.0), 1)}
+    outcomes = bench.warm_solves_along_sgd(model, X, Y, solvers, [0, 2, 5], args)
+
+    # The same states for both solvers: the SGD steps of a generator seeded 1, taken once.
+    manual = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(1)
+    optimizer = torch.optim.SGD(manual.parameters(), lr=0.1)
+    states = [torch.cat([p.detach().flatten() for p in manual.parameters()]).clone()]
+    for steps in (2, 3):
+        for _ in range(steps):
+            idx = bench.sample_batch_indices(20, 8, generator)
+            optimizer.zero_grad()
+            mse_loss(manual(X[idx]), Y[idx]).backward()
+            optimizer.step()
+        states.append(torch.cat([p.detach().flatten() for p in manual.parameters()]).clone())
+    for method, start in (("a", 10.0), ("b", 20.0)):
+        assert all(torch.equal(params, state) for (params, _), state in zip(seen[method], states))
+        assert [None if warm is None else warm.item() for _, warm in seen[method]] == [None, start, start + 1]
+        seconds, results = outcomes[method]
+        assert len(seconds) == 2 and [r.hvps for r in results] == [1, 2]  # the cold solve is not a warm one
+    assert torch.equal(torch.cat([p.detach().flatten() for p in model.parameters()]), states[0])  # model untouched
