@@ -341,6 +341,9 @@ def test_truncated_results_without_newline_and_empty_results(runs, tmp_path):
     (run_dir / "results.txt").write_text("# only a comment\n")
     with pytest.raises(UserError, match="no header line"):
         read_run_results(str(run_dir))
+    header = next(line for line in text.split("\n") if not line.startswith("#"))
+    (run_dir / "results.txt").write_text(f"# no rows yet\n{header}\n")
+    assert read_run_results(str(run_dir)).empty
     (run_dir / "results.txt").write_text(text)
     pd.testing.assert_frame_equal(read_run_results(str(run_dir)), pd.read_csv(run_dir / "results.txt", comment="#"))
 

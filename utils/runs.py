@@ -176,7 +176,8 @@ def read_run_results(run_dir: str):
     frame = pd.read_csv(io.StringIO(text), comment="#")
     if "step" not in frame.columns:
         raise UserError(f"{path} has no step column in its header line; the run folder is damaged")
-    garbled = [column for column in frame.columns if not pd.api.types.is_numeric_dtype(frame[column])]
+    # A header without rows (a run that has not logged its first step) reads as text columns.
+    garbled = [column for column in frame.columns if len(frame) and not pd.api.types.is_numeric_dtype(frame[column])]
     if garbled:
         raise UserError(f"{path} has values that are not numbers in column {garbled[0]}; the run folder is damaged")
     return frame
