@@ -1,3 +1,4 @@
+import argparse
 import os
 import signal
 
@@ -32,3 +33,19 @@ def test_help_shows_readable_defaults_and_leaves_unset_ones_to_their_words(capsy
     assert "number of steps (default 1000)" in text and "(default: None)" not in text
     assert "samples per chunk" in text and "no progress output" in text
     assert "(default: False)" not in text and "(default: 0.2)" not in text
+
+
+def test_every_option_with_a_readable_default_has_help_text_to_show_it_in():
+    """argparse prints no help line, so no default, for an option without help text."""
+    import compute_final_fullbs
+    import compute_final_gHg
+    import plot_results
+    import sharpness_gap
+    from utils import config, sweep
+
+    parsers = [module.build_parser() for module in (config, compute_final_fullbs, compute_final_gHg, plot_results,
+                                                    sharpness_gap, sweep)] + [sweep.build_status_parser()]
+    silent = [option for parser in parsers for action in parser._actions for option in action.option_strings[:1]
+              if action.default not in (None, False, argparse.SUPPRESS) and not action.help]
+    assert silent == []
+    assert "seed of the initial weights (default: 8888)" in " ".join(config.build_parser().format_help().split())

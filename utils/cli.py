@@ -14,14 +14,15 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
     Options whose default is None or a switch's False are left alone: their help says in words
     what happens when they are not given, and help that already names its default is kept as is.
+    argparse prints no help line, hence no default, for an option without help text.
     """
 
     def _get_help_string(self, action):
-        text = action.help or ""
+        text = action.help
         default = action.default
         if default is None or default is False or default is argparse.SUPPRESS or "default" in text:
             return text
-        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+        return f"{text} (default: %(default)s)"
 
 
 class OneLineParser(argparse.ArgumentParser):

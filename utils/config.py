@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--depth", type=int, default=d.depth, help="mlp hidden layers")
     g.add_argument("--activation", default=d.activation, help=f"one of {', '.join(ACTIVATIONS)}")
     g.add_argument("--init-scale", type=float, default=d.init_scale, help="multiplies the Kaiming-normal initial weights")
-    g.add_argument("--init-seed", type=int, default=d.init_seed)
+    g.add_argument("--init-seed", type=int, default=d.init_seed, help="seed of the initial weights")
     g.add_argument("--no-init", action="store_true", help="keep PyTorch's default initialisation")
     g = p.add_argument_group("optimisation")
     g.add_argument("--loss", default=d.loss, help="mse (sum over outputs, no 1/2, mean over samples) or ce")
