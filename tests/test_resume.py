@@ -255,6 +255,18 @@ def test_hand_damaged_config_or_results_is_one_line_and_keeps_the_folder(results
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
+def test_stored_run_with_a_cadence_but_no_measurement_resumes_and_forks(results_env):
+    """Runs stored before such cadences were refused keep working; a fork answers for its own flags only."""
+    run_dir = results_env / "run"
+    assert training.main([*BASE, "--steps", "12", "--run-dir", str(run_dir)]) == 0
+    os.unlink(run_dir / "summary.json")
+    edit_config(run_dir, lambda r: r["config"].update(gni_every=2))
+    assert training.main(["--resume", str(run_dir)]) == 0
+    assert training.main(["--cont-run", str(run_dir), "--cont-step", "6", "--lr", "0.1",
+                          "--run-dir", str(results_env / "fork")]) == 0
+    assert json.loads((results_env / "fork" / "config.json").read_text())["config"]["gni_every"] == 2
+
+
 def test_config_values_of_every_type_are_accepted():
     values = RunConfig(classes=[1, 9], input_shape=[3, 4, 4], stop_loss=1e-3, steps=5, param_file="p.pt").to_dict()
     assert RunConfig.from_dict({**values, "lr": 1}).lr == 1  # JSON may write a float without its point
