@@ -25,6 +25,9 @@ from utils.errors import UserError
 # Default cap on the Monte Carlo samples of one estimate; an estimate that uses all of them
 # stopped short of its standard-error target.
 MAX_SAMPLES = 1000
+# Default standard-error targets, relative to the estimate, of the gHg family.
+BATCH_SHARPNESS_REL_SE = 0.005
+GNI_REL_SE = 0.01
 
 
 @dataclass

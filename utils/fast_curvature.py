@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from utils.activations import activate, activation_name
-from utils.estimators import (MAX_SAMPLES, Estimate, mean_with_stopping, ratio_of_means_with_stopping,
+from utils.estimators import (BATCH_SHARPNESS_REL_SE, GNI_REL_SE, MAX_SAMPLES, Estimate, mean_with_stopping, ratio_of_means_with_stopping,
                               sample_batch_indices)
 from utils.hvp import (PLAIN_HVP_MODE, HessianOperator, batch_quadratic_forms, chain_quadratic_forms, flat_grad,
                        num_params, trainable_params, vmapped_quadratic_forms)
@@ -589,7 +589,7 @@ def _batch_samples(model, loss_fn, X, Y, batch_size, generator, train_mode, *, r
 
 
 def batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
-                    max_samples=MAX_SAMPLES, rel_se=0.005, train_mode=True) -> Estimate:
+                    max_samples=MAX_SAMPLES, rel_se=BATCH_SHARPNESS_REL_SE, train_mode=True) -> Estimate:
     """Batch Sharpness E_B[ g_B^T H_B g_B / |g_B|^2 ], by stacked Gram matrices where possible.
 
     The same estimator, batches and stopping rule as :func:`utils.measures.batch_sharpness`
@@ -607,7 +607,7 @@ def batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=
 
 
 def batch_sharpness_ratio(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
-                          max_samples=MAX_SAMPLES, rel_se=0.005, train_mode=True) -> Estimate:
+                          max_samples=MAX_SAMPLES, rel_se=BATCH_SHARPNESS_REL_SE, train_mode=True) -> Estimate:
     """E_B[ g_B^T H_B g_B ] / E_B[ |g_B|^2 ], by stacked Gram matrices where possible.
 
     The same estimator, batches and stopping rule as
@@ -644,7 +644,7 @@ def _directions_per_pass(batch_size: int) -> int:
 
 
 def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_samples=20,
-        max_samples=MAX_SAMPLES, rel_se=0.01) -> Estimate:
+        max_samples=MAX_SAMPLES, rel_se=GNI_REL_SE) -> Estimate:
     """GNI = E_B[ g_B^T H g_B ] / |g|^2 with many batch directions per pass over the data.
 
     The same estimator, batches and stopping rule as :func:`utils.measures.gni`; each sample
@@ -728,7 +728,7 @@ class NoiseDecomposition:
 
 def gni_decomposition(model, loss_fn, X, Y, *, generator, sample_batch: int,
                       target_batch: int | None = None, chunk_size=None, min_samples=20,
-                      max_samples=MAX_SAMPLES, rel_se=0.01, train_mode=True,
+                      max_samples=MAX_SAMPLES, rel_se=GNI_REL_SE, train_mode=True,
                       exact=False) -> NoiseDecomposition:
     """Estimate tr(HS) once, giving GNI for every batch size (see :class:`NoiseDecomposition`).
 
@@ -773,7 +773,7 @@ def gni_decomposition(model, loss_fn, X, Y, *, generator, sample_batch: int,
 
 
 def gni_by_batch_size(model, loss_fn, X, Y, batch_sizes, *, generator, chunk_size=None,
-                      min_samples=20, max_samples=MAX_SAMPLES, rel_se=0.01, train_mode=True,
+                      min_samples=20, max_samples=MAX_SAMPLES, rel_se=GNI_REL_SE, train_mode=True,
                       exact=False) -> dict[int, Estimate]:
     """GNI(b) for every b in ``batch_sizes`` from one estimate of tr(HS).
 

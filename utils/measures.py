@@ -20,7 +20,7 @@ import torch
 
 from utils import eigs, fast_curvature
 from utils.errors import UserError
-from utils.estimators import (MAX_SAMPLES, Estimate, exact_estimate, mean_with_stopping,
+from utils.estimators import (BATCH_SHARPNESS_REL_SE, GNI_REL_SE, MAX_SAMPLES, Estimate, exact_estimate, mean_with_stopping,
                               ratio_of_means_with_stopping, sample_batch_indices)
 from utils.gauss_newton import GaussNewtonOperator
 from utils.hvp import PLAIN_HVP_MODE, HessianOperator, flat_grad, flat_params, trainable_params
@@ -123,7 +123,7 @@ def step_sharpness(model, loss_fn, xb, yb, train_mode=True, exact=False) -> Esti
 
 
 def batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
-                    max_samples=MAX_SAMPLES, rel_se=0.005, train_mode=True, exact=False) -> Estimate:
+                    max_samples=MAX_SAMPLES, rel_se=BATCH_SHARPNESS_REL_SE, train_mode=True, exact=False) -> Estimate:
     """Batch Sharpness E_B[ g_B^T H_B g_B / |g_B|^2 ], B uniform among b-subsets of the data.
 
     The mean of per-batch Rayleigh quotients (H_B and g_B of the SAME batch) over independent
@@ -152,7 +152,7 @@ def batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=
 
 
 def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_samples=20,
-        max_samples=MAX_SAMPLES, rel_se=0.01, train_mode=True, block_size=10, exact=False) -> Estimate:
+        max_samples=MAX_SAMPLES, rel_se=GNI_REL_SE, train_mode=True, block_size=10, exact=False) -> Estimate:
     """Gradient-Noise Interaction GNI = E_B[ g_B^T H g_B ] / |g|^2, H and g on the full data.
 
     For an SGD step theta' = theta - eta g_B, to second order
@@ -193,7 +193,7 @@ def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_sam
 
 
 def batch_sharpness_ratio(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
-                          max_samples=MAX_SAMPLES, rel_se=0.005, train_mode=True,
+                          max_samples=MAX_SAMPLES, rel_se=BATCH_SHARPNESS_REL_SE, train_mode=True,
                           exact=False) -> Estimate:
     """Batch Sharpness as a ratio of means, E_B[ g_B^T H_B g_B ] / E_B[ |g_B|^2 ].
 
