@@ -469,8 +469,8 @@ def bench_lambda_max_training_run(name, model, X, Y, solvers, args) -> list[dict
     cadence = measurement_schedule(RunConfig(lambdamax=True), args.run_steps)["lambdamax"]
     steps = [step for step in range(args.run_steps) if is_due(cadence, step)]
     outcomes = warm_solves_along_sgd(model, X, Y, solvers, steps, args)
-    what = (f"{len(steps) - 1} warm solves at training.py's default cadence (steps {steps[1]}, {steps[2]}, ..., "
-            f"{steps[-1]}) in {args.run_steps} SGD steps")
+    what = (f"{len(steps) - 1} warm solves at training.py's default cadence (steps {steps[1]}, ..., {steps[-1]}) "
+            f"in {args.run_steps} SGD steps")
     reference = outcomes[next(iter(solvers))][1]
     return [warm_row(name, "lambda_max, warm in a training run", method, seconds, results, reference, what)
             for method, (seconds, results) in outcomes.items()]
@@ -691,6 +691,9 @@ def build_parser():
 
 def main() -> None:
     args = build_parser().parse_args()
+    for flag in ("run_steps", "cnn_run_steps"):
+        if getattr(args, flag) < 0 or getattr(args, flag) == 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be 0 (no training run) or at least 2 (one warm solve)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.large_worker:
