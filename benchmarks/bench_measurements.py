@@ -694,6 +694,9 @@ def main() -> None:
     for flag in ("run_steps", "cnn_run_steps"):
         if getattr(args, flag) < 0 or getattr(args, flag) == 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be 0 (no training run) or at least 2 (one warm solve)")
+    for flag in ("trajectory_points", "cnn_trajectory_points", "warm_draws", "cnn_warm_draws", "trajectory_every"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.large_worker:
