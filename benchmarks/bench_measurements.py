@@ -16,8 +16,8 @@ the same batches from the same generator and applies the same stopping rule as o
 and standard errors agree and only the time differs. Baselines that would take minutes per
 repeat are timed on a few samples and scaled (marked ``scaled``). lambda_max is also solved by
 LOBPCG with the cost profile of the paper's code (:func:`paper_lobpcg`), cold, warm-started,
-along training and at training.py's cadence through a ``--run-steps`` run, on the same HVPs
-as the baseline.
+along training and at training.py's cadence through ``--run-seeds`` runs of ``--run-steps``
+steps (batches drawn as training.py draws them), on the same HVPs as the baseline.
 
 Also: full-batch lambda_max of the MLP on ``--large-n`` samples with chunked products in a
 fresh process (peak resident memory, or peak CUDA memory), and the 1000-step sanity run
@@ -28,6 +28,7 @@ and checkpoint size. ``--only`` picks sections; ``--quick`` shrinks everything f
 import argparse
 import copy
 import datetime
+import itertools
 import json
 import os
 import resource
@@ -55,6 +56,7 @@ from utils.models import build_model  # noqa: E402
 from utils.monitor import measurement_schedule  # noqa: E402
 from utils.r_operator import ChainCurvature, is_chain  # noqa: E402
 from utils.schedule import is_due  # noqa: E402
+from utils.training import epoch_permutation  # noqa: E402
 
 SECTIONS = ("gradient", "hvp", "lambda_max", "batch_sharpness", "gni", "gni_all_b", "large", "sanity")
 GNI_FIXED_SAMPLES = 500  # the fixed sample count of a GNI estimate without a stopping rule
@@ -423,20 +425,35 @@ def warm_row(name, measurement, method, seconds, results, reference, what) -> di
     return row(name, measurement, method, seconds, hvps=statistics.median(counts), value=results[0].value, note=note)
 
 
-def warm_solves_along_sgd(model, X, Y, solvers, solve_steps, args) -> dict:
-    """Plain SGD (batch 8, lr ``--sgd-lr``, batches from a generator seeded 1) from
-    initialisation, with a lambda_max solve by every solver at each of ``solve_steps`` (the
-    state before that step's update), each started from the previous eigenvector of the same
-    solver. Returns, per solver, the times and results of the warm solves (the first is cold)."""
+def sgd_batches(n: int, batch: int, order: str, seed: int, device):
+    """Endless batch indices of an SGD run: ``"replacement"`` draws every batch afresh from a
+    generator seeded ``seed``; ``"epochs"`` walks through the data as ``training.py`` does
+    (:func:`epoch_permutation` with data-ordering seed ``seed``, the last partial batch dropped)."""
+    if order == "replacement":
+        generator = torch.Generator(device=device).manual_seed(seed)
+        while True:
+            yield sample_batch_indices(n, batch, generator, device)
+    for epoch in itertools.count():
+        permutation = epoch_permutation(seed, epoch, n).to(device)
+        for start in range(0, n - batch + 1, batch):
+            yield permutation[start : start + batch]
+
+
+def warm_solves_along_sgd(model, X, Y, solvers, solve_steps, args, order: str = "replacement", seed: int = 1) -> dict:
+    """Plain SGD (batch 8, lr ``--sgd-lr``, batches from :func:`sgd_batches` in ``order`` with
+    ``seed``) from initialisation, with a lambda_max solve by every solver at each of
+    ``solve_steps`` (the state before that step's update), each started from the previous
+    eigenvector of the same solver. Returns, per solver, the times and results of the warm
+    solves (the first is cold)."""
     moved = copy.deepcopy(model)
-    generator = torch.Generator(device=X.device).manual_seed(1)
+    batches = sgd_batches(X.shape[0], 8, order, seed, X.device)
     optimizer = torch.optim.SGD(moved.parameters(), lr=args.sgd_lr)
     caches = {method: None for method in solvers}
     outcomes = {method: ([], []) for method in solvers}
     step = 0
     for point, solve_step in enumerate(solve_steps):
         for _ in range(solve_step - step):
-            idx = sample_batch_indices(X.shape[0], 8, generator, X.device)
+            idx = next(batches)
             optimizer.zero_grad()
             mse_loss(moved(X[idx]), Y[idx]).backward()
             optimizer.step()
@@ -465,12 +482,19 @@ def bench_lambda_max_along_training(name, model, X, Y, solvers, args) -> list[di
 def bench_lambda_max_training_run(name, model, X, Y, solvers, args) -> list[dict]:
     """Warm-started lambda_max as ``training.py --lambdamax`` measures a run of ``--run-steps``
     steps: at its default cadence (dense in the first tenth, sparser later), through the
-    progressive sharpening of the run's early phase."""
+    progressive sharpening of the run's early phase. How much the top eigenvectors turn between
+    solves depends on the batches, so the warm solves of ``--run-seeds`` runs (batch orders
+    ``--run-order`` with seeds 1, 2, ...) are pooled."""
     cadence = measurement_schedule(RunConfig(lambdamax=True), args.run_steps)["lambdamax"]
     steps = [step for step in range(args.run_steps) if is_due(cadence, step)]
-    outcomes = warm_solves_along_sgd(model, X, Y, solvers, steps, args)
+    outcomes = {method: ([], []) for method in solvers}
+    for seed in range(1, args.run_seeds + 1):
+        run = warm_solves_along_sgd(model, X, Y, solvers, steps, args, order=args.run_order, seed=seed)
+        for method, (seconds, results) in run.items():
+            outcomes[method][0].extend(seconds)
+            outcomes[method][1].extend(results)
     what = (f"{len(steps) - 1} warm solves at training.py's default cadence (steps {steps[1]}, ..., {steps[-1]}) "
-            f"in {args.run_steps} SGD steps")
+            f"in each of {args.run_seeds} runs of {args.run_steps} SGD steps (batch order: {args.run_order})")
     reference = outcomes[next(iter(solvers))][1]
     return [warm_row(name, "lambda_max, warm in a training run", method, seconds, results, reference, what)
             for method, (seconds, results) in outcomes.items()]
@@ -680,6 +704,10 @@ def build_parser():
     p.add_argument("--run-steps", type=int, default=1000,
                    help="SGD steps of the training run whose lambda_max solves follow training.py's cadence (0: skip)")
     p.add_argument("--cnn-run-steps", type=int, default=0, help="the same on the convolutional models")
+    p.add_argument("--run-seeds", type=int, default=3,
+                   help="training runs (batch orders) whose warm solves are pooled")
+    p.add_argument("--run-order", choices=("epochs", "replacement"), default="epochs",
+                   help="batches of those runs: epochs as training.py draws them, or each batch drawn afresh")
     p.add_argument("--large-n", type=int, default=8192, help="samples of the chunked lambda_max (50000: CIFAR-10 size)")
     p.add_argument("--hvp-chunk", type=int, default=2048, help="chunk of the large lambda_max")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -694,7 +722,8 @@ def main() -> None:
     for flag in ("run_steps", "cnn_run_steps"):
         if getattr(args, flag) < 0 or getattr(args, flag) == 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be 0 (no training run) or at least 2 (one warm solve)")
-    for flag in ("trajectory_points", "cnn_trajectory_points", "warm_draws", "cnn_warm_draws", "trajectory_every"):
+    for flag in ("trajectory_points", "cnn_trajectory_points", "warm_draws", "cnn_warm_draws", "trajectory_every",
+                 "run_seeds"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1")
     if args.threads:
@@ -707,7 +736,7 @@ def main() -> None:
         args.max_samples, args.gni_max_samples, args.gni_baseline_samples, args.power_max_hvps = 40, 40, 2, 20
         args.cnn_gni_max_samples, args.cnn_power_max_hvps, args.cnn_gni_baseline_samples = 20, 10, 2
         args.trajectory_points, args.cnn_trajectory_points, args.warm_draws, args.cnn_warm_draws = 3, 2, 2, 1
-        args.run_steps, args.cnn_run_steps = 60, 0
+        args.run_steps, args.cnn_run_steps, args.run_seeds = 60, 0, 2
     sections = args.only or SECTIONS
     rows = []
     for name in args.models:

@@ -4,6 +4,7 @@ as good as these, so they are checked like any measurement."""
 import copy
 import importlib.util
 import os
+import statistics
 
 import torch
 import torch.nn as nn
@@ -157,3 +158,41 @@ def test_warm_solves_follow_one_sgd_trajectory_and_hand_on_each_solvers_vector()
         seconds, results = outcomes[method]
         assert len(seconds) == 2 and [r.hvps for r in results] == [1, 2]  # the cold solve is not a warm one
     assert torch.equal(torch.cat([p.detach().flatten() for p in model.parameters()]), states[0])  # model untouched
+
+
+def test_epoch_batches_are_the_ones_training_visits():
+    from utils.training import epoch_permutation
+
+    batches = bench.sgd_batches(20, 8, "epochs", 3, "cpu")
+    first, second = epoch_permutation(3, 0, 20), epoch_permutation(3, 1, 20)
+    expected = [first[:8], first[8:16], second[:8], second[8:16]]  # the last partial batch is dropped
+    for want in expected:
+        assert torch.equal(next(batches), want)
+    fresh = bench.sgd_batches(20, 8, "replacement", 3, "cpu")
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        assert torch.equal(next(fresh), bench.sample_batch_indices(20, 8, generator))
+
+
+def test_training_run_row_pools_the_warm_solves_of_every_seed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    X, Y = torch.randn(40, 3), torch.randn(40, 2)
+    starts = []
+
+    def solve(target, warm, point):
+        params = torch.cat([p.detach().flatten() for p in target.parameters()]).clone()
+        starts.append(params)
+        return bench.Solve(vector=torch.ones(1), hvps=point, value=float(params.sum()), converged=True)
+
+    args = type("Args", (), {"sgd_lr": 0.1, "device": "cpu", "run_steps": 30, "run_seeds": 2,
+                             "run_order": "epochs"})()
+    [row] = bench.bench_lambda_max_training_run("tiny", model, X, Y, {"ours": (solve, 1)}, args)
+    solves = len(starts) // 2
+    assert solves >= 3 and len(starts) == 2 * solves
+    # Each run starts from the model's initialisation and the two runs' batches differ.
+    assert torch.equal(starts[0], starts[solves])
+    assert not torch.equal(starts[1], starts[solves + 1])
+    warm_counts = 2 * list(range(1, solves))
+    assert row["hvps"] == statistics.median(warm_counts)
+    assert f"{solves - 1} warm solves" in row["note"] and "2 runs" in row["note"] and "epochs" in row["note"]
