@@ -493,8 +493,9 @@ def bench_lambda_max_training_run(name, model, X, Y, solvers, args) -> list[dict
         for method, (seconds, results) in run.items():
             outcomes[method][0].extend(seconds)
             outcomes[method][1].extend(results)
+    runs = "one run" if args.run_seeds == 1 else f"each of {args.run_seeds} runs"
     what = (f"{len(steps) - 1} warm solves at training.py's default cadence (steps {steps[1]}, ..., {steps[-1]}) "
-            f"in each of {args.run_seeds} runs of {args.run_steps} SGD steps (batch order: {args.run_order})")
+            f"in {runs} of {args.run_steps} SGD steps (batch order: {args.run_order})")
     reference = outcomes[next(iter(solvers))][1]
     return [warm_row(name, "lambda_max, warm in a training run", method, seconds, results, reference, what)
             for method, (seconds, results) in outcomes.items()]
