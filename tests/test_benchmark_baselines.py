@@ -12,6 +12,7 @@ import torch.nn as nn
 from spectra import counting, known_matrix
 from utils.hvp import HessianOperator
 from utils.losses import mse_loss
+from utils.training import epoch_permutation
 
 F64 = torch.float64
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
@@ -161,8 +162,6 @@ def test_warm_solves_follow_one_sgd_trajectory_and_hand_on_each_solvers_vector()
 
 
 def test_epoch_batches_are_the_ones_training_visits():
-    from utils.training import epoch_permutation
-
     batches = bench.sgd_batches(20, 8, "epochs", 3, "cpu")
     first, second = epoch_permutation(3, 0, 20), epoch_permutation(3, 1, 20)
     expected = [first[:8], first[8:16], second[:8], second[8:16]]  # the last partial batch is dropped
