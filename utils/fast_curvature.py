@@ -57,8 +57,8 @@ import torch
 from torch import nn
 
 from utils.activations import activate, activation_name
-from utils.estimators import (BATCH_SHARPNESS_REL_SE, GNI_REL_SE, MAX_SAMPLES, Estimate, mean_with_stopping, ratio_of_means_with_stopping,
-                              sample_batch_indices)
+from utils.estimators import (BATCH_SHARPNESS_REL_SE, GNI_REL_SE, MAX_SAMPLES, Estimate, mean_with_stopping,
+                              ratio_of_means_with_stopping, sample_batch_indices)
 from utils.hvp import (PLAIN_HVP_MODE, HessianOperator, batch_quadratic_forms, chain_quadratic_forms, flat_grad,
                        num_params, trainable_params, vmapped_quadratic_forms)
 from utils.losses import ce_loss, mse_loss

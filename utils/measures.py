@@ -20,8 +20,8 @@ import torch
 
 from utils import eigs, fast_curvature
 from utils.errors import UserError
-from utils.estimators import (BATCH_SHARPNESS_REL_SE, GNI_REL_SE, MAX_SAMPLES, Estimate, exact_estimate, mean_with_stopping,
-                              ratio_of_means_with_stopping, sample_batch_indices)
+from utils.estimators import (BATCH_SHARPNESS_REL_SE, GNI_REL_SE, MAX_SAMPLES, Estimate, exact_estimate,
+                              mean_with_stopping, ratio_of_means_with_stopping, sample_batch_indices)
 from utils.gauss_newton import GaussNewtonOperator
 from utils.hvp import PLAIN_HVP_MODE, HessianOperator, flat_grad, flat_params, trainable_params
 
@@ -319,7 +319,7 @@ def gn_lambda_max(model, loss_fn, X, Y, *, tol=1e-3, max_iter=None, chunk_size=N
 
 
 def gn_batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
-                       max_samples=MAX_SAMPLES, rel_se=0.005, train_mode=True) -> Estimate:
+                       max_samples=MAX_SAMPLES, rel_se=BATCH_SHARPNESS_REL_SE, train_mode=True) -> Estimate:
     """Gauss–Newton Batch Sharpness E_B[ g_B^T G_B g_B / |g_B|^2 ], G_B the batch's Gauss–Newton matrix.
 
     Batch Sharpness with H_B replaced by its positive semi-definite part G_B (mean of ratios,
@@ -408,7 +408,7 @@ def momentum_direction(grad: torch.Tensor, buffer: torch.Tensor, momentum: float
 
 
 def momentum_sharpness(model, loss_fn, X, Y, batch_size, *, optimizer, generator, min_samples=20,
-                       max_samples=MAX_SAMPLES, rel_se=0.005, train_mode=True) -> Estimate:
+                       max_samples=MAX_SAMPLES, rel_se=BATCH_SHARPNESS_REL_SE, train_mode=True) -> Estimate:
     """Momentum sharpness E_B[ s_B^T H_B s_B ] / E_B[ s_B^T g_B ], a ratio of means.
 
     s_B is the direction of the update SGD with momentum would take with batch B's gradient
