@@ -18,6 +18,9 @@ repeat are timed on a few samples and scaled (marked ``scaled``). lambda_max is 
 LOBPCG with the cost profile of the paper's code (:func:`paper_lobpcg`), cold, warm-started,
 along training and at training.py's cadence through ``--run-seeds`` runs of ``--run-steps``
 steps (batches drawn as training.py draws them), on the same HVPs as the baseline.
+At the first warm start a floor row gives the fewest HVPs after which any approximate eigenpair
+from the Krylov space of the previous eigenvector meets the tolerance: a bound on every
+single-vector method started there.
 
 Also: full-batch lambda_max of the MLP on ``--large-n`` samples with chunked products in a
 fresh process (peak resident memory, or peak CUDA memory), and the 1000-step sanity run
@@ -50,7 +53,7 @@ from utils.data import load_dataset  # noqa: E402
 from utils.eigs import power_iteration  # noqa: E402
 from utils.estimators import mean_with_stopping, measurement_generator, sample_batch_indices  # noqa: E402
 from utils.fast_curvature import batch_route, gni_by_batch_size, linear_network  # noqa: E402
-from utils.hvp import default_hvp_mode  # noqa: E402
+from utils.hvp import HessianOperator, default_hvp_mode  # noqa: E402
 from utils.losses import mse_loss  # noqa: E402
 from utils.models import build_model  # noqa: E402
 from utils.monitor import measurement_schedule  # noqa: E402
@@ -377,7 +380,7 @@ def bench_lambda_max(name, model, X, Y, args):
     if args.sgd_lr * sharpness >= 2:
         raise SystemExit(f"{name}: SGD at lr {args.sgd_lr} diverges from this initialisation (lambda_max "
                          f"{sharpness:.3g} >= 2/lr); pass --sgd-lr below {2 / sharpness:.2g}")
-    rows += bench_first_warm_solve(name, model, X, Y, solvers, colds, args)
+    rows += bench_first_warm_solve(name, model, X, Y, solvers, colds, args, tol)
     rows += bench_lambda_max_along_training(name, model, X, Y, solvers, args)
     if args.run_steps:
         rows += bench_lambda_max_training_run(name, model, X, Y, solvers, args)
@@ -394,23 +397,113 @@ def spread(counts: list[int]) -> str:
             f"range {min(counts)}-{max(counts)}")
 
 
-def bench_first_warm_solve(name, model, X, Y, solvers, colds, args) -> list[dict]:
+def bench_first_warm_solve(name, model, X, Y, solvers, colds, args, tol) -> list[dict]:
     """The first warm solve of a run: ``--warm-steps`` SGD steps (batch 8, lr ``--sgd-lr``)
     after the cold solve at initialisation, started from its eigenvector (each solver from its
     own). The cost depends on how the steps rotate the top eigenvectors, so it is taken over
     ``--warm-draws`` draws of the steps; a row gives the median time and HVPs, its note their
-    spread and how far the values lie from ours."""
+    spread and how far the values lie from ours. A last row gives, for the same states, the
+    fewest HVPs any single-vector method started from our previous eigenvector could stop at
+    (:func:`fewest_krylov_hvps`, searched up to our own count)."""
     outcomes = {method: ([], []) for method in solvers}
+    ours = next(iter(solvers))
+    floor_seconds, floor_counts = [], []
     for draw in range(1, args.warm_draws + 1):
         moved = sgd_steps(model, X, Y, steps=args.warm_steps, lr=args.sgd_lr, batch=8, seed=draw)
         for method, (solve, _) in solvers.items():
             took, result = timed(lambda: solve(moved, colds[method].vector, 2), args.device)
             outcomes[method][0].append(took)
             outcomes[method][1].append(result)
-    return [warm_row(name, "lambda_max, warm", f"{method} ({args.warm_steps} SGD steps later)",
-                     seconds, results, outcomes[next(iter(solvers))][1],
-                     f"{len(results)} draw(s) of the {args.warm_steps} SGD steps")
+        took, fewest = timed(lambda: fewest_krylov_hvps(moved, X, Y, colds[ours].vector, tol,
+                                                        outcomes[ours][1][-1].hvps), args.device)
+        floor_seconds.append(took)
+        floor_counts.append(fewest)
+    what = f"{args.warm_draws} draw(s) of the {args.warm_steps} SGD steps"
+    rows = [warm_row(name, "lambda_max, warm", f"{method} ({args.warm_steps} SGD steps later)",
+                     seconds, results, outcomes[ours][1], what)
             for method, (seconds, results) in outcomes.items()]
+    rows.append(row(name, "lambda_max, warm", f"floor: best pair in the Krylov space of our previous vector "
+                    f"({args.warm_steps} SGD steps later)", floor_seconds, hvps=statistics.median(floor_counts),
+                    note=f"{what}: {spread(floor_counts)}; time: building the space"))
+    return rows
+
+
+def krylov_space(matvec, start: torch.Tensor, size: int) -> tuple:
+    """(Q, H Q) for an orthonormal basis Q of the Krylov space K_size(H, start) =
+    span{start, H start, ..., H^(size-1) start}: ``size`` HVPs, each new direction
+    orthogonalised twice against Q. Stops early if the space becomes invariant."""
+    basis = [start.reshape(-1, 1) / start.norm()]
+    products = []
+    while True:
+        products.append(matvec(basis[-1]))
+        if len(basis) == size:
+            break
+        direction = products[-1]
+        for _ in range(2):
+            Q = torch.cat(basis, dim=1)
+            direction = direction - Q @ (Q.T @ direction)
+        norm = direction.norm()
+        if norm <= 1e-10 * products[-1].norm():
+            break
+        basis.append(direction / norm)
+    return torch.cat(basis, dim=1), torch.cat(products, dim=1)
+
+
+def krylov_residual_floor(basis: torch.Tensor, products: torch.Tensor, centre: float, window: float = 0.03,
+                          grid: int = 601) -> list[float]:
+    """For m = 1 .. M, the smallest relative residual of ANY approximate eigenpair (theta, u)
+    with u in the span of the first m columns of the orthonormal ``basis`` (``products`` = H basis)
+    and theta within ``window`` of ``centre`` (relative):
+
+        floor_m = min_theta  min_{u in span(Q_m), |u| = 1}  |H u - theta u| / theta
+                = min_theta  sigma_min(H Q_m - theta Q_m) / theta.
+
+    sigma_min^2 is the smallest eigenvalue of (H Q_m - theta Q_m)^T (H Q_m - theta Q_m), formed
+    from the Gram matrix of [Q, H Q] in float64; the minimum over theta is taken on a grid, then
+    refined by ternary search around the best grid point. A solver whose search space lies in
+    span(Q_m) (every single-vector method started from Q's first column: Lanczos, LOBPCG with one
+    vector, power or Chebyshev iteration) cannot stop on the residual test ``tol`` before the
+    first m with floor_m <= tol, whatever vector and shift it picks."""
+    size = basis.shape[1]
+    W = torch.cat([basis, products], dim=1).double()
+    gram = W.T @ W
+
+    def relative(thetas: torch.Tensor, m: int) -> torch.Tensor:
+        qq, qh, hh = gram[:m, :m], gram[:m, size : size + m], gram[size : size + m, size : size + m]
+        t = thetas.reshape(-1, 1, 1)
+        normal = hh - t * (qh + qh.T) + t * t * qq
+        return torch.linalg.eigvalsh(normal)[:, 0].clamp_min(0).sqrt() / thetas
+
+    thetas = centre * torch.linspace(1 - window, 1 + window, grid, dtype=torch.float64)
+    spacing = float(thetas[1] - thetas[0])
+    floors = []
+    for m in range(1, size + 1):
+        values = relative(thetas, m)
+        best = int(values.argmin())
+        low, high = max(float(thetas[best]) - spacing, float(thetas[0])), min(float(thetas[best]) + spacing,
+                                                                              float(thetas[-1]))
+        for _ in range(50):
+            pair = torch.tensor([low + (high - low) / 3, high - (high - low) / 3], dtype=torch.float64)
+            left, right = relative(pair, m).tolist()
+            if left < right:
+                high = float(pair[1])
+            else:
+                low = float(pair[0])
+        refined = float(relative(torch.tensor([(low + high) / 2], dtype=torch.float64), m))
+        floors.append(min(float(values[best]), refined))
+    return floors
+
+
+def fewest_krylov_hvps(model, X, Y, start, tol: float, max_hvps: int) -> int:
+    """The fewest HVPs after which some pair from K_m(H, start) of ``model``'s full-batch Hessian
+    meets the residual test ``tol`` (:func:`krylov_residual_floor`, centred on the top Ritz value
+    of the largest space); ``max_hvps`` if none does within that many."""
+    operator = HessianOperator(model, mse_loss, X, Y)
+    basis, products = krylov_space(operator.matvec, start.to(operator.dtype), max_hvps)
+    projected = basis.T.double() @ products.double()
+    top_ritz_value = float(torch.linalg.eigvalsh((projected + projected.T) / 2)[-1])
+    floors = krylov_residual_floor(basis, products, top_ritz_value)
+    return next((m for m, floor in enumerate(floors, start=1) if floor <= tol), max_hvps)
 
 
 def warm_row(name, measurement, method, seconds, results, reference, what) -> dict:

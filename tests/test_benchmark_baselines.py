@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from spectra import counting, known_matrix
+from utils import eigs
 from utils.hvp import HessianOperator
 from utils.losses import mse_loss
 from utils.training import epoch_permutation
@@ -195,3 +196,72 @@ def test_training_run_row_pools_the_warm_solves_of_every_seed():
     warm_counts = 2 * list(range(1, solves))
     assert row["hvps"] == statistics.median(warm_counts)
     assert f"{solves - 1} warm solves" in row["note"] and "2 runs" in row["note"] and "epochs" in row["note"]
+
+
+def test_krylov_space_is_an_orthonormal_basis_of_the_krylov_sequence():
+    matrix, _ = spectrum_matrix(dim=60)
+    start = torch.randn(60, 1, generator=torch.Generator().manual_seed(5), dtype=F64)
+    matvec, widths = counting(matrix)
+    basis, products = bench.krylov_space(matvec, start, 6)
+    assert widths == [1] * 6  # one HVP per basis vector
+    torch.testing.assert_close(basis.T @ basis, torch.eye(6, dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(products, matrix @ basis, rtol=0, atol=1e-12)
+    sequence = start.clone()
+    for _ in range(6):  # each H^j start lies in the span of the basis
+        unit = sequence / sequence.norm()
+        assert (unit - basis @ (basis.T @ unit)).norm() < 1e-10
+        sequence = matrix @ sequence
+
+
+def test_krylov_space_stops_when_invariant_and_the_floor_is_then_zero():
+    """A start in the span of two eigenvectors (6 and 5.4) spans an invariant plane: two HVPs,
+    and an exact top eigenpair in it (floor 0), while span{start} alone has the closed-form floor
+    min_theta sqrt(a^2 (6 - theta)^2 + b^2 (5.4 - theta)^2) / theta."""
+    matrix, _ = spectrum_matrix(dim=40)
+    eigenvectors = torch.linalg.eigh(matrix).eigenvectors
+    a, b = 0.6, 0.8
+    start = a * eigenvectors[:, -1:] + b * eigenvectors[:, -2:-1]
+    basis, products = bench.krylov_space(counting(matrix)[0], start, 10)
+    assert basis.shape[1] == 2
+    floors = bench.krylov_residual_floor(basis, products, centre=5.7, window=0.1, grid=2001)
+    thetas = torch.linspace(5.7 * 0.9, 5.7 * 1.1, 200001, dtype=F64)
+    closed_form = ((a**2 * (6 - thetas) ** 2 + b**2 * (5.4 - thetas) ** 2).sqrt() / thetas).min()
+    assert abs(floors[0] - float(closed_form)) < 1e-9
+    assert floors[1] < 1e-7
+
+
+def test_krylov_residual_floor_is_the_smallest_residual_of_any_pair_in_the_space():
+    """Against a direct minimisation (singular values of H Q_m - theta Q_m on a fine grid): the
+    floor never exceeds the top Ritz pair's residual, falls as the space grows and is the
+    minimum over theta, not only over u."""
+    matrix, top = spectrum_matrix(dim=80)
+    start = top + 0.3 * torch.randn(80, 1, generator=torch.Generator().manual_seed(6), dtype=F64)
+    basis, products = bench.krylov_space(counting(matrix)[0], start, 8)
+    floors = bench.krylov_residual_floor(basis, products, centre=6.0)
+    thetas = torch.linspace(6.0 * 0.97, 6.0 * 1.03, 30001, dtype=F64)
+    for m in range(1, 9):
+        Q, HQ = basis[:, :m], products[:, :m]
+        direct = min(float(torch.linalg.svdvals(HQ - theta * Q)[-1] / theta) for theta in thetas)
+        assert floors[m - 1] <= direct + 1e-12
+        assert floors[m - 1] >= direct - 1e-6 * max(direct, 1e-3)
+        ritz_values, ritz_vectors = torch.linalg.eigh(Q.T @ HQ)
+        ritz_residual = (HQ @ ritz_vectors[:, -1] - ritz_values[-1] * Q @ ritz_vectors[:, -1]).norm() / ritz_values[-1]
+        assert floors[m - 1] <= ritz_residual + 1e-12
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(floors, floors[1:]))
+    assert floors[-1] < floors[0] / 10
+
+
+def test_fewest_krylov_hvps_never_exceeds_lanczos_from_the_same_start():
+    """On a tiny network: Lanczos started from one vector searches exactly that vector's Krylov
+    space, so the floor's count is at most Lanczos' own."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    X, Y = torch.randn(30, 5, dtype=F64), torch.randn(30, 3, dtype=F64)
+    operator = HessianOperator(model, mse_loss, X, Y)
+    start = torch.randn(operator.dim, 1, generator=torch.Generator().manual_seed(7), dtype=F64)
+    result = eigs.lanczos(operator.matvec, operator.dim, tol=1e-3, init=start)
+    assert result.converged
+    fewest = bench.fewest_krylov_hvps(model, X, Y, start, 1e-3, result.matvecs)
+    assert 1 <= fewest <= result.matvecs
+    tight = bench.fewest_krylov_hvps(model, X, Y, start, 1e-8, 3)
+    assert tight == 3  # not reachable in three HVPs: the search limit is returned
