@@ -463,7 +463,7 @@ def krylov_residual_floor(basis: torch.Tensor, products: torch.Tensor, centre: f
     refined by ternary search around the best grid point. A solver whose search space lies in
     span(Q_m) (every single-vector method started from Q's first column: Lanczos, LOBPCG with one
     vector, power or Chebyshev iteration) cannot stop on the residual test ``tol`` before the
-    first m with floor_m <= tol, whatever vector and shift it picks."""
+    first m with floor_m <= tol, whatever vector it picks and whatever shift within the window."""
     size = basis.shape[1]
     W = torch.cat([basis, products], dim=1).double()
     gram = W.T @ W
