@@ -439,8 +439,8 @@ def krylov_space(matvec, start: torch.Tensor, size: int) -> tuple:
         if len(basis) == size:
             break
         direction = products[-1]
+        Q = torch.cat(basis, dim=1)
         for _ in range(2):
-            Q = torch.cat(basis, dim=1)
             direction = direction - Q @ (Q.T @ direction)
         norm = direction.norm()
         if norm <= 1e-10 * products[-1].norm():
