@@ -15,6 +15,8 @@ import os
 import tempfile
 import time
 
+from utils.errors import UserError
+
 BASE_COLUMNS = ("epoch", "step", "batch_loss", "full_loss", "full_accuracy")
 TIME_COLUMN = "wall_time"
 
@@ -61,6 +63,19 @@ class ResultsWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def read_text(path: str, fix: str = "the file is damaged") -> str:
+    """The contents of a UTF-8 text file; bytes that are not UTF-8 are a UserError naming the
+    file, the line and the column (``fix`` says what to do about it)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise UserError(f"{path} line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x} at column {column}); {fix}")
 
 
 def read_results(path: str):
