@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from utils.errors import UserError
+from utils.resources import space_for, state_bytes
 from utils.results import atomic_output
 
 CHECKPOINT_DIR = "checkpoints"
@@ -44,10 +45,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """torch.save to a temporary file in the same folder, then an atomic rename."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with atomic_output(path, suffix=".pt") as tmp:
-        with open(tmp, "wb") as f:
+    """torch.save to a temporary file in the same folder, then an atomic rename; a full disk is
+    an OutOfSpace naming the checkpoint and about its size."""
+    with space_for(path, state_bytes(state)):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_output(path, suffix=".pt") as tmp, open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())

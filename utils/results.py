@@ -16,6 +16,7 @@ import tempfile
 import time
 
 from utils.errors import UserError
+from utils.resources import space_for
 
 BASE_COLUMNS = ("epoch", "step", "batch_loss", "full_loss", "full_accuracy")
 TIME_COLUMN = "wall_time"
@@ -40,26 +41,32 @@ def format_value(value) -> str:
 
 
 class ResultsWriter:
-    """Appends rows to results.txt, flushing each one so a killed run keeps what it logged."""
+    """Appends rows to results.txt, each reaching the file at once so a killed run keeps what it logged.
+
+    Writes are unbuffered, so nothing is pending after a failed write. A full disk is an
+    :class:`~utils.resources.OutOfSpace` naming the file and the bytes of the text that did not
+    fit; the part of a row that did reach the file is a cut-off last line, which
+    ``training.py --resume`` drops.
+    """
 
     def __init__(self, path: str, columns: list[str], comments: list[str] | None = None, append: bool = False):
         self.path = path
         self.columns = list(columns)
-        if append:
-            self._file = open(path, "a", encoding="utf-8")
-            return
-        self._file = open(path, "x", encoding="utf-8")
-        for line in comments or []:
-            self._file.write(f"# {line}\n")
-        self._file.write(",".join(self.columns) + "\n")
-        self._file.flush()
+        self._file = open(path, "ab" if append else "xb", buffering=0)
+        if not append:
+            self._append("".join(f"# {line}\n" for line in comments or []) + ",".join(self.columns) + "\n")
+
+    def _append(self, text: str) -> None:
+        data = memoryview(text.encode("utf-8"))
+        with space_for(self.path, len(data)):
+            while data:
+                data = data[self._file.write(data):]
 
     def write_row(self, values: dict) -> None:
         unknown = set(values) - set(self.columns)
         if unknown:
             raise KeyError(f"values for columns that results.txt does not have: {sorted(unknown)}")
-        self._file.write(",".join(format_value(values.get(c)) for c in self.columns) + "\n")
-        self._file.flush()
+        self._append(",".join(format_value(values.get(c)) for c in self.columns) + "\n")
 
     def close(self) -> None:
         self._file.close()
@@ -113,7 +120,8 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    with atomic_output(path) as tmp:
+    """Write ``text`` to ``path`` atomically; a full disk is an OutOfSpace naming ``path``."""
+    with space_for(path, len(text.encode())), atomic_output(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -1,0 +1,145 @@
+"""Memory and disk space: checks before a run starts, and one line when either runs out.
+
+The allocator's own failure is a 28-line RuntimeError that names neither the flag behind the
+allocation nor the fix. Here it becomes a :class:`~utils.errors.UserError` saying how much was
+asked for, by what, and which flag makes it smaller; a full disk becomes one naming the file
+and the bytes it needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import resource
+
+from utils.errors import UserError
+
+_CPU_REQUEST = re.compile(r"allocate (\d+) bytes")
+_CUDA_REQUEST = re.compile(r"[Tt]ried to allocate ([\d.]+) ([KMGT]i?B)")
+_UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def format_bytes(count: float) -> str:
+    """``1.6 GB``: decimal units, three significant digits."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{int(count)} bytes"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """The CPU allocator's, CUDA's and Python's ways of saying an allocation failed."""
+    import torch
+
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def requested_bytes(exc: BaseException) -> float | None:
+    """The size of the failed allocation, where the error message says it."""
+    text = str(exc)
+    if match := _CPU_REQUEST.search(text):
+        return float(match.group(1))
+    if match := _CUDA_REQUEST.search(text):
+        return float(match.group(1)) * _UNITS.get(match.group(2), 1)
+    return None
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _OUT_OF_SPACE
+
+
+class OutOfSpace(UserError):
+    """A write failed for lack of disk space (or quota); ``path`` and ``needed`` say which and how much."""
+
+    def __init__(self, path: str, needed: int):
+        self.path, self.needed = path, needed
+        super().__init__(f"no space left on the disk of {os.path.dirname(os.path.abspath(path))}: "
+                         f"writing {os.path.basename(path)} needs {format_bytes(needed)}")
+
+
+@contextlib.contextmanager
+def space_for(path: str, needed: int):
+    """Turn an out-of-space OSError inside the block into :class:`OutOfSpace` for ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        if is_out_of_space(exc):
+            raise OutOfSpace(path, needed) from exc
+        raise
+
+
+def state_bytes(value) -> int:
+    """Bytes of the tensors in a (nested) checkpoint state: about the size of its file."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(state_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(state_bytes(v) for v in value)
+    return 64
+
+
+def available_memory(device) -> int | None:
+    """Bytes that allocations on ``device`` can still get, where the system says: free GPU
+    memory on CUDA; on the CPU the smaller of the kernel's MemAvailable and what the address
+    space limit (``ulimit -v``) leaves this process."""
+    if device.type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    limits = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft - _address_space_in_use())
+    return max(0, min(limits)) if limits else None
+
+
+def _address_space_in_use() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def check_memory(needed: int, device, what: str, fix: str) -> None:
+    """A UserError before anything is allocated when ``needed`` bytes cannot fit on ``device``."""
+    free = available_memory(device)
+    if free is not None and needed > free:
+        raise UserError(f"{what} needs {format_bytes(needed)} of memory on {device.type.upper() if device.type == 'cpu' else device}, "
+                        f"more than the {format_bytes(free)} available; {fix}")
+
+
+@contextlib.contextmanager
+def memory_for(what: str, fix: str):
+    """Turn an allocation failure inside the block into a UserError naming ``what`` asked for
+    how much, and ``fix``."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        asked = requested_bytes(exc)
+        amount = format_bytes(asked) if asked is not None else "the memory it needed"
+        raise UserError(f"out of memory: {what} could not allocate {amount}; {fix}") from None
