@@ -13,7 +13,7 @@ import sys
 from utils.cli import run_cli
 from utils.config import build_parser, config_from_args, explicit_settings, settings_from_args
 from utils.errors import UserError
-from utils.training import fork, resume, run
+from utils.training import StoppedBeforeStart, fork, resume, run
 
 # Flags that may accompany --resume: they change how the run is shown, not what it computes.
 _RESUME_COMPATIBLE = {"resume", "resume_step", "quiet", "cpu"}
@@ -54,7 +54,14 @@ def main(argv=None) -> int:
         print(f"run folder: {run_dir}")
         return summary.get("exit_code", 0)
 
-    return run_cli(work, prog="training.py")
+    def work_or_stop():
+        try:
+            return work()
+        except StoppedBeforeStart as stop:
+            print(f"training.py: {stop}", file=sys.stderr)
+            return stop.exit_code
+
+    return run_cli(work_or_stop, prog="training.py")
 
 
 if __name__ == "__main__":

@@ -291,6 +291,7 @@ def validate(cfg: RunConfig) -> None:
     need(0 < cfg.eig_tol < 1, f"--eig-tol must be in (0, 1), got {cfg.eig_tol}")
     need(cfg.stop_loss is None or cfg.stop_loss > 0, f"--stop-loss must be positive, got {cfg.stop_loss}")
     need(cfg.log_every >= 1, f"--log-every must be at least 1, got {cfg.log_every}")
+    need(cfg.run_dir is None or cfg.run_dir.strip() != "", "--run-dir needs a folder path; drop it to get a new folder under $RESULTS")
     check_installed(cfg)
     need(cfg.gd_noise is None or cfg.gd_noise in NOISE_MODES, f"unknown --gd-noise {cfg.gd_noise!r}; choose one of {', '.join(NOISE_MODES)}")
     need(not (cfg.sde and cfg.gd_noise), "--sde and --gd-noise are alternative baselines; give only one of them")

@@ -19,6 +19,7 @@ import datetime
 import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils import schedule
+from utils import run_lock, schedule
 from utils.checkpoints import (checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
                                rng_state, save_checkpoint, set_rng_state)
 from utils.cli import SignalCatcher
@@ -41,8 +42,9 @@ from utils.losses import accuracy, get_loss
 from utils.models import build_model, count_parameters
 from utils.monitor import Monitor
 from utils.noise import NoisyStep, noisy_step_from_config
+from utils.resources import OutOfSpace, check_memory, format_bytes, memory_for
 from utils.results import (BASE_COLUMNS, TIME_COLUMN, ResultsWriter, atomic_write_json, atomic_write_text,
-                           make_run_folder, read_json)
+                           make_run_folder, read_json, read_text)
 from utils.trackers import open_trackers
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -73,6 +75,23 @@ def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimi
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
+MODEL_TOO_BIG = "use a smaller --width or --depth"
+
+
+def check_model_fits(cfg: RunConfig, input_shape, output_dim: int, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a model whose parameters, gradients and optimiser
+    state alone exceed the memory available (its shape is built on the meta device, which
+    allocates nothing)."""
+    with torch.device("meta"):
+        shape = build_model(cfg.model, input_shape, output_dim, width=cfg.width, depth=cfg.depth,
+                            activation=cfg.activation, no_init=True)
+    count = count_parameters(shape)
+    optimiser_copies = 2 if cfg.adam else (1 if cfg.momentum else 0)
+    parts = "parameters, gradients" + (" and optimiser state" if optimiser_copies else "")
+    check_memory((2 + optimiser_copies) * count * torch.tensor([], dtype=torch.get_default_dtype()).element_size(),
+                 device, f"the model {cfg.model} ({count:,} parameters: {parts})", MODEL_TOO_BIG)
+
+
 def epoch_permutation(data_ordering_seed: int, epoch: int, n: int) -> torch.Tensor:
     """The visiting order of epoch ``epoch``: a pure function of the seed and the epoch."""
     generator = torch.Generator().manual_seed((data_ordering_seed * 1_000_003 + epoch) % (2**63 - 1))
@@ -83,16 +102,19 @@ def build(cfg: RunConfig) -> Setup:
     """Validate ``cfg`` and build data, model, loss and optimiser (no files written)."""
     validate(cfg)
     device = pick_device(cfg.cpu)
-    data = load_dataset(cfg.dataset, root=datasets_root(), loss=cfg.loss, num_data=cfg.num_data,
-                        dataset_seed=cfg.dataset_seed, classes=cfg.classes,
-                        input_shape=tuple(cfg.input_shape) if cfg.input_shape else None,
-                        num_classes=cfg.num_classes, download=cfg.download, device=device)
+    with memory_for(f"loading the data set {cfg.dataset}", "use a smaller --num-data"):
+        data = load_dataset(cfg.dataset, root=datasets_root(), loss=cfg.loss, num_data=cfg.num_data,
+                            dataset_seed=cfg.dataset_seed, classes=cfg.classes,
+                            input_shape=tuple(cfg.input_shape) if cfg.input_shape else None,
+                            num_classes=cfg.num_classes, download=cfg.download, device=device)
     n = data.X_train.shape[0]
     if cfg.batch > n:
         raise UserError(f"--batch {cfg.batch} is larger than the training set ({n} samples); use a smaller --batch or more --num-data")
-    model = build_model(cfg.model, data.input_shape, data.output_dim, width=cfg.width, depth=cfg.depth,
-                        activation=cfg.activation, init_scale=cfg.init_scale, init_seed=cfg.init_seed,
-                        no_init=cfg.no_init).to(device)
+    check_model_fits(cfg, data.input_shape, data.output_dim, device)
+    with memory_for(f"building the model {cfg.model}", MODEL_TOO_BIG):
+        model = build_model(cfg.model, data.input_shape, data.output_dim, width=cfg.width, depth=cfg.depth,
+                            activation=cfg.activation, init_scale=cfg.init_scale, init_seed=cfg.init_seed,
+                            no_init=cfg.no_init).to(device)
     num_params = count_parameters(model)
     if cfg.num_eigenvalues > num_params:
         raise UserError(f"--num-eigenvalues {cfg.num_eigenvalues} exceeds the model's {num_params} parameters; "
@@ -205,18 +227,34 @@ class _Progress:
             self.bar.close()
 
 
-def create_run_dir(cfg: RunConfig) -> str:
-    """The run folder: exactly --run-dir (which must not hold a run), or a new timestamped one."""
+def create_run_dir(cfg: RunConfig) -> tuple[str, run_lock.RunLock, bool]:
+    """The run folder, claimed for this process (see :mod:`utils.run_lock`): exactly --run-dir,
+    which must not hold anything yet, or a new timestamped one. Returns (folder, its lock,
+    whether this call created the folder)."""
     try:
-        if cfg.run_dir:
-            os.makedirs(os.path.dirname(os.path.abspath(cfg.run_dir)), exist_ok=True)
-            try:
-                os.mkdir(cfg.run_dir)
-            except FileExistsError:
-                if os.listdir(cfg.run_dir):
-                    raise UserError(f"--run-dir {cfg.run_dir} already exists and is not empty; choose a new folder")
-            return cfg.run_dir
-        return make_run_folder(results_root(), cfg.dataset, cfg.model, cfg.lr, cfg.batch)
+        if not cfg.run_dir:
+            run_dir = make_run_folder(results_root(), cfg.dataset, cfg.model, cfg.lr, cfg.batch)
+            return run_dir, run_lock.claim(run_dir, "training"), True
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.run_dir)), exist_ok=True)
+        try:
+            os.mkdir(cfg.run_dir)
+            created = True
+        except FileExistsError:
+            if not os.path.isdir(cfg.run_dir):
+                raise UserError(f"--run-dir {cfg.run_dir} is a file; choose a new folder")
+            created = False
+        try:
+            lock = run_lock.claim(cfg.run_dir, "training")
+        except run_lock.RunFolderBusy:
+            raise UserError(f"--run-dir {cfg.run_dir} is being claimed by another process; choose a new folder")
+        held = [name for name in os.listdir(cfg.run_dir) if not _is_scratch(name)]
+        if held:
+            lock.release()
+            if "config.json" in held:
+                raise UserError(f"--run-dir {cfg.run_dir} already exists and holds a run; continue it with --resume {cfg.run_dir} "
+                                f"or choose a new folder")
+            raise UserError(f"--run-dir {cfg.run_dir} already exists and is not empty; choose a new folder")
+        return cfg.run_dir, lock, created
     except PermissionError as exc:
         raise UserError(f"cannot write the run folder ({exc.strerror}: {exc.filename}); set $RESULTS or --run-dir to a writable folder")
     except OSError as exc:
@@ -225,23 +263,74 @@ def create_run_dir(cfg: RunConfig) -> str:
         raise UserError(f"cannot create the run folder ({exc.strerror}: {exc.filename}); set $RESULTS or --run-dir to a writable folder")
 
 
+def _is_scratch(name: str) -> bool:
+    """Files that hold nothing of a run: locks, and temporaries of an interrupted atomic write."""
+    return name.startswith(run_lock.LOCK_FILE) or name.startswith(".tmp_")
+
+
+class StoppedBeforeStart(Exception):
+    """SIGINT or SIGTERM arrived before the run folder existed: nothing was written."""
+
+    def __init__(self, received: signal.Signals):
+        self.exit_code = EXIT_CODES[received]
+        super().__init__(f"stopped by {received.name} before the run started; nothing was written")
+
+
+def _start_folder(cfg: RunConfig, record: dict, signals: SignalCatcher) -> tuple[str, run_lock.RunLock]:
+    """Claim the run folder and write config.json into it, the one file a run needs to be
+    resumed. A failure before config.json exists leaves no folder behind (none that this call
+    made)."""
+    if signals.received is not None:
+        raise StoppedBeforeStart(signals.received)
+    run_dir, lock, created = create_run_dir(cfg)
+    try:
+        atomic_write_json(os.path.join(run_dir, "config.json"), record)
+    except BaseException as exc:
+        lock.release()
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        if isinstance(exc, OutOfSpace):
+            raise UserError(f"{exc}; free space on that disk and start the run again") from None
+        raise
+    return run_dir, lock
+
+
 def _results_comments(cfg: RunConfig, command_line) -> list[str]:
     return [f"EOSS results: dataset {cfg.dataset}, model {cfg.model}, loss {cfg.loss}, lr {cfg.lr:g}, batch {cfg.batch}",
             "command: " + " ".join(command_line or [])]
 
 
-def _finish(run_dir: str, setup: Setup, monitor: Monitor, writer: ResultsWriter, start_step: int,
-            elapsed_before: float, cadences: dict | None = None) -> dict:
+def _finish(run_dir: str, setup: Setup, monitor: Monitor, writer: ResultsWriter, signals: SignalCatcher,
+            start_step: int, elapsed_before: float, cadences: dict | None = None) -> dict:
     trackers = open_trackers(setup.cfg, run_dir, read_json(os.path.join(run_dir, "config.json")), start_step)
     summary = None
     try:
-        summary = train_loop(setup, monitor, trackers.mirror(writer), run_dir, start_step=start_step,
-                             elapsed_before=elapsed_before, cadences=cadences)
-    finally:
-        writer.close()
-        trackers.close(summary)
-    atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
+        try:
+            summary = train_loop(setup, monitor, trackers.mirror(writer), run_dir, signals, start_step=start_step,
+                                 elapsed_before=elapsed_before, cadences=cadences)
+        finally:
+            writer.close()
+            trackers.close(summary)
+        atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
+    except OutOfSpace as exc:
+        raise stopped_by_full_disk(run_dir, exc) from None
     return summary
+
+
+def stopped_by_full_disk(run_dir: str, exc: OutOfSpace) -> UserError:
+    """Record a run stopped by a full disk as ``interrupted`` at its newest good checkpoint
+    (where the small summary.json still fits) and return the one-line error for it."""
+    saved = list_checkpoints(run_dir)
+    if not saved:
+        return UserError(f"{exc}; free space, then continue with training.py --resume {run_dir}")
+    step = saved[-1][0]
+    try:
+        atomic_write_json(os.path.join(run_dir, "summary.json"),
+                          {"status": "interrupted", "final_step": step, "reason": "no space left on device"})
+    except OutOfSpace:
+        pass  # without a summary the run reads as interrupted all the same
+    return UserError(f"{exc}; the run stopped (newest good checkpoint: step {step}); free space, then continue "
+                     f"with training.py --resume {run_dir}")
 
 
 def run(cfg: RunConfig, command_line: list[str] | None = None) -> tuple[str, dict]:
@@ -249,17 +338,34 @@ def run(cfg: RunConfig, command_line: list[str] | None = None) -> tuple[str, dic
 
     The summary's ``status`` is ``finished``, ``stopped_at_loss``, ``diverged`` or
     ``interrupted`` (then ``signal`` names SIGINT or SIGTERM and ``exit_code`` is 130 / 143).
+    A signal that arrives before the folder exists raises :class:`StoppedBeforeStart`.
     """
     check_cadences_have_measurements(cfg)
-    setup = build(cfg)
-    monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
-                      setup.optimizer)
-    record = config_record(setup, monitor.schedule, command_line)
-    run_dir = create_run_dir(cfg)
-    atomic_write_json(os.path.join(run_dir, "config.json"), record)
-    columns = list(BASE_COLUMNS) + monitor.columns + [TIME_COLUMN]
-    writer = ResultsWriter(os.path.join(run_dir, "results.txt"), columns, _results_comments(cfg, command_line))
-    return run_dir, _finish(run_dir, setup, monitor, writer, start_step=0, elapsed_before=0.0)
+    with SignalCatcher() as signals:
+        setup = build(cfg)
+        monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
+                          setup.optimizer)
+        record = config_record(setup, monitor.schedule, command_line)
+        run_dir, lock = _start_folder(cfg, record, signals)
+        with lock:
+            writer = _new_results(run_dir, monitor, _results_comments(cfg, command_line))
+            return run_dir, _finish(run_dir, setup, monitor, writer, signals, start_step=0, elapsed_before=0.0)
+
+
+def _new_results(run_dir: str, monitor: Monitor, comments: list[str]) -> ResultsWriter:
+    """A results.txt with the comments and the header only; a full disk is a one-line error
+    (the folder then holds config.json, from which --resume starts the run)."""
+    path = os.path.join(run_dir, "results.txt")
+    try:
+        if os.path.exists(path):
+            os.unlink(path)
+        return ResultsWriter(path, _columns(monitor), comments)
+    except OutOfSpace as exc:
+        raise UserError(f"{exc}; free space, then start the run with training.py --resume {run_dir}") from None
+
+
+def _columns(monitor: Monitor) -> list[str]:
+    return list(BASE_COLUMNS) + monitor.columns + [TIME_COLUMN]
 
 
 def restore(setup: Setup, monitor: Monitor, state: dict, *, keep_optimizer_settings: bool = False) -> None:
@@ -313,6 +419,9 @@ def read_run_config(run_dir: str) -> dict:
     return record
 
 
+ENDED = ("finished", "stopped_at_loss", "diverged")
+
+
 def _pick_checkpoint(run_dir: str, step: int | None, at_or_before: bool) -> tuple[int, str]:
     available = list_checkpoints(run_dir)
     if not available:
@@ -328,52 +437,150 @@ def _pick_checkpoint(run_dir: str, step: int | None, at_or_before: bool) -> tupl
 
 def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None = None, cpu: bool = False,
            command_line: list[str] | None = None) -> tuple[str, dict]:
-    """Continue the run in ``run_dir`` from its newest checkpoint (or the one at ``resume_step``).
+    """Continue the run in ``run_dir`` from the newest checkpoint that its results.txt reaches
+    (or the one at ``resume_step``).
 
-    Rows of results.txt at or after the checkpoint's step, and a truncated last line left by a
-    hard kill, are dropped before training continues, so the finished file equals that of a
-    run never interrupted (elapsed-time columns aside). A run that ended (finished, stopped at
-    its loss, diverged) is left untouched and returned with ``already_done``; branch from it
-    with :func:`fork` instead.
+    Training continues at a step S whose earlier rows are all in results.txt: S is a
+    checkpoint at or before the step after the last complete row (or later, when no step in
+    between was due to be logged), so rows lost from a cut file are recomputed, never left
+    out. Rows at or after S and a cut-off last line are dropped first, so the finished file
+    equals that of a run never interrupted (elapsed-time columns aside). A folder holding only
+    config.json (stopped before its first checkpoint) starts at step 0, a fork at its parent's
+    checkpoint. A run that ended (finished, stopped at its loss, diverged) with all its rows is
+    left untouched and returned with ``already_done``; branch from it with :func:`fork`
+    instead. A run that another live process is training is refused (:mod:`utils.run_lock`).
     """
     record = read_run_config(run_dir)
     cfg = RunConfig.from_dict(record["config"])
     if quiet is not None:
         cfg.quiet = quiet
     cfg.cpu = cfg.cpu or cpu
+    try:
+        lock = run_lock.claim(run_dir, "resume")
+    except PermissionError as exc:
+        raise UserError(f"cannot write into {run_dir} ({exc.strerror}); resume needs a writable run folder")
+    except run_lock.RunFolderBusy as exc:
+        raise UserError(f"cannot resume: {exc}") from None
+    with lock:
+        return _resume_claimed(run_dir, record, cfg, resume_step)
+
+
+def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int | None) -> tuple[str, dict]:
     summary_path = os.path.join(run_dir, "summary.json")
+    results_path = os.path.join(run_dir, "results.txt")
+    previous = None
     if os.path.isfile(summary_path):
         try:
             previous = read_json(summary_path)
         except (OSError, ValueError):
             raise UserError(f"{summary_path} is damaged; delete it to resume the run from its newest checkpoint")
-        if previous.get("status") in ("finished", "stopped_at_loss", "diverged"):
+    last_row = last_complete_step(results_path)
+    if isinstance(previous, dict) and previous.get("status") in ENDED:
+        final_row = previous.get("final_step", 0) - (previous["status"] == "finished")
+        if last_row is not None and last_row >= final_row:
             return run_dir, {**previous, "already_done": True}
-    results_path = os.path.join(run_dir, "results.txt")
-    if not os.path.isfile(results_path):
-        raise UserError(f"{run_dir} has no results.txt; the run folder is damaged, start the run again")
-    step, path = _pick_checkpoint(run_dir, resume_step, at_or_before=False)
-    setup = build(cfg)
-    note_changed_products(record, setup)
-    monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
-                      setup.optimizer)
-    cadences = recorded_cadences(record, monitor)
-    # On the CPU: the RNG states must stay CPU tensors; load_state_dict copies to the device.
-    state = load_checkpoint(path)
-    restore(setup, monitor, state)
-    columns = list(BASE_COLUMNS) + monitor.columns + [TIME_COLUMN]
-    try:
-        truncate_results(results_path, before_step=step)
-        for later, later_path in list_checkpoints(run_dir):
-            if later > step:
-                os.unlink(later_path)
-        if os.path.isfile(summary_path):
-            os.unlink(summary_path)
-        writer = ResultsWriter(results_path, columns, append=True)
-    except PermissionError as exc:
-        raise UserError(f"cannot write into {run_dir} ({exc.strerror}); resume needs a writable run folder")
-    return run_dir, _finish(run_dir, setup, monitor, writer, start_step=step, elapsed_before=state.get("wall_time", 0.0),
-                            cadences=cadences)
+    with SignalCatcher() as signals:
+        setup = build(cfg)
+        note_changed_products(record, setup)
+        monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
+                          setup.optimizer)
+        cadences = recorded_cadences(record, monitor)
+        parent = record.get("parent")
+        first_step = parent["step"] if parent else 0
+        due = row_schedule(setup, monitor, cadences)
+        step, path = resume_point(run_dir, resume_step, first_step if last_row is None else last_row + 1, due)
+        from_parent = path is None and parent is not None
+        if from_parent:
+            path = _parent_checkpoint(run_dir, parent)
+        state = {}
+        if path is not None:
+            # On the CPU: the RNG states must stay CPU tensors; load_state_dict copies to the device.
+            state = load_checkpoint(path)
+            restore(setup, monitor, state, keep_optimizer_settings=from_parent)
+        try:
+            for later, later_path in list_checkpoints(run_dir):
+                if later > step:
+                    os.unlink(later_path)
+            if os.path.isfile(summary_path):
+                os.unlink(summary_path)
+            if last_row is None or step == first_step:
+                comments = _results_comments(cfg, record.get("command_line"))
+                if parent:
+                    comments.append(f"continued from {parent['run_dir']} at step {first_step}")
+                writer = _new_results(run_dir, monitor, comments)
+            else:
+                truncate_results(results_path, before_step=step)
+                writer = ResultsWriter(results_path, _columns(monitor), append=True)
+        except PermissionError as exc:
+            raise UserError(f"cannot write into {run_dir} ({exc.strerror}); resume needs a writable run folder")
+        except OutOfSpace as exc:
+            raise UserError(f"{exc}; free space, then resume again") from None
+        return run_dir, _finish(run_dir, setup, monitor, writer, signals, start_step=step,
+                                elapsed_before=state.get("wall_time", 0.0), cadences=cadences)
+
+
+def resume_point(run_dir: str, resume_step: int | None, reach: int, row_is_due) -> tuple[int, str | None]:
+    """(step, checkpoint) to continue from: the newest checkpoint at or before ``reach``, the
+    first step whose row results.txt lacks, or later where ``row_is_due`` says no step from
+    ``reach`` up to it writes a row; (``reach``, None) when there is none, which is the first
+    step of the run when results.txt has no rows. ``resume_step`` asks for one checkpoint."""
+    usable = []
+    for step, path in list_checkpoints(run_dir):
+        if step > reach and any(row_is_due(t) for t in range(reach, step)):
+            break
+        usable.append((step, path))
+    if resume_step is not None:
+        _pick_checkpoint(run_dir, resume_step, at_or_before=False)  # a step without a checkpoint is an error
+        chosen = [(step, path) for step, path in usable if step == resume_step]
+        if not chosen:
+            raise UserError(f"--resume-step {resume_step} would leave a gap: results.txt has the rows up to step "
+                            f"{reach - 1} only; resume from a checkpoint at or before step {reach}")
+        return chosen[0]
+    if usable:
+        return usable[-1]
+    return reach, None
+
+
+def _parent_checkpoint(run_dir: str, parent: dict) -> str:
+    """The checkpoint a fork started from, for a fork folder stopped before its first own one."""
+    path = os.path.join(parent["run_dir"], "checkpoints", parent.get("checkpoint") or f"step_{parent['step']}.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir} is a fork stopped before its first checkpoint, and the checkpoint it started "
+                        f"from ({path}) is gone; start the fork again with --cont-run")
+    return path
+
+
+def last_complete_step(path: str) -> int | None:
+    """The step of the last row of results.txt before the first cut-off or damaged one; None
+    when the file is missing or has no complete row."""
+    if not os.path.isfile(path):
+        return None
+    rows = _complete_rows(path)[2]
+    return rows[-1][0] if rows else None
+
+
+def _complete_rows(path: str) -> tuple[list[str], str | None, list[tuple[int, str]]]:
+    """(comment lines, header line, [(step, row line)]) of results.txt up to the first row cut
+    short by a hard kill (no newline, or the wrong number of fields)."""
+    text = read_text(path, fix="the run folder is damaged; delete that line or the damaged rows to resume")
+    comments, header, rows = [], None, []
+    for line in text.split("\n")[:-1]:  # the piece after the last newline is unfinished (or empty)
+        if line.startswith("#"):
+            comments.append(line)
+        elif header is None:
+            header = line
+            names = header.split(",")
+            if "step" not in names:
+                raise UserError(f"{path} has no step column in its header line; the run folder is damaged")
+        else:
+            fields = line.split(",")
+            if len(fields) != len(names):
+                break
+            step = fields[names.index("step")]
+            if not step.isdigit():
+                raise UserError(f"{path} has a row with step {step!r}; the run folder is damaged")
+            rows.append((int(step), line))
+    return comments, header, rows
 
 
 def note_changed_products(record: dict, setup: Setup) -> None:
@@ -434,45 +641,25 @@ def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[st
     restore(setup, monitor, state, keep_optimizer_settings=True)
     record = config_record(setup, monitor.schedule, command_line)
     record["parent"] = {"run_dir": os.path.abspath(parent_dir), "step": step, "checkpoint": os.path.basename(path)}
-    run_dir = create_run_dir(cfg)
-    atomic_write_json(os.path.join(run_dir, "config.json"), record)
-    columns = list(BASE_COLUMNS) + monitor.columns + [TIME_COLUMN]
-    comments = _results_comments(cfg, command_line) + [f"continued from {os.path.abspath(parent_dir)} at step {step}"]
-    writer = ResultsWriter(os.path.join(run_dir, "results.txt"), columns, comments)
-    return run_dir, _finish(run_dir, setup, monitor, writer, start_step=step, elapsed_before=state.get("wall_time", 0.0))
+    with SignalCatcher() as signals:
+        run_dir, lock = _start_folder(cfg, record, signals)
+        with lock:
+            comments = _results_comments(cfg, command_line) + [f"continued from {os.path.abspath(parent_dir)} at step {step}"]
+            writer = _new_results(run_dir, monitor, comments)
+            return run_dir, _finish(run_dir, setup, monitor, writer, signals, start_step=step,
+                                    elapsed_before=state.get("wall_time", 0.0))
 
 
 def truncate_results(path: str, before_step: int) -> None:
     """Keep the comments, the header and the complete rows with step < before_step.
 
-    A row cut short by a hard kill (no newline, or the wrong number of fields) is dropped;
-    the file is rewritten atomically.
+    A row cut short by a hard kill (no newline, or the wrong number of fields) and everything
+    after it are dropped; the file is rewritten atomically.
     """
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    lines = text.split("\n")
-    complete = lines[:-1]  # the piece after the last newline is unfinished (or empty)
-    kept, header = [], None
-    for line in complete:
-        if line.startswith("#"):
-            kept.append(line)
-        elif header is None:
-            header = line.split(",")
-            if "step" not in header:
-                raise UserError(f"{path} has no step column in its header line; the run folder is damaged")
-            kept.append(line)
-        else:
-            fields = line.split(",")
-            if len(fields) != len(header):
-                break
-            step = fields[header.index("step")]
-            if not step.isdigit():
-                raise UserError(f"{path} has a row with step {step!r}; the run folder is damaged")
-            if int(step) >= before_step:
-                break
-            kept.append(line)
+    comments, header, rows = _complete_rows(path)
     if header is None:
         raise UserError(f"{path} has no header line; the run folder is damaged")
+    kept = comments + [header] + [line for step, line in rows if step < before_step]
     atomic_write_text(path, "\n".join(kept) + "\n")
 
 
@@ -490,16 +677,37 @@ def checkpoint_state(setup: Setup, monitor: Monitor, step: int, elapsed: float) 
     }
 
 
-def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: str,
+def row_schedule(setup: Setup, monitor: Monitor, cadences: dict | None = None):
+    """A function of the step: whether a run that goes past that step writes its row to
+    results.txt (every ``--log-every`` steps, at a full loss or a measurement, and at the
+    last step). A run that diverges or reaches ``--stop-loss`` also writes its last row."""
+    cfg, total = setup.cfg, setup.total_steps
+    loss_schedule = (cadences or {}).get("full_loss") or full_loss_schedule(cfg, total)
+    cadence_lists = [loss_schedule, *monitor.schedule.values()]
+
+    def is_due(step: int) -> bool:
+        return step % cfg.log_every == 0 or step == total - 1 or any(schedule.is_due(c, step) for c in cadence_lists)
+
+    return is_due
+
+
+MEASUREMENT_TOO_BIG = ("take full-batch Hessian products in smaller chunks with --hvp-chunk, or use fewer --num-data "
+                       "(fork the run from its last checkpoint with --cont-run RUN_DIR --cont-step N --hvp-chunk M)")
+
+
+def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: str, signals: SignalCatcher,
                start_step: int, elapsed_before: float, cadences: dict | None = None) -> dict:
     """Train from ``start_step`` to the end; ``cadences`` (see :func:`recorded_cadences`)
-    replace the full-loss and checkpoint cadences derived from the config."""
+    replace the full-loss and checkpoint cadences derived from the config. A signal in
+    ``signals`` stops the run after the current step (or, when it came while the run was set
+    up, before the first one), with a checkpoint."""
     cfg, model, optimizer, loss_fn = setup.cfg, setup.model, setup.optimizer, setup.loss_fn
     X, Y = setup.data.X_train, setup.data.Y_train
     n, b, total = X.shape[0], cfg.batch, setup.total_steps
     cadences = cadences or {}
     checkpoint_every = cadences.get("checkpoint_every") or cfg.checkpoint_every or default_checkpoint_every(total)
     loss_schedule = cadences.get("full_loss") or full_loss_schedule(cfg, total)
+    row_is_due = row_schedule(setup, monitor, cadences)
     started = time.perf_counter() - elapsed_before
     progress = _Progress(total, start_step, cfg.quiet)
     status, step, permutation, perm_epoch = "finished", start_step, None, None
@@ -514,22 +722,26 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
             prune_checkpoints(run_dir, cfg.keep_checkpoints)
 
     model.train()
-    with SignalCatcher() as signals:
-        while step < total:
-            epoch, position = divmod(step, setup.steps_per_epoch)
-            if step % checkpoint_every == 0 or step == start_step:  # a fork is resumable from its first step
-                save(step)
-            if perm_epoch != epoch:
-                permutation, perm_epoch = epoch_permutation(cfg.data_ordering_seed, epoch, n).to(X.device), epoch
-            idx = permutation[position * b:(position + 1) * b]
-            xb, yb = X[idx], Y[idx]
+    while step < total:
+        epoch, position = divmod(step, setup.steps_per_epoch)
+        if step % checkpoint_every == 0 or step == start_step:  # a fork is resumable from its first step
+            save(step)
+        if step == start_step and signals.received is not None:  # it came while the run was set up
+            status = "interrupted"
+            break
+        if perm_epoch != epoch:
+            permutation, perm_epoch = epoch_permutation(cfg.data_ordering_seed, epoch, n).to(X.device), epoch
+        idx = permutation[position * b:(position + 1) * b]
+        xb, yb = X[idx], Y[idx]
 
-            row = {"epoch": epoch, "step": step}
+        row = {"epoch": epoch, "step": step}
+        with memory_for(f"the full-batch loss at step {step}", "use fewer --num-data or a smaller model"):
             if schedule.is_due(loss_schedule, step):
                 row["full_loss"], row["full_accuracy"] = evaluate(model, loss_fn, X, Y)
+        with memory_for(f"the measurements at step {step}", MEASUREMENT_TOO_BIG):
             row.update(monitor.measure(step, xb, yb))
-            measured = len(row) > 2  # rows that carry a full loss or a measurement are always logged
 
+        with memory_for(f"training step {step}", "use a smaller --batch or a smaller model"):
             optimizer.zero_grad(set_to_none=True)
             if setup.noise is None:
                 batch_loss = loss_fn(model(xb), yb)
@@ -544,23 +756,23 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
                     optimizer.step()
                 else:
                     setup.noise.update(step)
-            row[TIME_COLUMN] = elapsed()
-            if step % cfg.log_every == 0 or measured or diverged or reached or step == total - 1:
-                writer.write_row(row)
-            progress.update(step, {k: row[k] for k in ("batch_loss", "full_loss", "lambda_max", "batch_sharpness") if k in row})
-            if diverged:
-                status = "diverged"
-                loss_name = "batch_loss" if not math.isfinite(row["batch_loss"]) else "full_loss"
-                print(f"training diverged at step {step}: {loss_name} is {row[loss_name]:g}; the run folder keeps everything up to this step",
-                      file=sys.stderr)
-                break
-            if reached:
-                status = "stopped_at_loss"
-                break
-            step += 1
-            if signals.received is not None:
-                status = "interrupted"
-                break
+        row[TIME_COLUMN] = elapsed()
+        if row_is_due(step) or diverged or reached:
+            writer.write_row(row)
+        progress.update(step, {k: row[k] for k in ("batch_loss", "full_loss", "lambda_max", "batch_sharpness") if k in row})
+        if diverged:
+            status = "diverged"
+            loss_name = "batch_loss" if not math.isfinite(row["batch_loss"]) else "full_loss"
+            print(f"training diverged at step {step}: {loss_name} is {row[loss_name]:g}; the run folder keeps everything up to this step",
+                  file=sys.stderr)
+            break
+        if reached:
+            status = "stopped_at_loss"
+            break
+        step += 1
+        if signals.received is not None:
+            status = "interrupted"
+            break
     progress.close()
     save(step)
 
@@ -569,7 +781,8 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
         summary["signal"] = signals.received.name
         summary["exit_code"] = EXIT_CODES[signals.received]
     if status != "interrupted" and cfg.final:
-        final = monitor.final(step)
+        with memory_for(f"the final measurements at step {step}", MEASUREMENT_TOO_BIG):
+            final = monitor.final(step)
         atomic_write_json(os.path.join(run_dir, "final.json"), final)
     train_loss, train_acc = evaluate(model, loss_fn, X, Y)
     test_loss, test_acc = evaluate(model, loss_fn, setup.data.X_test, setup.data.Y_test)
