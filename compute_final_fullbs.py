@@ -22,8 +22,8 @@ from utils.config import EIGEN_METHODS
 from utils.errors import UserError
 from utils.estimators import measurement_generator
 from utils.hvp import measurement_hvp_mode
-from utils.runs import (DTYPES, build_analysis_parser, checkpoint_list, load_weights, output_folders,
-                        rebuild, runs_from_args, write_text_files)
+from utils.runs import (DTYPES, build_analysis_parser, checkpoint_list, load_weights, newest_state, not_final_note,
+                        output_folders, rebuild, runs_from_args, write_text_files)
 
 PROG = "compute_final_fullbs.py"
 DEFAULT_TOL = 1e-5
@@ -78,8 +78,10 @@ def measure_run(run, checkpoints, args) -> tuple[list[dict], str]:
     return records, str(setup.device), measurement_hvp_mode(setup.model, setup.device, exact=args.exact_measurements)
 
 
-def final_record(run, records, args, device, hvp_mode) -> dict:
-    return {**records[-1], "num_eigenvalues": args.num_eigenvalues, "tol": args.tol,
+def final_record(run, records, args, device, hvp_mode, state) -> dict:
+    """The contents of final_fullbs.json: the newest checkpoint's record, the settings of the
+    solve, and ``final`` / ``run_status`` (whether that checkpoint is the run's final state)."""
+    return {**records[-1], **state, "num_eigenvalues": args.num_eigenvalues, "tol": args.tol,
             "method": args.eig_method or ("lanczos" if args.num_eigenvalues == 1 else "lobpcg"),
             "measure_seed": run.cfg.measure_seed if args.seed is None else args.seed, "dtype": args.dtype, "device": device,
             "exact_measurements": args.exact_measurements, "hvp_mode": hvp_mode,
@@ -93,19 +95,20 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         check_args(args)
         runs = runs_from_args(args, default_latest=True)
-        checkpoints = [checkpoint_list(run) for run in runs]
-        chosen = [found if args.all_checkpoints else found[-1:] for found in checkpoints]
+        states = [newest_state(run) for run in runs]
+        chosen = [checkpoint_list(run) if args.all_checkpoints else [(None, path)] for run, (path, _) in zip(runs, states)]
         results = [measure_run(run, found, args) for run, found in zip(runs, chosen)]
-        outputs = {}
-        for run, folder, (records, device, hvp_mode) in zip(runs, output_folders(runs, args.out), results):
-            record = final_record(run, records, args, device, hvp_mode)
+        outputs, report = {}, []
+        for run, folder, (records, device, hvp_mode), (_, state) in zip(runs, output_folders(runs, args.out), results, states):
+            record = final_record(run, records, args, device, hvp_mode, state)
             outputs[os.path.join(folder, "final_fullbs.json")] = json.dumps(record, indent=2) + "\n"
             if args.all_checkpoints:
                 outputs[os.path.join(folder, "fullbs_checkpoints.csv")] = pd.DataFrame(records).to_csv(index=False)
-            print(run.run_dir)
-            print(table(records))
-        for path in write_text_files(outputs):
-            print(f"wrote {path}")
+            report += [run.run_dir, table(records)]
+            report += [note] if (note := not_final_note(run, record["step"], state)) else []
+        written = write_text_files(outputs)
+        for line in report + [f"wrote {path}" for path in written]:
+            print(line)
         return 0
 
     return run_cli(work, prog=PROG)

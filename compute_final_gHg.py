@@ -23,7 +23,7 @@ from utils.analysis import (check_batch_sizes, default_batch_sizes, estimates_at
                             gni_all_batch_sizes, stability_label, stability_threshold)
 from utils.cli import run_cli
 from utils.errors import UserError
-from utils.runs import (DTYPES, build_analysis_parser, checkpoint_list, load_weights, output_folders,
+from utils.runs import (DTYPES, build_analysis_parser, load_weights, newest_state, not_final_note, output_folders,
                         rebuild, runs_from_args, write_text_files)
 
 PROG = "compute_final_gHg.py"
@@ -97,22 +97,22 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         check_args(args)
         runs = runs_from_args(args, default_latest=True)
-        finals = [checkpoint_list(run)[-1][1] for run in runs]
-        records = [measure_run(run, final, args) for run, final in zip(runs, finals)]
-        outputs = {}
-        for run, folder, record in zip(runs, output_folders(runs, args.out), records):
+        states = [newest_state(run) for run in runs]
+        records = [{**measure_run(run, path, args), **state} for run, (path, state) in zip(runs, states)]
+        outputs, report = {}, []
+        for run, folder, record, (_, state) in zip(runs, output_folders(runs, args.out), records, states):
             outputs[os.path.join(folder, "final_ghg.json")] = json.dumps(record, indent=2) + "\n"
             outputs[os.path.join(folder, "final_ghg.csv")] = ghg_frame(record).to_csv(index=False)
-            print(f"{run.run_dir} at step {record['step']} (training batch {run.cfg.batch}, "
-                  f"{record['threshold_label']} = {record['threshold']:.4g})")
-            print(table(record))
+            report += [f"{run.run_dir} at step {record['step']} (training batch {run.cfg.batch}, "
+                       f"{record['threshold_label']} = {record['threshold']:.4g})", table(record)]
             capped = estimates_at_sample_limit(record, args.max_samples)
-            for line in capped:
-                print(f"note: {line}")
+            report += [f"note: {line}" for line in capped]
             if capped:
-                print("note: pass a larger --max-samples for estimates that reach their standard-error targets")
-        for path in write_text_files(outputs):
-            print(f"wrote {path}")
+                report.append("note: pass a larger --max-samples for estimates that reach their standard-error targets")
+            report += [note] if (note := not_final_note(run, record["step"], state)) else []
+        written = write_text_files(outputs)
+        for line in report + [f"wrote {path}" for path in written]:
+            print(line)
         return 0
 
     return run_cli(work, prog=PROG)

@@ -172,6 +172,31 @@ def tail_median(frame, column: str, tail: float) -> tuple[float, int]:
     return (float(window.median()), int(window.size)) if window.size else (math.nan, 0)
 
 
+FINAL_FILES = {"final": "training.py --final", "final_fullbs": "compute_final_fullbs.py", "final_ghg": "compute_final_gHg.py"}
+
+
+def current_final_records(records: dict, final_step: int | None) -> tuple[dict, list[str]]:
+    """The end-of-run records that measured the run's final state, and a note for every other.
+
+    ``records`` maps the names of :data:`FINAL_FILES` (final, final_fullbs, final_ghg) to the
+    contents of those files (None when absent); ``final_step`` is summary.json's (None when the
+    run has not ended). A record counts only when its ``step`` equals ``final_step``: a file
+    measured before the run was resumed and trained on describes an earlier state, and a
+    plateau taken from it would be wrong without a sign.
+    """
+    kept, notes = {}, []
+    for name, record in records.items():
+        if record is None:
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if final_step is not None and step == final_step:
+            kept[name] = record
+            continue
+        now = f"the run's final step is {final_step}" if final_step is not None else "the run has not finished (no summary.json)"
+        notes.append(f"{name}.json measured step {step}, but {now}; ignored as stale (run {FINAL_FILES[name]} again)")
+    return kept, notes
+
+
 def sharpness_plateaus(cfg, frame, *, tail: float, final=None, fullbs=None, ghg=None) -> dict:
     """Plateau of lambda_max and of Batch Sharpness for one run, their gap and the stability line.
 
