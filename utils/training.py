@@ -455,6 +455,9 @@ def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None =
     if quiet is not None:
         cfg.quiet = quiet
     cfg.cpu = cfg.cpu or cpu
+    ended = _ended_summary(run_dir)
+    if ended is not None:  # checked before claiming the folder too, so archived read-only runs answer
+        return run_dir, {**ended, "already_done": True}
     try:
         lock = run_lock.claim(run_dir, "resume")
     except PermissionError as exc:
@@ -465,20 +468,30 @@ def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None =
         return _resume_claimed(run_dir, record, cfg, resume_step)
 
 
+def _ended_summary(run_dir: str) -> dict | None:
+    """summary.json of a run that ended (finished, stopped at its loss, diverged) and whose
+    results.txt holds every row up to its end; None for a run to be continued."""
+    summary_path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(summary_path):
+        return None
+    try:
+        summary = read_json(summary_path)
+    except (OSError, ValueError):
+        raise UserError(f"{summary_path} is damaged; delete it to resume the run from its newest checkpoint")
+    if not isinstance(summary, dict) or summary.get("status") not in ENDED:
+        return None
+    last_row = last_complete_step(os.path.join(run_dir, "results.txt"))
+    final_row = summary.get("final_step", 0) - (summary["status"] == "finished")  # a finished run's last step is final_step - 1
+    return summary if last_row is not None and last_row >= final_row else None
+
+
 def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int | None) -> tuple[str, dict]:
     summary_path = os.path.join(run_dir, "summary.json")
     results_path = os.path.join(run_dir, "results.txt")
-    previous = None
-    if os.path.isfile(summary_path):
-        try:
-            previous = read_json(summary_path)
-        except (OSError, ValueError):
-            raise UserError(f"{summary_path} is damaged; delete it to resume the run from its newest checkpoint")
+    ended = _ended_summary(run_dir)
+    if ended is not None:
+        return run_dir, {**ended, "already_done": True}
     last_row = last_complete_step(results_path)
-    if isinstance(previous, dict) and previous.get("status") in ENDED:
-        final_row = previous.get("final_step", 0) - (previous["status"] == "finished")
-        if last_row is not None and last_row >= final_row:
-            return run_dir, {**previous, "already_done": True}
     with SignalCatcher() as signals:
         setup = build(cfg)
         note_changed_products(record, setup)
@@ -631,17 +644,17 @@ def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[st
     cfg = RunConfig.from_dict(values)
     check_cadences_have_measurements(cfg, given=overrides)
     step, path = _pick_checkpoint(parent_dir, cont_step, at_or_before=True)
-    setup = build(cfg)
-    if step >= setup.total_steps:
-        raise UserError(f"the fork starts at step {step} but the run has only {setup.total_steps} steps; give a larger --steps")
-    monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
-                      setup.optimizer)
-    # On the CPU: the RNG states must stay CPU tensors; load_state_dict copies to the device.
-    state = load_checkpoint(path)
-    restore(setup, monitor, state, keep_optimizer_settings=True)
-    record = config_record(setup, monitor.schedule, command_line)
-    record["parent"] = {"run_dir": os.path.abspath(parent_dir), "step": step, "checkpoint": os.path.basename(path)}
     with SignalCatcher() as signals:
+        setup = build(cfg)
+        if step >= setup.total_steps:
+            raise UserError(f"the fork starts at step {step} but the run has only {setup.total_steps} steps; give a larger --steps")
+        monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
+                          setup.optimizer)
+        # On the CPU: the RNG states must stay CPU tensors; load_state_dict copies to the device.
+        state = load_checkpoint(path)
+        restore(setup, monitor, state, keep_optimizer_settings=True)
+        record = config_record(setup, monitor.schedule, command_line)
+        record["parent"] = {"run_dir": os.path.abspath(parent_dir), "step": step, "checkpoint": os.path.basename(path)}
         run_dir, lock = _start_folder(cfg, record, signals)
         with lock:
             comments = _results_comments(cfg, command_line) + [f"continued from {os.path.abspath(parent_dir)} at step {step}"]
