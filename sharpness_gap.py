@@ -21,7 +21,7 @@ import pandas as pd
 from utils.analysis import sharpness_plateaus
 from utils.cli import run_cli
 from utils.errors import UserError
-from utils.plotting import plot_sharpness_gap, save_figure
+from utils.plotting import plot_sharpness_gap, render_figure, write_figure
 from utils.runs import (analysis_folder, build_analysis_parser, read_optional_json, read_run_results, runs_from_args,
                         selection_stem, write_text_files)
 
@@ -73,13 +73,14 @@ def main(argv=None) -> int:
         runs = runs_from_args(args, default_latest=False)
         table = pd.DataFrame([run_row(run, args.tail, args.tail_only) for run in runs])
         table = table.sort_values(["lr", "batch"], kind="stable")
-        figure = plot_sharpness_gap(table)
+        images = render_figure(plot_sharpness_gap(table), dpi=args.dpi)
         folder = analysis_folder(runs, args.out)
         stem = selection_stem("sharpness_gap", runs, args.out)
+        # The files come before the table: a reader that stops early (| head) must not cost them.
+        written = write_text_files({os.path.join(folder, f"{stem}.csv"): table.to_csv(index=False)})
+        written += write_figure(images, folder, stem)
         shown = ["lr", "batch", "optimizer", "lambda_max", "batch_sharpness", "batch_sharpness_se", "gap", "threshold"]
         print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.5g}"))
-        written = write_text_files({os.path.join(folder, f"{stem}.csv"): table.to_csv(index=False)})
-        written += save_figure(figure, folder, stem, dpi=args.dpi)
         for path in written:
             print(f"wrote {path}")
         return 0

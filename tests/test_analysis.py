@@ -305,13 +305,14 @@ def test_moved_and_renamed_run_gives_the_same_numbers(runs, tmp_path):
     assert {k: v for k, v in moved_record.items() if k != "seconds"} == {k: v for k, v in original.items() if k != "seconds"}
 
 
-def test_damaged_runs_below_a_folder_are_skipped_with_a_warning(runs, tmp_path):
+def test_damaged_runs_below_a_folder_are_skipped_with_a_line_each(runs, tmp_path, capsys):
     copy_run(runs["a"], tmp_path, "good")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
-    with pytest.warns(UserWarning, match="skipping .*broken"):
-        found = select_runs([str(tmp_path)])
+    found = select_runs([str(tmp_path)])
     assert [r.name for r in found] == ["good"]
+    assert capsys.readouterr().err == (f"skipping {tmp_path / 'broken'}: {tmp_path / 'broken' / 'config.json'} is not "
+                                       f"valid JSON; the run folder is damaged\nskipped 1 of 2 run folders under {tmp_path}\n")
 
 
 # Bad inputs: one line, exit code 2, nothing written

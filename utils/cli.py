@@ -38,12 +38,31 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def run_cli(work, prog: str) -> int:
-    """Call ``work()`` and return its exit code; a UserError prints ``prog: error: ...`` and gives 2."""
+    """Call ``work()`` and return its exit code; a UserError prints ``prog: error: ...`` and gives 2.
+
+    A reader of stdout that stops early (``| head``) is not an error: the script ends quietly
+    with code 0, its files already written.
+    """
     try:
         return work() or 0
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        _discard_stdout()
+        return 0
+
+
+def _discard_stdout() -> None:
+    """Point stdout's file descriptor at /dev/null: Python flushes stdout again on exit, and the
+    text still buffered for the closed pipe would end in "Exception ignored ... BrokenPipeError"."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a stand-in stream (a test's); no pipe to silence
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 class SignalCatcher:

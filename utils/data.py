@@ -19,9 +19,11 @@ verify MD5 sums that hand-made or trimmed files cannot match; torchvision is use
 download missing files when asked to.
 """
 
+import contextlib
 import gzip
 import math
 import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -238,12 +240,42 @@ def _download(name, folder: Path) -> None:
         if name == "svhn":
             for split, filename in _SVHN_FILES.items():
                 if not (folder / filename).is_file():
-                    dataset_class(str(folder), split=split, download=True)
+                    with _undone_on_failure(folder):
+                        dataset_class(str(folder), split=split, download=True)
         else:
-            # One call fetches both splits' files.
-            dataset_class(str(folder), train=False, download=True)
+            with _undone_on_failure(folder):
+                # One call fetches both splits' files.
+                dataset_class(str(folder), train=False, download=True)
     except (OSError, RuntimeError) as err:
         raise UserError(f"downloading {name} into {folder} failed: {_one_line(err)}") from err
+
+
+@contextlib.contextmanager
+def _undone_on_failure(folder: Path):
+    """A download into ``folder`` that fails or is interrupted removes the folders and files it
+    created (a partial archive among them), never what was there before, so it leaves no empty
+    or half-filled data folder; files of an earlier, finished download stay."""
+    created_from = folder
+    while not created_from.parent.exists():
+        created_from = created_from.parent
+    existed = set(folder.rglob("*")) if folder.exists() else None
+    try:
+        yield
+    except BaseException:
+        if existed is None:
+            _remove(created_from)
+        else:
+            for path in set(folder.rglob("*")) - existed:
+                if path.parent == folder or path.parent in existed:  # the top of what is new
+                    _remove(path)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

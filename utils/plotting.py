@@ -7,6 +7,7 @@ as PNG and PDF through temporary files, so a reader never sees half a figure.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -20,9 +21,17 @@ from matplotlib.ticker import LogFormatterSciNotation, NullLocator, ScalarFormat
 from utils.analysis import stability_label, stability_threshold
 from utils.errors import UserError
 from utils.results import atomic_output
+from utils.runs import make_output_folder, unwritable
 
 PAPER_WIDTH = 7.0  # inches, the text width of a two-column paper
 PANEL_HEIGHT = 2.0
+# Agg draws at most 2^16 - 1 pixels a side; the total keeps its RGBA buffer (4 bytes a pixel) at
+# 512 MiB, which a 7-inch figure reaches near 1500 dpi, above any print resolution.
+MAX_PNG_SIDE = 2 ** 16 - 1
+MAX_PNG_PIXELS = 2 ** 27
+# matplotlib's tick locators overflow on axis ranges near the float64 maximum (1.8e308); values
+# that large come only from diverged runs and are left out of the figure, as inf is.
+MAX_DRAWN = 1e300
 STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
          "xtick.labelsize": 7, "ytick.labelsize": 7, "lines.linewidth": 1.0}
 # Settings that say how a run was executed, logged or measured, not what it trained: never used
@@ -109,23 +118,54 @@ def new_figure(nrows: int, ncols: int, height: float | None = None) -> tuple[Fig
     return fig, axes
 
 
-def save_figure(fig: Figure, folder: str, stem: str, dpi: int = 150) -> list[str]:
-    """Write ``stem``.png and ``stem``.pdf into ``folder`` atomically; return their paths.
+def check_png_size(fig: Figure, dpi: int) -> None:
+    """A PNG of ``fig`` at ``dpi`` larger than Agg can draw or than :data:`MAX_PNG_PIXELS` is a
+    UserError naming its size and the largest --dpi that fits."""
+    width, height = fig.get_size_inches()
+    pixels = int(width * dpi), int(height * dpi)
+    if max(pixels) <= MAX_PNG_SIDE and pixels[0] * pixels[1] <= MAX_PNG_PIXELS:
+        return
+    largest = math.floor(min(MAX_PNG_SIDE / max(width, height), math.sqrt(MAX_PNG_PIXELS / (width * height))))
+    raise UserError(f"--dpi {dpi} makes the PNG {pixels[0]} x {pixels[1]} pixels, but figures are drawn up to "
+                    f"{MAX_PNG_SIDE} pixels a side and {MAX_PNG_PIXELS} in all; the largest --dpi that fits this "
+                    f"figure is {largest}")
 
-    An unwritable place is a UserError.
-    """
-    written = []
+
+def render_figure(fig: Figure, dpi: int = 150) -> dict[str, bytes]:
+    """``fig`` as PNG and PDF files in memory, keyed by format; a PNG too large to draw is a
+    UserError (:func:`check_png_size`). Drawing everything before writing anything means a figure
+    that fails to draw leaves no file, nor an output folder, behind."""
+    check_png_size(fig, dpi)
+    images = {}
     for fmt in ("png", "pdf"):
-        path = os.path.join(folder, f"{stem}.{fmt}")
+        buffer = io.BytesIO()
         # Dates and software names in the metadata would make identical figures differ.
         metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
+        fig.savefig(buffer, format=fmt, dpi=dpi, metadata=metadata)
+        images[fmt] = buffer.getvalue()
+    return images
+
+
+def write_figure(images: dict[str, bytes], folder: str, stem: str) -> list[str]:
+    """Write :func:`render_figure`'s files as ``stem``.<format> into ``folder`` (created if
+    needed) atomically; return their paths. An unwritable place is a UserError."""
+    make_output_folder(folder)
+    written = []
+    for fmt, data in images.items():
+        path = os.path.join(folder, f"{stem}.{fmt}")
         try:
             with atomic_output(path, suffix=f".{fmt}") as tmp:
-                fig.savefig(tmp, format=fmt, dpi=dpi, metadata=metadata)
+                with open(tmp, "wb") as f:
+                    f.write(data)
         except OSError as exc:
-            raise UserError(f"cannot write {path} ({exc.strerror or exc}); pass a writable --out DIR")
+            raise unwritable(path, exc)
         written.append(path)
     return written
+
+
+def save_figure(fig: Figure, folder: str, stem: str, dpi: int = 150) -> list[str]:
+    """Write ``stem``.png and ``stem``.pdf of ``fig`` into ``folder``; return their paths."""
+    return write_figure(render_figure(fig, dpi), folder, stem)
 
 
 def dynamics_label(cfg) -> str:
@@ -194,8 +234,12 @@ def _short(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _drawable(values):
+    return values.where(values.abs() <= MAX_DRAWN)
+
+
 def _series(frame, column: str, smooth_window: int | None, smooth: bool):
-    data = frame[["step", column]].dropna()
+    data = _drawable(frame[["step", column]]).dropna()
     values = data[column]
     if smooth and len(values) > 1:
         window = smooth_window or max(1, len(values) // 20)
@@ -278,7 +322,7 @@ def _draw_panel(ax, panel: Panel, cfg, frame, color, run_label, overlay, smooth_
         ax.plot(steps, values, label=None if overlay else curve.label, **_curve_style(curve, color))
         se = f"{curve.column}_se"
         if se in frame.columns and not curve.faint:
-            spread = frame.loc[data.index, se].fillna(0).to_numpy()
+            spread = _drawable(frame.loc[data.index, se]).fillna(0).to_numpy()
             ax.fill_between(steps, values - spread, values + spread, color=color, alpha=0.2, linewidth=0)
     if _stability_applies(panel, cfg):
         line = stability_threshold(cfg)

@@ -15,7 +15,7 @@ import hashlib
 import io
 import math
 import os
-import warnings
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +24,7 @@ from utils.checkpoints import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
 from utils.config import RunConfig, results_root
 from utils.cli import OneLineParser
 from utils.errors import UserError
-from utils.results import atomic_write_text, read_json
+from utils.results import atomic_write_text, read_json, read_text
 from utils.training import Setup, build, read_run_config
 
 CONFIG_FILE = "config.json"
@@ -77,20 +77,26 @@ def _matches(cfg: RunConfig, dataset, model, lr, batch) -> bool:
             and (batch is None or cfg.batch == batch))
 
 
-def _runs_under(folder: str) -> list[Run]:
-    """The given folder as a run, or the runs below it; damaged runs below it are skipped with a warning."""
+def _runs_under(folder: str) -> tuple[list[Run], int]:
+    """The given folder as a run, or the runs below it, and how many run folders below it were
+    skipped as damaged: one ``skipping`` line each on stderr and a count, so one broken run
+    does not stop the analysis of a whole sweep."""
     if not os.path.isdir(folder):
         problem = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
         raise UserError(f"{folder} {problem}; pass the folder of an EOSS run")
     if os.path.isfile(os.path.join(folder, CONFIG_FILE)):
-        return [load_run(folder)]
+        return [load_run(folder)], 0
     runs = []
-    for run_dir in find_run_dirs(folder):
+    run_dirs = find_run_dirs(folder)
+    for run_dir in run_dirs:
         try:
             runs.append(load_run(run_dir))
         except UserError as exc:
-            warnings.warn(f"skipping {run_dir}: {exc}")
-    return runs
+            print(f"skipping {run_dir}: {exc}", file=sys.stderr)
+    skipped = len(run_dirs) - len(runs)
+    if skipped:
+        print(f"skipped {skipped} of {len(run_dirs)} run folders under {folder}", file=sys.stderr)
+    return runs, skipped
 
 
 def select_runs(paths=(), *, latest: bool = False, dataset: str | None = None, model: str | None = None,
@@ -107,12 +113,16 @@ def select_runs(paths=(), *, latest: bool = False, dataset: str | None = None, m
     if paths and pattern:
         raise UserError("give run folders or --glob, not both; --glob matches folders below $RESULTS")
     if paths:
-        candidates = [run for path in paths for run in _runs_under(path)]
+        folders = paths
     elif pattern:
-        matched = [p for p in sorted(glob.glob(os.path.join(root, pattern))) if os.path.isdir(p)]
-        candidates = [run for path in matched for run in _runs_under(path)]
+        folders = [p for p in sorted(glob.glob(os.path.join(root, pattern))) if os.path.isdir(p)]
     else:
-        candidates = _runs_under(root) if os.path.isdir(root) else []
+        folders = [root] if os.path.isdir(root) else []
+    candidates, skipped = [], 0
+    for folder in folders:
+        found, damaged = _runs_under(folder)
+        candidates += found
+        skipped += damaged
     runs = [run for run in candidates if _matches(run.cfg, dataset, model, lr, batch)]
     unique = {os.path.realpath(run.run_dir): run for run in runs}
     runs = sorted(unique.values(), key=_start_time)
@@ -120,7 +130,11 @@ def select_runs(paths=(), *, latest: bool = False, dataset: str | None = None, m
         where = ", ".join(paths) if paths else os.path.join(root, pattern or "")
         filters = {"--dataset": dataset, "--model": model, "--lr": lr, "--batch": batch}
         given = " ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in filters.items() if v is not None)
-        raise UserError(f"no EOSS runs found in {where}{' matching ' + given if given else ''}; "
+        if skipped and not candidates:
+            raise UserError(f"no readable EOSS runs in {where}: {skipped} damaged run folders were skipped "
+                            f"(listed above); repair or remove them, or train a run with training.py")
+        damaged = f" ({skipped} damaged run folders were skipped, listed above)" if skipped else ""
+        raise UserError(f"no EOSS runs found in {where}{' matching ' + given if given else ''}{damaged}; "
                         f"train one with training.py or check $RESULTS and the filters")
     return runs[-1:] if latest else runs
 
@@ -163,8 +177,10 @@ def read_run_results(run_dir: str):
     path = os.path.join(run_dir, "results.txt")
     if not os.path.isfile(path):
         raise UserError(f"{run_dir} has no results.txt; pass the folder of a run that training.py has started")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        text = read_text(path, fix="the run folder is damaged")
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc}); check the permissions of the run folder")
     lines = [line for line in text.split("\n") if line and not line.startswith("#")]
     if not lines:
         raise UserError(f"{path} has no header line; the run folder is damaged")
@@ -173,25 +189,35 @@ def read_run_results(run_dir: str):
     if cut:
         raise UserError(f"{path} ends in a cut-off row (the run was killed while writing); "
                         f"continue it with training.py --resume {run_dir}, which drops that row")
-    frame = pd.read_csv(io.StringIO(text), comment="#")
+    try:
+        frame = pd.read_csv(io.StringIO(text), comment="#")
+    except pd.errors.ParserError as exc:  # a stray quote runs a field on to the end of the file
+        raise UserError(f"{path} is not comma-separated values ({str(exc).strip().splitlines()[-1]}); "
+                        f"the run folder is damaged")
     if "step" not in frame.columns:
         raise UserError(f"{path} has no step column in its header line; the run folder is damaged")
     # A header without rows (a run that has not logged its first step) reads as text columns.
     garbled = [column for column in frame.columns if len(frame) and not pd.api.types.is_numeric_dtype(frame[column])]
     if garbled:
         raise UserError(f"{path} has values that are not numbers in column {garbled[0]}; the run folder is damaged")
+    if frame["step"].isna().any():
+        raise UserError(f"{path} has rows without a step (nan in column step); the run folder is damaged")
     return frame
 
 
 def read_optional_json(run_dir: str, name: str) -> dict | None:
-    """A json file of the run folder, or None when absent; unreadable JSON is a UserError."""
+    """A json file of the run folder, or None when absent; unreadable JSON (bytes that are not
+    UTF-8 included) or JSON that is not an object is a UserError."""
     path = os.path.join(run_dir, name)
     if not os.path.isfile(path):
         return None
     try:
-        return read_json(path)
+        record = read_json(path)
     except (OSError, ValueError):
         raise UserError(f"{path} is not valid JSON; delete it and recompute it")
+    if not isinstance(record, dict):
+        raise UserError(f"{path} does not hold a JSON object; delete it and recompute it")
+    return record
 
 
 def checkpoint_list(run: Run) -> list[tuple[int, str]]:
@@ -256,13 +282,14 @@ def unwritable(path: str, exc: OSError) -> UserError:
 
 
 def analysis_folder(runs: list[Run], out: str | None) -> str:
-    """Where an analysis of ``runs`` as a group writes: ``out`` when given, else the run folder
+    """Where an analysis of ``runs`` as a group writes (created by the functions that write
+    into it, so a failed analysis leaves no empty folder): ``out`` when given, else the run folder
     of a single run, else the folder that directly holds every run (a ``<dataset>_<model>``
     folder, a sweep's ``runs/``). Runs that meet only higher up (``$RESULTS``, ``$HOME``, ``/``)
     need ``out``: a UserError.
     """
     if out is not None:
-        return make_output_folder(out)
+        return out
     if len(runs) == 1:
         return runs[0].run_dir
     base = common_folder(runs)
@@ -321,3 +348,4 @@ def build_analysis_parser(prog: str, description: str, *, default_latest: bool, 
         g.add_argument("--cpu", action="store_true", help="use the CPU even when CUDA is available")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+

@@ -38,7 +38,7 @@ import time
 
 from utils.cli import OneLineParser, SignalCatcher
 from utils.errors import UserError
-from utils.results import atomic_write_json, read_json
+from utils.results import atomic_write_json, read_json, read_text
 
 SWEEP_VERSION = 1
 ENDED = ("finished", "stopped_at_loss", "diverged")
@@ -127,8 +127,7 @@ def parse_grid_tokens(tokens: list[str]) -> dict:
 def load_grid_file(path: str) -> dict:
     """A grid file: a JSON (or, with PyYAML, YAML) mapping of flag -> list of values."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(path, fix='--grid takes a JSON or YAML text file such as {"lr": [0.01, 0.02], "batch": [8, 16]}')
     except OSError as exc:
         raise UserError(f"cannot read the grid file {path} ({exc.strerror}); check the --grid path")
     if path.endswith((".yaml", ".yml")):
@@ -370,13 +369,17 @@ def _marker_is_live(marker: dict | None) -> bool:
 
 
 def _last_logged_step(results_path: str) -> int | None:
-    """Steps done as of the last complete row of results.txt (its step column + 1)."""
+    """Steps done as of the last complete row of results.txt (its step column + 1).
+
+    Bytes that are not UTF-8 (a damaged file) read as replacement characters: the status
+    table shows what can still be read, never an error.
+    """
     try:
         with open(results_path, "rb") as f:
             header = None
             for raw in f:
                 if not raw.startswith(b"#"):
-                    header = raw.decode().strip().split(",")
+                    header = raw.decode(errors="replace").strip().split(",")
                     break
             if header is None or "step" not in header:
                 return None
