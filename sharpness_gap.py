@@ -18,12 +18,12 @@ import sys
 
 import pandas as pd
 
-from utils.analysis import sharpness_plateaus
+from utils.analysis import FINAL_FILES, current_final_records, sharpness_plateaus
 from utils.cli import run_cli
 from utils.errors import UserError
 from utils.plotting import plot_sharpness_gap, render_figure, write_figure
-from utils.runs import (analysis_folder, build_analysis_parser, read_optional_json, read_run_results, runs_from_args,
-                        selection_stem, write_text_files)
+from utils.runs import (SUMMARY_FIX, analysis_folder, build_analysis_parser, read_optional_json, read_run_results,
+                        runs_from_args, selection_stem, write_text_files)
 
 PROG = "sharpness_gap.py"
 FIX = {"lambda_max": "train with --lambdamax or --final, or run compute_final_fullbs.py on it",
@@ -48,8 +48,13 @@ def run_row(run, tail: float, tail_only: bool) -> dict:
     frame = read_run_results(run.run_dir)
     if frame.empty:
         raise UserError(f"{run.run_dir}/results.txt has no rows yet; let the run train first")
-    jsons = {} if tail_only else {key: read_optional_json(run.run_dir, f"{key}.json")
-                                  for key in ("final", "final_fullbs", "final_ghg")}
+    jsons = {}
+    if not tail_only:
+        final_step = (read_optional_json(run.run_dir, "summary.json", fix=SUMMARY_FIX) or {}).get("final_step")
+        found = {name: read_optional_json(run.run_dir, f"{name}.json") for name in FINAL_FILES}
+        jsons, notes = current_final_records(found, final_step)
+        for note in notes:
+            print(f"note: {os.path.join(run.run_dir, note)}", file=sys.stderr)
     plateaus = sharpness_plateaus(run.cfg, frame, tail=tail, final=jsons.get("final"),
                                   fullbs=jsons.get("final_fullbs"), ghg=jsons.get("final_ghg"))
     for name, fix in FIX.items():

@@ -197,6 +197,16 @@ def current_final_records(records: dict, final_step: int | None) -> tuple[dict, 
     return kept, notes
 
 
+def _number(value, source: str, name: str) -> float:
+    """A value of an end-of-run file as a float; null (how the files write NaN) is NaN, anything
+    else that is not a number is a UserError naming the file."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{source} has {name} = {value!r}, not a number; delete it and recompute it")
+    return float(value)
+
+
 def sharpness_plateaus(cfg, frame, *, tail: float, final=None, fullbs=None, ghg=None) -> dict:
     """Plateau of lambda_max and of Batch Sharpness for one run, their gap and the stability line.
 
@@ -206,16 +216,18 @@ def sharpness_plateaus(cfg, frame, *, tail: float, final=None, fullbs=None, ghg=
     Each value names its ``*_source`` and the number of values behind it (``*_count``).
     """
     row = {"threshold": stability_threshold(cfg), "threshold_label": stability_label(cfg)}
-    own_batch = (ghg or {}).get("batch_sizes", {}).get(str(cfg.batch))
+    by_batch = (ghg or {}).get("batch_sizes")
+    own_batch = by_batch.get(str(cfg.batch)) if isinstance(by_batch, dict) else None
     candidates = {
         "lambda_max": [("final_fullbs.json", fullbs), ("final.json", final)],
         "batch_sharpness": [("final_ghg.json", own_batch), ("final.json", final)],
     }
     for name, sources in candidates.items():
-        found = next(((source, record) for source, record in sources if record and name in record), None)
+        found = next(((source, record) for source, record in sources if isinstance(record, dict) and name in record), None)
         if found:
             source, record = found
-            row.update({name: float(record[name]), f"{name}_se": float(record.get(f"{name}_se", math.nan)),
+            row.update({name: _number(record[name], source, name),
+                        f"{name}_se": _number(record.get(f"{name}_se"), source, f"{name}_se"),
                         f"{name}_source": source, f"{name}_count": 1})
         else:
             value, count = tail_median(frame, name, tail)

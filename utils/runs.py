@@ -25,7 +25,7 @@ from utils.config import RunConfig, results_root
 from utils.cli import OneLineParser
 from utils.errors import UserError
 from utils.results import atomic_write_text, read_json, read_text
-from utils.training import Setup, build, read_run_config
+from utils.training import ENDED, Setup, build, read_run_config
 
 CONFIG_FILE = "config.json"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -205,18 +205,21 @@ def read_run_results(run_dir: str):
     return frame
 
 
-def read_optional_json(run_dir: str, name: str) -> dict | None:
+SUMMARY_FIX = "delete it, then training.py --resume on the run rewrites it"
+
+
+def read_optional_json(run_dir: str, name: str, fix: str = "delete it and recompute it") -> dict | None:
     """A json file of the run folder, or None when absent; unreadable JSON (bytes that are not
-    UTF-8 included) or JSON that is not an object is a UserError."""
+    UTF-8 included) or JSON that is not an object is a UserError ending in ``fix``."""
     path = os.path.join(run_dir, name)
     if not os.path.isfile(path):
         return None
     try:
         record = read_json(path)
     except (OSError, ValueError):
-        raise UserError(f"{path} is not valid JSON; delete it and recompute it")
+        raise UserError(f"{path} is not valid JSON; {fix}")
     if not isinstance(record, dict):
-        raise UserError(f"{path} does not hold a JSON object; delete it and recompute it")
+        raise UserError(f"{path} does not hold a JSON object; {fix}")
     return record
 
 
@@ -349,3 +352,27 @@ def build_analysis_parser(prog: str, description: str, *, default_latest: bool, 
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
+
+def newest_state(run: Run) -> tuple[str, dict]:
+    """The checkpoint the end-of-run analyses measure, the run's newest, and what it is:
+    {"final": whether it is the run's final state, "run_status": summary.json's status or
+    "unfinished" when there is none (still training, or killed)}.
+
+    A results.txt cut by a kill is a UserError (``training.py --resume`` repairs it): the
+    folder is not a run that ended, and its measurement would be taken for final.
+    """
+    read_run_results(run.run_dir)
+    step, path = checkpoint_list(run)[-1]
+    summary = read_optional_json(run.run_dir, "summary.json", fix=SUMMARY_FIX) or {}
+    status = summary.get("status", "unfinished")
+    final = status in ENDED and summary.get("final_step") == step
+    return path, {"final": final, "run_status": status}
+
+
+def not_final_note(run: Run, step: int, state: dict) -> str | None:
+    """The line that says a measurement is not of the run's final state, or None."""
+    if state["final"]:
+        return None
+    why = "no summary.json: still training, or killed" if state["run_status"] == "unfinished" else state["run_status"]
+    return (f"note: {run.run_dir} has not finished ({why}); measured its newest checkpoint, step {step}, "
+            f"which is not the run's final state")
