@@ -14,7 +14,8 @@
 - ``failed/<point>.json``: the exit code of an attempt that crashed (cleared by the next one).
 
 A point whose run ended (finished, stopped_at_loss, diverged) is skipped; one whose folder holds
-a checkpoint is continued with ``training.py --resume``; any other starts afresh. So running a
+a config.json is continued with ``training.py --resume`` (from step 0 when it has no
+checkpoint yet); any other starts afresh. So running a
 sweep again completes it, each run continuing from its newest checkpoint.
 """
 
@@ -39,6 +40,7 @@ import time
 from utils.cli import OneLineParser, SignalCatcher
 from utils.errors import UserError
 from utils.results import atomic_write_json, read_json, read_text
+from utils.run_lock import pid_alive, slurm_job
 
 SWEEP_VERSION = 1
 ENDED = ("finished", "stopped_at_loss", "diverged")
@@ -341,22 +343,6 @@ def _read_json_or_none(path: str):
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _slurm_job() -> str | None:
-    if os.environ.get("SLURM_ARRAY_JOB_ID"):
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
 def _marker_is_live(marker: dict | None) -> bool:
     """A marker from this host is live while one of its processes is. One from another host is
     trusted (its processes cannot be checked from here), unless it was left by this very SLURM
@@ -364,8 +350,8 @@ def _marker_is_live(marker: dict | None) -> bool:
     if not isinstance(marker, dict):
         return False
     if marker.get("host") == socket.gethostname():
-        return any(_pid_alive(int(pid)) for pid in marker.get("pids", []))
-    return not (marker.get("slurm_job") and marker.get("slurm_job") == _slurm_job())
+        return any(pid_alive(int(pid)) for pid in marker.get("pids", []))
+    return not (marker.get("slurm_job") and marker.get("slurm_job") == slurm_job())
 
 
 def _last_logged_step(results_path: str) -> int | None:
@@ -487,27 +473,20 @@ def _progress(entry: dict) -> str:
 
 # ----------------------------------------------------------------------------- running points
 
-def _has_checkpoint(run_dir: str) -> bool:
-    # The file names of utils.checkpoints, matched here so that launching jobs never imports torch.
-    try:
-        return any(re.match(r"^step_\d+\.pt$", name) for name in os.listdir(os.path.join(run_dir, "checkpoints")))
-    except OSError:
-        return False
-
-
 def point_command(sweep_dir: str, definition: dict, point: dict, python: str | None = None,
                   clear: bool = False) -> list[str] | None:
     """The training.py command that moves the point forward now, or None when its run has ended.
 
-    A folder with a checkpoint is continued with --resume; a folder without one holds no
-    progress (the run died while starting) and, with ``clear``, is removed so the run restarts.
+    A folder with a config.json is continued with --resume (without a checkpoint yet, from
+    step 0); a folder without one holds nothing of a run (it died while claiming the folder)
+    and, with ``clear``, is removed so the run starts afresh.
     """
     python = python or sys.executable
     run_dir = point_run_dir(sweep_dir, point["name"])
     summary = _read_json_or_none(os.path.join(run_dir, "summary.json"))
     if isinstance(summary, dict) and summary.get("status") in ENDED:
         return None
-    if os.path.isfile(os.path.join(run_dir, "config.json")) and _has_checkpoint(run_dir):
+    if os.path.isfile(os.path.join(run_dir, "config.json")):
         quiet = ["--quiet"] if "--quiet" in definition["shared"] else []
         return [python, TRAINING_SCRIPT, "--resume", run_dir, *quiet]
     if clear and os.path.isdir(run_dir):
@@ -593,7 +572,7 @@ class Attempt:
 
 
 def _write_marker(path: str, pids: list[int]) -> None:
-    atomic_write_json(path, {"host": socket.gethostname(), "pids": pids, "slurm_job": _slurm_job(),
+    atomic_write_json(path, {"host": socket.gethostname(), "pids": pids, "slurm_job": slurm_job(),
                              "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})
 
 
