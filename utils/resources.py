@@ -89,8 +89,9 @@ def state_bytes(value) -> int:
 
 def available_memory(device) -> int | None:
     """Bytes that allocations on ``device`` can still get, where the system says: free GPU
-    memory on CUDA; on the CPU the smaller of the kernel's MemAvailable and what the address
-    space limit (``ulimit -v``) leaves this process."""
+    memory on CUDA; on the CPU the smaller of the kernel's MemAvailable plus free swap (a run
+    that pages still runs) and what the address-space limit (``ulimit -v``) leaves this
+    process."""
     if device.type == "cuda":
         import torch
 
@@ -101,10 +102,10 @@ def available_memory(device) -> int | None:
     limits = []
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    limits.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError):
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.strip()}
+        if "MemAvailable" in fields:
+            limits.append(fields["MemAvailable"] + fields.get("SwapFree", 0))
+    except (OSError, ValueError, IndexError):
         pass
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:

@@ -42,7 +42,7 @@ from utils.losses import accuracy, get_loss
 from utils.models import build_model, count_parameters
 from utils.monitor import Monitor
 from utils.noise import NoisyStep, noisy_step_from_config
-from utils.resources import OutOfSpace, check_memory, format_bytes, memory_for
+from utils.resources import OutOfSpace, check_memory, memory_for
 from utils.results import (BASE_COLUMNS, TIME_COLUMN, ResultsWriter, atomic_write_json, atomic_write_text,
                            make_run_folder, read_json, read_text)
 from utils.trackers import open_trackers
@@ -460,10 +460,10 @@ def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None =
         return run_dir, {**ended, "already_done": True}
     try:
         lock = run_lock.claim(run_dir, "resume")
-    except PermissionError as exc:
-        raise UserError(f"cannot write into {run_dir} ({exc.strerror}); resume needs a writable run folder")
     except run_lock.RunFolderBusy as exc:
         raise UserError(f"cannot resume: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot write into {run_dir} ({exc.strerror}); resume needs a writable run folder")
     with lock:
         return _resume_claimed(run_dir, record, cfg, resume_step)
 
