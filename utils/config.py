@@ -20,16 +20,34 @@ from utils.errors import UserError
 from utils.losses import LOSS_NAMES
 from utils.models import ACTIVATIONS, MODEL_NAMES
 from utils.noise import DEFAULT_REFRESH, NOISE_MODES
+from utils.registry import MEASUREMENTS
 from utils.trackers import check_installed
 
 CONFIG_VERSION = 1
 EIGEN_METHODS = ("lanczos", "lobpcg", "power")
-MEASUREMENTS = ("lambdamax", "batch_sharpness", "step_sharpness", "gni", "batch_sharpness_ratio", "batch_lambdamax",
-                "hessian_trace", "gauss_newton", "gradient_norm", "momentum_sharpness", "preconditioned_sharpness",
-                "param_distance")
+
+
+def _with_measurement_settings(cls):
+    """Add every registry measurement's switch ``<name>: bool = False`` after ``eig_tol`` and its
+    cadence ``<name>_every: int | None = None`` after ``measure_every``, where config.json has
+    always had them, so that a measurement is added in the registry alone."""
+    annotations = {}
+    for name, annotation in cls.__annotations__.items():
+        annotations[name] = annotation
+        if name == "eig_tol":
+            for m in MEASUREMENTS:
+                annotations[m.name] = "bool"
+                setattr(cls, m.name, False)
+        elif name == "measure_every":
+            for m in MEASUREMENTS:
+                annotations[f"{m.name}_every"] = "int | None"
+                setattr(cls, f"{m.name}_every", None)
+    cls.__annotations__ = annotations
+    return cls
 
 
 @dataclass
+@_with_measurement_settings
 class RunConfig:
     # data
     dataset: str = "digits"
@@ -65,37 +83,13 @@ class RunConfig:
     keep_checkpoints: int | None = None
     wandb: bool = False
     tensorboard: bool = False
-    # measurements
-    lambdamax: bool = False
+    # measurements: the switch and cadence of each registry entry are added by the decorator
     num_eigenvalues: int = 1
     eig_method: str = "lanczos"
     eig_tol: float = 1e-3
-    batch_sharpness: bool = False
-    step_sharpness: bool = False
-    gni: bool = False
-    batch_sharpness_ratio: bool = False
-    batch_lambdamax: bool = False
-    hessian_trace: bool = False
-    gauss_newton: bool = False
-    gradient_norm: bool = False
-    momentum_sharpness: bool = False
-    preconditioned_sharpness: bool = False
-    param_distance: bool = False
     param_file: str | None = None
     final: bool = False
     measure_every: int | None = None
-    lambdamax_every: int | None = None
-    batch_sharpness_every: int | None = None
-    step_sharpness_every: int | None = None
-    gni_every: int | None = None
-    batch_sharpness_ratio_every: int | None = None
-    batch_lambdamax_every: int | None = None
-    hessian_trace_every: int | None = None
-    gauss_newton_every: int | None = None
-    gradient_norm_every: int | None = None
-    momentum_sharpness_every: int | None = None
-    preconditioned_sharpness_every: int | None = None
-    param_distance_every: int | None = None
     hvp_chunk: int | None = None
     measure_seed: int = 0
     exact_measurements: bool = False
@@ -183,29 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb", action="store_true", help="mirror rows, config and summary to Weights & Biases (offline unless WANDB_MODE is set)")
     g.add_argument("--tensorboard", action="store_true", help="mirror rows, config and summary to TensorBoard event files in <run>/tensorboard")
     g = p.add_argument_group("measurements")
-    g.add_argument("--lambdamax", action="store_true", help="full-batch top Hessian eigenvalue lambda_max")
+    for m in MEASUREMENTS:
+        g.add_argument(m.flag, action="store_true", help=m.help)
     g.add_argument("--num-eigenvalues", type=int, default=d.num_eigenvalues, help="top-k eigenvalues with --lambdamax")
     g.add_argument("--eig-method", default=d.eig_method, help=f"one of {', '.join(EIGEN_METHODS)}")
     g.add_argument("--eig-tol", type=float, default=d.eig_tol, help="relative residual tolerance of the eigen-solver")
-    g.add_argument("--batch-sharpness", action="store_true", help="E_B[g_B^T H_B g_B / |g_B|^2] over random batches")
-    g.add_argument("--step-sharpness", action="store_true", help="the same Rayleigh quotient on the step's own batch")
-    g.add_argument("--gni", action="store_true", help="gradient-noise interaction E_B[g_B^T H g_B] / |g|^2")
-    g.add_argument("--batch-sharpness-ratio", action="store_true", help="E_B[g_B^T H_B g_B] / E_B[|g_B|^2] (ratio of means)")
-    g.add_argument("--batch-lambdamax", action="store_true", help="mean top eigenvalue of mini-batch Hessians E_B[lambda_max(H_B)]")
-    g.add_argument("--hessian-trace", action="store_true", help="tr(H) by Hutchinson's estimator with Rademacher probes")
-    g.add_argument("--gauss-newton", action="store_true", help="lambda_max and Batch Sharpness of the Gauss-Newton matrix")
-    g.add_argument("--gradient-norm", action="store_true", help="E_B[|g_B|^2] and |g|^2")
-    g.add_argument("--momentum-sharpness", action="store_true",
-                   help="E_B[s^T H_B s] / E_B[s^T g_B] along the momentum update s (needs --momentum)")
-    g.add_argument("--preconditioned-sharpness", action="store_true",
-                   help="lambda_max of Adam's preconditioned Hessian P^-1/2 H P^-1/2 (needs --adam)")
-    g.add_argument("--param-distance", action="store_true", help="|theta - theta_0| to the initialisation (or --param-file)")
     g.add_argument("--param-file", metavar="PATH", default=None,
                    help="with --param-distance: measure the distance to this saved state dict instead")
     g.add_argument("--final", action="store_true", help="measure lambda_max, batch sharpness and GNI at the end into final.json")
     g.add_argument("--measure-every", type=int, default=None, help="cadence of every measurement")
-    for name in (m.replace("_", "-") for m in MEASUREMENTS):
-        g.add_argument(f"--{name}-every", type=int, default=None, help=f"cadence of --{name} (overrides --measure-every)")
+    for m in MEASUREMENTS:
+        g.add_argument(f"{m.flag}-every", type=int, default=None, help=f"cadence of {m.flag} (overrides --measure-every)")
     g.add_argument("--hvp-chunk", type=int, default=None, help="samples per chunk of full-batch Hessian products (bounds memory)")
     g.add_argument("--measure-seed", type=int, default=d.measure_seed, help="seed of the Monte Carlo batches of measurements")
     g.add_argument("--exact-measurements", action="store_true",
@@ -256,6 +238,10 @@ def settings_from_args(values: dict) -> dict:
     return {k: v for k, v in values.items() if k in known}
 
 
+# What a measurement's ``needs`` asks of the run, and how its error names it.
+_NEEDS = {"momentum": (lambda cfg: cfg.momentum > 0, "--momentum > 0"), "adam": (lambda cfg: cfg.adam, "--adam")}
+
+
 def validate(cfg: RunConfig) -> None:
     """Check every setting a user can get wrong; raise one UserError line naming the fix."""
 
@@ -303,12 +289,13 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.sde_h is None or (math.isfinite(cfg.sde_h) and 0 < cfg.sde_h <= cfg.lr),
          f"--sde-h must be in (0, --lr] = (0, {cfg.lr:g}], got {cfg.sde_h}")
     need(not cfg.sde or (cfg.momentum == 0 and not cfg.adam), "--sde models plain SGD; drop --momentum and --adam")
-    need(not cfg.momentum_sharpness or cfg.momentum > 0,
-         "--momentum-sharpness measures the momentum update; it needs --momentum > 0")
-    need(not cfg.preconditioned_sharpness or cfg.adam, "--preconditioned-sharpness measures Adam's preconditioner; it needs --adam")
+    for m in MEASUREMENTS:
+        if m.needs and getattr(cfg, m.name):
+            present, wanted = _NEEDS[m.needs]
+            need(present(cfg), f"{m.flag} {m.needs_reason}; it needs {wanted}")
     need(cfg.param_file is None or cfg.param_distance, "--param-file only applies to --param-distance; add --param-distance")
     for flag in ("full_loss_every", "checkpoint_every", "keep_checkpoints", "measure_every", "hvp_chunk", "noise_refresh",
-                 "noise_chunk", *(f"{name}_every" for name in MEASUREMENTS)):
+                 "noise_chunk", *(f"{m.name}_every" for m in MEASUREMENTS)):
         value = getattr(cfg, flag)
         need(value is None or value >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {value}")
 
@@ -318,11 +305,10 @@ def check_cadences_have_measurements(cfg: RunConfig, given=None) -> None:
     the run would silently measure nothing. ``given`` limits the check to those settings (a
     fork answers for its own flags, not its parent's). Only runs about to start are checked,
     so that stored runs with such a setting stay readable."""
-    for name in MEASUREMENTS:
-        cadence = f"{name}_every"
-        if getattr(cfg, cadence) is not None and not getattr(cfg, name) and (given is None or cadence in given):
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag}-every paces {flag}, which is off; add {flag} or drop {flag}-every")
+    for m in MEASUREMENTS:
+        cadence = f"{m.name}_every"
+        if getattr(cfg, cadence) is not None and not getattr(cfg, m.name) and (given is None or cadence in given):
+            raise UserError(f"{m.flag}-every paces {m.flag}, which is off; add {m.flag} or drop {m.flag}-every")
 
 
 def results_root() -> str:

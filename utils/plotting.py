@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -20,6 +20,7 @@ from matplotlib.ticker import LogFormatterSciNotation, NullLocator, ScalarFormat
 
 from utils.analysis import stability_label, stability_threshold
 from utils.errors import UserError
+from utils.registry import MEASUREMENTS
 from utils.results import atomic_output
 from utils.runs import make_output_folder, unwritable
 
@@ -37,11 +38,9 @@ STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fonts
 # Settings that say how a run was executed, logged or measured, not what it trained: never used
 # to tell runs apart in a legend (nor are the cadences, the settings ending in _every).
 _NOT_DISTINGUISHING = {"run_dir", "quiet", "cpu", "download", "wandb", "tensorboard", "checkpoint_every",
-                       "keep_checkpoints", "lambdamax", "num_eigenvalues", "eig_method", "eig_tol",
-                       "batch_sharpness", "step_sharpness", "gni", "final", "hvp_chunk", "measure_seed",
-                       "batch_sharpness_ratio", "batch_lambdamax", "hessian_trace", "gauss_newton", "gradient_norm",
-                       "momentum_sharpness", "preconditioned_sharpness", "param_distance", "param_file",
-                       "exact_measurements", "noise_chunk"}
+                       "keep_checkpoints", "num_eigenvalues", "eig_method", "eig_tol", "final", "hvp_chunk",
+                       "measure_seed", "param_file", "exact_measurements", "noise_chunk",
+                       *(m.name for m in MEASUREMENTS)}
 
 
 @dataclass(frozen=True)
@@ -70,24 +69,24 @@ class Panel:
     preconditioned: bool = False
 
 
+def _measurement_panels() -> tuple[Panel, ...]:
+    """The registry's panels in the order they first appear, each with the curves of every
+    column drawn in it; a panel takes its axis and threshold line from its first measurement."""
+    panels: dict[str, Panel] = {}
+    for m in MEASUREMENTS:
+        for column in m.columns:
+            curves = tuple(Curve(column.name, c.label, c.faint, c.smooth, c.dashed) for c in column.curves)
+            if column.panel in panels:
+                panels[column.panel] = replace(panels[column.panel], curves=panels[column.panel].curves + curves)
+            else:
+                panels[column.panel] = Panel(column.panel, curves, log=m.log_scale, stability=m.line == "stability",
+                                             preconditioned=m.line == "preconditioned")
+    return tuple(panels.values())
+
+
 PANELS = (
     Panel("loss", (Curve("batch_loss", "step's batch", faint=True), Curve("full_loss", "full")), log=True),
-    Panel("λ_max", (Curve("lambda_max", "λ_max"), Curve("batch_lambda_max", "E[λ_max(H_B)]", dashed=True)),
-          stability=True),
-    Panel("Batch Sharpness", (Curve("batch_sharpness", "E[gᵀHg/‖g‖²]"),
-                              Curve("batch_sharpness_ratio", "E[gᵀHg]/E[‖g‖²]", dashed=True)), stability=True),
-    Panel("step sharpness", (Curve("step_sharpness", "raw", faint=True),
-                             Curve("step_sharpness", "smoothed", smooth=True)), stability=True),
-    Panel("GNI", (Curve("gni", "GNI"),), stability=True),
-    Panel("Gauss–Newton", (Curve("gn_lambda_max", "λ_max(G)"), Curve("gn_batch_sharpness", "E[gᵀGg/‖g‖²]", dashed=True)),
-          stability=True),
-    Panel("momentum sharpness", (Curve("momentum_sharpness", "E[sᵀHs]/E[sᵀg]"),), stability=True),
-    Panel("preconditioned sharpness", (Curve("preconditioned_sharpness", "λ_max(P⁻¹ᐟ²HP⁻¹ᐟ²)"),),
-          preconditioned=True),
-    Panel("Hessian trace", (Curve("hessian_trace", "tr(H)"),)),
-    Panel("gradient norm²", (Curve("grad_norm_sq_batch", "E‖g_B‖²"), Curve("grad_norm_sq_full", "‖g‖²", dashed=True)),
-          log=True),
-    Panel("distance to θ₀", (Curve("param_distance", "‖θ − θ₀‖"),)),
+    *_measurement_panels(),
     Panel("accuracy", (Curve("full_accuracy", "train"),)),
 )
 

@@ -1,0 +1,240 @@
+"""The measurement registry: one entry per quantity that ``training.py`` can log.
+
+Everything the rest of the suite knows about a measurement comes from its entry:
+
+- :mod:`utils.config`: the ``RunConfig`` switch ``<name>`` and cadence ``<name>_every``, the
+  flags ``--<name>`` and ``--<name>-every`` with the entry's help, and what it needs
+  (``--momentum``, ``--adam``);
+- :mod:`utils.monitor`: the ``results.txt`` columns (each value, ``_se`` and ``_n`` where it
+  has a standard error, ``_seconds`` and ``_hvps``), the default cadence, the random stream
+  (the entry's name), the dispatch at every step and for ``final.json``;
+- :mod:`utils.plotting`: the panel and the label of every column.
+
+Adding a measurement: one :class:`Measurement` here, one function in :mod:`utils.measures`
+with its formula in its docstring, one test against an exact value, and a row in the README's
+measurement table (``tests/test_registry.py`` fails without it). The order of the entries is
+the order of the columns, of the dispatch and of the plot panels; stored runs rely on the
+names (switches, cadence keys of ``config.json``, stream names, columns), so they never change.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from utils import measures
+from utils.estimators import Estimate
+
+
+@dataclass(frozen=True)
+class Curve:
+    """How a column is drawn: ``faint`` thin and light, ``smooth`` as a rolling mean, ``dashed``."""
+
+    label: str
+    faint: bool = False
+    smooth: bool = False
+    dashed: bool = False
+
+
+@dataclass(frozen=True)
+class Column:
+    """One quantity in ``results.txt``: its value, ``<name>_se`` and ``<name>_n`` when
+    ``with_se``, then ``<name>_seconds`` and ``<name>_hvps`` (its cost). ``extra`` names bare
+    value columns that follow the value (``lambda_2`` ... ``lambda_k``). ``panel`` is the title
+    of the plot panel its ``curves`` are drawn in."""
+
+    name: str
+    panel: str
+    curves: tuple[Curve, ...]
+    with_se: bool = False
+    extra: Callable[[object], list[str]] = field(default=lambda cfg: [])
+
+
+@dataclass
+class Context:
+    """What a measurement may use at one step: the model before the update, the training data,
+    the step's own batch, the optimiser's state, and a generator of the measurement's own
+    random stream. ``eigenvectors`` is the eigen-solver's warm start, carried from step to step
+    (and in checkpoints); ``eig_model`` is the model its top-eigenvalue solve runs on (a float64
+    copy for ``final.json``)."""
+
+    cfg: object
+    step: int
+    model: torch.nn.Module
+    loss_fn: object
+    X: torch.Tensor
+    Y: torch.Tensor
+    xb: torch.Tensor | None
+    yb: torch.Tensor | None
+    optimizer: torch.optim.Optimizer | None
+    reference: torch.Tensor | None
+    tol: float
+    generator: Callable[[], torch.Generator]
+    eigenvectors: torch.Tensor | None = None
+    eig_model: torch.nn.Module | None = None
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measurement. ``name`` is its RunConfig switch, its flag (``--`` + dashes), its
+    ``resolved.schedule`` key in config.json and its random stream. ``cadence`` is the default
+    (about that many measurements in the first tenth of a run, and in the rest). ``compute``
+    maps a :class:`Context` to {column: Estimate or bare value}; an empty dict skips the step.
+    ``needs`` is the setting it measures (``momentum`` or ``adam``), ``needs_reason`` why.
+    ``final`` says when final.json carries it (``always``, ``enabled`` or ``never``) and
+    ``final_stream`` the random stream it draws there. ``line`` is the threshold its panels
+    draw: the optimiser's stability line (``stability``), Adam's line for the preconditioned
+    Hessian (``preconditioned``) or none; ``log_scale`` draws its panels on a log axis (a panel
+    takes both from the first measurement drawn in it)."""
+
+    name: str
+    help: str
+    columns: tuple[Column, ...]
+    compute: Callable[[Context], dict]
+    cadence: tuple[int, int] = (6, 20)
+    needs: str | None = None
+    needs_reason: str = ""
+    final: str = "enabled"
+    final_stream: str | None = None
+    line: str | None = "stability"
+    log_scale: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def warn_unconverged(step: int, name: str, eig, tol: float) -> None:
+    if not eig.converged:
+        warnings.warn(f"step {step}: {name} solver stopped at relative residual {float(eig.residuals.max()):.2e} "
+                      f"above --eig-tol {tol:g} after {eig.matvecs} products")
+
+
+def _data(c: Context) -> tuple:
+    return c.model, c.loss_fn, c.X, c.Y
+
+
+def _lambda_max(c: Context) -> dict:
+    cfg = c.cfg
+    eig, est = measures.lambda_max(c.eig_model or c.model, c.loss_fn, c.X, c.Y, k=cfg.num_eigenvalues, tol=c.tol,
+                                   chunk_size=cfg.hvp_chunk, warm_start=c.eigenvectors, generator=c.generator(),
+                                   method=cfg.eig_method, exact=cfg.exact_measurements)
+    warn_unconverged(c.step, "lambda_max", eig, c.tol)
+    c.eigenvectors = eig.vectors.detach().to(next(c.model.parameters()).dtype)
+    values = {"lambda_max": Estimate(float(eig.values[0]), math.nan, 1, est.hvps, est.seconds)}
+    values.update({f"lambda_{i}": float(eig.values[i - 1]) for i in range(2, cfg.num_eigenvalues + 1)})
+    return values
+
+
+def _batch_sharpness(c: Context) -> dict:
+    return {"batch_sharpness": measures.batch_sharpness(*_data(c), c.cfg.batch, generator=c.generator(),
+                                                        exact=c.cfg.exact_measurements)}
+
+
+def _step_sharpness(c: Context) -> dict:
+    return {"step_sharpness": measures.step_sharpness(c.model, c.loss_fn, c.xb, c.yb, exact=c.cfg.exact_measurements)}
+
+
+def _gni(c: Context) -> dict:
+    return {"gni": measures.gni(*_data(c), c.cfg.batch, generator=c.generator(), chunk_size=c.cfg.hvp_chunk,
+                                exact=c.cfg.exact_measurements)}
+
+
+def _batch_sharpness_ratio(c: Context) -> dict:
+    return {"batch_sharpness_ratio": measures.batch_sharpness_ratio(*_data(c), c.cfg.batch, generator=c.generator(),
+                                                                    exact=c.cfg.exact_measurements)}
+
+
+def _batch_lambdamax(c: Context) -> dict:
+    return {"batch_lambda_max": measures.batch_lambda_max(*_data(c), c.cfg.batch, generator=c.generator(), tol=c.tol,
+                                                          exact=c.cfg.exact_measurements)}
+
+
+def _hessian_trace(c: Context) -> dict:
+    return {"hessian_trace": measures.hessian_trace(*_data(c), generator=c.generator(), chunk_size=c.cfg.hvp_chunk,
+                                                    exact=c.cfg.exact_measurements)}
+
+
+def _gauss_newton(c: Context) -> dict:
+    generator = c.generator()  # both quantities draw from one stream, the solve first
+    eig, top = measures.gn_lambda_max(*_data(c), tol=c.tol, chunk_size=c.cfg.hvp_chunk, generator=generator)
+    warn_unconverged(c.step, "gn_lambda_max", eig, c.tol)
+    return {"gn_lambda_max": top, "gn_batch_sharpness": measures.gn_batch_sharpness(*_data(c), c.cfg.batch,
+                                                                                     generator=generator)}
+
+
+def _gradient_norm(c: Context) -> dict:
+    batch, full = measures.gradient_norms(*_data(c), c.cfg.batch, generator=c.generator(), chunk_size=c.cfg.hvp_chunk)
+    return {"grad_norm_sq_batch": batch, "grad_norm_sq_full": full}
+
+
+def _momentum_sharpness(c: Context) -> dict:
+    return {"momentum_sharpness": measures.momentum_sharpness(*_data(c), c.cfg.batch, optimizer=c.optimizer,
+                                                              generator=c.generator())}
+
+
+def _preconditioned_sharpness(c: Context) -> dict:
+    if not c.optimizer.state:  # Adam has no second moments before its first step
+        return {}
+    eig, est = measures.preconditioned_sharpness(*_data(c), optimizer=c.optimizer, tol=c.tol,
+                                                 chunk_size=c.cfg.hvp_chunk, generator=c.generator(),
+                                                 exact=c.cfg.exact_measurements)
+    warn_unconverged(c.step, "preconditioned_sharpness", eig, c.tol)
+    return {"preconditioned_sharpness": est}
+
+
+def _param_distance(c: Context) -> dict:
+    return {"param_distance": measures.param_distance(c.model, c.reference)}
+
+
+def _eigenvalues(cfg) -> list[str]:
+    return [f"lambda_{i}" for i in range(2, cfg.num_eigenvalues + 1)]
+
+
+MEASUREMENTS: tuple[Measurement, ...] = (
+    Measurement("lambdamax", "full-batch top Hessian eigenvalue lambda_max",
+                (Column("lambda_max", "λ_max", (Curve("λ_max"),), extra=_eigenvalues),),
+                _lambda_max, final="always"),
+    Measurement("batch_sharpness", "E_B[g_B^T H_B g_B / |g_B|^2] over random batches",
+                (Column("batch_sharpness", "Batch Sharpness", (Curve("E[gᵀHg/‖g‖²]"),), with_se=True),),
+                _batch_sharpness, final="always", final_stream="final"),
+    Measurement("step_sharpness", "the same Rayleigh quotient on the step's own batch",
+                (Column("step_sharpness", "step sharpness", (Curve("raw", faint=True), Curve("smoothed", smooth=True))),),
+                _step_sharpness, cadence=(20, 180), final="never"),
+    Measurement("gni", "gradient-noise interaction E_B[g_B^T H g_B] / |g|^2",
+                (Column("gni", "GNI", (Curve("GNI"),), with_se=True),),
+                _gni, cadence=(5, 20), final="always", final_stream="final_gni"),
+    Measurement("batch_sharpness_ratio", "E_B[g_B^T H_B g_B] / E_B[|g_B|^2] (ratio of means)",
+                (Column("batch_sharpness_ratio", "Batch Sharpness", (Curve("E[gᵀHg]/E[‖g‖²]", dashed=True),),
+                        with_se=True),),
+                _batch_sharpness_ratio),
+    Measurement("batch_lambdamax", "mean top eigenvalue of mini-batch Hessians E_B[lambda_max(H_B)]",
+                (Column("batch_lambda_max", "λ_max", (Curve("E[λ_max(H_B)]", dashed=True),), with_se=True),),
+                _batch_lambdamax, cadence=(5, 20)),
+    Measurement("hessian_trace", "tr(H) by Hutchinson's estimator with Rademacher probes",
+                (Column("hessian_trace", "Hessian trace", (Curve("tr(H)"),), with_se=True),),
+                _hessian_trace, cadence=(5, 20), line=None),
+    Measurement("gauss_newton", "lambda_max and Batch Sharpness of the Gauss-Newton matrix",
+                (Column("gn_lambda_max", "Gauss–Newton", (Curve("λ_max(G)"),)),
+                 Column("gn_batch_sharpness", "Gauss–Newton", (Curve("E[gᵀGg/‖g‖²]", dashed=True),), with_se=True)),
+                _gauss_newton),
+    Measurement("gradient_norm", "E_B[|g_B|^2] and |g|^2",
+                (Column("grad_norm_sq_batch", "gradient norm²", (Curve("E‖g_B‖²"),), with_se=True),
+                 Column("grad_norm_sq_full", "gradient norm²", (Curve("‖g‖²", dashed=True),))),
+                _gradient_norm, cadence=(20, 180), line=None, log_scale=True),
+    Measurement("momentum_sharpness", "E_B[s^T H_B s] / E_B[s^T g_B] along the momentum update s (needs --momentum)",
+                (Column("momentum_sharpness", "momentum sharpness", (Curve("E[sᵀHs]/E[sᵀg]"),), with_se=True),),
+                _momentum_sharpness, needs="momentum", needs_reason="measures the momentum update"),
+    Measurement("preconditioned_sharpness", "lambda_max of Adam's preconditioned Hessian P^-1/2 H P^-1/2 (needs --adam)",
+                (Column("preconditioned_sharpness", "preconditioned sharpness", (Curve("λ_max(P⁻¹ᐟ²HP⁻¹ᐟ²)"),)),),
+                _preconditioned_sharpness, needs="adam", needs_reason="measures Adam's preconditioner", line="preconditioned"),
+    Measurement("param_distance", "|theta - theta_0| to the initialisation (or --param-file)",
+                (Column("param_distance", "distance to θ₀", (Curve("‖θ − θ₀‖"),)),),
+                _param_distance, cadence=(50, 100), line=None),
+)
+BY_NAME = {m.name: m for m in MEASUREMENTS}
+NAMES = tuple(BY_NAME)
