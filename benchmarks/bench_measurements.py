@@ -48,11 +48,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from utils import measures  # noqa: E402
+from utils.batch_forms import batch_route  # noqa: E402
 from utils.config import RunConfig  # noqa: E402
 from utils.data import load_dataset  # noqa: E402
 from utils.eigs import power_iteration  # noqa: E402
 from utils.estimators import mean_with_stopping, measurement_generator, sample_batch_indices  # noqa: E402
-from utils.fast_curvature import batch_route, gni_by_batch_size, linear_network  # noqa: E402
+from utils.gram import linear_network  # noqa: E402
 from utils.hvp import HessianOperator, default_hvp_mode  # noqa: E402
 from utils.losses import mse_loss  # noqa: E402
 from utils.models import build_model  # noqa: E402
@@ -651,8 +652,8 @@ def bench_gni(name, model, X, Y, args):
 def bench_gni_all_b(name, model, X, Y, args):
     n = X.shape[0]
     sizes = [b for b in (8, 16, 32, 64, 128, 256, 512, 1024) if b < n] + [n]
-    seconds, by_size = repeat(lambda: gni_by_batch_size(model, mse_loss, X, Y, sizes,
-                                                        generator=measurement_generator(0, 4)),
+    seconds, by_size = repeat(lambda: measures.gni_by_batch_size(model, mse_loss, X, Y, sizes,
+                                                                 generator=measurement_generator(0, 4)),
                               args.repeats, args.device)
     est = by_size[sizes[0]]
     rows = [row(name, f"GNI for {len(sizes)} batch sizes 8..n", "ours: one tr(HS) estimate", seconds,

@@ -1,17 +1,24 @@
-"""Tiny float64 networks and dense reference derivatives for the curvature tests.
+"""Tiny float64 networks and dense references for the curvature tests.
 
-The references differentiate the loss as a function of the flat parameter vector with
+Exact values of every Monte Carlo quantity come from enumerating all C(n, b) batches; exact
+values of one estimate come from the very batches its generator draws (:func:`drawn_batches`),
+dense derivatives of each and the stopping rule applied by brute force (:func:`mean_reference`,
+:func:`ratio_reference`). The references differentiate the loss as a function of the flat parameter vector with
 ``torch.func``, independently of utils/hvp.py. The dense Hessian is ``jacrev(grad(loss))``:
 ``torch.func.hessian`` (jacfwd over jacrev) and ``jacrev(jacrev(...))`` return wrong second
 derivatives through training-mode ``batch_norm`` in torch 2.14 (see
 pytorch/pytorch#196699), while reverse over ``grad`` agrees with finite differences.
 """
 
+import math
+from itertools import combinations
+
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from utils.estimators import sample_batch_indices
 from utils.losses import ce_loss, mse_loss
 
 LOSSES = {"mse": mse_loss, "ce": ce_loss}
@@ -28,6 +35,20 @@ def tiny_mlp(seed=0, batchnorm=False):
             nn.init.normal_(model[1].weight, 1.0, 0.3)
             nn.init.normal_(model[1].bias, 0.0, 0.3)
     return model
+
+
+def tiny_cnn(seed=0):
+    """1x5x5 inputs -> Conv(1->2, 3x3) -> tanh -> MaxPool -> Linear(2 -> 2), in float64: a layer chain
+    (utils.r_operator.is_chain) that is not a Linear/activation chain."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.MaxPool2d(3), nn.Flatten(), nn.Linear(2, 2)).double()
+
+
+def tiny_images(n, loss_name, seed=5):
+    """n 1x5x5 inputs for :func:`tiny_cnn` with the targets of :func:`tiny_data`."""
+    X = torch.randn(n, 1, 5, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return X, tiny_data(n, loss_name)[1]
 
 
 def tiny_data(n, loss_name, seed=1):
@@ -92,3 +113,85 @@ def check_honest(values, ses, exact):
     values, ses = np.asarray(values, dtype=float), np.asarray(ses, dtype=float)
     assert 0.75 <= values.std(ddof=1) / ses.mean() <= 1.33
     assert np.mean(np.abs(values - exact) <= 1.96 * ses) >= 0.88
+
+
+def check_honest_estimates(estimates, exact):
+    """:func:`check_honest` on Estimates."""
+    check_honest([e.value for e in estimates], [e.se for e in estimates], exact)
+
+
+# --- enumerating every batch ------------------------------------------------------------------
+
+
+def all_batches(n, b):
+    return [list(batch) for batch in combinations(range(n), b)]
+
+
+def batch_derivatives(model, loss_fn, X, Y, b, train_mode=True):
+    """(g_B, H_B) of every batch of b of the n points, dense."""
+    return [(dense_gradient(model, loss_fn, X[idx], Y[idx], train_mode),
+             dense_hessian(model, loss_fn, X[idx], Y[idx], train_mode))
+            for idx in all_batches(X.shape[0], b)]
+
+
+def exact_ghg_family(model, loss_fn, X, Y, b) -> dict:
+    """Batch Sharpness E[g_B^T H_B g_B / |g_B|^2], its ratio form E[g_B^T H_B g_B] / E[|g_B|^2] and
+    GNI E[g_B^T H g_B] / |g|^2 as exact averages over all C(n, b) batches."""
+    H, g = dense_hessian(model, loss_fn, X, Y), dense_gradient(model, loss_fn, X, Y)
+    pairs = batch_derivatives(model, loss_fn, X, Y, b)
+    quadratic = np.array([(g_B @ H_B @ g_B).item() for g_B, H_B in pairs])
+    norm2 = np.array([(g_B @ g_B).item() for g_B, _ in pairs])
+    noise = np.array([(g_B @ H @ g_B).item() for g_B, _ in pairs])
+    return {"batch_sharpness": float(np.mean(quadratic / norm2)),
+            "batch_sharpness_ratio": float(quadratic.mean() / norm2.mean()),
+            "gni": float(noise.mean() / (g @ g).item())}
+
+
+def per_sample_gradients(model, loss_fn, X, Y):
+    return torch.stack([dense_gradient(model, loss_fn, X[i : i + 1], Y[i : i + 1]) for i in range(X.shape[0])])
+
+
+def exact_trace_HS(model, loss_fn, X, Y, train_mode=True):
+    """(tr(H S), g, H) with S = (1/n) sum_i (g_i - g)(g_i - g)^T, the per-sample gradient covariance."""
+    H, g = dense_hessian(model, loss_fn, X, Y, train_mode), dense_gradient(model, loss_fn, X, Y, train_mode)
+    centred = per_sample_gradients(model, loss_fn, X, Y) - g
+    return torch.trace(H @ centred.T @ centred).item() / X.shape[0], g, H
+
+
+# --- one estimate, recomputed -----------------------------------------------------------------
+
+
+def drawn_batches(n, b, generator, m):
+    """The index lists of the first m batches a measurement draws from ``generator``."""
+    return [sample_batch_indices(n, b, generator).tolist() for _ in range(m)]
+
+
+def stopping_point(x, min_samples, max_samples, rel_se):
+    """The first k >= min_samples with SE < rel_se |mean| of x[:k], else max_samples (brute force)."""
+    for k in range(min_samples, max_samples + 1):
+        if x[:k].std(ddof=1) / math.sqrt(k) < rel_se * abs(x[:k].mean()):
+            return k
+    return max_samples
+
+
+def delta_method(a, b):
+    """(R, SE) of the ratio of means R = mean(a) / mean(b) by the delta method."""
+    R = a.mean() / b.mean()
+    cov = np.cov(a, b, ddof=1)
+    return R, math.sqrt((cov[0, 0] - 2 * R * cov[0, 1] + R * R * cov[1, 1]) / len(a)) / b.mean()
+
+
+def mean_reference(samples, min_samples, max_samples, rel_se):
+    """(value, se, n) of a sample mean under the stopping rule, from all the samples it may draw."""
+    x = np.asarray(samples, dtype=float)
+    k = stopping_point(x, min_samples, max_samples, rel_se)
+    return x[:k].mean(), x[:k].std(ddof=1) / math.sqrt(k), k
+
+
+def ratio_reference(a, b, min_samples, max_samples, rel_se):
+    """(value, se, n) of a ratio of means under the stopping rule (on the delta-method SE)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    for k in range(min_samples, max_samples + 1):
+        R, se = delta_method(a[:k], b[:k])
+        if se < rel_se * abs(R) or k == max_samples:
+            return R, se, k

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from curvature_reference import check_honest
+from curvature_reference import check_honest, delta_method, mean_reference, stopping_point
 from utils.errors import UserError
-from utils.estimators import (Estimate, exact_estimate, mean_with_stopping, measurement_generator,
-                              ratio_of_means_with_stopping, sample_batch_indices)
+from utils.estimators import (Estimate, SamplesAhead, draw_batches, exact_estimate, mean_with_stopping,
+                              measurement_generator, ratio_of_means_with_stopping, sample_batch_indices)
 
 
 def test_measurement_generator_is_a_deterministic_private_stream():
@@ -52,17 +52,9 @@ def stream(values):
     return sample
 
 
-def brute_force_stop(x, min_samples, max_samples, rel_se):
-    for k in range(min_samples, max_samples + 1):
-        mean, se = x[:k].mean(), x[:k].std(ddof=1) / math.sqrt(k)
-        if se < rel_se * abs(mean):
-            return k
-    return max_samples
-
-
 def test_mean_stops_at_the_first_sample_that_meets_the_rule_whatever_the_block():
     x = np.random.default_rng(0).normal(3.0, 1.0, size=2000)
-    k = brute_force_stop(x, 20, 1000, 0.03)
+    k = stopping_point(x, 20, 1000, 0.03)
     assert 20 < k < 1000
     for block_size in (1, 7, 64):
         est = mean_with_stopping(stream(x), min_samples=20, max_samples=1000, rel_se=0.03,
@@ -83,12 +75,6 @@ def test_mean_stops_at_max_samples_and_is_exact_for_constant_samples():
     # An exact zero (se = 0 at value 0) stops too, although se < rel_se * |value| cannot hold.
     zero = mean_with_stopping(stream(np.zeros(50)), min_samples=5, max_samples=50, rel_se=0.01)
     assert (zero.value, zero.se, zero.n) == (0.0, 0.0, 5)
-
-
-def delta_method(a, b):
-    R = a.mean() / b.mean()
-    cov = np.cov(a, b, ddof=1)
-    return R, math.sqrt((cov[0, 0] - 2 * R * cov[0, 1] + R * R * cov[1, 1]) / len(a)) / b.mean()
 
 
 def test_ratio_value_se_and_stopping():
@@ -152,3 +138,54 @@ def test_exact_estimate():
     est = exact_estimate(3.5, hvps=12, seconds=0.25)
     assert isinstance(est, Estimate)
     assert (est.value, est.n, est.hvps, est.seconds) == (3.5, 1, 12, 0.25) and math.isnan(est.se)
+
+
+def test_draw_batches_draws_as_a_one_batch_loop():
+    loop = measurement_generator(0, 1)
+    expected = torch.stack([sample_batch_indices(9, 4, loop) for _ in range(5)])
+    assert torch.equal(draw_batches(9, 4, 5, measurement_generator(0, 1)), expected)
+
+
+@pytest.mark.parametrize("predict, min_block", [(True, 1), (True, 50), (False, 1), (False, 7)])
+def test_samples_ahead_change_the_blocks_not_the_estimate(predict, min_block):
+    """The rule sees the samples one by one in the order computed, so the estimate is the brute-force
+    one whatever the blocks; predicted blocks waste few samples, unpredicted ones compute only what the
+    rule asks for, in whole blocks of ``min_block``."""
+    x = np.random.default_rng(5).normal(3.0, 1.0, size=2000)
+    rel_se = 0.03
+    value, se, k = mean_reference(x, 20, 1000, rel_se)
+    assert 20 < k < 1000
+    blocks = []
+
+    def compute(m):
+        blocks.append(m)
+        done = sum(blocks[:-1])
+        return torch.as_tensor(x[done : done + m])
+
+    ahead = SamplesAhead(compute, rel_se=rel_se, max_samples=1000, min_block=min_block, predict=predict)
+    est = mean_with_stopping(ahead, min_samples=20, max_samples=1000, rel_se=rel_se)
+    assert est.n == k
+    assert est.value == pytest.approx(value, rel=1e-13) and est.se == pytest.approx(se, rel=1e-10)
+    assert ahead.computed == sum(blocks) >= k
+    if predict:
+        assert len(blocks) < 10 and ahead.computed < 1.5 * k + min_block
+    else:
+        assert blocks == [20] + [min_block] * (len(blocks) - 1) and ahead.computed - k < min_block
+
+
+def test_samples_ahead_serve_pairs_and_stop_at_max_samples():
+    rng = np.random.default_rng(6)
+    b = rng.gamma(4.0, 1.0, size=300)
+    a = 2.0 * b + rng.normal(0, 3.0, size=300)
+    done = 0
+
+    def compute(m):
+        nonlocal done
+        done += m
+        return torch.as_tensor(a[done - m : done]), torch.as_tensor(b[done - m : done])
+
+    ahead = SamplesAhead(compute, rel_se=1e-6, max_samples=300, min_block=20)
+    est = ratio_of_means_with_stopping(ahead, min_samples=20, max_samples=300, rel_se=1e-6)
+    R, se = delta_method(a, b)
+    assert est.n == ahead.computed == 300
+    assert est.value == pytest.approx(R, rel=1e-13) and est.se == pytest.approx(se, rel=1e-9)

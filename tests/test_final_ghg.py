@@ -11,12 +11,11 @@ import compute_final_gHg
 import sharpness_gap
 from analysis_runs import (check_bad_input, copy_run, final_model, missing_folder, no_checkpoints, runs,  # noqa: F401
                            unknown_version)
-from utils import fast_curvature
+from utils import batch_forms, hvp
 from utils.analysis import default_batch_sizes, estimates_at_sample_limit, gni_all_batch_sizes
 from utils.estimators import measurement_generator
-from utils.fast_curvature import gni_by_batch_size
 from utils.losses import mse_loss
-from utils.measures import batch_sharpness, batch_sharpness_ratio, gni
+from utils.measures import batch_sharpness, batch_sharpness_ratio, gni, gni_by_batch_size
 
 
 def test_ghg_matches_the_measurement_functions(runs, tmp_path, capsys):
@@ -69,8 +68,9 @@ def test_exact_measurements_take_the_plain_path_with_the_same_values(runs, tmp_p
     def refuse(*args, **kwargs):
         raise AssertionError("--exact-measurements reached a fast path")
 
-    for name in ("batch_sharpness", "batch_sharpness_ratio", "gni", "step_sharpness", "_FastCentredForms"):
-        monkeypatch.setattr(fast_curvature, name, refuse)
+    # The plain route never asks for the Gram engine or the default (fast) Hessian-product mode.
+    monkeypatch.setattr(batch_forms, "linear_network", refuse)
+    monkeypatch.setattr(hvp, "default_hvp_mode", refuse)
     assert compute_final_gHg.main([*common, "--exact-measurements", "--out", str(tmp_path / "exact")]) == 0
     fast, exact = (json.loads((tmp_path / kind / "final_ghg.json").read_text()) for kind in ("fast", "exact"))
     assert (fast["exact_measurements"], exact["exact_measurements"]) == (False, True)

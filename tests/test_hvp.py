@@ -3,10 +3,9 @@ import copy
 import pytest
 import torch
 
-from curvature_reference import (LOSSES, dense_gradient, dense_hessian, dense_loss,
-                                 finite_difference_hessian, tiny_data, tiny_mlp)
-from utils.hvp import (HVP_MODES, HessianOperator, batch_quadratic_forms, chain_quadratic_forms, default_hvp_mode,
-                       flat_grad, flat_params, forward, num_params, vmapped_quadratic_forms)
+from curvature_reference import (LOSSES, dense_gradient, dense_hessian, dense_loss, finite_difference_hessian, tiny_cnn,
+                                 tiny_data, tiny_images, tiny_mlp)
+from utils.hvp import HVP_MODES, HessianOperator, default_hvp_mode, flat_grad, flat_params, forward, num_params
 
 N = 10
 
@@ -201,14 +200,6 @@ def test_bad_vector_shape():
         op.matvec(torch.zeros(op.dim + 1, dtype=torch.float64))
 
 
-def tiny_cnn(seed=0):
-    """1x5x5 inputs -> Conv(1->2, 3x3) -> tanh -> MaxPool -> Linear(2 -> 2), in float64."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Tanh(), torch.nn.MaxPool2d(3),
-                                   torch.nn.Flatten(), torch.nn.Linear(2, 2)).double()
-
-
 @pytest.mark.parametrize("mode", HVP_MODES)
 @pytest.mark.parametrize("chunk_size", [None, 3])
 @pytest.mark.parametrize("network", ["mlp", "cnn"])
@@ -216,10 +207,7 @@ def test_every_mode_matches_dense_hessian(mode, chunk_size, network):
     if network == "mlp":
         model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
     else:
-        generator = torch.Generator().manual_seed(5)
-        model = tiny_cnn()
-        X = torch.randn(N, 1, 5, 5, generator=generator, dtype=torch.float64)
-        Y = torch.randint(0, 2, (N,), generator=generator)
+        model, (X, Y) = tiny_cnn(), tiny_images(N, "ce")
     loss_fn = LOSSES["ce"]
     H = dense_hessian(model, loss_fn, X, Y)
     op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, mode=mode)
@@ -263,60 +251,6 @@ def test_gradient_quadratic_form_matches_dense(chunk_size):
     assert quadratic == pytest.approx((g @ H @ g).item(), rel=1e-12)
     assert norm2 == pytest.approx((g @ g).item(), rel=1e-12)
     assert op.hvps == 1
-    assert all(p.grad is None for p in model.parameters())
-
-
-def assert_dense_per_batch(model, loss_fn, X, Y, idx, quadratics, norms, train_mode=True):
-    """(g_B^T H_B g_B, |g_B|^2) of each index row of ``idx`` equal the dense float64 values."""
-    assert quadratics.shape == norms.shape == (idx.shape[0],)
-    for rows, quadratic, norm2 in zip(idx, quadratics, norms):
-        g = dense_gradient(model, loss_fn, X[rows], Y[rows], train_mode)
-        H = dense_hessian(model, loss_fn, X[rows], Y[rows], train_mode)
-        assert quadratic.item() == pytest.approx((g @ H @ g).item(), rel=1e-12)
-        assert norm2.item() == pytest.approx((g @ g).item(), rel=1e-12)
-
-
-@pytest.mark.parametrize("batchnorm, train_mode", [(False, True), (True, True), (True, False)])
-def test_batch_quadratic_forms_match_dense_per_batch(batchnorm, train_mode):
-    model, (X, Y) = tiny_mlp(batchnorm=batchnorm), tiny_data(N, "ce")
-    loss_fn = LOSSES["ce"]
-    model.train(not train_mode)  # the requested mode wins and the model's own flag comes back
-    buffers = [b.clone() for b in model.buffers()]
-    idx = torch.tensor([[0, 3, 5], [1, 2, 9], [4, 6, 8], [7, 0, 2]])
-    quadratics, norms = batch_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
-    assert_dense_per_batch(model, loss_fn, X, Y, idx, quadratics, norms, train_mode)
-    assert model.training == (not train_mode)
-    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
-    assert all(p.grad is None for p in model.parameters())
-
-
-@pytest.mark.parametrize("loss_name", ["mse", "ce"])
-@pytest.mark.parametrize("train_mode", [True, False])
-def test_vmapped_quadratic_forms_match_dense_per_batch(loss_name, train_mode):
-    model, (X, Y) = tiny_mlp(), tiny_data(N, loss_name)
-    loss_fn = LOSSES[loss_name]
-    # A frozen parameter stays out of g and H; an unused one has zero gradient and curvature.
-    model[0].bias.requires_grad_(False)
-    model.register_parameter("unused", torch.nn.Parameter(torch.ones(2, dtype=torch.float64)))
-    model.train(not train_mode)  # the requested mode wins and the model's own flag comes back
-    idx = torch.tensor([[0, 3, 5], [1, 2, 9], [4, 6, 8], [7, 0, 2], [5, 5, 1]])
-    quadratics, norms = vmapped_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
-    assert_dense_per_batch(model, loss_fn, X, Y, idx, quadratics, norms, train_mode)
-    assert model.training == (not train_mode)
-    assert all(p.grad is None for p in model.parameters())
-    with pytest.raises(ValueError, match="BatchNorm"):
-        vmapped_quadratic_forms(tiny_mlp(batchnorm=True), loss_fn, X, Y, idx)
-
-
-@pytest.mark.parametrize("loss_name", ["mse", "ce"])
-def test_chain_quadratic_forms_match_dense_per_batch(loss_name):
-    generator = torch.Generator().manual_seed(5)
-    X = torch.randn(N, 1, 5, 5, generator=generator, dtype=torch.float64)
-    Y = tiny_data(N, loss_name)[1]
-    model, loss_fn = tiny_cnn(), LOSSES[loss_name]
-    idx = torch.tensor([[0, 3, 5], [1, 2, 9], [4, 6, 8], [5, 5, 1]])
-    quadratics, norms = chain_quadratic_forms(model, loss_fn, X, Y, idx)
-    assert_dense_per_batch(model, loss_fn, X, Y, idx, quadratics, norms)
     assert all(p.grad is None for p in model.parameters())
 
 

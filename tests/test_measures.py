@@ -1,34 +1,22 @@
+"""The first curvature family (lambda_max, Batch Sharpness, its ratio form, step sharpness, GNI)
+against dense float64 values on tiny networks: exact expectations over all batches, and each
+estimate recomputed from the very batches its generator draws, on every route."""
+
 import math
-from itertools import combinations
 
 import numpy as np
 import pytest
 import torch
 
-from curvature_reference import LOSSES, check_honest, dense_gradient, dense_hessian, tiny_data, tiny_mlp
+from curvature_reference import (LOSSES, check_honest_estimates, dense_gradient, dense_hessian, drawn_batches,
+                                 exact_ghg_family, mean_reference, ratio_reference, tiny_cnn, tiny_data, tiny_images,
+                                 tiny_mlp)
+from utils import batch_forms
 from utils.errors import UserError
 from utils.estimators import measurement_generator
-from utils.measures import batch_sharpness, gni, lambda_max, step_sharpness
+from utils.measures import batch_sharpness, batch_sharpness_ratio, gni, gni_by_batch_size, lambda_max, step_sharpness
 
 N, B = 8, 3
-
-
-def exact_batch_expectations(model, loss_fn, X, Y, b):
-    """(Batch Sharpness, GNI) by enumerating all C(n, b) batches with dense derivatives."""
-    H = dense_hessian(model, loss_fn, X, Y)
-    g = dense_gradient(model, loss_fn, X, Y)
-    rayleigh, noise = [], []
-    for batch in combinations(range(X.shape[0]), b):
-        idx = list(batch)
-        g_B = dense_gradient(model, loss_fn, X[idx], Y[idx])
-        H_B = dense_hessian(model, loss_fn, X[idx], Y[idx])
-        rayleigh.append((g_B @ H_B @ g_B / (g_B @ g_B)).item())
-        noise.append((g_B @ H @ g_B).item())
-    return float(np.mean(rayleigh)), float(np.mean(noise)) / (g @ g).item()
-
-
-def check_honest_estimates(estimates, exact):
-    check_honest([e.value for e in estimates], [e.se for e in estimates], exact)
 
 
 @pytest.mark.parametrize("loss_name", ["mse", "ce"])
@@ -94,7 +82,8 @@ def test_step_sharpness_is_the_batch_rayleigh_quotient():
 def test_batch_sharpness_and_gni_converge_to_exact_expectations(loss_name):
     model, (X, Y) = tiny_mlp(), tiny_data(N, loss_name)
     loss_fn = LOSSES[loss_name]
-    exact_bs, exact_gni = exact_batch_expectations(model, loss_fn, X, Y, B)
+    exact = exact_ghg_family(model, loss_fn, X, Y, B)
+    exact_bs, exact_gni = exact["batch_sharpness"], exact["gni"]
     bs = batch_sharpness(model, loss_fn, X, Y, B, generator=measurement_generator(0, 1))
     assert bs.se < 0.005 * abs(bs.value) or bs.n == 1000
     assert abs(bs.value - exact_bs) < 4 * bs.se
@@ -108,7 +97,7 @@ def test_batch_sharpness_and_gni_converge_to_exact_expectations(loss_name):
 def test_batch_sharpness_standard_errors_are_honest():
     model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
     loss_fn = LOSSES["ce"]
-    exact, _ = exact_batch_expectations(model, loss_fn, X, Y, B)
+    exact = exact_ghg_family(model, loss_fn, X, Y, B)["batch_sharpness"]
     estimates = [batch_sharpness(model, loss_fn, X, Y, B, generator=measurement_generator(seed, 0),
                                  min_samples=40, max_samples=40)
                  for seed in range(100)]
@@ -118,23 +107,95 @@ def test_batch_sharpness_standard_errors_are_honest():
 def test_gni_standard_errors_are_honest():
     model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
     loss_fn = LOSSES["mse"]
-    _, exact = exact_batch_expectations(model, loss_fn, X, Y, B)
+    exact = exact_ghg_family(model, loss_fn, X, Y, B)["gni"]
     estimates = [gni(model, loss_fn, X, Y, B, generator=measurement_generator(seed, 0),
                      min_samples=40, max_samples=40, block_size=40)
                  for seed in range(100)]
     check_honest_estimates(estimates, exact)
 
 
-def test_gni_chunking_and_blocks_do_not_change_the_estimate():
-    model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
+def frozen_bias(model):
+    """A frozen parameter: neither a Gram nor an R-operator chain, so one double backward per batch."""
+    model[0].bias.requires_grad_(False)
+    return model
+
+
+ROUTES = {  # (model, loss, data, exact, train_mode) for each route of the per-batch forms on the CPU
+    "stacked-gram": lambda: (tiny_mlp(), LOSSES["ce"], tiny_data(10, "ce"), False, True),
+    "r-operator": lambda: (tiny_cnn(), LOSSES["mse"], tiny_images(10, "mse"), False, True),
+    "double-backward": lambda: (frozen_bias(tiny_mlp()), LOSSES["mse"], tiny_data(10, "mse"), False, True),
+    "batchnorm-eval": lambda: (tiny_mlp(batchnorm=True), LOSSES["ce"], tiny_data(10, "ce"), False, False),
+    "exact": lambda: (tiny_mlp(), LOSSES["mse"], tiny_data(10, "mse"), True, True),
+    "vmap-double-backward": lambda: (tiny_cnn(), LOSSES["ce"], tiny_images(10, "ce"), False, True),  # forced
+}
+
+
+class DenseBatches:
+    """Dense g_B, H_B of any batch (cached), and g, H on all the data."""
+
+    def __init__(self, model, loss_fn, X, Y, train_mode):
+        self.args, self.train_mode, self.cache = (model, loss_fn), train_mode, {}
+        self.X, self.Y = X, Y
+        self.H = dense_hessian(model, loss_fn, X, Y, train_mode)
+        self.g = dense_gradient(model, loss_fn, X, Y, train_mode)
+
+    def __call__(self, idx):
+        key = tuple(idx)
+        if key not in self.cache:
+            X, Y = self.X[idx], self.Y[idx]
+            self.cache[key] = (dense_gradient(*self.args, X, Y, self.train_mode),
+                               dense_hessian(*self.args, X, Y, self.train_mode))
+        return self.cache[key]
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_estimates_are_those_of_the_drawn_batches_on_every_route(route, monkeypatch):
+    """Batch Sharpness, its ratio form, step sharpness and GNI equal their values recomputed from
+    dense derivatives of the batches the generator draws, with the stopping rule applied by brute
+    force: the same samples, stopping point and standard error whatever route computes them."""
+    model, loss_fn, (X, Y), exact, train_mode = ROUTES[route]()
+    if route == "vmap-double-backward":
+        monkeypatch.setattr(batch_forms, "batch_route", lambda *args, **kwargs: route)
+    dense = DenseBatches(model, loss_fn, X, Y, train_mode)
+    limits = {"min_samples": 5, "max_samples": 200, "train_mode": train_mode, "exact": exact}
+    batches = [dense(idx) for idx in drawn_batches(10, B, measurement_generator(4, 2), limits["max_samples"])]
+    quadratic = np.array([(g @ H @ g).item() for g, H in batches])
+    norm2 = np.array([(g @ g).item() for g, _ in batches])
+    noise = np.array([(g @ dense.H @ g).item() for g, _ in batches]) / (dense.g @ dense.g).item()
+    expected = {batch_sharpness: (0.04, mean_reference, (quadratic / norm2,)),
+                batch_sharpness_ratio: (0.04, ratio_reference, (quadratic, norm2)),
+                gni: (0.1, mean_reference, (noise,))}
+    for measure, (rel_se, reference, samples) in expected.items():
+        value, se, n = reference(*samples, limits["min_samples"], limits["max_samples"], rel_se)
+        got = measure(model, loss_fn, X, Y, B, generator=measurement_generator(4, 2), rel_se=rel_se, **limits)
+        assert n < limits["max_samples"] and got.n == n and got.hvps >= n
+        assert got.value == pytest.approx(value, rel=1e-10)
+        assert got.se == pytest.approx(se, rel=1e-8)
+    g, H = dense([2, 5, 7])
+    step = step_sharpness(model, loss_fn, X[[2, 5, 7]], Y[[2, 5, 7]], train_mode=train_mode, exact=exact)
+    assert step.value == pytest.approx((g @ H @ g / (g @ g)).item(), rel=1e-11) and step.hvps == 1
+
+
+@pytest.mark.parametrize("chunk_size, block_size, exact", [(None, 10, False), (3, 10, False), (None, 1, True),
+                                                           (2, 7, True)])
+def test_gni_chunks_and_blocks_change_the_cost_only(chunk_size, block_size, exact):
+    """GNI of a BatchNorm network (Hessian-vector products on the whole data) equals its value from
+    the drawn batches for any chunking and block size; the products spent are the samples drawn,
+    whole blocks of ``block_size`` after the first ``min_samples``."""
+    model, (X, Y) = tiny_mlp(batchnorm=True), tiny_data(N, "ce")
     loss_fn = LOSSES["ce"]
-    reference = gni(model, loss_fn, X, Y, B, generator=measurement_generator(5, 9), rel_se=0.05)
-    for chunk_size, block_size in ((3, 10), (None, 1), (2, 7)):
-        other = gni(model, loss_fn, X, Y, B, generator=measurement_generator(5, 9), rel_se=0.05,
-                    chunk_size=chunk_size, block_size=block_size)
-        assert other.n == reference.n
-        assert other.value == pytest.approx(reference.value, rel=1e-10)
-        assert other.se == pytest.approx(reference.se, rel=1e-8)
+    dense = DenseBatches(model, loss_fn, X, Y, train_mode=False)
+    noise = np.array([(g @ dense.H @ g).item()
+                      for g, _ in map(dense, drawn_batches(N, B, measurement_generator(5, 9), 1000))])
+    value, se, n = mean_reference(noise, 20, 1000, 0.01)
+    got = gni(model, loss_fn, X, Y, B, generator=measurement_generator(5, 9), chunk_size=chunk_size,
+              block_size=block_size, train_mode=False, exact=exact)
+    norm2 = (dense.g @ dense.g).item()
+    assert got.n == n and got.hvps == 20 + math.ceil((n - 20) / block_size) * block_size
+    assert got.value == pytest.approx(value / norm2, rel=1e-10)
+    assert got.se == pytest.approx(se / norm2, rel=1e-8)
+    with pytest.raises(UserError):
+        gni(model, loss_fn, X, Y, B, generator=measurement_generator(5, 9), block_size=0)
 
 
 def test_measurements_are_reproducible_and_leave_global_state_alone():
@@ -162,3 +223,57 @@ def test_measurements_are_reproducible_and_leave_global_state_alone():
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_exact_measurements_flag_is_recorded_and_gives_the_same_columns(results_env):
+    import json
+
+    import training
+    from utils.results import read_results
+
+    frames = {}
+    for flag in ([], ["--exact-measurements"]):
+        run_dir = results_env / ("exact" if flag else "fast")
+        argv = ["--width", "16", "--num-data", "120", "--batch", "8", "--steps", "21", "--quiet",
+                "--batch-sharpness", "--step-sharpness", "--gni", "--batch-sharpness-ratio",
+                "--measure-every", "10", "--run-dir", str(run_dir), *flag]
+        assert training.main(argv) == 0
+        record = json.loads((run_dir / "config.json").read_text())
+        assert record["config"]["exact_measurements"] is bool(flag)
+        frames[bool(flag)] = read_results(run_dir / "results.txt")
+    columns = ["batch_sharpness", "batch_sharpness_se", "batch_sharpness_n", "step_sharpness",
+               "gni", "gni_se", "gni_n", "batch_sharpness_ratio"]
+    fast, exact = (frames[False][columns].dropna(), frames[True][columns].dropna())
+    assert len(fast) == 3
+    np.testing.assert_allclose(fast.to_numpy(), exact.to_numpy(), rtol=2e-4)
+
+
+def test_exact_measurements_use_plain_double_backward_for_every_hessian_product(results_env, monkeypatch):
+    """On a GPU the default HVP mode is a faster one; --exact-measurements must not ask for it."""
+    import json
+
+    import training
+    from utils import hvp
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a measurement asked for the default (fast) HVP mode")
+
+    monkeypatch.setattr(hvp, "default_hvp_mode", refuse)
+    model, (X, Y) = tiny_mlp(), tiny_data(12, "mse")
+    with pytest.raises(AssertionError, match="fast"):
+        lambda_max(model, LOSSES["mse"], X, Y)
+    cnn, (images, labels) = tiny_cnn(), tiny_images(10, "ce")  # the default mode would be the R-operator
+    limits = {"min_samples": 5, "max_samples": 10}
+    with pytest.raises(AssertionError, match="fast"):
+        gni_by_batch_size(cnn, LOSSES["ce"], images, labels, [3], generator=measurement_generator(0, 0), **limits)
+    gni_by_batch_size(cnn, LOSSES["ce"], images, labels, [3], generator=measurement_generator(0, 0), exact=True,
+                      **limits)
+    common = ["--width", "16", "--num-data", "120", "--batch", "8", "--steps", "11", "--quiet", "--measure-every", "5",
+              "--exact-measurements"]
+    runs = {"sgd": ["--lambdamax", "--batch-lambdamax", "--hessian-trace", "--gni", "--batch-sharpness", "--final"],
+            "adam": ["--adam", "--lr", "0.001", "--preconditioned-sharpness"]}
+    for name, flags in runs.items():
+        run_dir = results_env / name
+        assert training.main([*common, *flags, "--run-dir", str(run_dir)]) == 0
+        resolved = json.loads((run_dir / "config.json").read_text())["resolved"]
+        assert resolved["hvp_mode"] == resolved["batch_route"] == "double-backward"

@@ -7,14 +7,14 @@ checked against what torch.optim.SGD and torch.optim.Adam actually do.
 
 import copy
 import math
-from itertools import combinations
 
 import numpy as np
 import pytest
 import torch
 from torch.func import functional_call, jacrev
 
-from curvature_reference import LOSSES, check_honest, dense_gradient, dense_hessian, tiny_data, tiny_mlp
+from curvature_reference import (LOSSES, all_batches, batch_derivatives, check_honest_estimates, dense_gradient,
+                                 dense_hessian, exact_ghg_family, mean_reference, tiny_data, tiny_mlp)
 from utils.estimators import measurement_generator
 from utils.gauss_newton import GaussNewtonOperator
 from utils.hvp import flat_grad, flat_params
@@ -24,14 +24,6 @@ from utils.measures import (adam_preconditioner, batch_lambda_max, batch_sharpne
                             rademacher_probe)
 
 N, B = 8, 3
-
-
-def all_batches(n=N, b=B):
-    return [list(batch) for batch in combinations(range(n), b)]
-
-
-def check_honest_estimates(estimates, exact):
-    check_honest([e.value for e in estimates], [e.se for e in estimates], exact)
 
 
 def dense_gauss_newton(model, loss_name, X, Y, train_mode=True):
@@ -59,22 +51,11 @@ def dense_gauss_newton(model, loss_name, X, Y, train_mode=True):
     return torch.einsum("icp,icd,idq->pq", J, M, J) / n
 
 
-def batch_derivatives(model, loss_fn, X, Y):
-    """(g_B, H_B) of every batch, dense."""
-    return [(dense_gradient(model, loss_fn, X[idx], Y[idx]), dense_hessian(model, loss_fn, X[idx], Y[idx]))
-            for idx in all_batches()]
-
-
-def exact_batch_sharpness_ratio(model, loss_fn, X, Y):
-    pairs = batch_derivatives(model, loss_fn, X, Y)
-    return (np.mean([(g @ H @ g).item() for g, H in pairs]) / np.mean([(g @ g).item() for g, _ in pairs])).item()
-
-
 @pytest.mark.parametrize("loss_name", ["mse", "ce"])
 def test_batch_sharpness_ratio_converges_to_the_exact_ratio_of_means(loss_name):
     model, (X, Y) = tiny_mlp(), tiny_data(N, loss_name)
     loss_fn = LOSSES[loss_name]
-    exact = exact_batch_sharpness_ratio(model, loss_fn, X, Y)
+    exact = exact_ghg_family(model, loss_fn, X, Y, B)["batch_sharpness_ratio"]
     est = batch_sharpness_ratio(model, loss_fn, X, Y, B, generator=measurement_generator(0, 1))
     assert est.se < 0.005 * abs(est.value) or est.n == 1000
     assert abs(est.value - exact) < 4 * est.se
@@ -84,7 +65,7 @@ def test_batch_sharpness_ratio_converges_to_the_exact_ratio_of_means(loss_name):
 def test_batch_sharpness_ratio_standard_errors_are_honest():
     model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
     loss_fn = LOSSES["ce"]
-    exact = exact_batch_sharpness_ratio(model, loss_fn, X, Y)
+    exact = exact_ghg_family(model, loss_fn, X, Y, B)["batch_sharpness_ratio"]
     estimates = [batch_sharpness_ratio(model, loss_fn, X, Y, B, generator=measurement_generator(seed, 0),
                                        min_samples=40, max_samples=40)
                  for seed in range(100)]
@@ -95,7 +76,7 @@ def test_batch_sharpness_ratio_standard_errors_are_honest():
 def test_batch_lambda_max_converges_to_the_mean_top_eigenvalue(loss_name):
     model, (X, Y) = tiny_mlp(), tiny_data(N, loss_name)
     loss_fn = LOSSES[loss_name]
-    exact = np.mean([torch.linalg.eigvalsh(H)[-1].item() for _, H in batch_derivatives(model, loss_fn, X, Y)])
+    exact = np.mean([torch.linalg.eigvalsh(H)[-1].item() for _, H in batch_derivatives(model, loss_fn, X, Y, B)])
     est = batch_lambda_max(model, loss_fn, X, Y, B, generator=measurement_generator(0, 3), tol=1e-8)
     assert 10 <= est.n <= 100 and (est.se < 0.02 * abs(est.value) or est.n == 100)
     assert abs(est.value - exact) < 4 * est.se
@@ -120,11 +101,17 @@ def test_hessian_trace_matches_the_dense_trace(loss_name):
     assert est.se < 0.01 * abs(est.value) or est.n == 1000
     assert abs(est.value - exact) < 4 * est.se
     assert est.n <= est.hvps < est.n + 10
-    reference = hessian_trace(model, loss_fn, X, Y, generator=measurement_generator(0, 4), rel_se=0.05)
-    for chunk_size, block_size in ((3, 7), (None, 1)):
+    # Chunks and blocks change the cost only: the probes drawn one by one from the generator,
+    # recomputed here, give the estimate, its SE and its stopping point.
+    H = dense_hessian(model, loss_fn, X, Y)
+    probes = measurement_generator(0, 4)
+    Z = torch.stack([rademacher_probe(H.shape[0], probes, torch.float64, "cpu") for _ in range(1000)], dim=1)
+    value, se, n = mean_reference((Z * (H @ Z)).sum(0).numpy(), 10, 1000, 0.05)
+    for chunk_size, block_size in ((3, 7), (None, 1), (None, 10)):
         other = hessian_trace(model, loss_fn, X, Y, generator=measurement_generator(0, 4), rel_se=0.05,
                               chunk_size=chunk_size, block_size=block_size)
-        assert other.n == reference.n and other.value == pytest.approx(reference.value, rel=1e-10)
+        assert other.n == n and other.value == pytest.approx(value, rel=1e-10)
+        assert other.se == pytest.approx(se, rel=1e-8)
 
 
 def test_hessian_trace_standard_error_follows_the_rademacher_variance():
@@ -182,7 +169,7 @@ def test_gauss_newton_is_the_hessian_of_a_linear_model():
 def exact_gn_batch_sharpness(model, loss_name, X, Y):
     """E_B[g_B^T G_B g_B / |g_B|^2] over every batch, G_B from explicit Jacobians."""
     quotients = []
-    for idx in all_batches():
+    for idx in all_batches(N, B):
         g_B = dense_gradient(model, LOSSES[loss_name], X[idx], Y[idx])
         quotients.append((g_B @ dense_gauss_newton(model, loss_name, X[idx], Y[idx]) @ g_B / (g_B @ g_B)).item())
     return float(np.mean(quotients))
@@ -215,7 +202,7 @@ def test_gradient_norms_match_enumeration_and_the_sampling_formula():
     model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
     loss_fn = LOSSES["mse"]
     g = dense_gradient(model, loss_fn, X, Y)
-    exact = np.mean([(gb @ gb).item() for gb, _ in batch_derivatives(model, loss_fn, X, Y)])
+    exact = np.mean([(gb @ gb).item() for gb, _ in batch_derivatives(model, loss_fn, X, Y, B)])
     per_sample = torch.stack([dense_gradient(model, loss_fn, X[i:i + 1], Y[i:i + 1]) for i in range(N)])
     spread = (per_sample - g).square().sum(dim=1).mean().item()
     assert exact == pytest.approx((g @ g).item() + (N - B) / (B * (N - 1)) * spread, rel=1e-10)
@@ -228,7 +215,7 @@ def test_gradient_norms_match_enumeration_and_the_sampling_formula():
 def test_gradient_norm_standard_errors_are_honest():
     model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
     loss_fn = LOSSES["ce"]
-    exact = np.mean([(gb @ gb).item() for gb, _ in batch_derivatives(model, loss_fn, X, Y)])
+    exact = np.mean([(gb @ gb).item() for gb, _ in batch_derivatives(model, loss_fn, X, Y, B)])
     estimates = [gradient_norms(model, loss_fn, X, Y, B, generator=measurement_generator(seed, 0), min_samples=40,
                                 max_samples=40)[0]
                  for seed in range(100)]
@@ -266,7 +253,7 @@ def test_momentum_direction_is_the_update_sgd_takes(nesterov, history):
 def exact_momentum_sharpness(model, loss_fn, X, Y, buffer, nesterov):
     """E_B[s^T H_B s] / E_B[s^T g_B] over every batch, s written out for mu = 0.9."""
     quadratic, slope = [], []
-    for g, H in batch_derivatives(model, loss_fn, X, Y):
+    for g, H in batch_derivatives(model, loss_fn, X, Y, B):
         s = g + 0.9 * (0.9 * buffer + g) if nesterov else g + 0.9 * buffer
         quadratic.append((s @ H @ s).item())
         slope.append((s @ g).item())
@@ -367,7 +354,7 @@ def test_batch_lambda_max_warns_when_solves_miss_their_tolerance():
 def test_batch_lambda_max_standard_errors_are_honest():
     model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
     loss_fn = LOSSES["mse"]
-    exact = np.mean([torch.linalg.eigvalsh(H)[-1].item() for _, H in batch_derivatives(model, loss_fn, X, Y)])
+    exact = np.mean([torch.linalg.eigvalsh(H)[-1].item() for _, H in batch_derivatives(model, loss_fn, X, Y, B)])
     estimates = [batch_lambda_max(model, loss_fn, X, Y, B, generator=measurement_generator(seed, 0),
                                   min_samples=20, max_samples=20)
                  for seed in range(100)]

@@ -14,7 +14,6 @@ import math
 from utils import measures
 from utils.errors import UserError
 from utils.estimators import BATCH_SHARPNESS_REL_SE, GNI_REL_SE, MAX_SAMPLES, Estimate, measurement_generator
-from utils.fast_curvature import gni_by_batch_size
 from utils.models import has_batchnorm
 
 ADAM_BETA1 = 0.9  # utils.training builds Adam with betas (0.9, 0.999)
@@ -117,7 +116,7 @@ def ghg_family(model, loss_fn, X, Y, batch_size: int, *, measure_seed: int, step
 def gni_all_batch_sizes(model, loss_fn, X, Y, batch_sizes, *, measure_seed: int, step: int,
                         chunk_size=None, max_samples=None, exact: bool = False) -> dict[int, Estimate] | None:
     """GNI(b) = (g^T H g + c_b tr(HS)) / |g|^2 for every b from one estimate of tr(HS)
-    (:func:`utils.fast_curvature.gni_by_batch_size`), c_b = (n - b) / (b (n - 1)).
+    (:func:`utils.measures.gni_by_batch_size`), c_b = (n - b) / (b (n - 1)).
 
     None where that identity does not hold: with BatchNorm, g_B is not the mean of the
     per-sample gradients of B; with n < 2 there is no noise to sample. The batches come from
@@ -126,9 +125,9 @@ def gni_all_batch_sizes(model, loss_fn, X, Y, batch_sizes, *, measure_seed: int,
     """
     if has_batchnorm(model) or X.shape[0] < 2:
         return None
-    return gni_by_batch_size(model, loss_fn, X, Y, batch_sizes, chunk_size=chunk_size,
-                             generator=measurement_generator(measure_seed, step, device=X.device),
-                             exact=exact, **_sample_limits(max_samples))
+    return measures.gni_by_batch_size(model, loss_fn, X, Y, batch_sizes, chunk_size=chunk_size,
+                                      generator=measurement_generator(measure_seed, step, device=X.device),
+                                      exact=exact, **_sample_limits(max_samples))
 
 
 def ghg_record(estimates: dict[str, Estimate]) -> dict:

@@ -37,6 +37,11 @@ import torch
 from utils.errors import UserError
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
+# The default relative residual of every solve (--eig-tol): eigenvalues to about 0.1 %, or far
+# better when the top one is separated from the rest (see the stopping rule above).
+EIG_TOL = 1e-3
+# The solvers by their --eig-method names.
+EIG_METHODS = ("lanczos", "lobpcg", "power")
 _CHUNK = 1 << 12  # rows per partial product in _inner
 
 
@@ -78,7 +83,7 @@ def lanczos(
     dim: int,
     *,
     k: int = 1,
-    tol: float = 1e-3,
+    tol: float = EIG_TOL,
     max_iter: int = 300,
     init: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
@@ -205,7 +210,7 @@ def lobpcg(
     dim: int,
     *,
     k: int = 1,
-    tol: float = 1e-3,
+    tol: float = EIG_TOL,
     max_iter: int = 300,
     init: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
@@ -283,7 +288,7 @@ def power_iteration(
     matvec: MatVec,
     dim: int,
     *,
-    tol: float = 1e-3,
+    tol: float = EIG_TOL,
     max_iter: int = 1000,
     init: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,

@@ -9,7 +9,8 @@ return is below ``rel_se`` times its magnitude (after at least ``min_samples``) 
 ``max_samples`` are used. Samples may be drawn in blocks (several batches through one Hessian
 pass); the rule is still checked after every single sample and the estimate uses the samples
 up to the first one where it fires, so the block size only changes how many samples are
-wasted, never the estimate.
+wasted, never the estimate. :class:`SamplesAhead` sizes those blocks for routes that compute
+many batches at once: from the samples so far it predicts how many the rule will use.
 """
 
 import hashlib
@@ -61,6 +62,11 @@ def sample_batch_indices(n: int, b: int, generator: torch.Generator, device="cpu
         raise UserError(f"batch size {b} must be between 1 and the number of samples {n}; "
                         f"pass a smaller batch size")
     return torch.randperm(n, generator=generator, device=generator.device)[:b].to(device)
+
+
+def draw_batches(n: int, b: int, m: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
+    """m batches (m, b) drawn one after another, exactly as a one-batch-at-a-time loop draws them."""
+    return torch.stack([sample_batch_indices(n, b, generator, device) for _ in range(m)])
 
 
 def _check_rule(min_samples: int, max_samples: int, rel_se: float, block_size: int):
@@ -174,6 +180,69 @@ def ratio_of_means_with_stopping(sample_fn, *, min_samples: int, max_samples: in
                                       max_samples=max_samples, rel_se=rel_se,
                                       block_size=block_size)
     return Estimate(value, se, n, 0, time.perf_counter() - start)
+
+
+class SamplesAhead:
+    """A ``sample_fn`` for the stopping rules that computes samples in large blocks.
+
+    ``compute(m)`` draws the next m batches from the generator and returns their m samples (a
+    tensor, or a pair of tensors for a ratio of means). The rule still sees the samples one by
+    one in the order drawn, so the estimate is the one a one-batch-at-a-time loop gives; only
+    the block sizes change. Each block is sized from the samples so far, to reach the count k'
+    at which the relative SE (~ 1/sqrt(k)) is predicted to pass ``rel_se``,
+
+        k' = 1.1 k (relative SE after k / rel_se)^2,
+
+    and is at least ``min_block``, so few samples are computed and not used; ``predict=False``
+    computes only what the rule asks for, in blocks of at least ``min_block``. ``rule_samples``
+    maps the stored columns to the samples the rule sees when those differ (for the prediction
+    only). ``computed`` counts every sample computed, used or not.
+    """
+
+    def __init__(self, compute, *, rel_se: float, max_samples: int, min_block: int,
+                 predict: bool = True, rule_samples=None):
+        self.compute, self.rel_se, self.max_samples = compute, rel_se, max_samples
+        self.min_block = max(1, min_block)
+        self.predict = predict
+        self.rule_samples = rule_samples or (lambda columns: columns)
+        self.columns = None
+        self.used = 0
+
+    @property
+    def computed(self) -> int:
+        return 0 if self.columns is None else len(self.columns[0])
+
+    def _next_block(self, wanted: int) -> int:
+        k = self.computed
+        block = max(wanted - k, self.min_block)
+        if self.predict and k >= 2 and self.rel_se > 0:
+            relative = _relative_se(self.rule_samples(self.columns))
+            if np.isfinite(relative):
+                block = max(block, math.ceil(1.1 * k * (relative / self.rel_se) ** 2) - k)
+        return min(block, self.max_samples - k)
+
+    def __call__(self, m: int):
+        wanted = self.used + m
+        while self.computed < wanted:
+            new = self.compute(self._next_block(wanted))
+            new = [_as_float64(c) for c in (new if isinstance(new, tuple) else (new,))]
+            self.columns = new if self.columns is None else [
+                np.concatenate([old, more]) for old, more in zip(self.columns, new)]
+        out = [c[self.used : wanted] for c in self.columns]
+        self.used = wanted
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+def _relative_se(columns) -> float:
+    """SE / |estimate| of a sample mean (one column) or a ratio of means (two, delta method)."""
+    k = len(columns[0])
+    with np.errstate(all="ignore"):
+        if len(columns) == 1:
+            x = columns[0]
+            return float(x.std(ddof=1) / math.sqrt(k) / abs(x.mean()))
+        a, b = columns
+        ratio = a.mean() / b.mean()
+        return float((a - ratio * b).std(ddof=1) / math.sqrt(k) / abs(b.mean() * ratio))
 
 
 def exact_estimate(value: float, hvps: int, seconds: float) -> Estimate:

@@ -27,28 +27,13 @@ the model and device unless told otherwise (:func:`default_hvp_mode`):
                              groups of 8 through ``vmap`` on a GPU. ``quadratic_forms`` (v^T H v,
                              for GNI and the Hessian trace) skips the backward half altogether.
 
-Cost of one full-batch product on a new vector, in full-batch gradients
-(``benchmarks/bench_measurements.py``; building the retained graph costs about one gradient
-once, the R-operator's primal pass 0.6-0.9):
-
-    MLP 3072-512-512-10, n = 2048   CPU (2 cores)   double backward 1.2-1.3, batched 1.6-1.7 per
-                                                    vector, jvp(grad) 3.1-3.2, r-operator 1.2
-                                    GPU (H200)      double backward 0.8-1.3, batched 0.37-0.68
-                                                    per vector, jvp(grad) 3.5-4.3, r-operator
-                                                    2.2, its vmap blocks 0.46 per vector
-    CNN (2.48 M), n = 512           CPU             double backward 1.5-2.7, batched 2.1-3.5,
-                                                    jvp(grad) 2.6-4.0, vmap blocks 3.0,
-                                                    r-operator 1.4-1.7
-                                    GPU             double backward 3.3-4.5, batched 3.3-4.5,
-                                                    jvp(grad) 2.7-3.5, vmap blocks 1.2-1.7 per
-                                                    vector, r-operator 1.71-1.74, its vmap blocks
-                                                    1.02-1.07 per vector
-
-hence the R-operator for convolutional chains (the ``cnn`` model) on either device, double
-backward for other models on the CPU, batched double backward for networks without
-convolutions on a GPU, and forward-over-reverse for other convolutional networks without
-BatchNorm on a GPU. (``torch.func.linearize`` applies a product in 1.6-1.8 gradients on the GPU
-CNN but takes 130-150 gradients to trace, more than a whole lambda_max solve saves.)
+The default is the mode that ``benchmarks/bench_measurements.py`` measures fastest (its output
+and the README's Performance section give the figures): the R-operator for convolutional chains
+(the ``cnn`` model) on either device, double backward for other models on the CPU, batched
+double backward for networks without convolutions on a GPU, and forward-over-reverse for other
+convolutional networks without BatchNorm on a GPU. (``torch.func.linearize`` applies a product
+about as fast as the R-operator on a GPU but takes longer to trace than a whole lambda_max solve
+saves.)
 
 The train/eval mode is explicit because BatchNorm makes the loss (and its Hessian) depend on
 it; it is applied during the forward passes only, the previous mode of every submodule is
@@ -64,7 +49,7 @@ retained graph after the parameters are modified in place.
 from contextlib import contextmanager
 
 import torch
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import functional_call, grad, vmap
 
 from utils.models import has_batchnorm
 from utils.r_operator import ChainCurvature, is_chain, quiet_jvp
@@ -130,10 +115,11 @@ _RUNNING_STATISTICS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.Batc
 def forward(model: torch.nn.Module, X: torch.Tensor, train_mode: bool) -> torch.Tensor:
     """model(X) in the given mode, leaving the model's buffers (running statistics) untouched."""
     with model_mode(model, train_mode):
-        return _forward_in_current_mode(model, X)
+        return forward_in_current_mode(model, X)
 
 
-def _forward_in_current_mode(model: torch.nn.Module, X: torch.Tensor) -> torch.Tensor:
+def forward_in_current_mode(model: torch.nn.Module, X: torch.Tensor) -> torch.Tensor:
+    """model(X) in the mode the model is in, leaving its buffers untouched (see :func:`forward`)."""
     owners = [m for m in model.modules() if next(m.buffers(recurse=False), None) is not None]
     if not owners:
         return model(X)
@@ -232,7 +218,7 @@ def _loss_and_grad(model, loss_fn, X, Y, *, chunk_size, train_mode):
     return loss, grad
 
 
-def _quadratic_form_of_gradient(grads, params, *, retain_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def quadratic_form_of_gradient(grads, params, *, retain_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(g^T H g, |g|^2) from gradients ``grads`` of a loss w.r.t. ``params`` built with
     create_graph=True: one double backward with g itself as the vector, parameter by
     parameter (no flat copies of length P). Both are 0-dim tensors on the device."""
@@ -244,80 +230,6 @@ def _quadratic_form_of_gradient(grads, params, *, retain_graph: bool) -> tuple[t
     products = torch.autograd.grad([grads[i] for i in live], params, grad_outputs=[detached[i] for i in live],
                                    retain_graph=retain_graph, allow_unused=True, materialize_grads=True)
     return sum((g * h).sum() for g, h in zip(detached, products)), norm2
-
-
-def batch_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mode=True) -> tuple:
-    """(g_B^T H_B g_B, |g_B|^2) for every batch B given as a row of ``idx`` (K, b), each (K,).
-
-    g_B and H_B are the gradient and Hessian of the mean loss on (X[B], Y[B]); each batch takes
-    one graph and one double backward, as :meth:`HessianOperator.gradient_quadratic_form` does,
-    with the parameters, the data conversion and the train/eval switch set up once for all K
-    batches. Nothing is read back to the host, so the device can run ahead.
-    """
-    params = trainable_params(model)
-    X = as_model_data(X, params[0].dtype, params[0].device)
-    Y = as_model_data(Y, params[0].dtype, params[0].device)
-    quadratics, norms = [], []
-    with model_mode(model, train_mode):
-        for rows in idx:
-            loss = loss_fn(_forward_in_current_mode(model, X[rows]), Y[rows])
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True,
-                                        materialize_grads=True)
-            quadratic, norm2 = _quadratic_form_of_gradient(grads, params, retain_graph=False)
-            quadratics.append(quadratic)
-            norms.append(norm2)
-    return torch.stack(quadratics).detach(), torch.stack(norms).detach()
-
-
-def chain_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor) -> tuple:
-    """The same (g_B^T H_B g_B, |g_B|^2) as :func:`batch_quadratic_forms`, for layer chains
-    (:func:`utils.r_operator.is_chain`): per batch one primal pass gives g_B, and g_B^T H_B g_B
-    is its second directional derivative by forward differentiation, with no double backward.
-    Chains have no mode-dependent layers, so there is no train/eval switch."""
-    params = trainable_params(model)
-    X = as_model_data(X, params[0].dtype, params[0].device)
-    Y = as_model_data(Y, params[0].dtype, params[0].device)
-    quadratics, norms = [], []
-    for rows in idx:
-        chain = ChainCurvature(model, loss_fn, X[rows], Y[rows])
-        gradient = chain.gradient()
-        quadratics.append(chain.quadratic_form(gradient))
-        norms.append(sum((g * g).sum() for g in gradient))
-    return torch.stack(quadratics).detach(), torch.stack(norms).detach()
-
-
-def vmapped_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mode=True) -> tuple:
-    """The same (g_B^T H_B g_B, |g_B|^2) as :func:`batch_quadratic_forms`, all K batches at once.
-
-    One ``torch.func.vmap`` over the batches of reverse-over-reverse differentiation: ``vjp``
-    of ``grad L_B`` at theta returns g_B together with the map u -> H_B u, which is applied to
-    g_B itself. Each batch kernel then runs once for all K batches, which pays on a GPU where a
-    single small batch is bound by kernel launches. Not for BatchNorm (torch.func cannot take
-    its second derivatives under ``vmap``). Memory: a few parameter-sized vectors per batch.
-    """
-    if has_batchnorm(model):
-        raise ValueError("vmapped per-batch forms do not support BatchNorm; use batch_quadratic_forms")
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
-    params = trainable_params(model)
-    primals = {name: p.detach() for name, p in zip(names, params)}
-    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
-    buffers = dict(model.named_buffers())
-    X = as_model_data(X, params[0].dtype, params[0].device)
-    Y = as_model_data(Y, params[0].dtype, params[0].device)
-
-    def batch_terms(xb, yb):
-        def batch_gradient(values):
-            return grad(lambda v: loss_fn(functional_call(model, (v, frozen, buffers), (xb,)), yb))(values)
-
-        gradient, hessian_times = vjp(batch_gradient, primals)
-        (product,) = hessian_times(gradient)
-        quadratic = sum((gradient[name] * product[name]).sum() for name in names)
-        norm2 = sum((gradient[name] * gradient[name]).sum() for name in names)
-        return quadratic, norm2
-
-    with model_mode(model, train_mode):
-        quadratic, norm2 = vmap(batch_terms)(X[idx], Y[idx])
-    return quadratic.detach(), norm2.detach()
 
 
 class CurvatureOperator:
@@ -566,7 +478,7 @@ class HessianOperator(CurvatureOperator):
             return g @ self.matvec(g), g @ g
         _, grads = self._full_graph()
         self.hvps += 1
-        return _quadratic_form_of_gradient(grads, self.params, retain_graph=True)
+        return quadratic_form_of_gradient(grads, self.params, retain_graph=True)
 
     def loss(self) -> float:
         """L on the operator's data, chunking and mode."""

@@ -7,10 +7,13 @@ All of them count Hessian-vector products and wall time into the returned Estima
 randomness from the generator they are given (never the global RNG), and leave the model's
 parameters, buffers, ``.grad`` and train/eval mode as they found them.
 
-``exact=True`` is the plain path kept for checking: per-batch quantities by one double backward
-per batch instead of :mod:`utils.fast_curvature`, and every Hessian product by plain double
-backward instead of the fastest mode for the model and device (:func:`utils.hvp.default_hvp_mode`).
-The values agree to round-off either way.
+Data flow one way: the measurements here draw the batches and run the stopping rules
+(:mod:`utils.estimators`); per-batch quadratic forms come from :mod:`utils.batch_forms`, which
+picks the fastest exact route (the Gram engine :mod:`utils.gram`, the R-operator, double
+backward); full-batch products from :class:`utils.hvp.HessianOperator`. ``exact=True``
+(``--exact-measurements``) takes the plain route everywhere: one double backward per batch and
+every Hessian product by plain double backward instead of the fastest mode for the model and
+device (:func:`utils.hvp.default_hvp_mode`). The values agree to round-off either way.
 """
 
 import time
@@ -18,14 +21,14 @@ import warnings
 
 import torch
 
-from utils import eigs, fast_curvature
+from utils import batch_forms, eigs
+from utils.eigs import EIG_METHODS, EIG_TOL
 from utils.errors import UserError
-from utils.estimators import (BATCH_SHARPNESS_REL_SE, GNI_REL_SE, MAX_SAMPLES, Estimate, exact_estimate,
-                              mean_with_stopping, ratio_of_means_with_stopping, sample_batch_indices)
+from utils.estimators import (BATCH_SHARPNESS_REL_SE, GNI_REL_SE, MAX_SAMPLES, Estimate, SamplesAhead, draw_batches,
+                              exact_estimate, mean_with_stopping, ratio_of_means_with_stopping, sample_batch_indices)
 from utils.gauss_newton import GaussNewtonOperator
 from utils.hvp import PLAIN_HVP_MODE, HessianOperator, flat_grad, flat_params, trainable_params
-
-EIG_METHODS = ("lanczos", "lobpcg", "power")
+from utils.noise_decomposition import gni_decomposition
 
 
 def _product_mode(exact: bool):
@@ -33,7 +36,7 @@ def _product_mode(exact: bool):
     return PLAIN_HVP_MODE if exact else None
 
 
-def lambda_max(model, loss_fn, X, Y, *, k=1, tol=1e-3, max_iter=None, chunk_size=None,
+def lambda_max(model, loss_fn, X, Y, *, k=1, tol=EIG_TOL, max_iter=None, chunk_size=None,
                train_mode=True, warm_start=None, generator=None, method=None, exact=False):
     """The k algebraically largest eigenvalues of H on the WHOLE training set (X, Y).
 
@@ -72,54 +75,38 @@ def lambda_max(model, loss_fn, X, Y, *, k=1, tol=1e-3, max_iter=None, chunk_size
     return result, estimate
 
 
-def _batch_quadratic_and_norm(model, loss_fn, xb, yb, train_mode) -> tuple[float, float]:
-    """(g_B^T H_B g_B, |g_B|^2) with gradient and Hessian of the same batch."""
-    # One graph gives g_B and then H_B g_B; other modes would pay for the gradient twice.
-    op = HessianOperator(model, loss_fn, xb, yb, train_mode=train_mode, mode=PLAIN_HVP_MODE)
-    quadratic, norm2 = op.gradient_quadratic_form()
-    return quadratic.item(), norm2.item()
+def _samples_ahead(route, n, batch_size, generator, device, *, rel_se, max_samples,
+                   sample=lambda forms: forms) -> SamplesAhead:
+    """The stopping rule's ``sample_fn`` over random batches of ``batch_size``: the batches are
+    drawn from ``generator`` in order, their forms computed by ``route`` (:mod:`utils.batch_forms`)
+    at most ``route.per_call`` at a time, and ``sample`` maps the forms to the rule's samples."""
+    def compute(m):
+        parts = [sample(route.forms(draw_batches(n, batch_size, min(route.per_call, m - done), generator, device)))
+                 for done in range(0, m, route.per_call)]
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat(column) for column in zip(*parts))
+        return torch.cat(parts)
+
+    return SamplesAhead(compute, rel_se=rel_se, max_samples=max_samples, min_block=route.min_block,
+                        predict=route.ahead)
 
 
-def _rayleigh_on_batch(model, loss_fn, xb, yb, train_mode) -> float:
-    """g_B^T H_B g_B / |g_B|^2 with gradient and Hessian of the same batch."""
-    quadratic, norm2 = _batch_quadratic_and_norm(model, loss_fn, xb, yb, train_mode)
-    return quadratic / norm2
-
-
-class _ExactBatches:
-    """Draws m random batches and returns their (g_B^T H_B g_B, |g_B|^2) by double backward.
-
-    The exact path shared by the Monte Carlo Batch Sharpness estimators; ``hvps`` counts one
-    product per batch.
-    """
-
-    def __init__(self, model, loss_fn, X, Y, batch_size, generator, train_mode):
-        self.args = (model, loss_fn, train_mode)
-        self.X, self.Y, self.batch_size, self.generator = X, Y, batch_size, generator
-        self.hvps = 0
-
-    def __call__(self, m) -> tuple[list, list]:
-        model, loss_fn, train_mode = self.args
-        pairs = []
-        for _ in range(m):
-            idx = sample_batch_indices(self.X.shape[0], self.batch_size, self.generator, self.X.device)
-            pairs.append(_batch_quadratic_and_norm(model, loss_fn, self.X[idx], self.Y[idx], train_mode))
-        self.hvps += m
-        quadratic, norm2 = zip(*pairs)
-        return list(quadratic), list(norm2)
+def _same_batch_samples(model, loss_fn, X, Y, batch_size, generator, train_mode, exact, *, rel_se,
+                        max_samples, sample) -> SamplesAhead:
+    route = batch_forms.same_batch_route(model, loss_fn, X, Y, batch_size, train_mode=train_mode, exact=exact)
+    return _samples_ahead(route, X.shape[0], batch_size, generator, X.device, rel_se=rel_se,
+                          max_samples=max_samples, sample=sample)
 
 
 def step_sharpness(model, loss_fn, xb, yb, train_mode=True, exact=False) -> Estimate:
     """Step sharpness g_B^T H_B g_B / |g_B|^2 on the given batch (the one about to be stepped on).
 
-    Column ``step_sharpness``; one HVP, se = nan. Without ``exact`` it comes from
-    :mod:`utils.fast_curvature` (the same value to round-off).
+    Column ``step_sharpness``; one HVP-equivalent, se = nan.
     """
-    if not exact:
-        return fast_curvature.step_sharpness(model, loss_fn, xb, yb, train_mode=train_mode)
     start = time.perf_counter()
-    value = _rayleigh_on_batch(model, loss_fn, xb, yb, train_mode)
-    return exact_estimate(value, 1, time.perf_counter() - start)
+    route = batch_forms.same_batch_route(model, loss_fn, xb, yb, xb.shape[0], train_mode=train_mode, exact=exact)
+    quadratic, norm2 = route.forms(torch.arange(xb.shape[0], device=xb.device)[None])
+    return exact_estimate((quadratic / norm2).item(), 1, time.perf_counter() - start)
 
 
 def batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
@@ -128,27 +115,15 @@ def batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=
 
     The mean of per-batch Rayleigh quotients (H_B and g_B of the SAME batch) over independent
     random batches, drawn until SE / |mean| < ``rel_se`` (at least ``min_samples``, at most
-    ``max_samples`` batches). One HVP per batch. Columns ``batch_sharpness``,
-    ``batch_sharpness_se``, ``batch_sharpness_n``. Without ``exact`` it comes from
-    :mod:`utils.fast_curvature`: the same batches and estimate to round-off, from stacked Gram
-    matrices for networks of Linear layers and element-wise activations.
+    ``max_samples`` batches). One HVP-equivalent per batch, counted for every batch computed
+    (a route that computes ahead of the rule may compute a few unused ones). Columns
+    ``batch_sharpness``, ``batch_sharpness_se``, ``batch_sharpness_n``.
     """
-    if not exact:
-        return fast_curvature.batch_sharpness(model, loss_fn, X, Y, batch_size,
-                                              generator=generator, min_samples=min_samples,
-                                              max_samples=max_samples, rel_se=rel_se,
-                                              train_mode=train_mode)
     start = time.perf_counter()
-    batches = _ExactBatches(model, loss_fn, X, Y, batch_size, generator, train_mode)
-
-    def sample(m):
-        quadratic, norm2 = batches(m)
-        return [q / g2 for q, g2 in zip(quadratic, norm2)]
-
-    estimate = mean_with_stopping(sample, min_samples=min_samples, max_samples=max_samples,
-                                  rel_se=rel_se)
-    return Estimate(estimate.value, estimate.se, estimate.n, batches.hvps,
-                    time.perf_counter() - start)
+    ahead = _same_batch_samples(model, loss_fn, X, Y, batch_size, generator, train_mode, exact, rel_se=rel_se,
+                                max_samples=max_samples, sample=lambda terms: terms[0] / terms[1])
+    estimate = mean_with_stopping(ahead, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
+    return Estimate(estimate.value, estimate.se, estimate.n, ahead.computed, time.perf_counter() - start)
 
 
 def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_samples=20,
@@ -160,36 +135,44 @@ def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_sam
     so the loss decreases in expectation iff GNI < 2 / eta.
 
     The numerator is a sample mean over independent random batches; |g|^2 is exact, so the
-    SE is that of the mean divided by |g|^2. ``block_size`` batch gradients go through one
-    full-data Hessian pass (chunked by ``chunk_size``); stopping at SE / |GNI| < ``rel_se``
-    (at least ``min_samples``, at most ``max_samples`` batches). Columns ``gni``, ``gni_se``,
-    ``gni_n``. Without ``exact``, networks of Linear layers and element-wise activations use
-    :mod:`utils.fast_curvature` (the same batches and estimate to round-off, many batch
-    directions per data pass).
+    SE is that of the mean divided by |g|^2 (and the stopping rule, on SE / |mean|, runs on the
+    numerator). Stops at SE / |GNI| < ``rel_se`` (at least ``min_samples``, at most
+    ``max_samples`` batches). The forms come from :func:`utils.batch_forms.noise_route`, chunked
+    by ``chunk_size``: for Linear/activation chains many batch directions per pass over the
+    data, otherwise ``block_size`` batch gradients per full-data Hessian pass. Columns ``gni``,
+    ``gni_se``, ``gni_n``.
     """
-    if not exact and fast_curvature.linear_network(model, loss_fn, X, Y) is not None:
-        return fast_curvature.gni(model, loss_fn, X, Y, batch_size, generator=generator,
-                                  chunk_size=chunk_size, min_samples=min_samples,
-                                  max_samples=max_samples, rel_se=rel_se)
     start = time.perf_counter()
-    n = X.shape[0]
-    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
-                         mode=_product_mode(exact))
-
-    def sample(m):
-        G = torch.stack([flat_grad(model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
-                         for idx in (sample_batch_indices(n, batch_size, generator, X.device)
-                                     for _ in range(m))], dim=1)
-        return op.quadratic_forms(G)
-
-    # SE / |mean| does not depend on the constant |g|^2, so the stopping rule runs on the
-    # numerator samples; the first chunked pass also yields g without an extra pass.
-    numerator = mean_with_stopping(sample, min_samples=min_samples, max_samples=max_samples,
-                                   rel_se=rel_se, block_size=block_size)
-    g = op.gradient()
-    norm2 = (g @ g).item()
-    return Estimate(numerator.value / norm2, numerator.se / norm2, numerator.n, op.hvps,
+    if block_size < 1:
+        raise UserError(f"block_size must be positive, got {block_size}")
+    route = batch_forms.noise_route(model, loss_fn, X, Y, batch_size, chunk_size=chunk_size, train_mode=train_mode,
+                                    exact=exact, min_samples=min_samples, max_samples=max_samples,
+                                    block_size=block_size)
+    ahead = _samples_ahead(route, X.shape[0], batch_size, generator, X.device, rel_se=rel_se,
+                           max_samples=max_samples)
+    numerator = mean_with_stopping(ahead, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
+    norm2 = route.norm2()
+    return Estimate(numerator.value / norm2, numerator.se / norm2, numerator.n, ahead.computed,
                     time.perf_counter() - start)
+
+
+def gni_by_batch_size(model, loss_fn, X, Y, batch_sizes, *, generator, chunk_size=None, min_samples=20,
+                      max_samples=MAX_SAMPLES, rel_se=GNI_REL_SE, train_mode=True, exact=False) -> dict[int, Estimate]:
+    """GNI(b) for every b in ``batch_sizes`` from one estimate of tr(HS):
+
+        GNI(b) = (g^T H g + c_b tr(HS)) / |g|^2,   c_b = (n - b) / (b (n - 1)),
+
+    S the per-sample gradient covariance (:mod:`utils.noise_decomposition`; not with BatchNorm in
+    train mode). The batches are drawn at the smallest b (or n - 1 when that is n) and the
+    stopping rule runs on GNI at the smallest b, where the noise term c_b tr(HS) is largest.
+    Every Estimate shares the sample count, HVP count and seconds of the one decomposition.
+    """
+    smallest = min(batch_sizes)
+    decomposition = gni_decomposition(
+        model, loss_fn, X, Y, generator=generator, sample_batch=min(smallest, X.shape[0] - 1),
+        target_batch=smallest, chunk_size=chunk_size, min_samples=min_samples,
+        max_samples=max_samples, rel_se=rel_se, train_mode=train_mode, exact=exact)
+    return {b: decomposition.gni(b) for b in batch_sizes}
 
 
 def batch_sharpness_ratio(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
@@ -200,21 +183,14 @@ def batch_sharpness_ratio(model, loss_fn, X, Y, batch_size, *, generator, min_sa
     Unlike :func:`batch_sharpness` (a mean of ratios) each batch contributes in proportion to
     its squared gradient norm. Paired samples a = g_B^T H_B g_B, b = |g_B|^2 over independent
     random batches; delta-method SE, drawn until SE / |ratio| < ``rel_se`` (at least
-    ``min_samples``, at most ``max_samples`` batches). One HVP per batch. Columns
-    ``batch_sharpness_ratio``, ``batch_sharpness_ratio_se``, ``batch_sharpness_ratio_n``.
-    Without ``exact`` it comes from :mod:`utils.fast_curvature` (the same batches and estimate
-    to round-off).
+    ``min_samples``, at most ``max_samples`` batches). One HVP-equivalent per batch computed.
+    Columns ``batch_sharpness_ratio``, ``batch_sharpness_ratio_se``, ``batch_sharpness_ratio_n``.
     """
-    if not exact:
-        return fast_curvature.batch_sharpness_ratio(model, loss_fn, X, Y, batch_size,
-                                                    generator=generator, min_samples=min_samples,
-                                                    max_samples=max_samples, rel_se=rel_se,
-                                                    train_mode=train_mode)
     start = time.perf_counter()
-    batches = _ExactBatches(model, loss_fn, X, Y, batch_size, generator, train_mode)
-    estimate = ratio_of_means_with_stopping(batches, min_samples=min_samples,
-                                            max_samples=max_samples, rel_se=rel_se)
-    return Estimate(estimate.value, estimate.se, estimate.n, batches.hvps, time.perf_counter() - start)
+    ahead = _same_batch_samples(model, loss_fn, X, Y, batch_size, generator, train_mode, exact, rel_se=rel_se,
+                                max_samples=max_samples, sample=tuple)
+    estimate = ratio_of_means_with_stopping(ahead, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
+    return Estimate(estimate.value, estimate.se, estimate.n, ahead.computed, time.perf_counter() - start)
 
 
 def _top_eigen(matvec, op, *, tol, max_iter, generator, init=None):
@@ -231,7 +207,7 @@ def _top_eigen(matvec, op, *, tol, max_iter, generator, init=None):
 
 
 def batch_lambda_max(model, loss_fn, X, Y, batch_size, *, generator, min_samples=10,
-                     max_samples=100, rel_se=0.02, train_mode=True, tol=1e-3,
+                     max_samples=100, rel_se=0.02, train_mode=True, tol=EIG_TOL,
                      max_iter=None, exact=False) -> Estimate:
     """Mean top eigenvalue of mini-batch Hessians, E_B[ lambda_max(H_B) ].
 
@@ -301,7 +277,7 @@ def hessian_trace(model, loss_fn, X, Y, *, generator, chunk_size=None, min_sampl
     return Estimate(estimate.value, estimate.se, estimate.n, op.hvps, time.perf_counter() - start)
 
 
-def gn_lambda_max(model, loss_fn, X, Y, *, tol=1e-3, max_iter=None, chunk_size=None,
+def gn_lambda_max(model, loss_fn, X, Y, *, tol=EIG_TOL, max_iter=None, chunk_size=None,
                   train_mode=True, generator=None):
     """lambda_max(G) of the Gauss–Newton matrix on the WHOLE training set (X, Y).
 
@@ -464,7 +440,7 @@ def adam_preconditioner(optimizer: torch.optim.Adam, model) -> torch.Tensor | No
     return torch.cat(pieces).detach()
 
 
-def preconditioned_sharpness(model, loss_fn, X, Y, *, optimizer, tol=1e-3, max_iter=None,
+def preconditioned_sharpness(model, loss_fn, X, Y, *, optimizer, tol=EIG_TOL, max_iter=None,
                              chunk_size=None, train_mode=True, generator=None, exact=False):
     """lambda_max(P^{-1/2} H P^{-1/2}) of the full-batch Hessian, P Adam's preconditioner.
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from utils import run_lock, schedule
+from utils.batch_forms import batch_route
 from utils.checkpoints import (checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
                                rng_state, save_checkpoint, set_rng_state)
 from utils.cli import SignalCatcher
@@ -36,7 +37,6 @@ from utils.config import (CONFIG_VERSION, DEFAULT_STEPS, RunConfig, check_cadenc
                           results_root, validate)
 from utils.data import load_dataset
 from utils.errors import UserError
-from utils.fast_curvature import batch_route
 from utils.hvp import measurement_hvp_mode
 from utils.losses import accuracy, get_loss
 from utils.models import build_model, count_parameters

@@ -1,0 +1,144 @@
+"""Per-batch quadratic forms (utils/batch_forms.py): every route against dense float64 derivatives."""
+
+import pytest
+import torch
+from torch import nn
+
+from curvature_reference import (LOSSES, dense_gradient, dense_hessian, exact_trace_HS, tiny_cnn, tiny_data,
+                                 tiny_images, tiny_mlp)
+from utils import batch_forms, hvp
+from utils.batch_forms import (batch_quadratic_forms, batch_route, centred_forms, chain_quadratic_forms, noise_route,
+                               same_batch_route, vmapped_quadratic_forms)
+
+N = 10
+IDX = torch.tensor([[0, 3, 5], [1, 2, 9], [4, 6, 8], [7, 0, 2]])
+
+
+def test_the_route_follows_the_model_and_the_device():
+    cnn, (X, Y) = tiny_cnn(), tiny_images(N, "ce")
+    mlp_X, mlp_Y = tiny_data(N, "mse")
+    assert batch_route(cnn, LOSSES["ce"], X, Y) == "r-operator"  # on the CPU
+    assert batch_route(cnn, LOSSES["ce"], X, Y, device="cuda:0") == "vmap-double-backward"
+    assert batch_route(cnn, LOSSES["ce"], X, Y, exact=True) == "double-backward"
+    assert batch_route(tiny_mlp(), LOSSES["mse"], mlp_X, mlp_Y) == "stacked-gram"
+    assert batch_route(tiny_mlp(), LOSSES["mse"], mlp_X, mlp_Y, exact=True) == "double-backward"
+    for device in ("cpu", "cuda"):
+        assert batch_route(tiny_mlp(batchnorm=True), LOSSES["mse"], mlp_X, mlp_Y, device=device) == "double-backward"
+    with_dropout = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout(0.1), nn.Flatten(), nn.Linear(18, 2)).double()
+    assert batch_route(with_dropout, LOSSES["ce"], X, Y, device="cuda") == "double-backward"
+
+
+ROUTES = {  # (model, loss, data, exact) taking each same-batch route on the CPU; vmap is forced
+    "stacked-gram": lambda: (tiny_mlp(), LOSSES["ce"], tiny_data(N, "ce"), False),
+    "r-operator": lambda: (tiny_cnn(), LOSSES["mse"], tiny_images(N, "mse"), False),
+    "double-backward": lambda: (tiny_mlp(batchnorm=True), LOSSES["mse"], tiny_data(N, "mse"), False),
+    "exact": lambda: (tiny_mlp(), LOSSES["ce"], tiny_data(N, "ce"), True),
+    "vmap-double-backward": lambda: (tiny_cnn(), LOSSES["ce"], tiny_images(N, "ce"), False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUTES))
+def test_every_same_batch_route_gives_the_dense_terms(name, monkeypatch):
+    model, loss_fn, (X, Y), exact = ROUTES[name]()
+    if name == "vmap-double-backward":
+        monkeypatch.setattr(batch_forms, "batch_route", lambda *args, **kwargs: name)
+    route = same_batch_route(model, loss_fn, X, Y, 3, exact=exact)
+    # Twice: the Gram route gathers the rows of every sample once the batches asked for n rows.
+    for _ in range(2):
+        assert_dense_per_batch(model, loss_fn, X, Y, IDX, *route.forms(IDX))
+
+
+def assert_dense_per_batch(model, loss_fn, X, Y, idx, quadratics, norms, train_mode=True):
+    """(g_B^T H_B g_B, |g_B|^2) of each index row of ``idx`` equal the dense float64 values."""
+    assert quadratics.shape == norms.shape == (idx.shape[0],)
+    for rows, quadratic, norm2 in zip(idx, quadratics, norms):
+        g = dense_gradient(model, loss_fn, X[rows], Y[rows], train_mode)
+        H = dense_hessian(model, loss_fn, X[rows], Y[rows], train_mode)
+        assert quadratic.item() == pytest.approx((g @ H @ g).item(), rel=1e-12)
+        assert norm2.item() == pytest.approx((g @ g).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("batchnorm, train_mode", [(False, True), (True, True), (True, False)])
+def test_batch_quadratic_forms_match_dense_per_batch(batchnorm, train_mode):
+    model, (X, Y) = tiny_mlp(batchnorm=batchnorm), tiny_data(N, "ce")
+    loss_fn = LOSSES["ce"]
+    model.train(not train_mode)  # the requested mode wins and the model's own flag comes back
+    buffers = [b.clone() for b in model.buffers()]
+    idx = torch.tensor([[0, 3, 5], [1, 2, 9], [4, 6, 8], [7, 0, 2]])
+    quadratics, norms = batch_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
+    assert_dense_per_batch(model, loss_fn, X, Y, idx, quadratics, norms, train_mode)
+    assert model.training == (not train_mode)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "ce"])
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_vmapped_quadratic_forms_match_dense_per_batch(loss_name, train_mode):
+    model, (X, Y) = tiny_mlp(), tiny_data(N, loss_name)
+    loss_fn = LOSSES[loss_name]
+    # A frozen parameter stays out of g and H; an unused one has zero gradient and curvature.
+    model[0].bias.requires_grad_(False)
+    model.register_parameter("unused", torch.nn.Parameter(torch.ones(2, dtype=torch.float64)))
+    model.train(not train_mode)  # the requested mode wins and the model's own flag comes back
+    idx = torch.tensor([[0, 3, 5], [1, 2, 9], [4, 6, 8], [7, 0, 2], [5, 5, 1]])
+    quadratics, norms = vmapped_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
+    assert_dense_per_batch(model, loss_fn, X, Y, idx, quadratics, norms, train_mode)
+    assert model.training == (not train_mode)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="BatchNorm"):
+        vmapped_quadratic_forms(tiny_mlp(batchnorm=True), loss_fn, X, Y, idx)
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "ce"])
+def test_chain_quadratic_forms_match_dense_per_batch(loss_name):
+    model, loss_fn, (X, Y) = tiny_cnn(), LOSSES[loss_name], tiny_images(N, loss_name)
+    idx = torch.tensor([[0, 3, 5], [1, 2, 9], [4, 6, 8], [5, 5, 1]])
+    quadratics, norms = chain_quadratic_forms(model, loss_fn, X, Y, idx)
+    assert_dense_per_batch(model, loss_fn, X, Y, idx, quadratics, norms)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("network, exact, chunk_size", [("mlp", False, None), ("mlp", False, 4), ("mlp", True, 4),
+                                                        ("cnn", False, 3), ("batchnorm", False, None)])
+def test_full_data_and_centred_forms_are_the_dense_ones(network, exact, chunk_size):
+    """g_B^T H g_B and |g|^2 (GNI), and (g_B - g)^T H (g_B - g), g^T H g (tr(HS)), by the Gram
+    engine for the MLP and Hessian-vector products otherwise (BatchNorm in eval mode)."""
+    model, (X, Y) = {"mlp": (tiny_mlp(), tiny_data(N, "ce")), "cnn": (tiny_cnn(), tiny_images(N, "ce")),
+                     "batchnorm": (tiny_mlp(batchnorm=True), tiny_data(N, "ce"))}[network]
+    loss_fn, train_mode = LOSSES["ce"], network != "batchnorm"
+    H = dense_hessian(model, loss_fn, X, Y, train_mode)
+    g = dense_gradient(model, loss_fn, X, Y, train_mode)
+    G = torch.stack([dense_gradient(model, loss_fn, X[rows], Y[rows], train_mode) for rows in IDX.tolist()], dim=1)
+    route = noise_route(model, loss_fn, X, Y, 3, chunk_size=chunk_size, train_mode=train_mode, exact=exact,
+                        min_samples=5, max_samples=50, block_size=2)
+    torch.testing.assert_close(route.forms(IDX), (G * (H @ G)).sum(0), rtol=1e-11, atol=1e-14)
+    assert route.norm2() == pytest.approx((g @ g).item(), rel=1e-12)
+    forms = centred_forms(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode, exact=exact)
+    centred = G - g[:, None]
+    torch.testing.assert_close(forms.centred(IDX), (centred * (H @ centred)).sum(0), rtol=1e-10, atol=1e-14)
+    assert (forms.norm2, forms.gHg) == pytest.approx(((g @ g).item(), (g @ H @ g).item()), rel=1e-12)
+
+
+def test_centred_forms_of_every_single_sample_give_the_trace_of_HS():
+    """With batches of one point, the mean of (g_i - g)^T H (g_i - g) over all i is tr(HS)."""
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
+    trace_HS, _, _ = exact_trace_HS(model, LOSSES["mse"], X, Y)
+    every_point = torch.arange(N)[:, None]
+    for exact in (False, True):
+        forms = centred_forms(model, LOSSES["mse"], X, Y, exact=exact)
+        assert forms.centred(every_point).mean().item() == pytest.approx(trace_HS, rel=1e-11)
+
+
+def test_exact_forms_never_ask_for_the_fast_routes(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("an exact form reached a fast route")
+
+    monkeypatch.setattr(batch_forms, "linear_network", refuse)
+    monkeypatch.setattr(hvp, "default_hvp_mode", refuse)
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
+    same_batch_route(model, LOSSES["mse"], X, Y, 3, exact=True).forms(IDX)
+    noise_route(model, LOSSES["mse"], X, Y, 3, exact=True, min_samples=2, max_samples=4, block_size=2).forms(IDX)
+    centred_forms(model, LOSSES["mse"], X, Y, exact=True).centred(IDX)
+    with pytest.raises(AssertionError, match="fast route"):
+        same_batch_route(model, LOSSES["mse"], X, Y, 3).forms(IDX)

@@ -1,0 +1,358 @@
+"""Per-batch quadratic forms of the loss, by the fastest exact route for the model and device.
+
+The Monte Carlo measurements of the gHg family (:mod:`utils.measures` draws the batches and runs
+the stopping rule) need quadratic forms of batch gradients, and this module computes them:
+
+    same-batch terms   (g_B^T H_B g_B, |g_B|^2)                    Batch Sharpness, its ratio
+                                                                   form, step sharpness
+    full-data forms    g_B^T H g_B, and |g|^2                      GNI
+    centred forms      (g_B - g)^T H (g_B - g), g^T H g, |g|^2      tr(HS): GNI for every batch size
+
+with g_B and H_B the gradient and Hessian of the mean loss on batch B, g and H those on all the
+data. Every route gives the same numbers to round-off and draws nothing itself (the caller
+passes the batches as index rows), so an estimate does not depend on the route.
+
+Same-batch terms, by the route :func:`batch_route` names (recorded as ``batch_route`` in
+``config.json``):
+
+    stacked-gram          Linear/activation chains (:func:`utils.gram.linear_network`): stacked
+                          Gram matrices, many batches per call; once the batches have asked for
+                          n rows, every sample's activations and errors are computed once and
+                          gathered from then on.
+    vmap-double-backward  other models without BatchNorm or dropout, on a GPU: one double backward
+                          per batch, for all the batches of a call at once under ``vmap``, since a
+                          single small batch is bound by kernel launches there.
+    r-operator            other layer chains (:func:`utils.r_operator.is_chain`, the ``cnn``
+                          model) on the CPU: one primal pass per batch, and g_B^T H_B g_B as a
+                          second directional derivative by forward differentiation.
+    double-backward       everything else (BatchNorm, ResNets on the CPU): one graph and one
+                          double backward per batch.
+
+Full-data and centred forms: Linear/activation chains carry many batch directions through one
+pass over the data with the Gram engine; other models take Hessian-vector products on the whole
+data from :class:`utils.hvp.HessianOperator` in its default mode.
+
+``exact`` (``--exact-measurements``) is the plain route throughout: double backward per batch,
+and plain double-backward Hessian products on the whole data.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vjp, vmap
+
+from utils.gram import ROW_BUDGET, LinearNetwork, linear_network, squared_norm
+from utils.hvp import (PLAIN_HVP_MODE, HessianOperator, as_model_data, flat_grad, forward_in_current_mode, model_mode,
+                       num_params, quadratic_form_of_gradient, trainable_params)
+from utils.models import has_batchnorm
+from utils.r_operator import ChainCurvature, is_chain
+
+# Samples computed ahead of the stopping rule by the Gram route: at least this many rows per stacked pass.
+_MIN_ROWS_AHEAD = 256
+# Numbers of per-sample quantities (beyond the inputs) kept to reuse across batches.
+_CACHE_NUMBERS = 1 << 26
+# Batches whose double-backward terms one call computes (setup shared, one read-back).
+_GRAPHS_PER_CALL = 64
+# Parameter-sized numbers per vmapped call (about 3 per batch are live at once): bounds its memory.
+_VMAP_NUMBERS = 1 << 27
+# Activation numbers a vmapped call may keep, and how many it keeps per input number: for the
+# project's CNN on 32x32 inputs a call peaked at 2.8 GiB for 54 batches of 8, about 240 per
+# input number beyond the parameter-sized vectors.
+_VMAP_ACTIVATION_NUMBERS = 1 << 28
+_ACTIVATIONS_PER_INPUT = 250
+# Batches computed ahead of the stopping rule on the vmapped route.
+_VMAP_MIN_AHEAD = 8
+# Batch gradients held at once by the Hessian-operator route of the centred forms.
+_OPERATOR_BLOCK = 10
+
+BATCH_ROUTES = ("stacked-gram", "vmap-double-backward", "r-operator", "double-backward")
+
+
+@dataclass
+class Route:
+    """How per-batch forms are computed: ``forms(idx)`` maps index rows (K, b) to the forms of
+    those K batches; at most ``per_call`` batches go into one call, and at least ``min_block``
+    samples are computed at once, ahead of the stopping rule when ``ahead``
+    (:class:`utils.estimators.SamplesAhead`)."""
+
+    forms: Callable
+    per_call: int
+    min_block: int
+    ahead: bool
+
+
+@dataclass
+class NoiseRoute(Route):
+    """A :class:`Route` of full-data forms g_B^T H g_B, with ``norm2()`` = |g|^2 (asked for after
+    the forms: the Hessian-operator route gets g from the passes the forms already made)."""
+
+    norm2: Callable[[], float]
+
+
+# --- same-batch terms (g_B^T H_B g_B, |g_B|^2) -------------------------------------------------
+
+
+def batch_route(model, loss_fn, X, Y, *, device=None, exact: bool = False) -> str:
+    """The name of the route of the same-batch terms (see the module docstring); ``device``
+    defaults to the parameters' device."""
+    if exact:
+        return "double-backward"
+    if linear_network(model, loss_fn, X, Y) is not None:
+        return "stacked-gram"
+    params = trainable_params(model)
+    device = torch.device(device) if device is not None else params[0].device
+    if device.type == "cuda" and not has_batchnorm(model) and not _has_dropout(model):
+        return "vmap-double-backward"
+    if is_chain(model):
+        return "r-operator"
+    return "double-backward"
+
+
+def _has_dropout(model) -> bool:
+    """Random layers draw one mask per call, which vmap refuses (and the loop would not share)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
+
+
+def same_batch_route(model, loss_fn, X, Y, batch_size, *, train_mode=True, exact=False) -> Route:
+    """The route of :func:`batch_route` for batches of ``batch_size`` rows of (X, Y): ``forms(idx)``
+    returns the pair (g_B^T H_B g_B, |g_B|^2), each (K,)."""
+    route = batch_route(model, loss_fn, X, Y, exact=exact)
+    if route == "stacked-gram":
+        return Route(_StackedTerms(linear_network(model, loss_fn, X, Y), X, Y),
+                     per_call=max(1, ROW_BUDGET // (4 * batch_size)),
+                     min_block=max(1, _MIN_ROWS_AHEAD // batch_size), ahead=True)
+    if route == "vmap-double-backward":
+        per_call = max(1, min(_GRAPHS_PER_CALL, _VMAP_NUMBERS // num_params(model),
+                              _VMAP_ACTIVATION_NUMBERS // (batch_size * X[0].numel() * _ACTIVATIONS_PER_INPUT)))
+
+        def vmapped_terms(idx):
+            return vmapped_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
+        return Route(vmapped_terms, per_call=per_call, min_block=min(per_call, _VMAP_MIN_AHEAD), ahead=True)
+
+    if route == "r-operator":
+        def chain_terms(idx):
+            return chain_quadratic_forms(model, loss_fn, X, Y, idx)
+        return Route(chain_terms, per_call=_GRAPHS_PER_CALL, min_block=1, ahead=False)
+
+    def double_backward_terms(idx):
+        return batch_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
+    # Each batch's graph is freed before the next is built, so a call may take many batches.
+    return Route(double_backward_terms, per_call=_GRAPHS_PER_CALL, min_block=1, ahead=False)
+
+
+class _StackedTerms:
+    """Same-batch terms of a Linear/activation chain by stacked Gram matrices.
+
+    A sample's activations and errors do not depend on the batch it is drawn in, so once the
+    batches have asked for as many rows as the data hold, the per-sample quantities of all n
+    samples are computed once (when they fit in ``_CACHE_NUMBERS``) and every later batch
+    gathers its rows: the products with the first, widest layer are then not repeated.
+    """
+
+    def __init__(self, net: LinearNetwork, X, Y):
+        self.net, self.X, self.Y = net, X, Y
+        self.rows_asked = 0
+        self.cache = None
+        widths = [layer.weight.shape[0] for layer in net.layers]
+        per_sample = 4 * sum(widths) + 2 * widths[-1]
+        self.cacheable = X.shape[0] * per_sample <= _CACHE_NUMBERS
+
+    def __call__(self, idx: torch.Tensor):
+        with torch.no_grad():
+            self.rows_asked += idx.numel()
+            if self.cache is None and self.cacheable and self.rows_asked >= self.X.shape[0]:
+                self.cache = self.net.sample_rows(self.X, self.Y)
+            if self.cache is None:
+                return self.net.batch_terms(self.X[idx], self.Y[idx])
+            return self.net.batch_terms_of(self.cache.map(lambda t: t[idx]))
+
+
+def batch_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mode=True) -> tuple:
+    """(g_B^T H_B g_B, |g_B|^2) for every batch B given as a row of ``idx`` (K, b), each (K,).
+
+    g_B and H_B are the gradient and Hessian of the mean loss on (X[B], Y[B]); each batch takes
+    one graph and one double backward, as :meth:`utils.hvp.HessianOperator.gradient_quadratic_form` does,
+    with the parameters, the data conversion and the train/eval switch set up once for all K
+    batches. Nothing is read back to the host, so the device can run ahead.
+    """
+    params = trainable_params(model)
+    X = as_model_data(X, params[0].dtype, params[0].device)
+    Y = as_model_data(Y, params[0].dtype, params[0].device)
+    quadratics, norms = [], []
+    with model_mode(model, train_mode):
+        for rows in idx:
+            loss = loss_fn(forward_in_current_mode(model, X[rows]), Y[rows])
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True,
+                                        materialize_grads=True)
+            quadratic, norm2 = quadratic_form_of_gradient(grads, params, retain_graph=False)
+            quadratics.append(quadratic)
+            norms.append(norm2)
+    return torch.stack(quadratics).detach(), torch.stack(norms).detach()
+
+
+def chain_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor) -> tuple:
+    """The same (g_B^T H_B g_B, |g_B|^2) as :func:`batch_quadratic_forms`, for layer chains
+    (:func:`utils.r_operator.is_chain`): per batch one primal pass gives g_B, and g_B^T H_B g_B
+    is its second directional derivative by forward differentiation, with no double backward.
+    Chains have no mode-dependent layers, so there is no train/eval switch."""
+    params = trainable_params(model)
+    X = as_model_data(X, params[0].dtype, params[0].device)
+    Y = as_model_data(Y, params[0].dtype, params[0].device)
+    quadratics, norms = [], []
+    for rows in idx:
+        chain = ChainCurvature(model, loss_fn, X[rows], Y[rows])
+        gradient = chain.gradient()
+        quadratics.append(chain.quadratic_form(gradient))
+        norms.append(sum((g * g).sum() for g in gradient))
+    return torch.stack(quadratics).detach(), torch.stack(norms).detach()
+
+
+def vmapped_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mode=True) -> tuple:
+    """The same (g_B^T H_B g_B, |g_B|^2) as :func:`batch_quadratic_forms`, all K batches at once.
+
+    One ``torch.func.vmap`` over the batches of reverse-over-reverse differentiation: ``vjp``
+    of ``grad L_B`` at theta returns g_B together with the map u -> H_B u, which is applied to
+    g_B itself. Each batch kernel then runs once for all K batches, which pays on a GPU where a
+    single small batch is bound by kernel launches. Not for BatchNorm (torch.func cannot take
+    its second derivatives under ``vmap``). Memory: a few parameter-sized vectors per batch.
+    """
+    if has_batchnorm(model):
+        raise ValueError("vmapped per-batch forms do not support BatchNorm; use batch_quadratic_forms")
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    params = trainable_params(model)
+    primals = {name: p.detach() for name, p in zip(names, params)}
+    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+    buffers = dict(model.named_buffers())
+    X = as_model_data(X, params[0].dtype, params[0].device)
+    Y = as_model_data(Y, params[0].dtype, params[0].device)
+
+    def batch_terms(xb, yb):
+        def batch_gradient(values):
+            return grad(lambda v: loss_fn(functional_call(model, (v, frozen, buffers), (xb,)), yb))(values)
+
+        gradient, hessian_times = vjp(batch_gradient, primals)
+        (product,) = hessian_times(gradient)
+        quadratic = sum((gradient[name] * product[name]).sum() for name in names)
+        norm2 = sum((gradient[name] * gradient[name]).sum() for name in names)
+        return quadratic, norm2
+
+    with model_mode(model, train_mode):
+        quadratic, norm2 = vmap(batch_terms)(X[idx], Y[idx])
+    return quadratic.detach(), norm2.detach()
+
+
+# --- full-data forms g_B^T H g_B and centred forms -----------------------------------------------
+
+
+def _data_rows(n: int, chunk_size: int | None) -> int:
+    return n if chunk_size is None else max(1, min(n, chunk_size))
+
+
+def _directions_per_pass(batch_size: int) -> int:
+    return max(1, min(256, ROW_BUDGET // (4 * batch_size)))
+
+
+class _GramDirections:
+    """g_B^T H g_B of a Linear/activation chain for a stack of batch directions, in one pass over
+    the data (chunks of at most ``chunk_size`` rows, fewer when many directions share a pass)."""
+
+    def __init__(self, net: LinearNetwork, X, Y, chunk_size):
+        self.net, self.X, self.Y = net, X, Y
+        self.rows = _data_rows(X.shape[0], chunk_size)
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            # rows x directions within the row budget
+            chunk_rows = max(1, min(self.rows, ROW_BUDGET // idx.shape[0]))
+            return self.net.quadratic_forms(self.X, self.Y, self.X[idx], self.Y[idx], chunk_rows=chunk_rows)
+
+
+def _batch_gradients(model, loss_fn, X, Y, idx, train_mode) -> torch.Tensor:
+    """The batch gradients g_B of the index rows ``idx`` (K, b) as the columns of a (P, K) block."""
+    return torch.stack([flat_grad(model, loss_fn, X[rows], Y[rows], train_mode=train_mode) for rows in idx], dim=1)
+
+
+def noise_route(model, loss_fn, X, Y, batch_size, *, chunk_size=None, train_mode=True, exact=False,
+                min_samples: int, max_samples: int, block_size: int) -> NoiseRoute:
+    """The route of the full-data forms g_B^T H g_B (H and g on all of (X, Y), chunked by
+    ``chunk_size``) for batches of ``batch_size``: the Gram engine, many directions per pass and
+    at least ``min_samples`` ahead, for Linear/activation chains; otherwise ``block_size``
+    batch gradients at a time through :class:`utils.hvp.HessianOperator`."""
+    net = None if exact else linear_network(model, loss_fn, X, Y)
+    if net is not None:
+        with torch.no_grad():
+            norm2 = squared_norm(net.full_gradient(X, Y, _data_rows(X.shape[0], chunk_size)))
+        return NoiseRoute(_GramDirections(net, X, Y, chunk_size), per_call=_directions_per_pass(batch_size),
+                          min_block=min_samples, ahead=True, norm2=lambda: norm2)
+    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                         mode=PLAIN_HVP_MODE if exact else None)
+
+    def forms(idx):
+        return op.quadratic_forms(_batch_gradients(model, loss_fn, X, Y, idx, train_mode))
+
+    def norm2():
+        g = op.gradient()
+        return (g @ g).item()
+
+    # The operator groups the vectors itself: every block the rule asks for is one call.
+    return NoiseRoute(forms, per_call=max_samples, min_block=block_size, ahead=False, norm2=norm2)
+
+
+class _GramCentredForms:
+    """|g|^2, g^T H g and (g_B - g)^T H (g_B - g) for Linear/activation chains.
+
+    (g_B - g)^T H (g_B - g) = g_B^T H g_B - 2 g_B^T (H g) + g^T H g: the first term by stacked
+    batch directions, H g once by double backward and g_B^T (H g) by one product of the batch
+    rows with it.
+    """
+
+    def __init__(self, net: LinearNetwork, model, loss_fn, X, Y, chunk_size):
+        self.net, self.X, self.Y = net, X, Y
+        self.directions = _GramDirections(net, X, Y, chunk_size)
+        op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size)
+        g = op.gradient()
+        hg = op.matvec(g)
+        self.norm2, self.gHg = (g @ g).item(), (g @ hg).item()
+        self.hg = net.split(hg)
+
+    def centred(self, idx: torch.Tensor) -> torch.Tensor:
+        def block(rows_idx):
+            cross = self.net.batch_dot(self.X[rows_idx], self.Y[rows_idx], self.hg)
+            return self.directions(rows_idx) - 2 * cross + self.gHg
+
+        step = _directions_per_pass(idx.shape[1])
+        with torch.no_grad():
+            return torch.cat([block(idx[i : i + step]) for i in range(0, idx.shape[0], step)])
+
+
+class _OperatorCentredForms:
+    """The same quantities by full-batch Hessian-vector products (any model) in ``mode``
+    (None: :func:`utils.hvp.default_hvp_mode`)."""
+
+    def __init__(self, model, loss_fn, X, Y, chunk_size, train_mode, mode):
+        self.model, self.loss_fn, self.X, self.Y = model, loss_fn, X, Y
+        self.train_mode = train_mode
+        self.op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode, mode=mode)
+        self.g = self.op.gradient()
+        self.norm2 = (self.g @ self.g).item()
+        self.gHg = (self.g @ self.op.matvec(self.g)).item()
+
+    def centred(self, idx: torch.Tensor) -> torch.Tensor:
+        def block(rows_idx):
+            gradients = _batch_gradients(self.model, self.loss_fn, self.X, self.Y, rows_idx, self.train_mode)
+            return self.op.quadratic_forms(gradients - self.g[:, None])
+
+        return torch.cat([block(idx[i : i + _OPERATOR_BLOCK]) for i in range(0, idx.shape[0], _OPERATOR_BLOCK)])
+
+
+def centred_forms(model, loss_fn, X, Y, *, chunk_size=None, train_mode=True, exact=False):
+    """An object with ``norm2`` = |g|^2, ``gHg`` = g^T H g (floats, H and g on all of (X, Y))
+    and ``centred(idx)``: (g_B - g)^T H (g_B - g) for the batches of the index rows ``idx``
+    (K, b), shape (K,). The Gram engine for Linear/activation chains, else (and for ``exact``)
+    Hessian-vector products of the centred batch gradients."""
+    net = None if exact else linear_network(model, loss_fn, X, Y)
+    if net is None:
+        return _OperatorCentredForms(model, loss_fn, X, Y, chunk_size, train_mode, PLAIN_HVP_MODE if exact else None)
+    return _GramCentredForms(net, model, loss_fn, X, Y, chunk_size)

@@ -1,0 +1,99 @@
+"""GNI for every batch size from one estimate of tr(HS), the per-sample gradient noise seen by H.
+
+With g_i the gradient of sample i, g their mean and S = (1/n) sum_i (g_i - g)(g_i - g)^T, a batch
+B of b distinct points drawn uniformly has E[g_B] = g and Cov(g_B) = c_b S with
+c_b = (n - b) / (b (n - 1)), hence exactly
+
+    E_B[ g_B^T H g_B ] = g^T H g + c_b tr(H S),      GNI(b) = (g^T H g + c_b tr(H S)) / |g|^2.
+
+:func:`gni_decomposition` estimates tr(HS) by Monte Carlo; :func:`utils.measures.gni_by_batch_size`
+is the measurement built on it. The identity needs g_B = (1/b) sum_{i in B} g_i, which
+train-mode BatchNorm breaks.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+from utils import batch_forms
+from utils.estimators import GNI_REL_SE, MAX_SAMPLES, Estimate, SamplesAhead, draw_batches, mean_with_stopping
+from utils.models import has_batchnorm
+
+
+def noise_factor(n: int, b: int) -> float:
+    """c_b = (n - b) / (b (n - 1)): Cov(g_B) = c_b S for b distinct points out of n."""
+    return (n - b) / (b * (n - 1))
+
+
+@dataclass
+class NoiseDecomposition:
+    """The batch-size dependence of GNI through the per-sample gradient covariance S.
+
+        GNI(b) = (g^T H g + c_b tr(H S)) / |g|^2,   c_b = (n - b) / (b (n - 1))
+
+    ``grad_norm2`` = |g|^2 and ``gHg`` = g^T H g are exact; ``trace_HS`` is a Monte Carlo
+    estimate with standard error ``trace_HS_se`` from ``samples`` random batches of size
+    ``sample_batch``, each giving the unbiased (g_B - g)^T H (g_B - g) / c_{sample_batch}.
+    """
+
+    num_data: int
+    sample_batch: int
+    grad_norm2: float
+    gHg: float
+    trace_HS: float
+    trace_HS_se: float
+    samples: int
+    hvps: int
+    seconds: float
+
+    def gni(self, batch_size: int) -> Estimate:
+        """GNI at batch size b; its SE is c_b SE(tr(HS)) / |g|^2 (g^T H g and |g|^2 are exact)."""
+        c = noise_factor(self.num_data, batch_size)
+        value = (self.gHg + c * self.trace_HS) / self.grad_norm2
+        return Estimate(value, c * self.trace_HS_se / self.grad_norm2, self.samples, self.hvps,
+                        self.seconds)
+
+
+def gni_decomposition(model, loss_fn, X, Y, *, generator, sample_batch: int,
+                      target_batch: int | None = None, chunk_size=None, min_samples=20,
+                      max_samples=MAX_SAMPLES, rel_se=GNI_REL_SE, train_mode=True,
+                      exact=False) -> NoiseDecomposition:
+    """Estimate tr(HS) once, giving GNI for every batch size (see :class:`NoiseDecomposition`).
+
+    Random batches of ``sample_batch`` points (1 <= sample_batch < n) are drawn from
+    ``generator`` until GNI at ``target_batch`` (default ``sample_batch``) has SE / |GNI| <
+    ``rel_se`` (at least ``min_samples``, at most ``max_samples`` batches). The forms
+    (g_B - g)^T H (g_B - g) come from :func:`utils.batch_forms.centred_forms` (``exact``: plain
+    double backward), chunked by ``chunk_size``.
+    """
+    start = time.perf_counter()
+    n = X.shape[0]
+    if not 1 <= sample_batch < n:
+        raise ValueError(f"sample_batch must be in [1, n) = [1, {n}), got {sample_batch}")
+    if train_mode and has_batchnorm(model):
+        raise ValueError("the identity needs per-sample gradients; with BatchNorm in train mode "
+                         "measure GNI per batch size with utils.measures.gni")
+    target_batch = sample_batch if target_batch is None else target_batch
+    forms = batch_forms.centred_forms(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                                      exact=exact)
+    c_sample, c_target = noise_factor(n, sample_batch), noise_factor(n, target_batch)
+
+    def compute(m):
+        return forms.centred(draw_batches(n, sample_batch, m, generator, X.device)) / c_sample
+
+    def gni_samples_of(trace_samples):
+        return (forms.gHg + c_target * trace_samples) / forms.norm2
+
+    # The stored samples estimate tr(HS); the rule runs on GNI at the target batch size.
+    ahead = SamplesAhead(compute, rel_se=rel_se, max_samples=max_samples, min_block=min_samples,
+                         rule_samples=lambda columns: [gni_samples_of(columns[0])])
+
+    def gni_samples(m):
+        return gni_samples_of(ahead(m))
+
+    estimate = mean_with_stopping(gni_samples, min_samples=min_samples, max_samples=max_samples,
+                                  rel_se=rel_se)
+    used = ahead.columns[0][: estimate.n]
+    return NoiseDecomposition(n, sample_batch, forms.norm2, forms.gHg, float(used.mean()),
+                              float(used.std(ddof=1) / math.sqrt(len(used))), estimate.n,
+                              ahead.computed + 1, time.perf_counter() - start)
