@@ -17,13 +17,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from utils.analysis import full_batch_sharpness, stability_label, stability_threshold
-from utils.cli import run_cli
 from utils.config import EIGEN_METHODS
 from utils.errors import UserError
 from utils.estimators import measurement_generator
 from utils.hvp import measurement_hvp_mode
-from utils.runs import (DTYPES, build_analysis_parser, checkpoint_list, load_weights, newest_state, not_final_note,
-                        output_folders, rebuild, runs_from_args, write_text_files)
+from utils.runs import DTYPES, build_analysis_parser, checkpoint_list, load_weights, measure_newest_states, rebuild
 
 PROG = "compute_final_fullbs.py"
 DEFAULT_TOL = 1e-5
@@ -57,7 +55,7 @@ def check_args(args) -> None:
         raise UserError(f"--hvp-chunk must be at least 1, got {args.hvp_chunk}")
 
 
-def measure_run(run, checkpoints, args) -> tuple[list[dict], str]:
+def measure_run(run, checkpoints, args):
     """One record per checkpoint (step, eigenvalues, residual, cost), each solve warm-started by
     the last; the device they were computed on; and the mode of the Hessian products."""
     setup = rebuild(run, cpu=args.cpu, dtype=DTYPES[args.dtype])
@@ -88,30 +86,20 @@ def final_record(run, records, args, device, hvp_mode, state) -> dict:
             "threshold": stability_threshold(run.cfg), "threshold_label": stability_label(run.cfg)}
 
 
+def measure(run, checkpoint: str, state: dict, args) -> tuple[int, dict[str, str], list[str]]:
+    """The newest checkpoint (or, with --all-checkpoints, every one) of a run: the step measured,
+    the files and the report lines (:func:`~utils.runs.measure_newest_states`)."""
+    checkpoints = checkpoint_list(run) if args.all_checkpoints else [(None, checkpoint)]
+    records, device, hvp_mode = measure_run(run, checkpoints, args)
+    record = final_record(run, records, args, device, hvp_mode, state)
+    files = {"final_fullbs.json": json.dumps(record, indent=2) + "\n"}
+    if args.all_checkpoints:
+        files["fullbs_checkpoints.csv"] = pd.DataFrame(records).to_csv(index=False)
+    return record["step"], files, [run.run_dir, table(records)]
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-
-    def work():
-        args = build_parser().parse_args(argv)
-        check_args(args)
-        runs = runs_from_args(args, default_latest=True)
-        states = [newest_state(run) for run in runs]
-        chosen = [checkpoint_list(run) if args.all_checkpoints else [(None, path)] for run, (path, _) in zip(runs, states)]
-        results = [measure_run(run, found, args) for run, found in zip(runs, chosen)]
-        outputs, report = {}, []
-        for run, folder, (records, device, hvp_mode), (_, state) in zip(runs, output_folders(runs, args.out), results, states):
-            record = final_record(run, records, args, device, hvp_mode, state)
-            outputs[os.path.join(folder, "final_fullbs.json")] = json.dumps(record, indent=2) + "\n"
-            if args.all_checkpoints:
-                outputs[os.path.join(folder, "fullbs_checkpoints.csv")] = pd.DataFrame(records).to_csv(index=False)
-            report += [run.run_dir, table(records)]
-            report += [note] if (note := not_final_note(run, record["step"], state)) else []
-        written = write_text_files(outputs)
-        for line in report + [f"wrote {path}" for path in written]:
-            print(line)
-        return 0
-
-    return run_cli(work, prog=PROG)
+    return measure_newest_states(PROG, argv, build_parser, check_args, measure)
 
 
 def table(records) -> str:

@@ -21,10 +21,8 @@ from tqdm import tqdm
 
 from utils.analysis import (check_batch_sizes, default_batch_sizes, estimates_at_sample_limit, ghg_family, ghg_record,
                             gni_all_batch_sizes, stability_label, stability_threshold)
-from utils.cli import run_cli
 from utils.errors import UserError
-from utils.runs import (DTYPES, build_analysis_parser, load_weights, newest_state, not_final_note, output_folders,
-                        rebuild, runs_from_args, write_text_files)
+from utils.runs import DTYPES, build_analysis_parser, load_weights, measure_newest_states, rebuild
 
 PROG = "compute_final_gHg.py"
 
@@ -90,32 +88,22 @@ def table(record: dict) -> str:
     return frame[columns].to_string(index=False, float_format=lambda v: f"{v:.5g}")
 
 
+def measure(run, checkpoint: str, state: dict, args) -> tuple[int, dict[str, str], list[str]]:
+    """A run's newest checkpoint: the step measured, the files and the report lines
+    (:func:`~utils.runs.measure_newest_states`)."""
+    record = {**measure_run(run, checkpoint, args), **state}
+    files = {"final_ghg.json": json.dumps(record, indent=2) + "\n", "final_ghg.csv": ghg_frame(record).to_csv(index=False)}
+    report = [f"{run.run_dir} at step {record['step']} (training batch {run.cfg.batch}, "
+              f"{record['threshold_label']} = {record['threshold']:.4g})", table(record)]
+    capped = estimates_at_sample_limit(record, args.max_samples)
+    report += [f"note: {line}" for line in capped]
+    if capped:
+        report.append("note: pass a larger --max-samples for estimates that reach their standard-error targets")
+    return record["step"], files, report
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-
-    def work():
-        args = build_parser().parse_args(argv)
-        check_args(args)
-        runs = runs_from_args(args, default_latest=True)
-        states = [newest_state(run) for run in runs]
-        records = [{**measure_run(run, path, args), **state} for run, (path, state) in zip(runs, states)]
-        outputs, report = {}, []
-        for run, folder, record, (_, state) in zip(runs, output_folders(runs, args.out), records, states):
-            outputs[os.path.join(folder, "final_ghg.json")] = json.dumps(record, indent=2) + "\n"
-            outputs[os.path.join(folder, "final_ghg.csv")] = ghg_frame(record).to_csv(index=False)
-            report += [f"{run.run_dir} at step {record['step']} (training batch {run.cfg.batch}, "
-                       f"{record['threshold_label']} = {record['threshold']:.4g})", table(record)]
-            capped = estimates_at_sample_limit(record, args.max_samples)
-            report += [f"note: {line}" for line in capped]
-            if capped:
-                report.append("note: pass a larger --max-samples for estimates that reach their standard-error targets")
-            report += [note] if (note := not_final_note(run, record["step"], state)) else []
-        written = write_text_files(outputs)
-        for line in report + [f"wrote {path}" for path in written]:
-            print(line)
-        return 0
-
-    return run_cli(work, prog=PROG)
+    return measure_newest_states(PROG, argv, build_parser, check_args, measure)
 
 
 if __name__ == "__main__":

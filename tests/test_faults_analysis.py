@@ -149,6 +149,17 @@ def test_status_reads_results_with_damaged_bytes(results_env, capsys):
     assert captured.err == "" and "2 interrupted" in captured.out
 
 
+def test_status_reads_the_header_and_the_end_of_a_long_results_file(tmp_path):
+    """Status reads the first and last 64 KiB only; the rows between them are not needed."""
+    path = tmp_path / "results.txt"
+    rows = "".join(f"0,{step},{step / 7!r}\n" for step in range(20000))
+    path.write_text("# title\nepoch,step,loss\n" + rows + "0,20000,0.")  # the last row cut by a kill
+    assert os.path.getsize(path) > 4 * 65536
+    assert utils.sweep._last_logged_step(str(path)) == 20000
+    path.write_text("# title\nepoch,step,loss\n" + rows.replace("0,19990,", "0,x,"))
+    assert utils.sweep._last_logged_step(str(path)) is None
+
+
 # Item 9: a closed pipe
 
 

@@ -25,22 +25,17 @@ import sharpness_gap
 import training
 import utils.checkpoints
 import utils.training
+from run_checks import interrupt_at, same_results
 from utils import run_lock
 from utils.checkpoints import list_checkpoints
 from utils.config import RunConfig
 from utils.resources import OutOfSpace
-from utils.results import ResultsWriter, is_timing_column, read_results
+from utils.results import ResultsWriter, read_results
 from utils.sweep import point_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--width", "16", "--num-data", "120", "--batch", "8", "--quiet", "--steps", "30",
         "--checkpoint-every", "5", "--lambdamax", "--batch-sharpness", "--measure-every", "10"]
-
-
-def same_results(a, b):
-    fa, fb = read_results(a / "results.txt"), read_results(b / "results.txt")
-    keep = [c for c in fa.columns if not is_timing_column(c)]
-    pd.testing.assert_frame_equal(fa[keep], fb[keep])
 
 
 def one_error_line(capsys, fragment):
@@ -112,21 +107,10 @@ def test_resume_point_skips_steps_that_log_no_row(results_env):
 
 # ----------------------------------------------------------------------------- 2. stale final files
 
-def interrupt_after(monkeypatch, at_step, sig=signal.SIGTERM):
-    original = utils.training._Progress.update
-
-    def update(self, step, info):
-        original(self, step, info)
-        if step == at_step:
-            os.kill(os.getpid(), sig)
-
-    monkeypatch.setattr(utils.training._Progress, "update", update)
-
-
 def test_a_final_file_of_an_earlier_step_is_ignored_as_stale(results_env, capsys):
     run_dir = results_env / "run"
     with pytest.MonkeyPatch.context() as patch:
-        interrupt_after(patch, 11)
+        interrupt_at(patch, 11, signal.SIGTERM)
         assert training.main([*BASE, "--run-dir", str(run_dir)]) == 143
     assert compute_final_fullbs.main([str(run_dir), "--quiet"]) == 0
     assert compute_final_gHg.main([str(run_dir), "--quiet", "--batch-sizes", "8", "--max-samples", "30"]) == 0
@@ -163,7 +147,7 @@ def test_final_scripts_refuse_a_cut_results_file(results_env, reference, capsys,
 def test_final_scripts_say_when_the_run_has_not_finished(results_env, capsys, script, output):
     run_dir = results_env / "run"
     with pytest.MonkeyPatch.context() as patch:
-        interrupt_after(patch, 8)
+        interrupt_at(patch, 8, signal.SIGTERM)
         assert training.main([*BASE, "--run-dir", str(run_dir)]) == 143
     capsys.readouterr()
     assert script.main([str(run_dir), "--quiet", *(["--max-samples", "25"] if script is compute_final_gHg else [])]) == 0

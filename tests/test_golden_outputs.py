@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from golden.cases import CASES, FINAL_FILES, HERE, run_case
-from utils.results import is_timing_column, read_results
+from run_checks import is_timing_column
+from utils.results import read_results
 
 RTOL = 1e-6
 

@@ -2,20 +2,18 @@
 
 import json
 import math
-import os
-import signal
 
 import pandas as pd
 import pytest
 import torch
 
 import training
-import utils.training
+from run_checks import interrupt_at, same_results
 from utils.checkpoints import list_checkpoints, load_checkpoint
 from utils.losses import ce_loss, mse_loss
 from utils.noise import (STATISTICS_BUDGET, NoisyStep, accumulate_gradient, default_statistics_chunk, gradient_moments,
                          noise_generator, sde_substeps, sgd_weights)
-from utils.results import is_timing_column, read_results
+from utils.results import read_results
 
 N, D, BATCH = 40, 3, 5
 
@@ -266,17 +264,6 @@ MODES = {
 }
 
 
-def interrupt_at(monkeypatch, at_step):
-    original = utils.training._Progress.update
-
-    def update(self, step, info):
-        original(self, step, info)
-        if step == at_step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(utils.training._Progress, "update", update)
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_each_mode_runs_measures_and_resumes_bit_identically(results_env, monkeypatch, mode):
     reference, interrupted = results_env / "ref", results_env / "int"
@@ -296,9 +283,7 @@ def test_each_mode_runs_measures_and_resumes_bit_identically(results_env, monkey
     assert (state["noise_state"] is not None) == (mode in ("diag", "iso"))
     assert training.main(["--resume", str(interrupted), "--quiet"]) == 0
 
-    a, b = read_results(reference / "results.txt"), read_results(interrupted / "results.txt")
-    keep = [c for c in a.columns if not is_timing_column(c)]
-    pd.testing.assert_frame_equal(a[keep], b[keep])
+    same_results(reference, interrupted)
     final_a = load_checkpoint(str(reference / "checkpoints" / "step_24.pt"))["model"]
     final_b = load_checkpoint(str(interrupted / "checkpoints" / "step_24.pt"))["model"]
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)

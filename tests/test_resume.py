@@ -9,47 +9,20 @@ import time
 
 import pandas as pd
 import pytest
-import torch
 
 import plot_results
 import training
-import utils.training
+from run_checks import interrupt_at, same_parameters, same_results, without_timing  # noqa: F401 (test_family_runs)
 from utils.checkpoints import list_checkpoints, load_checkpoint
 from utils.config import RunConfig
 from utils.plotting import run_labels
-from utils.results import is_timing_column, read_results
+from utils.results import read_results
 from utils.runs import load_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--width", "16", "--num-data", "120", "--batch", "8", "--quiet", "--steps", "40",
         "--checkpoint-every", "6", "--full-loss-every", "3"]
 MEASURED = ["--lambdamax", "--batch-sharpness", "--step-sharpness", "--gni", "--measure-every", "5"]
-
-
-def same_results(a, b):
-    fa, fb = read_results(a / "results.txt"), read_results(b / "results.txt")
-    keep = [c for c in fa.columns if not is_timing_column(c)]
-    pd.testing.assert_frame_equal(fa[keep], fb[keep])
-
-
-def same_parameters(a, b, step):
-    sa = load_checkpoint(str(a / "checkpoints" / f"step_{step}.pt"))
-    sb = load_checkpoint(str(b / "checkpoints" / f"step_{step}.pt"))
-    for name in sa["model"]:
-        assert torch.equal(sa["model"][name], sb["model"][name]), name
-    assert str(sa["optimizer"]) == str(sb["optimizer"])
-
-
-def interrupt_at(monkeypatch, at_step, sig=signal.SIGINT):
-    """Deliver a real signal to this process right after step ``at_step`` is logged."""
-    original = utils.training._Progress.update
-
-    def update(self, step, info):
-        original(self, step, info)
-        if step == at_step:
-            os.kill(os.getpid(), sig)
-
-    monkeypatch.setattr(utils.training._Progress, "update", update)
 
 
 @pytest.mark.parametrize("extra, at_step", [
@@ -135,8 +108,7 @@ def test_damaged_run_folders_are_one_line_errors(results_env, capsys):
     # Without results.txt no row is kept: the run is recomputed from its start, never left with a gap.
     assert training.main(["--resume", str(run_dir)]) == 0
     redone = read_results(run_dir / "results.txt")
-    keep = [c for c in kept.columns if not is_timing_column(c)]
-    pd.testing.assert_frame_equal(kept[keep], redone[keep])
+    pd.testing.assert_frame_equal(without_timing(kept), without_timing(redone))
 
 
 def test_fork_replaces_epochs_by_steps_and_is_resumable_from_its_first_step(results_env):
@@ -160,9 +132,8 @@ def test_fork_continues_step_numbering_and_matches_parent(results_env):
     fork_rows = read_results(same_fork / "results.txt")
     parent_rows = read_results(parent / "results.txt")
     assert fork_rows["step"].iloc[0] == 18
-    keep = [c for c in fork_rows.columns if not is_timing_column(c)]
-    pd.testing.assert_frame_equal(fork_rows[keep].reset_index(drop=True),
-                                  parent_rows[parent_rows["step"] >= 18][keep].reset_index(drop=True))
+    pd.testing.assert_frame_equal(without_timing(fork_rows).reset_index(drop=True),
+                                  without_timing(parent_rows[parent_rows["step"] >= 18]).reset_index(drop=True))
 
     assert training.main(["--cont-run", str(parent), "--cont-step", "20", "--lr", "0.2", "--quiet",
                           "--run-dir", str(faster)]) == 0

@@ -11,16 +11,14 @@ import sys
 import threading
 import time
 
-import pandas as pd
 import pytest
-import torch
 
 import sweep
 import training
 import utils.sweep
 import utils.sweep_slurm
-from utils.checkpoints import list_checkpoints, load_checkpoint
-from utils.results import is_timing_column, read_results
+from run_checks import same_parameters, same_results
+from utils.checkpoints import list_checkpoints
 from utils.runs import select_runs
 from utils.sweep import (TRAINING_SCRIPT, define_sweep, load_grid_file, local_threads, parse_grid_tokens, prepare_sweep,
                          sweep_folder, sweep_run_dirs, training_env)
@@ -28,19 +26,6 @@ from utils.sweep import (TRAINING_SCRIPT, define_sweep, load_grid_file, local_th
 BASE = ["--width", "16", "--num-data", "120", "--steps", "20", "--quiet"]
 GRID = ["--lr", "0.05", "0.1", "--batch", "8", "16"]
 POINTS = ["lr0.05_batch8", "lr0.05_batch16", "lr0.1_batch8", "lr0.1_batch16"]
-
-
-def same_results(a, b):
-    fa, fb = read_results(os.path.join(a, "results.txt")), read_results(os.path.join(b, "results.txt"))
-    keep = [c for c in fa.columns if not is_timing_column(c)]
-    pd.testing.assert_frame_equal(fa[keep], fb[keep])
-
-
-def same_parameters(a, b, step):
-    sa = load_checkpoint(os.path.join(a, "checkpoints", f"step_{step}.pt"))
-    sb = load_checkpoint(os.path.join(b, "checkpoints", f"step_{step}.pt"))
-    for name in sa["model"]:
-        assert torch.equal(sa["model"][name], sb["model"][name]), name
 
 
 def table(sweep_dir):

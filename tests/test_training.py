@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import training
+from run_checks import without_timing
 from utils.checkpoints import list_checkpoints, load_checkpoint
-from utils.results import is_timing_column, read_results
+from utils.results import read_results
 
 SMALL = ["--width", "16", "--num-data", "200", "--batch", "16", "--quiet"]
 
@@ -21,10 +22,6 @@ def train(tmp_path, *extra, name="run"):
     run_dir = tmp_path / name
     code = training.main([*SMALL, "--run-dir", str(run_dir), *extra])
     return code, run_dir
-
-
-def without_timing(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame[[c for c in frame.columns if not is_timing_column(c)]]
 
 
 def test_run_folder_contract(results_env, capsys):

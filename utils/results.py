@@ -4,11 +4,15 @@
 column names and one comma-separated row per logged step, ``nan`` where a value was not
 measured. ``pandas.read_csv(path, comment='#')`` returns named columns; readers use names,
 never positions. Columns that measure elapsed time are ``wall_time`` or end in ``_seconds``.
+Every reader of results.txt in the suite goes through :func:`parse_results` (the analysis
+scripts, ``--resume`` and ``sweep.py status``); neither torch nor pandas is imported here at
+module level, so the sweep launcher stays light.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -20,11 +24,6 @@ from utils.resources import space_for
 
 BASE_COLUMNS = ("epoch", "step", "batch_loss", "full_loss", "full_accuracy")
 TIME_COLUMN = "wall_time"
-
-
-def is_timing_column(name: str) -> bool:
-    """Columns that depend on elapsed time and so differ between identical runs."""
-    return name == TIME_COLUMN or name.endswith("_seconds")
 
 
 def format_value(value) -> str:
@@ -85,11 +84,113 @@ def read_text(path: str, fix: str = "the file is damaged") -> str:
         raise UserError(f"{path} line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x} at column {column}); {fix}")
 
 
-def read_results(path: str):
-    """results.txt as a pandas DataFrame with named columns."""
-    import pandas as pd
+DAMAGED = "the run folder is damaged"
 
-    return pd.read_csv(path, comment="#")
+
+@dataclasses.dataclass
+class ResultsTable:
+    """results.txt split into its parts, no value converted: the ``#`` lines, the column names
+    of the header (None without one), the complete rows as they stand in the file, and whether
+    a row was ``cut`` short (by a kill, or damaged: another number of fields than the header)
+    and left out with everything after it."""
+
+    path: str
+    comments: list[str]
+    columns: list[str] | None
+    rows: list[str]
+    cut: bool
+
+    def _header(self) -> str:
+        if self.columns is None:
+            raise UserError(f"{self.path} has no header line; {DAMAGED}")
+        return ",".join(self.columns)
+
+    def _step_index(self) -> int:
+        if "step" not in self.columns:
+            raise UserError(f"{self.path} has no step column in its header line; {DAMAGED}")
+        return self.columns.index("step")
+
+    def steps(self) -> list[int]:
+        """The step of each complete row; a header without a step column, or a row whose step
+        is not a whole number, is a UserError."""
+        if self.columns is None:
+            return []
+        at = self._step_index()
+        steps = []
+        for row in self.rows:
+            step = row.split(",")[at]
+            if not step.isdigit():
+                raise UserError(f"{self.path} has a row with step {step!r}; {DAMAGED}")
+            steps.append(int(step))
+        return steps
+
+    def before(self, step: int) -> ResultsTable:
+        """The same table with only the rows of steps before ``step``."""
+        return dataclasses.replace(self, rows=[row for at, row in zip(self.steps(), self.rows) if at < step], cut=False)
+
+    def text(self) -> str:
+        """The comments, the header and the complete rows: results.txt without its cut row."""
+        return "\n".join([*self.comments, self._header(), *self.rows]) + "\n"
+
+    def frame(self):
+        """The complete rows as a pandas DataFrame with named columns; a file without a header
+        or a step column, or with values that are not numbers, is a UserError."""
+        import io
+
+        import pandas as pd
+
+        text = self.text()
+        try:
+            frame = pd.read_csv(io.StringIO(text), comment="#")
+        except pd.errors.ParserError as exc:  # a stray quote runs a field on to the end of the file
+            raise UserError(f"{self.path} is not comma-separated values ({str(exc).strip().splitlines()[-1]}); {DAMAGED}")
+        self._step_index()
+        # A header without rows (a run that has not logged its first step) reads as text columns.
+        garbled = [column for column in frame.columns if len(frame) and not pd.api.types.is_numeric_dtype(frame[column])]
+        if garbled:
+            raise UserError(f"{self.path} has values that are not numbers in column {garbled[0]}; {DAMAGED}")
+        if frame["step"].isna().any():
+            raise UserError(f"{self.path} has rows without a step (nan in column step); {DAMAGED}")
+        return frame
+
+
+def parse_results(text: str, path: str) -> ResultsTable:
+    """The parts of results.txt's ``text`` (``path`` names it in errors).
+
+    ``#`` lines are comments and blank lines are skipped, wherever they stand; the first other
+    line is the header. Rows are kept up to the first that is cut short: the piece after the
+    last newline (a row a kill left unfinished) or a line with another number of fields than
+    the header (a damaged one).
+    """
+    *lines, unfinished = text.split("\n")
+    comments, columns, rows, cut = [], None, [], False
+    for line in lines:
+        if not line:
+            continue
+        if line.startswith("#"):
+            comments.append(line)
+        elif columns is None:
+            columns = line.split(",")
+        elif len(line.split(",")) == len(columns):
+            rows.append(line)
+        else:
+            cut = True
+            break
+    else:
+        cut = bool(unfinished) and not unfinished.startswith("#")
+    return ResultsTable(str(path), comments, columns, rows, cut)
+
+
+def read_results_table(path: str, fix: str = DAMAGED) -> ResultsTable:
+    """results.txt parsed by :func:`parse_results`; bytes that are not UTF-8 are a UserError
+    ending in ``fix`` (:func:`read_text`)."""
+    return parse_results(read_text(path, fix=fix), path)
+
+
+def read_results(path: str):
+    """The complete rows of results.txt as a pandas DataFrame with named columns (a row cut
+    short by a kill is left out); a damaged file is a UserError."""
+    return read_results_table(path).frame()
 
 
 @contextlib.contextmanager
@@ -146,6 +247,24 @@ def atomic_write_json(path: str, data) -> None:
 def read_json(path: str):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_versioned_json(path: str, *, version: int, kind: str, folder: str, missing: str) -> dict:
+    """The JSON object in ``path`` (config.json of a run, grid.json of a sweep), of format
+    ``version``. A missing file is the UserError ``missing``; a file that is not JSON (or not
+    UTF-8), not an object or of another version is a one-line UserError naming the file, the
+    ``kind`` of format and the ``folder`` (run, sweep) that holds it."""
+    if not os.path.isfile(path):
+        raise UserError(missing)
+    try:
+        record = read_json(path)
+    except (OSError, ValueError):
+        raise UserError(f"{path} is not valid JSON; the {folder} folder is damaged")
+    if not isinstance(record, dict) or record.get("version") != version:
+        found = record.get("version") if isinstance(record, dict) else None
+        raise UserError(f"{path} has {kind} format version {found!r}, this code reads version {version}; "
+                        f"use the EOSS version that wrote the {folder}")
+    return record
 
 
 def make_run_folder(root: str, dataset: str, model: str, lr: float, batch: int) -> str:

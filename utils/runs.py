@@ -12,7 +12,6 @@ import dataclasses
 import datetime
 import glob
 import hashlib
-import io
 import math
 import os
 import sys
@@ -22,9 +21,9 @@ import torch
 
 from utils.checkpoints import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
 from utils.config import RunConfig, results_root
-from utils.cli import OneLineParser
+from utils.cli import OneLineParser, run_cli
 from utils.errors import UserError
-from utils.results import atomic_write_text, read_json, read_text
+from utils.results import atomic_write_text, read_json, read_results_table
 from utils.training import ENDED, Setup, build, read_run_config
 
 CONFIG_FILE = "config.json"
@@ -167,42 +166,23 @@ def runs_from_args(args, *, default_latest: bool) -> list[Run]:
 
 
 def read_run_results(run_dir: str):
-    """results.txt as a DataFrame, after checking that every row is complete.
+    """results.txt as a DataFrame (:meth:`~utils.results.ResultsTable.frame`), after checking
+    that every row is complete.
 
     A row cut short by a hard kill (no final newline, or too few fields) is a UserError here,
     not a row of NaNs: ``training.py --resume`` drops it and continues the run.
     """
-    import pandas as pd
-
     path = os.path.join(run_dir, "results.txt")
     if not os.path.isfile(path):
         raise UserError(f"{run_dir} has no results.txt; pass the folder of a run that training.py has started")
     try:
-        text = read_text(path, fix="the run folder is damaged")
+        table = read_results_table(path)
     except OSError as exc:
         raise UserError(f"cannot read {path} ({exc.strerror or exc}); check the permissions of the run folder")
-    lines = [line for line in text.split("\n") if line and not line.startswith("#")]
-    if not lines:
-        raise UserError(f"{path} has no header line; the run folder is damaged")
-    width = len(lines[0].split(","))
-    cut = not text.endswith("\n") or any(len(line.split(",")) != width for line in lines[1:])
-    if cut:
+    if table.cut:
         raise UserError(f"{path} ends in a cut-off row (the run was killed while writing); "
                         f"continue it with training.py --resume {run_dir}, which drops that row")
-    try:
-        frame = pd.read_csv(io.StringIO(text), comment="#")
-    except pd.errors.ParserError as exc:  # a stray quote runs a field on to the end of the file
-        raise UserError(f"{path} is not comma-separated values ({str(exc).strip().splitlines()[-1]}); "
-                        f"the run folder is damaged")
-    if "step" not in frame.columns:
-        raise UserError(f"{path} has no step column in its header line; the run folder is damaged")
-    # A header without rows (a run that has not logged its first step) reads as text columns.
-    garbled = [column for column in frame.columns if len(frame) and not pd.api.types.is_numeric_dtype(frame[column])]
-    if garbled:
-        raise UserError(f"{path} has values that are not numbers in column {garbled[0]}; the run folder is damaged")
-    if frame["step"].isna().any():
-        raise UserError(f"{path} has rows without a step (nan in column step); the run folder is damaged")
-    return frame
+    return table.frame()
 
 
 SUMMARY_FIX = "delete it, then training.py --resume on the run rewrites it"
@@ -376,3 +356,34 @@ def not_final_note(run: Run, step: int, state: dict) -> str | None:
     why = "no summary.json: still training, or killed" if state["run_status"] == "unfinished" else state["run_status"]
     return (f"note: {run.run_dir} has not finished ({why}); measured its newest checkpoint, step {step}, "
             f"which is not the run's final state")
+
+
+def measure_newest_states(prog: str, argv, build_parser, check_args, measure) -> int:
+    """``main()`` of an end-of-run analysis (``compute_final_*.py``).
+
+    Parse and check the command line, select the runs (the newest by default) and find each
+    one's newest state (:func:`newest_state`), so every problem with an input is found before
+    anything is measured. Then ``measure(run, checkpoint, state, args)`` measures each run and
+    returns (step measured, {file name: text}, report lines). The files go into each run's
+    output folder (:func:`output_folders`), all written before anything is printed; then the
+    report lines, a note for each run not measured at its final state, and the paths written.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def work():
+        args = build_parser().parse_args(argv)
+        check_args(args)
+        runs = runs_from_args(args, default_latest=True)
+        states = [newest_state(run) for run in runs]
+        outputs, report = {}, []
+        for run, folder, (path, state) in zip(runs, output_folders(runs, args.out), states):
+            step, files, lines = measure(run, path, state, args)
+            outputs.update({os.path.join(folder, name): text for name, text in files.items()})
+            report += lines
+            report += [note] if (note := not_final_note(run, step, state)) else []
+        written = write_text_files(outputs)
+        for line in report + [f"wrote {path}" for path in written]:
+            print(line)
+        return 0
+
+    return run_cli(work, prog=prog)

@@ -1,4 +1,4 @@
-"""When each periodic task (a measurement, the full loss, a checkpoint) runs.
+"""When each measurement and the full loss are computed (checkpoints are placed by utils/training.py).
 
 A cadence is data, not scattered ``if step % k`` tests: a list of segments
 ``[[start_step, every], ...]`` sorted by start. Step ``s`` is scheduled when ``s % every == 0``

@@ -39,7 +39,7 @@ import time
 
 from utils.cli import OneLineParser, SignalCatcher
 from utils.errors import UserError
-from utils.results import atomic_write_json, read_json, read_text
+from utils.results import atomic_write_json, parse_results, read_json, read_text, read_versioned_json
 from utils.run_lock import pid_alive, slurm_job
 
 SWEEP_VERSION = 1
@@ -263,17 +263,9 @@ def sweep_folder(name: str) -> str:
 
 
 def load_definition(sweep_dir: str) -> dict:
-    path = os.path.join(sweep_dir, "grid.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{sweep_dir} is not a sweep folder (no grid.json); pass $RESULTS/sweeps/<NAME> or --name NAME")
-    try:
-        definition = read_json(path)
-    except (OSError, ValueError):
-        raise UserError(f"{path} is not valid JSON; the sweep folder is damaged")
-    if not isinstance(definition, dict) or definition.get("version") != SWEEP_VERSION:
-        raise UserError(f"{path} has sweep format version {definition.get('version') if isinstance(definition, dict) else None!r}, "
-                        f"this code reads version {SWEEP_VERSION}; use the EOSS version that wrote the sweep")
-    return definition
+    return read_versioned_json(os.path.join(sweep_dir, "grid.json"), version=SWEEP_VERSION, kind="sweep", folder="sweep",
+                               missing=f"{sweep_dir} is not a sweep folder (no grid.json); "
+                                       f"pass $RESULTS/sweeps/<NAME> or --name NAME")
 
 
 def _same_sweep(a: dict, b: dict) -> bool:
@@ -354,35 +346,32 @@ def _marker_is_live(marker: dict | None) -> bool:
     return not (marker.get("slurm_job") and marker.get("slurm_job") == slurm_job())
 
 
+def _ends_of_file(path: str, size: int = 65536) -> bytes:
+    """The whole lines among the first and the last ``size`` bytes of a file (all of a smaller one)."""
+    with open(path, "rb") as f:
+        head = f.read(size)
+        end = f.seek(0, os.SEEK_END)
+        if end <= 2 * size:
+            f.seek(0)
+            return f.read()
+        f.seek(end - size)
+        tail = f.read()
+    return head[:head.rfind(b"\n") + 1] + tail[tail.find(b"\n") + 1:]
+
+
 def _last_logged_step(results_path: str) -> int | None:
     """Steps done as of the last complete row of results.txt (its step column + 1).
 
-    Bytes that are not UTF-8 (a damaged file) read as replacement characters: the status
-    table shows what can still be read, never an error.
+    Only the header and the end of the file are read (status reads every run's file). Bytes
+    that are not UTF-8 (a damaged file) read as replacement characters, and a file that cannot
+    be read or parsed gives None: the status table shows what can still be read, never an error.
     """
     try:
-        with open(results_path, "rb") as f:
-            header = None
-            for raw in f:
-                if not raw.startswith(b"#"):
-                    header = raw.decode(errors="replace").strip().split(",")
-                    break
-            if header is None or "step" not in header:
-                return None
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 65536))
-            tail = f.read().decode(errors="replace")
-    except OSError:
+        text = _ends_of_file(results_path).decode(errors="replace")
+        steps = parse_results(text, results_path).steps()
+    except (OSError, UserError):
         return None
-    for line in reversed(tail.split("\n")[:-1]):  # the piece after the last newline is unfinished
-        fields = line.split(",")
-        if len(fields) == len(header) and not line.startswith("#"):
-            try:
-                return int(fields[header.index("step")]) + 1
-            except ValueError:
-                return None
-    return None
+    return steps[-1] + 1 if steps else None
 
 
 def point_state(sweep_dir: str, point: dict) -> dict:

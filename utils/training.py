@@ -44,7 +44,7 @@ from utils.monitor import Monitor
 from utils.noise import NoisyStep, noisy_step_from_config
 from utils.resources import OutOfSpace, check_memory, memory_for
 from utils.results import (BASE_COLUMNS, TIME_COLUMN, ResultsWriter, atomic_write_json, atomic_write_text,
-                           make_run_folder, read_json, read_text)
+                           make_run_folder, read_json, read_results_table, read_versioned_json)
 from utils.trackers import open_trackers
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -401,15 +401,9 @@ def read_run_config(run_dir: str) -> dict:
     if not os.path.isdir(run_dir):
         problem = "is a file, not a folder" if os.path.exists(run_dir) else "does not exist"
         raise UserError(f"{run_dir} {problem}; pass the folder of an EOSS run")
-    if not os.path.isfile(path):
-        raise UserError(f"{run_dir} is not an EOSS run folder (no config.json); pass the folder that training.py printed")
-    try:
-        record = read_json(path)
-    except (OSError, ValueError):
-        raise UserError(f"{path} is not valid JSON; the run folder is damaged")
-    if not isinstance(record, dict) or record.get("version") != CONFIG_VERSION:
-        raise UserError(f"{path} has config format version {record.get('version') if isinstance(record, dict) else None!r}, "
-                        f"this code reads version {CONFIG_VERSION}; use the EOSS version that wrote the run")
+    record = read_versioned_json(path, version=CONFIG_VERSION, kind="config", folder="run",
+                                 missing=f"{run_dir} is not an EOSS run folder (no config.json); "
+                                         f"pass the folder that training.py printed")
     if "config" not in record:
         raise UserError(f"{path} has no \"config\" settings; the run folder is damaged")
     try:
@@ -563,37 +557,16 @@ def _parent_checkpoint(run_dir: str, parent: dict) -> str:
     return path
 
 
+RESULTS_FIX = "the run folder is damaged; delete that line or the damaged rows to resume"
+
+
 def last_complete_step(path: str) -> int | None:
     """The step of the last row of results.txt before the first cut-off or damaged one; None
     when the file is missing or has no complete row."""
     if not os.path.isfile(path):
         return None
-    rows = _complete_rows(path)[2]
-    return rows[-1][0] if rows else None
-
-
-def _complete_rows(path: str) -> tuple[list[str], str | None, list[tuple[int, str]]]:
-    """(comment lines, header line, [(step, row line)]) of results.txt up to the first row cut
-    short by a hard kill (no newline, or the wrong number of fields)."""
-    text = read_text(path, fix="the run folder is damaged; delete that line or the damaged rows to resume")
-    comments, header, rows = [], None, []
-    for line in text.split("\n")[:-1]:  # the piece after the last newline is unfinished (or empty)
-        if line.startswith("#"):
-            comments.append(line)
-        elif header is None:
-            header = line
-            names = header.split(",")
-            if "step" not in names:
-                raise UserError(f"{path} has no step column in its header line; the run folder is damaged")
-        else:
-            fields = line.split(",")
-            if len(fields) != len(names):
-                break
-            step = fields[names.index("step")]
-            if not step.isdigit():
-                raise UserError(f"{path} has a row with step {step!r}; the run folder is damaged")
-            rows.append((int(step), line))
-    return comments, header, rows
+    steps = read_results_table(path, fix=RESULTS_FIX).steps()
+    return steps[-1] if steps else None
 
 
 def note_changed_products(record: dict, setup: Setup) -> None:
@@ -669,11 +642,7 @@ def truncate_results(path: str, before_step: int) -> None:
     A row cut short by a hard kill (no newline, or the wrong number of fields) and everything
     after it are dropped; the file is rewritten atomically.
     """
-    comments, header, rows = _complete_rows(path)
-    if header is None:
-        raise UserError(f"{path} has no header line; the run folder is damaged")
-    kept = comments + [header] + [line for step, line in rows if step < before_step]
-    atomic_write_text(path, "\n".join(kept) + "\n")
+    atomic_write_text(path, read_results_table(path, fix=RESULTS_FIX).before(before_step).text())
 
 
 def checkpoint_state(setup: Setup, monitor: Monitor, step: int, elapsed: float) -> dict:
