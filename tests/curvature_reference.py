@@ -62,24 +62,29 @@ def tiny_data(n, loss_name, seed=1):
     return X, Y
 
 
-def _flat_loss(model, loss_fn, X, Y, train_mode):
+def flat_outputs(model, X, train_mode=True):
+    """(outputs, flat): the model's outputs on X as a function of the flat trainable parameters, and
+    those parameters now."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     sizes = [p.numel() for _, p in named]
     previous = model.training
 
-    def loss(flat):
+    def outputs(flat):
         # Fresh copies inside the transformed function: BatchNorm may update them in place.
         buffers = {name: b.clone() for name, b in model.named_buffers()}
-        pieces = flat.split(sizes)
-        params = {name: piece.view_as(p) for (name, p), piece in zip(named, pieces)}
+        params = {name: piece.view_as(p) for (name, p), piece in zip(named, flat.split(sizes))}
         model.train(train_mode)
         try:
-            return loss_fn(functional_call(model, {**params, **buffers}, (X,)), Y)
+            return functional_call(model, {**params, **buffers}, (X,))
         finally:
             model.train(previous)
 
-    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
-    return loss, flat
+    return outputs, torch.cat([p.detach().reshape(-1) for _, p in named])
+
+
+def _flat_loss(model, loss_fn, X, Y, train_mode):
+    outputs, flat = flat_outputs(model, X, train_mode)
+    return (lambda theta: loss_fn(outputs(theta), Y)), flat
 
 
 def dense_hessian(model, loss_fn, X, Y, train_mode=True):
@@ -99,11 +104,6 @@ def finite_difference_hessian(model, loss_fn, X, Y, train_mode=True, eps=1e-5):
 def dense_gradient(model, loss_fn, X, Y, train_mode=True):
     loss, flat = _flat_loss(model, loss_fn, X, Y, train_mode)
     return torch.func.grad(loss)(flat)
-
-
-def dense_loss(model, loss_fn, X, Y, train_mode=True):
-    loss, flat = _flat_loss(model, loss_fn, X, Y, train_mode)
-    return loss(flat).item()
 
 
 def check_honest(values, ses, exact):

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from curvature_reference import (LOSSES, dense_gradient, dense_hessian, dense_loss, finite_difference_hessian, tiny_cnn,
+from curvature_reference import (LOSSES, dense_gradient, dense_hessian, finite_difference_hessian, tiny_cnn,
                                  tiny_data, tiny_images, tiny_mlp)
 from utils.hvp import HVP_MODES, HessianOperator, default_hvp_mode, flat_grad, flat_params, forward, num_params
 
@@ -41,11 +41,10 @@ def test_chunked_equals_unchunked_and_block_equals_columns(loss_name):
         columns = torch.stack([chunked.matvec(V[:, j]) for j in range(3)], dim=1)
         assert (columns - reference).abs().max() < 1e-10
         assert (chunked.gradient() - full.gradient()).abs().max() < 1e-12
-        assert chunked.loss() == pytest.approx(full.loss(), abs=1e-13)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 4])
-def test_gradient_and_loss_match_dense(chunk_size):
+def test_gradient_matches_dense(chunk_size):
     model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
     loss_fn = LOSSES["ce"]
     op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size)
@@ -53,7 +52,6 @@ def test_gradient_and_loss_match_dense(chunk_size):
     torch.testing.assert_close(op.gradient(), g, rtol=0, atol=1e-13)
     torch.testing.assert_close(flat_grad(model, loss_fn, X, Y, chunk_size=chunk_size), g,
                                rtol=0, atol=1e-13)
-    assert op.loss() == pytest.approx(dense_loss(model, loss_fn, X, Y), abs=1e-13)
     assert op.hvps == 0
 
 

@@ -27,6 +27,10 @@ Solvers:
 
 Random vectors come from the ``generator`` argument (a fixed-seed generator when it is None),
 never from the global RNG, so results are reproducible.
+
+The module is a little over 500 lines because the three solvers share the stopping rule, the
+start blocks and the orthogonalisation helpers at its end; splitting them would put the rule
+in one file and the code that applies it in another.
 """
 
 from dataclasses import dataclass

@@ -199,23 +199,16 @@ def chunks(n: int, chunk_size: int | None):
 
 def flat_grad(model, loss_fn, X, Y, *, chunk_size=None, train_mode=True) -> torch.Tensor:
     """grad L as a flat vector of length P (chunked like :class:`HessianOperator`)."""
-    return _loss_and_grad(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)[1]
-
-
-def _loss_and_grad(model, loss_fn, X, Y, *, chunk_size, train_mode):
     params = trainable_params(model)
     X = as_model_data(X, params[0].dtype, params[0].device)
     Y = as_model_data(Y, params[0].dtype, params[0].device)
     n = X.shape[0]
-    loss, grad = 0.0, torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
-                                  device=params[0].device)
+    grad = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
     for start, stop in chunks(n, chunk_size):
         chunk_loss = loss_fn(forward(model, X[start:stop], train_mode), Y[start:stop])
         g = torch.autograd.grad(chunk_loss, params, allow_unused=True, materialize_grads=True)
-        weight = (stop - start) / n
-        loss += weight * chunk_loss.item()
-        grad += weight * flatten(g)
-    return loss, grad
+        grad += (stop - start) / n * flatten(g)
+    return grad
 
 
 def quadratic_form_of_gradient(grads, params, *, retain_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,8 +252,8 @@ class HessianOperator(CurvatureOperator):
     """H, the Hessian of the mean loss of ``model`` on (X, Y), as a symmetric linear operator.
 
     ``matvec(V)`` takes a flat vector (P,) or a block (P, m) and returns H V of the same shape;
-    ``hvps`` counts the vectors multiplied (a block of m counts m). ``gradient()`` and ``loss()``
-    are computed on the same data with the same chunking and mode. ``chunk_size=None`` (or
+    ``hvps`` counts the vectors multiplied (a block of m counts m). ``gradient()`` is computed
+    on the same data with the same chunking and mode. ``chunk_size=None`` (or
     >= n) keeps one graph for the whole data; otherwise chunks of ``chunk_size`` samples are
     processed one at a time. ``mode`` is one of :data:`HVP_MODES`, by default
     :func:`default_hvp_mode` of the model and its device.
@@ -276,17 +269,13 @@ class HessianOperator(CurvatureOperator):
         if self.mode == "r-operator" and not is_chain(model):
             raise ValueError("r-operator products take chains of Conv2d, Linear, activations, MaxPool2d and "
                              "Flatten only; use double-backward")
-        self._loss = None
         self._grad = None
         self._chain = None
 
     def _build(self, start: int, stop: int):
-        """(loss, its gradients with their graph kept for double backward) on X[start:stop]."""
-        loss = self.loss_fn(forward(self.model, self.X[start:stop], self.train_mode),
-                            self.Y[start:stop])
-        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True,
-                                    materialize_grads=True)
-        return loss, grads
+        """The gradients of the loss on X[start:stop], their graph kept for double backward."""
+        loss = self.loss_fn(forward(self.model, self.X[start:stop], self.train_mode), self.Y[start:stop])
+        return torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True)
 
     def _full_graph(self):
         if self._graph is None:
@@ -382,19 +371,17 @@ class HessianOperator(CurvatureOperator):
     def _through_chains(self, per_chain, shape) -> torch.Tensor:
         """sum_c (n_c/n) per_chain(chain of chunk c), over the R-operator's primal caches."""
         result = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        # The chunks' primal passes give the gradient too: the first pass keeps it for gradient()/loss().
+        # The chunks' primal passes give the gradient too: the first pass keeps it for gradient().
         with_gradient = self._grad is None
-        loss = torch.zeros((), dtype=self.dtype, device=self.device)
         grad = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         for start, stop in chunks(self.n, self.chunk_size):
             chain = self._chain_of(start, stop)
             weight = (stop - start) / self.n
             result += weight * per_chain(chain)
             if with_gradient:
-                loss += weight * chain.loss
                 grad += weight * flatten(chain.gradient())
         if with_gradient:
-            self._loss, self._grad = loss.item(), grad
+            self._grad = grad
         return result
 
     def quadratic_forms(self, V: torch.Tensor) -> torch.Tensor:
@@ -425,7 +412,7 @@ class HessianOperator(CurvatureOperator):
             for start, stop in chunks(self.n, self.chunk_size):
                 result += (stop - start) / self.n * self._forward_over_reverse(start, stop, block)
         elif self.chunk_size is None:
-            result = self._products(self._full_graph()[1], block)
+            result = self._products(self._full_graph(), block)
         else:
             result = self._chunked_products(block)
         self.hvps += block.shape[1]
@@ -433,33 +420,26 @@ class HessianOperator(CurvatureOperator):
 
     def _chunked_products(self, block: torch.Tensor) -> torch.Tensor:
         result = torch.zeros_like(block)
-        loss, grad = 0.0, torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        grad = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         for start, stop in chunks(self.n, self.chunk_size):
-            chunk_loss, grads = self._build(start, stop)
+            grads = self._build(start, stop)
             weight = (stop - start) / self.n
             result += weight * self._products(grads, block)
-            loss += weight * chunk_loss.item()
             grad += weight * flatten(grads).detach()
-        # The gradient comes for free from the chunk graphs; keep it for gradient()/loss().
-        self._loss, self._grad = loss, grad
+        # The gradient comes for free from the chunk graphs; keep it for gradient().
+        self._grad = grad
         return result
-
-    def _ensure_loss_and_grad(self):
-        if self._grad is not None:
-            return
-        if self.mode == "r-operator":
-            self._through_chains(lambda chain: 0.0, ())
-        elif self.chunk_size is None and self.mode != "forward-over-reverse":
-            loss, grads = self._full_graph()
-            self._loss, self._grad = loss.item(), flatten(grads).detach()
-        else:
-            self._loss, self._grad = _loss_and_grad(
-                self.model, self.loss_fn, self.X, self.Y,
-                chunk_size=self.chunk_size, train_mode=self.train_mode)
 
     def gradient(self) -> torch.Tensor:
         """grad L (P,), detached, on the operator's data, chunking and mode."""
-        self._ensure_loss_and_grad()
+        if self._grad is None:
+            if self.mode == "r-operator":
+                self._through_chains(lambda chain: 0.0, ())
+            elif self.chunk_size is None and self.mode != "forward-over-reverse":
+                self._grad = flatten(self._full_graph()).detach()
+            else:
+                self._grad = flat_grad(self.model, self.loss_fn, self.X, self.Y, chunk_size=self.chunk_size,
+                                       train_mode=self.train_mode)
         return self._grad.clone()
 
     def gradient_quadratic_form(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -476,11 +456,5 @@ class HessianOperator(CurvatureOperator):
         if self.chunk_size is not None:
             g = self.gradient()
             return g @ self.matvec(g), g @ g
-        _, grads = self._full_graph()
         self.hvps += 1
-        return quadratic_form_of_gradient(grads, self.params, retain_graph=True)
-
-    def loss(self) -> float:
-        """L on the operator's data, chunking and mode."""
-        self._ensure_loss_and_grad()
-        return self._loss
+        return quadratic_form_of_gradient(self._full_graph(), self.params, retain_graph=True)

@@ -206,6 +206,23 @@ def _top_eigen(matvec, op, *, tol, max_iter, generator, init=None):
     return eigs.lanczos(matvec, op.dim, **options)
 
 
+class _BatchLoop:
+    """The stopping rule's ``sample_fn`` over random batches drawn and measured one at a time:
+    ``per_batch(idx)`` gives a batch's sample (a float, or a pair for a ratio of means);
+    ``drawn`` counts the batches."""
+
+    def __init__(self, per_batch, n, batch_size, generator, device):
+        self.per_batch, self.n, self.batch_size = per_batch, n, batch_size
+        self.generator, self.device = generator, device
+        self.drawn = 0
+
+    def __call__(self, m):
+        samples = [self.per_batch(sample_batch_indices(self.n, self.batch_size, self.generator, self.device))
+                   for _ in range(m)]
+        self.drawn += m
+        return tuple(list(column) for column in zip(*samples)) if isinstance(samples[0], tuple) else samples
+
+
 def batch_lambda_max(model, loss_fn, X, Y, batch_size, *, generator, min_samples=10,
                      max_samples=100, rel_se=0.02, train_mode=True, tol=EIG_TOL,
                      max_iter=None, exact=False) -> Estimate:
@@ -219,26 +236,21 @@ def batch_lambda_max(model, loss_fn, X, Y, batch_size, *, generator, min_samples
     residual. Columns ``batch_lambda_max``, ``batch_lambda_max_se``, ``batch_lambda_max_n``.
     """
     start = time.perf_counter()
-    n = X.shape[0]
     hvps, previous, missed = 0, None, []
 
-    def sample(m):
+    def top_eigenvalue(idx):
         nonlocal hvps, previous
-        values = []
-        for _ in range(m):
-            idx = sample_batch_indices(n, batch_size, generator, X.device)
-            op = HessianOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode, mode=_product_mode(exact))
-            result = _top_eigen(op.matvec, op, tol=tol, max_iter=max_iter, generator=generator,
-                                init=previous)
-            previous = result.vectors
-            hvps += op.hvps
-            values.append(result.values[0].item())
-            if not result.converged:
-                missed.append(float(result.residuals.max()))
-        return values
+        op = HessianOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode, mode=_product_mode(exact))
+        # The solve draws its random start from the same generator, between the batches.
+        result = _top_eigen(op.matvec, op, tol=tol, max_iter=max_iter, generator=generator, init=previous)
+        previous = result.vectors
+        hvps += op.hvps
+        if not result.converged:
+            missed.append(float(result.residuals.max()))
+        return result.values[0].item()
 
-    estimate = mean_with_stopping(sample, min_samples=min_samples, max_samples=max_samples,
-                                  rel_se=rel_se)
+    batches = _BatchLoop(top_eigenvalue, X.shape[0], batch_size, generator, X.device)
+    estimate = mean_with_stopping(batches, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
     if missed:
         warnings.warn(f"batch lambda_max: {len(missed)} of {estimate.n} batch solves stopped above tol {tol:g} "
                       f"(worst relative residual {max(missed):.2e})")
@@ -303,23 +315,15 @@ def gn_batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_sampl
     Columns ``gn_batch_sharpness``, ``gn_batch_sharpness_se``, ``gn_batch_sharpness_n``.
     """
     start = time.perf_counter()
-    n = X.shape[0]
-    hvps = 0
 
-    def sample(m):
-        nonlocal hvps
-        hvps += m
-        values = []
-        for _ in range(m):
-            idx = sample_batch_indices(n, batch_size, generator, X.device)
-            op = GaussNewtonOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
-            g = op.gradient()
-            values.append((g @ op.matvec(g) / (g @ g)).item())
-        return values
+    def rayleigh(idx):
+        op = GaussNewtonOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
+        g = op.gradient()
+        return (g @ op.matvec(g) / (g @ g)).item()
 
-    estimate = mean_with_stopping(sample, min_samples=min_samples, max_samples=max_samples,
-                                  rel_se=rel_se)
-    return Estimate(estimate.value, estimate.se, estimate.n, hvps, time.perf_counter() - start)
+    batches = _BatchLoop(rayleigh, X.shape[0], batch_size, generator, X.device)
+    estimate = mean_with_stopping(batches, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
+    return Estimate(estimate.value, estimate.se, estimate.n, batches.drawn, time.perf_counter() - start)
 
 
 def gradient_norms(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None,
@@ -336,18 +340,13 @@ def gradient_norms(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=No
     ``grad_norm_sq_full``.
     """
     start = time.perf_counter()
-    n = X.shape[0]
 
-    def sample(m):
-        values = []
-        for _ in range(m):
-            idx = sample_batch_indices(n, batch_size, generator, X.device)
-            g = flat_grad(model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
-            values.append((g @ g).item())
-        return values
+    def norm2(idx):
+        g = flat_grad(model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
+        return (g @ g).item()
 
-    batch = mean_with_stopping(sample, min_samples=min_samples, max_samples=max_samples,
-                               rel_se=rel_se)
+    batches = _BatchLoop(norm2, X.shape[0], batch_size, generator, X.device)
+    batch = mean_with_stopping(batches, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
     batch = Estimate(batch.value, batch.se, batch.n, 0, time.perf_counter() - start)
     start = time.perf_counter()
     g = flat_grad(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
@@ -399,25 +398,16 @@ def momentum_sharpness(model, loss_fn, X, Y, batch_size, *, optimizer, generator
     if group.get("dampening", 0) != 0 or group.get("weight_decay", 0) != 0:
         raise ValueError("momentum sharpness assumes SGD without dampening and weight decay")
     buffer = momentum_buffer(optimizer, model)
-    n = X.shape[0]
-    hvps = 0
 
-    def sample(m):
-        nonlocal hvps
-        hvps += m
-        quadratic, slope = [], []
-        for _ in range(m):
-            idx = sample_batch_indices(n, batch_size, generator, X.device)
-            op = HessianOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode, mode=PLAIN_HVP_MODE)
-            g = op.gradient()
-            s = momentum_direction(g, buffer.to(g), group["momentum"], group["nesterov"])
-            quadratic.append((s @ op.matvec(s)).item())
-            slope.append((s @ g).item())
-        return quadratic, slope
+    def quadratic_and_slope(idx):
+        op = HessianOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode, mode=PLAIN_HVP_MODE)
+        g = op.gradient()
+        s = momentum_direction(g, buffer.to(g), group["momentum"], group["nesterov"])
+        return (s @ op.matvec(s)).item(), (s @ g).item()
 
-    estimate = ratio_of_means_with_stopping(sample, min_samples=min_samples,
-                                            max_samples=max_samples, rel_se=rel_se)
-    return Estimate(estimate.value, estimate.se, estimate.n, hvps, time.perf_counter() - start)
+    batches = _BatchLoop(quadratic_and_slope, X.shape[0], batch_size, generator, X.device)
+    estimate = ratio_of_means_with_stopping(batches, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
+    return Estimate(estimate.value, estimate.se, estimate.n, batches.drawn, time.perf_counter() - start)
 
 
 def adam_preconditioner(optimizer: torch.optim.Adam, model) -> torch.Tensor | None:

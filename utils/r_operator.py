@@ -20,7 +20,7 @@ pass stores delta_l = dL/dz_l (and e = dL/dh after activations with act'' != 0).
 
 so each product pays only the tangent half of a forward-over-reverse product: the primal forward
 and backward are paid once per operator, and the first layer, whose input is data, skips half of
-its terms. The same cache gives L and grad L (delta_l (x) h_{l-1}) without another pass.
+its terms. The same cache gives grad L (delta_l (x) h_{l-1}) without another pass.
 """
 
 import warnings
@@ -174,7 +174,6 @@ class ChainCurvature:
             owners.append((self, "output_error"))
             loss = loss_fn(h, Y)
             errors = torch.autograd.grad(loss, wanted)
-        self.loss = loss.detach()
         for (step, name), error in zip(owners, errors):
             setattr(step, name, error)
 
