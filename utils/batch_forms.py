@@ -44,8 +44,8 @@ from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
 from utils.gram import ROW_BUDGET, LinearNetwork, linear_network, squared_norm
-from utils.hvp import (PLAIN_HVP_MODE, HessianOperator, as_model_data, flat_grad, forward_in_current_mode, model_mode,
-                       num_params, quadratic_form_of_gradient, trainable_params)
+from utils.hvp import (PLAIN_HVP_MODE, HessianOperator, flat_grad, forward_in_current_mode, model_mode, num_params,
+                       params_and_data, quadratic_form_of_gradient, trainable_params)
 from utils.models import has_batchnorm
 from utils.r_operator import ChainCurvature, is_chain
 
@@ -66,9 +66,6 @@ _ACTIVATIONS_PER_INPUT = 250
 _VMAP_MIN_AHEAD = 8
 # Batch gradients held at once by the Hessian-operator route of the centred forms.
 _OPERATOR_BLOCK = 10
-
-BATCH_ROUTES = ("stacked-gram", "vmap-double-backward", "r-operator", "double-backward")
-
 
 @dataclass
 class Route:
@@ -177,9 +174,7 @@ def batch_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mode
     with the parameters, the data conversion and the train/eval switch set up once for all K
     batches. Nothing is read back to the host, so the device can run ahead.
     """
-    params = trainable_params(model)
-    X = as_model_data(X, params[0].dtype, params[0].device)
-    Y = as_model_data(Y, params[0].dtype, params[0].device)
+    params, X, Y = params_and_data(model, X, Y)
     quadratics, norms = [], []
     with model_mode(model, train_mode):
         for rows in idx:
@@ -197,9 +192,7 @@ def chain_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor) -> tuple:
     (:func:`utils.r_operator.is_chain`): per batch one primal pass gives g_B, and g_B^T H_B g_B
     is its second directional derivative by forward differentiation, with no double backward.
     Chains have no mode-dependent layers, so there is no train/eval switch."""
-    params = trainable_params(model)
-    X = as_model_data(X, params[0].dtype, params[0].device)
-    Y = as_model_data(Y, params[0].dtype, params[0].device)
+    params, X, Y = params_and_data(model, X, Y)
     quadratics, norms = [], []
     for rows in idx:
         chain = ChainCurvature(model, loss_fn, X[rows], Y[rows])
@@ -221,12 +214,10 @@ def vmapped_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mo
     if has_batchnorm(model):
         raise ValueError("vmapped per-batch forms do not support BatchNorm; use batch_quadratic_forms")
     names = [name for name, p in model.named_parameters() if p.requires_grad]
-    params = trainable_params(model)
+    params, X, Y = params_and_data(model, X, Y)
     primals = {name: p.detach() for name, p in zip(names, params)}
     frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
     buffers = dict(model.named_buffers())
-    X = as_model_data(X, params[0].dtype, params[0].device)
-    Y = as_model_data(Y, params[0].dtype, params[0].device)
 
     def batch_terms(xb, yb):
         def batch_gradient(values):
@@ -264,7 +255,7 @@ class _GramDirections:
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            # rows x directions within the row budget
+            # Many directions share a pass: fewer data rows per chunk keep rows x directions in budget.
             chunk_rows = max(1, min(self.rows, ROW_BUDGET // idx.shape[0]))
             return self.net.quadratic_forms(self.X, self.Y, self.X[idx], self.Y[idx], chunk_rows=chunk_rows)
 

@@ -86,7 +86,7 @@ def _layers_of(model: nn.Module) -> list[_Layer] | None:
 
 
 def linear_network(model, loss_fn, X, Y) -> "LinearNetwork | None":
-    """The fast view of (model, loss_fn) on data (X, Y), or None if the fast path does not apply.
+    """The Gram engine's view of (model, loss_fn) on data (X, Y), or None where it does not apply.
 
     Applies to ``nn.Sequential([Flatten,] Linear, act, Linear, ..., Linear)`` with act among
     relu, tanh, silu and exact gelu, every parameter trainable, no buffers, loss mse (targets

@@ -174,6 +174,13 @@ def as_model_data(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> 
     return t.to(device=device)
 
 
+def params_and_data(model, X, Y) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(the trainable parameters, X and Y as :func:`as_model_data` for them)."""
+    params = trainable_params(model)
+    dtype, device = params[0].dtype, params[0].device
+    return params, as_model_data(X, dtype, device), as_model_data(Y, dtype, device)
+
+
 def split(v: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
     """A flat vector of length P as views shaped like ``params`` (the inverse of :func:`flatten`)."""
     return [piece.view_as(p) for piece, p in zip(v.split([p.numel() for p in params]), params)]
@@ -199,9 +206,7 @@ def chunks(n: int, chunk_size: int | None):
 
 def flat_grad(model, loss_fn, X, Y, *, chunk_size=None, train_mode=True) -> torch.Tensor:
     """grad L as a flat vector of length P (chunked like :class:`HessianOperator`)."""
-    params = trainable_params(model)
-    X = as_model_data(X, params[0].dtype, params[0].device)
-    Y = as_model_data(Y, params[0].dtype, params[0].device)
+    params, X, Y = params_and_data(model, X, Y)
     n = X.shape[0]
     grad = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
     for start, stop in chunks(n, chunk_size):
