@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from utils.cli import OneLineParser
 from utils.data import DATASET_NAMES
+from utils.eigs import EIG_METHODS as EIGEN_METHODS
 from utils.errors import UserError
 from utils.losses import LOSS_NAMES
 from utils.models import ACTIVATIONS, MODEL_NAMES
@@ -24,7 +25,6 @@ from utils.registry import MEASUREMENTS
 from utils.trackers import check_installed
 
 CONFIG_VERSION = 1
-EIGEN_METHODS = ("lanczos", "lobpcg", "power")
 
 
 def _with_measurement_settings(cls):
