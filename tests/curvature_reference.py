@@ -195,3 +195,15 @@ def ratio_reference(a, b, min_samples, max_samples, rel_se):
         R, se = delta_method(a[:k], b[:k])
         if se < rel_se * abs(R) or k == max_samples:
             return R, se, k
+
+
+def forbid_fast_routes(monkeypatch):
+    """Make the Gram engine and the default (fastest) Hessian-product mode raise an AssertionError
+    that says "fast route": what ``exact`` / ``--exact-measurements`` must never reach."""
+    from utils import batch_forms, hvp
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a measurement reached a fast route")
+
+    monkeypatch.setattr(batch_forms, "linear_network", refuse)
+    monkeypatch.setattr(hvp, "default_hvp_mode", refuse)

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from curvature_reference import (LOSSES, dense_gradient, dense_hessian, exact_trace_HS, tiny_cnn, tiny_data,
+from curvature_reference import (LOSSES, dense_gradient, dense_hessian, exact_trace_HS, forbid_fast_routes, tiny_cnn, tiny_data,
                                  tiny_images, tiny_mlp)
-from utils import batch_forms, hvp
+from utils import batch_forms
 from utils.batch_forms import (batch_quadratic_forms, batch_route, centred_forms, chain_quadratic_forms, noise_route,
                                same_batch_route, vmapped_quadratic_forms)
 
@@ -131,11 +131,7 @@ def test_centred_forms_of_every_single_sample_give_the_trace_of_HS():
 
 
 def test_exact_forms_never_ask_for_the_fast_routes(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("an exact form reached a fast route")
-
-    monkeypatch.setattr(batch_forms, "linear_network", refuse)
-    monkeypatch.setattr(hvp, "default_hvp_mode", refuse)
+    forbid_fast_routes(monkeypatch)
     model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
     same_batch_route(model, LOSSES["mse"], X, Y, 3, exact=True).forms(IDX)
     noise_route(model, LOSSES["mse"], X, Y, 3, exact=True, min_samples=2, max_samples=4, block_size=2).forms(IDX)

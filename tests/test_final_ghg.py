@@ -11,7 +11,7 @@ import compute_final_gHg
 import sharpness_gap
 from analysis_runs import (check_bad_input, copy_run, final_model, missing_folder, no_checkpoints, runs,  # noqa: F401
                            unknown_version)
-from utils import batch_forms, hvp
+from curvature_reference import forbid_fast_routes
 from utils.analysis import default_batch_sizes, estimates_at_sample_limit, gni_all_batch_sizes
 from utils.estimators import measurement_generator
 from utils.losses import mse_loss
@@ -64,13 +64,7 @@ def test_ghg_matches_the_measurement_functions(runs, tmp_path, capsys):
 def test_exact_measurements_take_the_plain_path_with_the_same_values(runs, tmp_path, monkeypatch):
     common = [str(runs["a"]), "--batch-sizes", "4", "--max-samples", "25", "--dtype", "float64", "--cpu", "--quiet"]
     assert compute_final_gHg.main([*common, "--out", str(tmp_path / "fast")]) == 0
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("--exact-measurements reached a fast path")
-
-    # The plain route never asks for the Gram engine or the default (fast) Hessian-product mode.
-    monkeypatch.setattr(batch_forms, "linear_network", refuse)
-    monkeypatch.setattr(hvp, "default_hvp_mode", refuse)
+    forbid_fast_routes(monkeypatch)
     assert compute_final_gHg.main([*common, "--exact-measurements", "--out", str(tmp_path / "exact")]) == 0
     fast, exact = (json.loads((tmp_path / kind / "final_ghg.json").read_text()) for kind in ("fast", "exact"))
     assert (fast["exact_measurements"], exact["exact_measurements"]) == (False, True)

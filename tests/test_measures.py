@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from curvature_reference import (LOSSES, check_honest_estimates, dense_gradient, dense_hessian, drawn_batches,
-                                 exact_ghg_family, mean_reference, ratio_reference, tiny_cnn, tiny_data, tiny_images,
-                                 tiny_mlp)
+                                 exact_ghg_family, forbid_fast_routes, mean_reference, ratio_reference, tiny_cnn,
+                                 tiny_data, tiny_images, tiny_mlp)
 from utils import batch_forms
 from utils.errors import UserError
 from utils.estimators import measurement_generator
@@ -245,18 +245,14 @@ def test_exact_measurements_use_plain_double_backward_for_every_hessian_product(
     import json
 
     import training
-    from utils import hvp
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("a measurement asked for the default (fast) HVP mode")
-
-    monkeypatch.setattr(hvp, "default_hvp_mode", refuse)
+    forbid_fast_routes(monkeypatch)
     model, (X, Y) = tiny_mlp(), tiny_data(12, "mse")
-    with pytest.raises(AssertionError, match="fast"):
+    with pytest.raises(AssertionError, match="fast route"):
         lambda_max(model, LOSSES["mse"], X, Y)
     cnn, (images, labels) = tiny_cnn(), tiny_images(10, "ce")  # the default mode would be the R-operator
     limits = {"min_samples": 5, "max_samples": 10}
-    with pytest.raises(AssertionError, match="fast"):
+    with pytest.raises(AssertionError, match="fast route"):
         gni_by_batch_size(cnn, LOSSES["ce"], images, labels, [3], generator=measurement_generator(0, 0), **limits)
     gni_by_batch_size(cnn, LOSSES["ce"], images, labels, [3], generator=measurement_generator(0, 0), exact=True,
                       **limits)

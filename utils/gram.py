@@ -123,6 +123,13 @@ def _plus(a, b):
     return a if b is None else a + b
 
 
+def _through_activation(d1, d2, zdot, zddot):
+    """(hdot, hddot) = (act' zdot, act'' zdot^2 + act' zddot), with None for an exact zero."""
+    hdot = d1 * zdot
+    hddot = _plus(None if d2 is None else d2 * zdot * zdot, None if zddot is None else d1 * zddot)
+    return hdot, hddot
+
+
 @dataclass
 class _Rows:
     """Per-sample quantities of a set of rows: layer inputs h_{l-1}, act' and act'' of the
@@ -186,6 +193,11 @@ class LinearNetwork:
         grad[torch.arange(f.shape[0], device=f.device), y] -= 1
         return grad, p
 
+    def _second_derivative(self, probs, loss_grad, fdot, fddot) -> torch.Tensor:
+        """Per row fdot^T (d^2 l / df^2) fdot + (dl/df)^T fddot (``fddot`` None: zero)."""
+        per_row = self._curvature(probs, fdot)
+        return per_row if fddot is None else per_row + (loss_grad * fddot).sum(-1)
+
     def _curvature(self, probs, fdot: torch.Tensor) -> torch.Tensor:
         """fdot^T (d^2 l / df^2) fdot over the last axis (``probs`` from :meth:`_loss_terms`)."""
         if probs is None:
@@ -232,18 +244,12 @@ class LinearNetwork:
         norm2 = sum(((d @ d.mT) * gram).sum((1, 2)) for d, gram in zip(deltas, grams))
         zdot, zddot = grams[0] @ deltas[0], None
         for l in range(1, len(self.layers)):
-            d1, d2 = rows.first[l - 1], rows.second[l - 1]
-            hdot = d1 * zdot
-            hddot = _plus(None if d2 is None else d2 * zdot * zdot,
-                          None if zddot is None else d1 * zddot)
+            hdot, hddot = _through_activation(rows.first[l - 1], rows.second[l - 1], zdot, zddot)
             weight = self.layers[l].weight
             cross = hdot @ inputs[l].mT  # hdot_i . h_j within each batch
             zdot = grams[l] @ deltas[l] + hdot @ weight.T
             zddot = _plus(2 * (cross @ deltas[l]), None if hddot is None else hddot @ weight.T)
-        per_row = self._curvature(rows.probs, zdot)
-        if zddot is not None:
-            per_row = per_row + (rows.loss_grad * zddot).sum(-1)
-        return per_row.sum(1) / b, norm2
+        return self._second_derivative(rows.probs, rows.loss_grad, zdot, zddot).sum(1) / b, norm2
 
     def full_gradient(self, X, Y, chunk_rows: int):
         """grad L on all of (X, Y) as per-layer (grad W_l, grad c_l or None)."""
@@ -331,18 +337,12 @@ class LinearNetwork:
 
         zdot, zddot = gram_part(0, inputs[0], True), None
         for l in range(1, len(self.layers)):
-            d1, d2 = derivatives[l - 1]
-            hdot = d1 * zdot
-            hddot = _plus(None if d2 is None else d2 * zdot * zdot,
-                          None if zddot is None else d1 * zddot)
+            hdot, hddot = _through_activation(*derivatives[l - 1], zdot, zddot)
             weight = self.layers[l].weight
             zdot = gram_part(l, inputs[l], True) + hdot @ weight.T
             zddot = _plus(2 * gram_part(l, hdot, False),
                           None if hddot is None else hddot @ weight.T)
-        per_row = self._curvature(probs, zdot)
-        if zddot is not None:
-            per_row = per_row + (loss_grad * zddot).sum(-1)
-        return per_row.sum(-1)
+        return self._second_derivative(probs, loss_grad, zdot, zddot).sum(-1)
 
 
 def squared_norm(pieces: list) -> float:
