@@ -13,7 +13,7 @@ import sys
 from utils.cli import run_cli
 from utils.config import build_parser, config_from_args, explicit_settings, settings_from_args
 from utils.errors import UserError
-from utils.training import StoppedBeforeStart, fork, resume, run
+from utils.launch import StoppedBeforeStart, fork, resume, run
 
 # Flags that may accompany --resume: they change how the run is shown, not what it computes.
 _RESUME_COMPATIBLE = {"resume", "resume_step", "quiet", "cpu"}

@@ -24,6 +24,8 @@ import compute_final_gHg
 import sharpness_gap
 import training
 import utils.checkpoints
+import utils.launch
+import utils.monitor
 import utils.training
 from run_checks import interrupt_at, same_results
 from utils import run_lock
@@ -100,9 +102,9 @@ def test_resume_point_skips_steps_that_log_no_row(results_env):
     def every_fourth(step):
         return step % 4 == 0
 
-    assert utils.training.resume_point(str(run_dir), None, 13, every_fourth)[0] == 14
-    assert utils.training.resume_point(str(run_dir), None, 12, every_fourth)[0] == 7
-    assert utils.training.resume_point(str(run_dir), None, 0, every_fourth) == (0, str(run_dir / "checkpoints" / "step_0.pt"))
+    assert utils.launch.resume_point(str(run_dir), None, 13, every_fourth)[0] == 14
+    assert utils.launch.resume_point(str(run_dir), None, 12, every_fourth)[0] == 7
+    assert utils.launch.resume_point(str(run_dir), None, 0, every_fourth) == (0, str(run_dir / "checkpoints" / "step_0.pt"))
 
 
 # ----------------------------------------------------------------------------- 2. stale final files
@@ -183,14 +185,14 @@ def test_a_fork_stopped_before_its_first_checkpoint_resumes_from_its_parents(res
 
 def test_sigterm_while_the_run_is_set_up_exits_143_and_leaves_a_resumable_folder(results_env, reference, monkeypatch, capsys):
     run_dir = results_env / "early"
-    original = utils.training.atomic_write_json
+    original = utils.launch.atomic_write_json
 
     def signal_once_config_exists(path, data):
         original(path, data)
         if path.endswith("config.json"):
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(utils.training, "atomic_write_json", signal_once_config_exists)
+    monkeypatch.setattr(utils.launch, "atomic_write_json", signal_once_config_exists)
     assert training.main([*BASE, "--run-dir", str(run_dir)]) == 143
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["final_step"] == 0
@@ -200,14 +202,14 @@ def test_sigterm_while_the_run_is_set_up_exits_143_and_leaves_a_resumable_folder
 
 
 def test_sigterm_before_the_folder_exists_writes_nothing(results_env, monkeypatch, capsys):
-    original = utils.training.build
+    original = utils.launch.build
 
     def build_then_signal(cfg):
         setup = original(cfg)
         os.kill(os.getpid(), signal.SIGTERM)
         return setup
 
-    monkeypatch.setattr(utils.training, "build", build_then_signal)
+    monkeypatch.setattr(utils.launch, "build", build_then_signal)
     assert training.main([*BASE, "--run-dir", str(results_env / "never")]) == 143
     assert "before the run started" in capsys.readouterr().err
     assert not (results_env / "never").exists()
@@ -228,7 +230,7 @@ def test_sweep_resumes_a_point_folder_that_holds_only_config_json(results_env, r
 def _claim_and_record(run_dir, queue):
     cfg = RunConfig(run_dir=run_dir)
     try:
-        folder, lock, _ = utils.training.create_run_dir(cfg)
+        folder, lock, _ = utils.launch.create_run_dir(cfg)
     except Exception as exc:  # the one-line UserError of a loser
         queue.put(("lost", str(exc)))
         return
@@ -340,7 +342,7 @@ def test_running_out_of_memory_in_a_measurement_names_it_and_the_fix(results_env
                                "memory: you tried to allocate 123456789 bytes. Error code 12 (Cannot allocate memory)")
         return {}
 
-    monkeypatch.setattr(utils.training.Monitor, "measure", refuse)
+    monkeypatch.setattr(utils.monitor.Monitor, "measure", refuse)
     assert training.main([*BASE, "--run-dir", str(results_env / "oom")]) == 2
     err = one_error_line(capsys, "the measurements at step 10 could not allocate 123 MB")
     assert "--hvp-chunk" in err
@@ -375,14 +377,14 @@ def test_a_full_disk_during_training_stops_with_one_line_and_resumes(results_env
 
 
 def test_a_full_disk_at_the_start_leaves_no_folder_or_a_resumable_one(results_env, reference, monkeypatch, capsys):
-    original = utils.training.atomic_write_json
+    original = utils.launch.atomic_write_json
 
     def config_fails(path, data):
         if path.endswith("config.json"):
             raise OutOfSpace(path, 3000)
         original(path, data)
 
-    monkeypatch.setattr(utils.training, "atomic_write_json", config_fails)
+    monkeypatch.setattr(utils.launch, "atomic_write_json", config_fails)
     assert training.main([*BASE, "--run-dir", str(results_env / "none")]) == 2
     one_error_line(capsys, "writing config.json needs 3 kB")
     assert not (results_env / "none").exists()

@@ -23,8 +23,9 @@ from utils.checkpoints import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
 from utils.config import RunConfig, results_root
 from utils.cli import OneLineParser, run_cli
 from utils.errors import UserError
+from utils.launch import ENDED, read_run_config
 from utils.results import atomic_write_text, read_json, read_results_table
-from utils.training import ENDED, Setup, build, read_run_config
+from utils.training import Setup, build
 
 CONFIG_FILE = "config.json"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
