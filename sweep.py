@@ -12,9 +12,10 @@ import shlex
 import sys
 
 from utils.cli import run_cli
-from utils.sweep import (ENDED, build_status_parser, check_existing, define_sweep, dry_run_lines, format_status,
-                         load_grid_file, merge_grids, parse_command_line, parse_grid_tokens, prepare_sweep,
-                         read_status, refresh_status, require_submitit, resolve_sweep_dir, run_local, sweep_folder)
+from utils.sweep import (ENDED, check_existing, dry_run_lines, format_status, prepare_sweep, read_status,
+                         refresh_status, require_submitit, resolve_sweep_dir, run_local, sweep_folder)
+from utils.sweep_grid import (build_status_parser, define_sweep, load_grid_file, merge_grids, parse_command_line,
+                              parse_grid_tokens)
 
 
 def status(argv: list[str]) -> int:

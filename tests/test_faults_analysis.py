@@ -23,7 +23,8 @@ from utils.errors import UserError
 import utils.results
 from utils.plotting import MAX_PNG_PIXELS, MAX_PNG_SIDE, new_figure, render_figure
 from utils.runs import read_optional_json, select_runs
-from utils.sweep import define_sweep, parse_grid_tokens, prepare_sweep, sweep_folder
+from utils.sweep import prepare_sweep, sweep_folder
+from utils.sweep_grid import define_sweep, parse_grid_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"plot": (plot_results, []), "gap": (sharpness_gap, ["--tail", "0.75"])}

@@ -20,8 +20,8 @@ import utils.sweep_slurm
 from run_checks import same_parameters, same_results
 from utils.checkpoints import list_checkpoints
 from utils.runs import select_runs
-from utils.sweep import (TRAINING_SCRIPT, define_sweep, load_grid_file, local_threads, parse_grid_tokens, prepare_sweep,
-                         sweep_folder, sweep_run_dirs, training_env)
+from utils.sweep import TRAINING_SCRIPT, local_threads, prepare_sweep, sweep_folder, sweep_run_dirs, training_env
+from utils.sweep_grid import define_sweep, load_grid_file, parse_grid_tokens
 
 BASE = ["--width", "16", "--num-data", "120", "--steps", "20", "--quiet"]
 GRID = ["--lr", "0.05", "0.1", "--batch", "8", "16"]

@@ -15,7 +15,8 @@ from analysis_runs import copy_run, runs  # noqa: F401
 from utils.errors import UserError
 from utils.plotting import new_figure, save_figure
 from utils.runs import load_run, rebuild
-from utils.sweep import define_sweep, parse_grid_tokens, prepare_sweep, sweep_folder
+from utils.sweep import prepare_sweep, sweep_folder
+from utils.sweep_grid import define_sweep, parse_grid_tokens
 
 GRID = ["--lr", "0.05", "0.1"]
 
