@@ -16,15 +16,14 @@ import warnings
 import pandas as pd
 from tqdm import tqdm
 
-from utils.analysis import full_batch_sharpness, stability_label, stability_threshold
-from utils.config import EIGEN_METHODS
+from utils.analysis import FULL_BATCH_TOL, full_batch_sharpness, stability_label, stability_threshold
+from utils.eigs import EIG_METHODS
 from utils.errors import UserError
 from utils.estimators import measurement_generator
 from utils.hvp import measurement_hvp_mode
 from utils.runs import DTYPES, build_analysis_parser, checkpoint_list, load_weights, measure_newest_states, rebuild
 
 PROG = "compute_final_fullbs.py"
-DEFAULT_TOL = 1e-5
 
 
 def build_parser():
@@ -32,8 +31,8 @@ def build_parser():
                               default_latest=True, rebuilds=True)
     g = p.add_argument_group("measurement")
     g.add_argument("--num-eigenvalues", type=int, default=1, metavar="K", help="the top K eigenvalues (default 1)")
-    g.add_argument("--tol", type=float, default=DEFAULT_TOL, help=f"relative residual tolerance (default {DEFAULT_TOL:g})")
-    g.add_argument("--eig-method", default=None, help=f"one of {', '.join(EIGEN_METHODS)} (default lanczos, lobpcg for K > 1)")
+    g.add_argument("--tol", type=float, default=FULL_BATCH_TOL, help=f"relative residual tolerance (default {FULL_BATCH_TOL:g})")
+    g.add_argument("--eig-method", default=None, help=f"one of {', '.join(EIG_METHODS)} (default lanczos, lobpcg for K > 1)")
     g.add_argument("--all-checkpoints", action="store_true", help="every checkpoint, not only the final one")
     g.add_argument("--hvp-chunk", type=int, default=None, help="samples per chunk of Hessian products (default: the run's)")
     g.add_argument("--seed", type=int, default=None, help="seed of the solver's random start (default: the run's --measure-seed)")
@@ -49,8 +48,8 @@ def check_args(args) -> None:
         raise UserError(f"--num-eigenvalues must be at least 1, got {args.num_eigenvalues}")
     if not 0 < args.tol < 1:
         raise UserError(f"--tol must be in (0, 1), got {args.tol}")
-    if args.eig_method is not None and args.eig_method not in EIGEN_METHODS:
-        raise UserError(f"unknown --eig-method {args.eig_method!r}; choose one of {', '.join(EIGEN_METHODS)}")
+    if args.eig_method is not None and args.eig_method not in EIG_METHODS:
+        raise UserError(f"unknown --eig-method {args.eig_method!r}; choose one of {', '.join(EIG_METHODS)}")
     if args.hvp_chunk is not None and args.hvp_chunk < 1:
         raise UserError(f"--hvp-chunk must be at least 1, got {args.hvp_chunk}")
 

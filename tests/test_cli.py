@@ -41,10 +41,10 @@ def test_every_option_with_a_readable_default_has_help_text_to_show_it_in():
     import compute_final_gHg
     import plot_results
     import sharpness_gap
-    from utils import config, sweep
+    from utils import config, sweep_grid
 
     parsers = [module.build_parser() for module in (config, compute_final_fullbs, compute_final_gHg, plot_results,
-                                                    sharpness_gap, sweep)] + [sweep.build_status_parser()]
+                                                    sharpness_gap, sweep_grid)] + [sweep_grid.build_status_parser()]
     silent = [option for parser in parsers for action in parser._actions for option in action.option_strings[:1]
               if action.default not in (None, False, argparse.SUPPRESS) and not action.help]
     assert silent == []

@@ -12,11 +12,14 @@ from __future__ import annotations
 import math
 
 from utils import measures
+from utils.config import ADAM_BETAS
 from utils.errors import UserError
 from utils.estimators import BATCH_SHARPNESS_REL_SE, GNI_REL_SE, MAX_SAMPLES, Estimate, measurement_generator
 from utils.models import has_batchnorm
 
-ADAM_BETA1 = 0.9  # utils.training builds Adam with betas (0.9, 0.999)
+ADAM_BETA1 = ADAM_BETAS[0]
+# Relative residual of the end-of-run eigen-solves of compute_final_fullbs.py, in float64.
+FULL_BATCH_TOL = 1e-5
 GHG_QUANTITIES = ("batch_sharpness", "batch_sharpness_ratio", "gni")
 
 
@@ -46,7 +49,7 @@ def stability_label(cfg) -> str:
     return "(2+2μ)/η" if cfg.momentum else "2/η"
 
 
-def full_batch_sharpness(model, loss_fn, X, Y, *, k=1, tol=1e-5, method=None, chunk_size=None,
+def full_batch_sharpness(model, loss_fn, X, Y, *, k=1, tol=FULL_BATCH_TOL, method=None, chunk_size=None,
                          warm_start=None, generator=None, exact=False):
     """Top-k eigenvalues of the full-batch Hessian H = (1/n) sum_i hess l_i, to a relative residual ``tol``.
 

@@ -12,11 +12,11 @@ import argparse
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from utils.cli import OneLineParser
 from utils.data import DATASET_NAMES
-from utils.eigs import EIG_METHODS as EIGEN_METHODS
+from utils.eigs import EIG_METHODS, EIG_TOL
 from utils.errors import UserError
 from utils.losses import LOSS_NAMES
 from utils.models import ACTIVATIONS, MODEL_NAMES
@@ -25,6 +25,7 @@ from utils.registry import MEASUREMENTS
 from utils.trackers import check_installed
 
 CONFIG_VERSION = 1
+ADAM_BETAS = (0.9, 0.999)  # the (beta_1, beta_2) of every Adam run
 
 
 def _with_measurement_settings(cls):
@@ -86,7 +87,7 @@ class RunConfig:
     # measurements: the switch and cadence of each registry entry are added by the decorator
     num_eigenvalues: int = 1
     eig_method: str = "lanczos"
-    eig_tol: float = 1e-3
+    eig_tol: float = EIG_TOL
     param_file: str | None = None
     final: bool = False
     measure_every: int | None = None
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=d.batch, help="mini-batch size b")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD heavy-ball momentum mu")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum)")
-    g.add_argument("--adam", action="store_true", help="Adam with betas (0.9, 0.999) instead of SGD")
+    g.add_argument("--adam", action="store_true", help=f"Adam with betas {ADAM_BETAS} instead of SGD")
     g.add_argument("--steps", type=int, default=None, help=f"number of steps (default {DEFAULT_STEPS})")
     g.add_argument("--epochs", type=int, default=None, help="number of epochs instead of --steps")
     g.add_argument("--data-ordering-seed", type=int, default=d.data_ordering_seed, help="seed of the per-epoch shuffles")
@@ -180,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     for m in MEASUREMENTS:
         g.add_argument(m.flag, action="store_true", help=m.help)
     g.add_argument("--num-eigenvalues", type=int, default=d.num_eigenvalues, help="top-k eigenvalues with --lambdamax")
-    g.add_argument("--eig-method", default=d.eig_method, help=f"one of {', '.join(EIGEN_METHODS)}")
+    g.add_argument("--eig-method", default=d.eig_method, help=f"one of {', '.join(EIG_METHODS)}")
     g.add_argument("--eig-tol", type=float, default=d.eig_tol, help="relative residual tolerance of the eigen-solver")
     g.add_argument("--param-file", metavar="PATH", default=None,
                    help="with --param-distance: measure the distance to this saved state dict instead")
@@ -253,7 +254,7 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.model in MODEL_NAMES, f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}")
     need(cfg.loss in LOSS_NAMES, f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSS_NAMES)}")
     need(cfg.activation in ACTIVATIONS, f"unknown activation {cfg.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
-    need(cfg.eig_method in EIGEN_METHODS, f"unknown --eig-method {cfg.eig_method!r}; choose one of {', '.join(EIGEN_METHODS)}")
+    need(cfg.eig_method in EIG_METHODS, f"unknown --eig-method {cfg.eig_method!r}; choose one of {', '.join(EIG_METHODS)}")
     need(math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a positive number, got {cfg.lr}")
     need(cfg.batch >= 1, f"--batch must be at least 1, got {cfg.batch}")
     need(cfg.steps is None or cfg.epochs is None, "give either --steps or --epochs, not both")

@@ -30,7 +30,7 @@ import torch
 from utils import schedule
 from utils.checkpoints import checkpoint_path, prune_checkpoints, rng_state, save_checkpoint, set_rng_state
 from utils.cli import SignalCatcher
-from utils.config import DEFAULT_STEPS, RunConfig, datasets_root, validate
+from utils.config import ADAM_BETAS, DEFAULT_STEPS, RunConfig, datasets_root, validate
 from utils.data import load_dataset
 from utils.errors import UserError
 from utils.losses import accuracy, get_loss
@@ -64,7 +64,7 @@ def pick_device(force_cpu: bool) -> torch.device:
 
 def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     if cfg.adam:
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=ADAM_BETAS)
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
