@@ -20,8 +20,8 @@ from utils.estimators import Estimate, measurement_generator
 from utils.hvp import flat_params
 from utils.registry import MEASUREMENTS, Context
 
-# The end-of-run solve of final.json: float32 Hessian products stall near a relative residual
-# of 1e-4, so it runs on a float64 copy of the model and asks for at least this much.
+# The tolerance of final.json's float64 solves (Measurement.final_float64): float32 Hessian
+# products stall near a relative residual of 1e-4, float64 ones reach far below it.
 FINAL_EIG_TOL = 1e-4
 
 
@@ -98,13 +98,15 @@ class Monitor:
     def final(self, step: int) -> dict:
         """The contents of final.json: lambda_max (and lambda_2..k), Batch Sharpness and GNI,
         and every other enabled measurement that final.json carries, each value with its
-        ``_se`` where it has one."""
+        ``_se`` where it has one. Solves of a ``final_float64`` measurement run on a float64
+        copy of the model to min(--eig-tol, 1e-4); the others keep --eig-tol, which float32
+        products reach."""
         cfg = self.cfg
-        tol = min(cfg.eig_tol, FINAL_EIG_TOL)
-        context = self._context(step, tol, eig_model=copy.deepcopy(self.model).double())
+        context = self._context(step, cfg.eig_tol, eig_model=copy.deepcopy(self.model).double())
         record = {"step": step}
         for m in MEASUREMENTS:
             if m.final == "always" or (m.final == "enabled" and getattr(cfg, m.name)):
+                context.tol = min(cfg.eig_tol, FINAL_EIG_TOL) if m.final_float64 else cfg.eig_tol
                 values = self._compute(m, context, m.final_stream or m.name)
                 for column in m.columns:
                     if column.name not in values:

@@ -86,7 +86,8 @@ class Measurement:
     maps a :class:`Context` to {column: Estimate or bare value}; an empty dict skips the step.
     ``needs`` is the setting it measures (``momentum`` or ``adam``), ``needs_reason`` why.
     ``final`` says when final.json carries it (``always``, ``enabled`` or ``never``) and
-    ``final_stream`` the random stream it draws there. ``line`` is the threshold its panels
+    ``final_stream`` the random stream it draws there; ``final_float64`` solves it there on a
+    float64 copy of the model, to a tighter tolerance than float32 products reach. ``line`` is the threshold its panels
     draw: the optimiser's stability line (``stability``), Adam's line for the preconditioned
     Hessian (``preconditioned``) or none; ``log_scale`` draws its panels on a log axis (a panel
     takes both from the first measurement drawn in it)."""
@@ -100,6 +101,7 @@ class Measurement:
     needs_reason: str = ""
     final: str = "enabled"
     final_stream: str | None = None
+    final_float64: bool = False
     line: str | None = "stability"
     log_scale: bool = False
 
@@ -198,7 +200,7 @@ def _eigenvalues(cfg) -> list[str]:
 MEASUREMENTS: tuple[Measurement, ...] = (
     Measurement("lambdamax", "full-batch top Hessian eigenvalue lambda_max",
                 (Column("lambda_max", "λ_max", (Curve("λ_max"),), extra=_eigenvalues),),
-                _lambda_max, final="always"),
+                _lambda_max, final="always", final_float64=True),
     Measurement("batch_sharpness", "E_B[g_B^T H_B g_B / |g_B|^2] over random batches",
                 (Column("batch_sharpness", "Batch Sharpness", (Curve("E[gᵀHg/‖g‖²]"),), with_se=True),),
                 _batch_sharpness, final="always", final_stream="final"),
