@@ -20,7 +20,7 @@ from matplotlib.ticker import LogFormatterSciNotation, NullLocator, ScalarFormat
 
 from utils.analysis import stability_label, stability_threshold
 from utils.errors import UserError
-from utils.registry import MEASUREMENTS
+from utils.registry import MEASUREMENTS, Curve
 from utils.results import atomic_output
 from utils.runs import make_output_folder, unwritable
 
@@ -44,17 +44,6 @@ _NOT_DISTINGUISHING = {"run_dir", "quiet", "cpu", "download", "wandb", "tensorbo
 
 
 @dataclass(frozen=True)
-class Curve:
-    """One results.txt column in a panel: ``faint`` draws it thin and light, ``smooth`` as a rolling mean."""
-
-    column: str
-    label: str
-    faint: bool = False
-    smooth: bool = False
-    dashed: bool = False
-
-
-@dataclass(frozen=True)
 class Panel:
     """A panel is drawn when the results hold any of its columns.
 
@@ -75,7 +64,7 @@ def _measurement_panels() -> tuple[Panel, ...]:
     panels: dict[str, Panel] = {}
     for m in MEASUREMENTS:
         for column in m.columns:
-            curves = tuple(Curve(column.name, c.label, c.faint, c.smooth, c.dashed) for c in column.curves)
+            curves = tuple(replace(curve, column=column.name) for curve in column.curves)
             if column.panel in panels:
                 panels[column.panel] = replace(panels[column.panel], curves=panels[column.panel].curves + curves)
             else:
@@ -85,9 +74,9 @@ def _measurement_panels() -> tuple[Panel, ...]:
 
 
 PANELS = (
-    Panel("loss", (Curve("batch_loss", "step's batch", faint=True), Curve("full_loss", "full")), log=True),
+    Panel("loss", (Curve("step's batch", faint=True, column="batch_loss"), Curve("full", column="full_loss")), log=True),
     *_measurement_panels(),
-    Panel("accuracy", (Curve("full_accuracy", "train"),)),
+    Panel("accuracy", (Curve("train", column="full_accuracy"),)),
 )
 
 

@@ -32,12 +32,15 @@ from utils.estimators import Estimate
 
 @dataclass(frozen=True)
 class Curve:
-    """How a column is drawn: ``faint`` thin and light, ``smooth`` as a rolling mean, ``dashed``."""
+    """How a column is drawn: ``faint`` thin and light, ``smooth`` as a rolling mean, ``dashed``.
+    ``column`` is the results.txt column; in a registry entry it is the :class:`Column` that
+    holds the curve."""
 
     label: str
     faint: bool = False
     smooth: bool = False
     dashed: bool = False
+    column: str | None = None
 
 
 @dataclass(frozen=True)
