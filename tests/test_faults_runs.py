@@ -434,3 +434,37 @@ def test_a_final_file_with_a_value_that_is_not_a_number_is_one_line(results_env,
     (reference / "summary.json").write_text("[1, 2]")
     assert sharpness_gap.main([str(reference)]) == 2
     one_error_line(capsys, "summary.json does not hold a JSON object; delete it, then training.py --resume")
+
+
+def reorder_columns(path, order):
+    frame = pd.read_csv(path, comment="#")
+    comments = [line for line in open(path).read().splitlines(keepends=True) if line.startswith("#")]
+    with open(path, "w") as f:
+        f.write("".join(comments))
+        frame[order].to_csv(f, index=False, na_rep="nan")
+
+
+def test_resume_appends_by_column_name_and_refuses_other_columns(results_env, reference, capsys):
+    damaged = results_env / "damaged"
+    shutil.copytree(reference, damaged)
+    os.unlink(damaged / "summary.json")
+    cut_results(damaged, 1 / 2)
+    columns = list(pd.read_csv(damaged / "results.txt", comment="#").columns)
+    swapped = [columns[1], columns[0], *columns[2:][::-1]]
+    reorder_columns(damaged / "results.txt", swapped)
+    assert training.main(["--resume", str(damaged)]) == 0
+    resumed = read_results(damaged / "results.txt")
+    assert list(resumed.columns) == swapped
+    kept = [c for c in columns if c != "wall_time" and not c.endswith("_seconds")]
+    pd.testing.assert_frame_equal(read_results(reference / "results.txt")[kept], resumed[kept])
+
+    other = results_env / "other"
+    shutil.copytree(reference, other)
+    os.unlink(other / "summary.json")
+    cut_results(other, 1 / 2)
+    reorder_columns(other / "results.txt", [c for c in columns if c != "gni"] if "gni" in columns else columns[:-1])
+    before = (other / "results.txt").read_text()
+    capsys.readouterr()
+    assert training.main(["--resume", str(other)]) == 2
+    one_error_line(capsys, "does not have the columns of this run")
+    assert (other / "results.txt").read_text() == before

@@ -329,6 +329,8 @@ def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int
             # On the CPU: the RNG states must stay CPU tensors; load_state_dict copies to the device.
             state = load_checkpoint(path)
             restore(setup, monitor, state, keep_optimizer_settings=from_parent)
+        kept = None if last_row is None or step == first_step else read_results_table(results_path, fix=RESULTS_FIX)
+        columns = _columns(monitor) if kept is None else _stored_columns(kept, _columns(monitor))
         try:
             for later, later_path in list_checkpoints(run_dir):
                 if later > step:
@@ -341,8 +343,8 @@ def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int
                     comments.append(f"continued from {parent['run_dir']} at step {first_step}")
                 writer = _new_results(run_dir, monitor, comments)
             else:
-                truncate_results(results_path, before_step=step)
-                writer = ResultsWriter(results_path, _columns(monitor), append=True)
+                atomic_write_text(results_path, kept.before(step).text())
+                writer = ResultsWriter(results_path, columns, append=True)
         except PermissionError as exc:
             raise UserError(f"cannot write into {run_dir} ({exc.strerror}); resume needs a writable run folder")
         except OutOfSpace as exc:
@@ -461,10 +463,12 @@ def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[st
                                     elapsed_before=state.get("wall_time", 0.0))
 
 
-def truncate_results(path: str, before_step: int) -> None:
-    """Keep the comments, the header and the complete rows with step < before_step.
-
-    A row cut short by a hard kill (no newline, or the wrong number of fields) and everything
-    after it are dropped; the file is rewritten atomically.
-    """
-    atomic_write_text(path, read_results_table(path, fix=RESULTS_FIX).before(before_step).text())
+def _stored_columns(table, columns: list[str]) -> list[str]:
+    """The header of the results.txt that a resumed run appends to, which must hold the
+    columns this code writes for the run, in any order (rows are written by name)."""
+    if table.columns is None or sorted(table.columns) != sorted(columns):
+        missing = sorted(set(columns) - set(table.columns or []))
+        extra = sorted(set(table.columns or []) - set(columns))
+        raise UserError(f"{table.path} does not have the columns of this run (missing {missing or 'none'}, "
+                        f"unexpected {extra or 'none'}); the run folder does not match its config.json")
+    return table.columns
