@@ -462,9 +462,23 @@ def test_resume_appends_by_column_name_and_refuses_other_columns(results_env, re
     shutil.copytree(reference, other)
     os.unlink(other / "summary.json")
     cut_results(other, 1 / 2)
-    reorder_columns(other / "results.txt", [c for c in columns if c != "gni"] if "gni" in columns else columns[:-1])
-    before = (other / "results.txt").read_text()
+    # A results.txt started before a measurement gained a column: the resumed run leaves it out.
+    older = [c for c in columns if c != "batch_sharpness_n"]
+    reorder_columns(other / "results.txt", older)
     capsys.readouterr()
-    assert training.main(["--resume", str(other)]) == 2
-    one_error_line(capsys, "does not have the columns of this run")
-    assert (other / "results.txt").read_text() == before
+    assert training.main(["--resume", str(other)]) == 0
+    assert "started without the columns batch_sharpness_n" in capsys.readouterr().err
+    kept = [c for c in older if c != "wall_time" and not c.endswith("_seconds")]
+    pd.testing.assert_frame_equal(read_results(reference / "results.txt")[kept], read_results(other / "results.txt")[kept])
+
+    # A column this run does not write: the file belongs to other settings, and nothing is touched.
+    foreign = results_env / "foreign"
+    shutil.copytree(reference, foreign)
+    os.unlink(foreign / "summary.json")
+    cut_results(foreign, 1 / 2)
+    frame = pd.read_csv(foreign / "results.txt", comment="#").assign(gni=1.0)
+    frame.to_csv(foreign / "results.txt", index=False, na_rep="nan")
+    before = (foreign / "results.txt").read_text()
+    assert training.main(["--resume", str(foreign)]) == 2
+    one_error_line(capsys, "does not have the columns of this run (unexpected ['gni'])")
+    assert (foreign / "results.txt").read_text() == before

@@ -344,7 +344,8 @@ def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int
                 writer = _new_results(run_dir, monitor, comments)
             else:
                 atomic_write_text(results_path, kept.before(step).text())
-                writer = ResultsWriter(results_path, columns, append=True)
+                left_out = tuple(c for c in _columns(monitor) if c not in columns)
+                writer = ResultsWriter(results_path, columns, append=True, left_out=left_out)
         except PermissionError as exc:
             raise UserError(f"cannot write into {run_dir} ({exc.strerror}); resume needs a writable run folder")
         except OutOfSpace as exc:
@@ -464,11 +465,16 @@ def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[st
 
 
 def _stored_columns(table, columns: list[str]) -> list[str]:
-    """The header of the results.txt that a resumed run appends to, which must hold the
-    columns this code writes for the run, in any order (rows are written by name)."""
-    if table.columns is None or sorted(table.columns) != sorted(columns):
-        missing = sorted(set(columns) - set(table.columns or []))
-        extra = sorted(set(table.columns or []) - set(columns))
-        raise UserError(f"{table.path} does not have the columns of this run (missing {missing or 'none'}, "
-                        f"unexpected {extra or 'none'}); the run folder does not match its config.json")
+    """The header of the results.txt that a resumed run appends to: rows are written by name, in
+    its order. Columns this code writes for the run that the file lacks (added to a measurement
+    after the run started) are left out, with a note; a column this run does not write means
+    the file belongs to other settings, a UserError."""
+    extra = sorted(set(table.columns or []) - set(columns))
+    if table.columns is None or extra:
+        raise UserError(f"{table.path} does not have the columns of this run (unexpected {extra or 'none'}); "
+                        f"the run folder does not match its config.json")
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        print(f"note: {table.path} was started without the columns {', '.join(missing)}; "
+              f"the resumed run leaves them out", file=sys.stderr)
     return table.columns

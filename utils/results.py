@@ -45,12 +45,15 @@ class ResultsWriter:
     Writes are unbuffered, so nothing is pending after a failed write. A full disk is an
     :class:`~utils.resources.OutOfSpace` naming the file and the bytes of the text that did not
     fit; the part of a row that did reach the file is a cut-off last line, which
-    ``training.py --resume`` drops.
+    ``training.py --resume`` drops. Values of the columns in ``left_out`` are accepted and not
+    written (a run resumed from a file started before those columns existed).
     """
 
-    def __init__(self, path: str, columns: list[str], comments: list[str] | None = None, append: bool = False):
+    def __init__(self, path: str, columns: list[str], comments: list[str] | None = None, append: bool = False,
+                 left_out: tuple[str, ...] = ()):
         self.path = path
         self.columns = list(columns)
+        self.left_out = set(left_out)
         self._file = open(path, "ab" if append else "xb", buffering=0)
         if not append:
             self._append("".join(f"# {line}\n" for line in comments or []) + ",".join(self.columns) + "\n")
@@ -62,7 +65,7 @@ class ResultsWriter:
                 data = data[self._file.write(data):]
 
     def write_row(self, values: dict) -> None:
-        unknown = set(values) - set(self.columns)
+        unknown = set(values) - set(self.columns) - self.left_out
         if unknown:
             raise KeyError(f"values for columns that results.txt does not have: {sorted(unknown)}")
         self._append(",".join(format_value(values.get(c)) for c in self.columns) + "\n")
