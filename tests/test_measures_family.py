@@ -20,7 +20,7 @@ from utils.gauss_newton import GaussNewtonOperator
 from utils.hvp import flat_grad, flat_params
 from utils.measures import (adam_preconditioner, batch_lambda_max, batch_sharpness, gn_batch_sharpness, gn_lambda_max,
                             gni, gradient_norms, hessian_trace, momentum_buffer, momentum_direction, momentum_sharpness,
-                            param_distance, preconditioned_sharpness, rademacher_probe)
+                            param_distance, preconditioned_sharpness, rademacher_probe, unseen_with_curvature)
 
 N, B = 8, 3
 
@@ -264,8 +264,10 @@ def test_adam_preconditioner_from_a_hand_built_state():
     assert adam_preconditioner(torch.optim.Adam(model.parameters()), model) is None
     optimizer = adam_with_state(model, 7)
     v = torch.cat([optimizer.state[p]["exp_avg_sq"].reshape(-1) for p in model.parameters()])
-    expected = torch.sqrt(v / (1 - 0.999 ** 7)) + 1e-8
-    torch.testing.assert_close(adam_preconditioner(optimizer, model), expected, rtol=1e-13, atol=0)
+    expected = (1 - 0.9 ** 7) * (torch.sqrt(v / (1 - 0.999 ** 7)) + 1e-8)
+    P, seen = adam_preconditioner(optimizer, model)
+    torch.testing.assert_close(P, expected, rtol=1e-13, atol=0)
+    assert torch.equal(seen, v > 0)
 
 
 def test_adam_preconditioner_is_what_adam_divides_its_next_update_by():
@@ -275,9 +277,9 @@ def test_adam_preconditioner_is_what_adam_divides_its_next_update_by():
     before = flat_params(model)
     loss_fn(model(X), Y).backward()
     optimizer.step()
-    # After update t = 6: theta' - theta = -lr m_t / ((1 - beta_1^t) P_t).
+    # After update k = 6: theta' - theta = -lr P^{-1} m, the bias correction of m inside P.
     m = torch.cat([optimizer.state[p]["exp_avg"].reshape(-1) for p in model.parameters()])
-    step = -0.01 * m / (1 - 0.9 ** 6) / adam_preconditioner(optimizer, model)
+    step = -0.01 * m / adam_preconditioner(optimizer, model)[0]
     torch.testing.assert_close(flat_params(model) - before, step, rtol=1e-10, atol=1e-15)
 
 
@@ -287,7 +289,7 @@ def test_preconditioned_sharpness_matches_the_dense_preconditioned_hessian(loss_
     loss_fn = LOSSES[loss_name]
     optimizer = adam_with_state(model, 7)
     v = torch.cat([optimizer.state[p]["exp_avg_sq"].reshape(-1) for p in model.parameters()])
-    D = torch.diag((torch.sqrt(v / (1 - 0.999 ** 7)) + 1e-8).rsqrt())
+    D = torch.diag(((1 - 0.9 ** 7) * (torch.sqrt(v / (1 - 0.999 ** 7)) + 1e-8)).rsqrt())
     H = dense_hessian(model, loss_fn, X, Y)
     exact = torch.linalg.eigvalsh(D @ H @ D)[-1].item()
     eig, est = preconditioned_sharpness(model, loss_fn, X, Y, optimizer=optimizer, tol=1e-9, chunk_size=4)
@@ -366,3 +368,69 @@ def test_batchnorm_measurements_take_the_requested_mode(train_mode):
     Z = torch.stack([rademacher_probe(H.shape[0], probes, torch.float64, "cpu") for _ in range(5)], dim=1)
     trace = hessian_trace(model, loss_fn, X, Y, block_size=5, **limits(5))
     assert trace.value == pytest.approx((Z * (H @ Z)).sum(0).mean().item(), rel=1e-10)
+
+
+def test_preconditioned_sharpness_leaves_out_and_counts_the_coordinates_adam_has_not_seen():
+    """Adam steps only on samples whose first input is 0, so the first-layer weights of that input
+    never get a gradient (v = 0) although the full-batch Hessian has curvature there."""
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
+    X[: N // 2, 0] = 0.0
+    loss_fn = LOSSES["mse"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss_fn(model(X[: N // 2]), Y[: N // 2]).backward()
+        optimizer.step()
+    P, seen = adam_preconditioner(optimizer, model)
+    assert (~seen).sum() == 4  # W_1[:, 0], one weight per hidden unit
+    H = dense_hessian(model, loss_fn, X, Y)
+    S = torch.nonzero(seen)[:, 0]
+    D = torch.diag(P[S].rsqrt())
+    exact = torch.linalg.eigvalsh(D @ H[S][:, S] @ D)[-1].item()
+    generator = torch.Generator().manual_seed(3)
+    eig, est = preconditioned_sharpness(model, loss_fn, X, Y, optimizer=optimizer, tol=1e-10, generator=generator)
+    assert est.value == pytest.approx(exact, rel=1e-8)
+    # With the unseen block the top eigenvalue is set by eps = 1e-8: orders of magnitude larger.
+    everything = torch.linalg.eigvalsh(torch.diag(P.rsqrt()) @ H @ torch.diag(P.rsqrt()))[-1].item()
+    assert everything > 1e5 * exact
+    unseen = unseen_with_curvature(model, loss_fn, X, Y, optimizer=optimizer, generator=generator)
+    assert unseen.value == int(((H != 0).any(dim=1) & ~seen).sum()) == 4 and unseen.hvps == 1
+
+
+def frozen_adam_diverges(H: np.ndarray, P: np.ndarray, lr: float, beta1: float = 0.9, steps: int = 20000) -> bool:
+    """Adam with its preconditioner P frozen, on the quadratic (1/2) e^T H e:
+    m <- beta1 m + (1 - beta1) H e, e <- e - lr m / P (heavy-ball momentum on P^{-1} H)."""
+    e, m = np.ones(len(P)), np.zeros(len(P))
+    for _ in range(steps):
+        m = beta1 * m + (1 - beta1) * (H @ e)
+        e = e - lr * m / P
+        if not np.linalg.norm(e) < 1e3:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("k", [2, 5, 40])
+def test_frozen_adam_is_stable_just_below_38_over_eta_of_the_measured_sharpness(k):
+    """On a quadratic (a linear model with mse), after k real Adam steps: with the preconditioner
+    frozen, Adam converges at lr = 0.97 * 38 / S and diverges at 1.03 * 38 / S, S the measured
+    preconditioned sharpness; without the factor 1 - beta_1^k the threshold would be off by
+    1 / (1 - beta_1^k) (x 2.4 at k = 5)."""
+    generator = torch.Generator().manual_seed(k)
+    X = torch.randn(12, 4, generator=generator, dtype=torch.float64)
+    Y = torch.randn(12, 1, generator=generator, dtype=torch.float64)
+    model = torch.nn.Linear(4, 1, bias=False).double()
+    loss_fn = LOSSES["mse"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(k):
+        optimizer.zero_grad()
+        loss_fn(model(X), Y).backward()
+        optimizer.step()
+    _, est = preconditioned_sharpness(model, loss_fn, X, Y, optimizer=optimizer, tol=1e-12,
+                                      generator=torch.Generator().manual_seed(0))
+    H = dense_hessian(model, loss_fn, X, Y).numpy()
+    P = adam_preconditioner(optimizer, model)[0].numpy()
+    threshold_lr = 38 / est.value
+    assert not frozen_adam_diverges(H, P, 0.97 * threshold_lr)
+    assert frozen_adam_diverges(H, P, 1.03 * threshold_lr)
+    if k <= 5:  # the threshold without the factor is visibly wrong early on
+        assert frozen_adam_diverges(H, P, 0.97 * 38 / (est.value * (1 - 0.9 ** k)))

@@ -410,50 +410,87 @@ def momentum_sharpness(model, loss_fn, X, Y, batch_size, *, optimizer, generator
     return Estimate(estimate.value, estimate.se, estimate.n, batches.drawn, time.perf_counter() - start)
 
 
-def adam_preconditioner(optimizer: torch.optim.Adam, model) -> torch.Tensor | None:
-    """Adam's diagonal preconditioner P = sqrt(v_hat) + eps as a flat vector, None before step 1.
+def adam_preconditioner(optimizer: torch.optim.Adam, model) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Adam's diagonal preconditioner as a flat vector, and the mask of the coordinates Adam has
+    seen; None before the first step.
 
-    v_hat = v / (1 - beta_2^t) is the bias-corrected second moment after t steps, exactly the
-    denominator torch.optim.Adam divides its next update by (without amsgrad).
+    Cohen et al. (2022, "Adaptive Gradient Methods at the Edge of Stability", Sec. 2) write
+    Adam as preconditioned heavy-ball momentum: counting updates from t = 0,
+
+        m_t = beta_1 m_{t-1} + (1 - beta_1) g_t,   theta_{t+1} = theta_t - eta P_t^{-1} m_t,
+        P_t = (1 - beta_1^{t+1}) [diag(sqrt(v_t / (1 - beta_2^{t+1}))) + eps I],
+
+    so the first moment's bias correction sits in P. After k updates (torch.optim.Adam's
+    ``state["step"]`` = k, so t = k - 1) this returns P_{k-1}, the preconditioner of the last
+    update Adam took, which frozen gives the heavy-ball threshold (2 + 2 beta_1) / ((1 - beta_1) eta).
+    ``seen`` is v > 0: the coordinates that have had a non-zero gradient.
     """
     group = _single_group(optimizer)
     if group.get("amsgrad"):
         raise ValueError("the preconditioner of amsgrad is not supported")
-    beta2, eps = group["betas"][1], group["eps"]
-    pieces = []
+    (beta1, beta2), eps = group["betas"], group["eps"]
+    pieces, seen = [], []
     for p in trainable_params(model):
         state = optimizer.state.get(p, {})
         if "exp_avg_sq" not in state:
             return None
-        correction = (1 - beta2 ** float(state["step"])) ** 0.5
-        pieces.append((state["exp_avg_sq"].sqrt() / correction + eps).reshape(-1))
-    return torch.cat(pieces).detach()
+        k = float(state["step"])
+        v = state["exp_avg_sq"]
+        pieces.append(((1 - beta1 ** k) * (v.sqrt() / (1 - beta2 ** k) ** 0.5 + eps)).reshape(-1))
+        seen.append((v > 0).reshape(-1))
+    return torch.cat(pieces).detach(), torch.cat(seen)
 
 
 def preconditioned_sharpness(model, loss_fn, X, Y, *, optimizer, tol=EIG_TOL, max_iter=None,
                              chunk_size=None, train_mode=True, generator=None, exact=False):
-    """lambda_max(P^{-1/2} H P^{-1/2}) of the full-batch Hessian, P Adam's preconditioner.
+    """lambda_max(P_S^{-1/2} H_SS P_S^{-1/2}) over the coordinates S that Adam has seen, P Adam's
+    preconditioner in the form of Cohen et al. (2022) (:func:`adam_preconditioner`, with the
+    first moment's bias correction 1 - beta_1^k after k updates).
 
-    P = diag(sqrt(v_hat) + eps) from the bias-corrected second moments in ``optimizer``'s state
-    (:func:`adam_preconditioner`). The spectrum equals that of P^{-1} H, the Hessian Adam
-    effectively steps along; Adam with beta_1 is stable on a quadratic while it stays below
-    (2 + 2 beta_1) / ((1 - beta_1) eta) = 38 / eta at beta_1 = 0.9 (Cohen et al. 2022).
-    Lanczos from a random start drawn from ``generator``; column ``preconditioned_sharpness``.
-    Returns (EigResult, Estimate with se = nan); raises ValueError before Adam's first step.
+    The spectrum equals that of P^{-1} H, the curvature along which Adam steps; frozen, Adam is
+    stable on a quadratic while it stays below (2 + 2 beta_1) / ((1 - beta_1) eta) = 38 / eta at
+    beta_1 = 0.9. Coordinates whose second moment is still 0 have P = (1 - beta_1^k) eps there,
+    where Adam has never stepped (torch.optim.Adam adds g^2 to v before dividing by it): with
+    them the value would be set by eps, so they are left out (:func:`unseen_with_curvature` counts
+    them). Lanczos from a random start in S drawn from ``generator``; column
+    ``preconditioned_sharpness``. Returns (EigResult, Estimate with se = nan); raises ValueError
+    before Adam's first step.
     """
     start = time.perf_counter()
-    P = adam_preconditioner(optimizer, model)
-    if P is None:
+    found = adam_preconditioner(optimizer, model)
+    if found is None:
         raise ValueError("Adam has no second moments before its first step")
     op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
                          mode=_product_mode(exact))
-    scale = P.to(device=op.device, dtype=op.dtype).rsqrt()[:, None]
+    P, seen = (t.to(device=op.device) for t in found)
+    scale = (P.to(op.dtype).rsqrt() * seen)[:, None]  # zero off S: the operator lives on S
 
     def matvec(V):  # the solvers pass blocks (P, m)
         return scale * op.matvec(scale * V)
 
-    result = _top_eigen(matvec, op, tol=tol, max_iter=max_iter, generator=generator)
+    start_vector = (torch.randn(op.dim, 1, generator=generator, dtype=op.dtype, device=op.device)
+                    if generator is not None else torch.ones(op.dim, 1, dtype=op.dtype, device=op.device))
+    init = start_vector * seen[:, None]
+    result = _top_eigen(matvec, op, tol=tol, max_iter=max_iter, generator=generator, init=init)
     return result, exact_estimate(result.values[0].item(), op.hvps, time.perf_counter() - start)
+
+
+def unseen_with_curvature(model, loss_fn, X, Y, *, optimizer, generator, chunk_size=None, train_mode=True,
+                          exact=False) -> Estimate:
+    """The number of coordinates Adam has not seen (second moment 0) whose row of the full-batch
+    Hessian is not zero: the curvature :func:`preconditioned_sharpness` leaves out.
+
+    Row i of H is non-zero exactly when (H z)_i != 0 for a Gaussian z, with probability one, so
+    one product decides every row. Column ``preconditioned_unseen``; one HVP, se = nan.
+    """
+    start = time.perf_counter()
+    _, seen = adam_preconditioner(optimizer, model)
+    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                         mode=_product_mode(exact))
+    z = torch.randn(op.dim, 1, generator=generator, dtype=op.dtype, device=op.device)
+    rows = op.matvec(z)[:, 0] != 0
+    count = int((rows & ~seen.to(rows.device)).sum())
+    return exact_estimate(float(count), op.hvps, time.perf_counter() - start)
 
 
 def param_distance(model, reference: torch.Tensor) -> Estimate:

@@ -63,7 +63,7 @@ def _measurement_panels() -> tuple[Panel, ...]:
     column drawn in it; a panel takes its axis and threshold line from its first measurement."""
     panels: dict[str, Panel] = {}
     for m in MEASUREMENTS:
-        for column in m.columns:
+        for column in (column for column in m.columns if column.panel):
             curves = tuple(replace(curve, column=column.name) for curve in column.curves)
             if column.panel in panels:
                 panels[column.panel] = replace(panels[column.panel], curves=panels[column.panel].curves + curves)

@@ -48,11 +48,11 @@ class Column:
     """One quantity in ``results.txt``: its value, ``<name>_se`` and ``<name>_n`` when
     ``with_se``, then ``<name>_seconds`` and ``<name>_hvps`` (its cost). ``extra`` names bare
     value columns that follow the value (``lambda_2`` ... ``lambda_k``). ``panel`` is the title
-    of the plot panel its ``curves`` are drawn in."""
+    of the plot panel its ``curves`` are drawn in (none: the column is not drawn)."""
 
     name: str
-    panel: str
-    curves: tuple[Curve, ...]
+    panel: str | None = None
+    curves: tuple[Curve, ...] = ()
     with_se: bool = False
     extra: Callable[[object], list[str]] = field(default=lambda cfg: [])
 
@@ -185,11 +185,14 @@ def _momentum_sharpness(c: Context) -> dict:
 def _preconditioned_sharpness(c: Context) -> dict:
     if not c.optimizer.state:  # Adam has no second moments before its first step
         return {}
+    generator = c.generator()  # both quantities draw from one stream, the solve first
     eig, est = measures.preconditioned_sharpness(*_data(c), optimizer=c.optimizer, tol=c.tol,
-                                                 chunk_size=c.cfg.hvp_chunk, generator=c.generator(),
+                                                 chunk_size=c.cfg.hvp_chunk, generator=generator,
                                                  exact=c.cfg.exact_measurements)
     warn_unconverged(c.step, "preconditioned_sharpness", eig, c.tol)
-    return {"preconditioned_sharpness": est}
+    unseen = measures.unseen_with_curvature(*_data(c), optimizer=c.optimizer, generator=generator,
+                                            chunk_size=c.cfg.hvp_chunk, exact=c.cfg.exact_measurements)
+    return {"preconditioned_sharpness": est, "preconditioned_unseen": unseen}
 
 
 def _param_distance(c: Context) -> dict:
@@ -234,8 +237,10 @@ MEASUREMENTS: tuple[Measurement, ...] = (
     Measurement("momentum_sharpness", "E_B[s^T H_B s] / E_B[s^T g_B] along the momentum update s (needs --momentum)",
                 (Column("momentum_sharpness", "momentum sharpness", (Curve("E[sᵀHs]/E[sᵀg]"),), with_se=True),),
                 _momentum_sharpness, needs="momentum", needs_reason="measures the momentum update"),
-    Measurement("preconditioned_sharpness", "lambda_max of Adam's preconditioned Hessian P^-1/2 H P^-1/2 (needs --adam)",
-                (Column("preconditioned_sharpness", "preconditioned sharpness", (Curve("λ_max(P⁻¹ᐟ²HP⁻¹ᐟ²)"),)),),
+    Measurement("preconditioned_sharpness",
+                "lambda_max of Adam's preconditioned Hessian P^-1/2 H P^-1/2 over the coordinates Adam has seen (needs --adam)",
+                (Column("preconditioned_sharpness", "preconditioned sharpness", (Curve("λ_max(P⁻¹ᐟ²HP⁻¹ᐟ²)"),)),
+                 Column("preconditioned_unseen")),
                 _preconditioned_sharpness, needs="adam", needs_reason="measures Adam's preconditioner", line="preconditioned"),
     Measurement("param_distance", "|theta - theta_0| to the initialisation (or --param-file)",
                 (Column("param_distance", "distance to θ₀", (Curve("‖θ − θ₀‖"),)),),
