@@ -110,8 +110,6 @@ def create_run_dir(cfg: RunConfig) -> tuple[str, run_lock.RunLock, bool]:
     except PermissionError as exc:
         raise UserError(f"cannot write the run folder ({exc.strerror}: {exc.filename}); set $RESULTS or --run-dir to a writable folder")
     except OSError as exc:
-        if isinstance(exc, UserError):
-            raise
         raise UserError(f"cannot create the run folder ({exc.strerror}: {exc.filename}); set $RESULTS or --run-dir to a writable folder")
 
 
