@@ -39,8 +39,8 @@ def interrupt_at(monkeypatch, at_step, sig=signal.SIGINT):
     """Deliver a real signal to this process right after step ``at_step`` is logged."""
     original = utils.training._Progress.update
 
-    def update(self, step, info):
-        original(self, step, info)
+    def update(self, step, info, note=""):
+        original(self, step, info, note)
         if step == at_step:
             os.kill(os.getpid(), sig)
 

@@ -189,3 +189,21 @@ def test_samples_ahead_serve_pairs_and_stop_at_max_samples():
     R, se = delta_method(a, b)
     assert est.n == ahead.computed == 300
     assert est.value == pytest.approx(R, rel=1e-13) and est.se == pytest.approx(se, rel=1e-9)
+
+
+def test_an_estimate_says_whether_the_cap_or_the_target_stopped_it():
+    rng = np.random.default_rng(0)
+    samples = rng.normal(10.0, 1.0, 200)
+
+    def draw(m, drawn=[0]):
+        out = samples[drawn[0]:drawn[0] + m]
+        drawn[0] += m
+        return out
+
+    by_target = mean_with_stopping(lambda m: np.full(m, 3.0), min_samples=5, max_samples=50, rel_se=0.01)
+    by_cap = mean_with_stopping(draw, min_samples=5, max_samples=50, rel_se=0.001)
+    assert not by_target.capped and by_target.n == 5
+    assert by_cap.capped and by_cap.n == 50 and by_cap.se > 0.001 * by_cap.value
+    ratio = ratio_of_means_with_stopping(lambda m: (samples[:m], samples[:m] + 1), min_samples=5, max_samples=20,
+                                         rel_se=0.0)
+    assert ratio.capped and ratio.n == 20

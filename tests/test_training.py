@@ -188,6 +188,35 @@ def test_progress_lines_show_the_latest_measurements(results_env, capsys):
     assert re.search(r"batch_loss=[^ ,]+,", lines[-1])  # the newest row's own value has no mark
 
 
+def test_estimates_stopped_by_the_sample_cap_are_counted_and_shown(results_env, capsys, monkeypatch):
+    """A target no sample count meets: every Batch Sharpness estimate stops at the cap, which the
+    progress line and summary.json say, counted over the whole run also when it was resumed."""
+    import functools
+
+    from utils import registry
+    capped = functools.partial(registry.measures.batch_sharpness, max_samples=20, rel_se=0.0)
+    monkeypatch.setattr(registry.measures, "batch_sharpness", capped)
+    run_dir = results_env / "run"
+    args = ["--width", "16", "--num-data", "200", "--batch", "16", "--steps", "10", "--batch-sharpness",
+            "--gni", "--measure-every", "3", "--checkpoint-every", "5", "--run-dir", str(run_dir)]
+    assert training.main(args) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "; stopped at the sample cap: batch_sharpness 4/4" in lines[-1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["estimates"]["batch_sharpness"] == {"measured": 4, "stopped_at_cap": 4, "exact": 0}
+    assert summary["estimates"]["gni"]["measured"] == 4
+    frame = read_results(run_dir / "results.txt")
+    assert (frame["batch_sharpness_n"].dropna() == 20).all()
+
+    state = load_checkpoint(run_dir / "checkpoints" / "step_5.pt")
+    assert state["estimate_counts"]["batch_sharpness"]["measured"] == 2  # steps 0 and 3
+    os.unlink(run_dir / "summary.json")
+    os.unlink(run_dir / "checkpoints" / "step_10.pt")
+    assert training.main(["--resume", str(run_dir), "--quiet"]) == 0
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert resumed["estimates"] == summary["estimates"]
+
+
 def test_unconverged_eigen_solver_warns_with_its_residual_and_the_run_goes_on(results_env):
     with pytest.warns(UserWarning, match=r"step 0: lambda_max solver stopped at relative residual \d\.\d\de-\d+ "
                                          r"above --eig-tol 1e-09"):

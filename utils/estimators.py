@@ -16,7 +16,7 @@ many batches at once: from the samples so far it predicts how many the rule will
 import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -37,7 +37,9 @@ class Estimate:
 
     ``se`` is the standard error of ``value`` (nan for deterministic quantities), ``n`` the number
     of Monte Carlo samples used, ``hvps`` the Hessian-vector products spent (wasted block
-    samples included) and ``seconds`` the wall time.
+    samples included) and ``seconds`` the wall time. ``capped``: a Monte Carlo estimate that
+    the sample cap stopped before its standard-error target was met. ``exact``: a quantity
+    that could have been sampled, computed in closed form instead (se = 0, n = 0: no batches).
     """
 
     value: float
@@ -45,6 +47,12 @@ class Estimate:
     n: int
     hvps: int
     seconds: float
+    capped: bool = False
+    exact: bool = False
+
+    def costing(self, hvps: int, seconds: float) -> "Estimate":
+        """The same estimate with its cost replaced (a measurement's products and wall time)."""
+        return replace(self, hvps=int(hvps), seconds=float(seconds))
 
 
 def measurement_generator(measure_seed: int, step: int, device="cpu") -> torch.Generator:
@@ -109,7 +117,8 @@ def _prefix_moments(x: np.ndarray, y: np.ndarray, first_k: int):
 def _run_with_stopping(sample_fn, statistics, *, min_samples, max_samples, rel_se, block_size):
     """Draw blocks of samples until ``statistics`` (prefix -> values, ses) says stop.
 
-    ``sample_fn(m)`` returns one or two arrays of m new samples; returns (value, se, n).
+    ``sample_fn(m)`` returns one or two arrays of m new samples; returns (value, se, n, capped),
+    ``capped`` when the rule had not fired by ``max_samples``.
     """
     _check_rule(min_samples, max_samples, rel_se, block_size)
     columns, drawn, checked = None, 0, min_samples
@@ -125,11 +134,12 @@ def _run_with_stopping(sample_fn, statistics, *, min_samples, max_samples, rel_s
             continue
         values, ses = statistics(*columns, first_k=checked)
         stop = _first_stop(values, ses, rel_se, checked)
-        if stop is None and drawn == max_samples:
+        capped = stop is None and drawn == max_samples
+        if capped:
             stop = max_samples
         if stop is not None:
             i = stop - checked
-            return float(values[i]), float(ses[i]), stop
+            return float(values[i]), float(ses[i]), stop, capped
         checked = drawn + 1
 
 
@@ -161,10 +171,9 @@ def mean_with_stopping(sample_fn, *, min_samples: int, max_samples: int, rel_se:
     ``hvps`` is left at 0 for the caller to fill in.
     """
     start = time.perf_counter()
-    value, se, n = _run_with_stopping(sample_fn, _mean_statistics, min_samples=min_samples,
-                                      max_samples=max_samples, rel_se=rel_se,
-                                      block_size=block_size)
-    return Estimate(value, se, n, 0, time.perf_counter() - start)
+    value, se, n, capped = _run_with_stopping(sample_fn, _mean_statistics, min_samples=min_samples,
+                                              max_samples=max_samples, rel_se=rel_se, block_size=block_size)
+    return Estimate(value, se, n, 0, time.perf_counter() - start, capped=capped)
 
 
 def ratio_of_means_with_stopping(sample_fn, *, min_samples: int, max_samples: int, rel_se: float,
@@ -176,10 +185,9 @@ def ratio_of_means_with_stopping(sample_fn, *, min_samples: int, max_samples: in
     :func:`mean_with_stopping`, on this ratio's SE.
     """
     start = time.perf_counter()
-    value, se, n = _run_with_stopping(sample_fn, _ratio_statistics, min_samples=min_samples,
-                                      max_samples=max_samples, rel_se=rel_se,
-                                      block_size=block_size)
-    return Estimate(value, se, n, 0, time.perf_counter() - start)
+    value, se, n, capped = _run_with_stopping(sample_fn, _ratio_statistics, min_samples=min_samples,
+                                              max_samples=max_samples, rel_se=rel_se, block_size=block_size)
+    return Estimate(value, se, n, 0, time.perf_counter() - start, capped=capped)
 
 
 class SamplesAhead:

@@ -123,7 +123,7 @@ def batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=
     ahead = _same_batch_samples(model, loss_fn, X, Y, batch_size, generator, train_mode, exact, rel_se=rel_se,
                                 max_samples=max_samples, sample=lambda terms: terms[0] / terms[1])
     estimate = mean_with_stopping(ahead, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
-    return Estimate(estimate.value, estimate.se, estimate.n, ahead.computed, time.perf_counter() - start)
+    return estimate.costing(ahead.computed, time.perf_counter() - start)
 
 
 def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_samples=20,
@@ -153,7 +153,7 @@ def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_sam
     numerator = mean_with_stopping(ahead, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
     norm2 = route.norm2()
     return Estimate(numerator.value / norm2, numerator.se / norm2, numerator.n, ahead.computed,
-                    time.perf_counter() - start)
+                    time.perf_counter() - start, capped=numerator.capped)
 
 
 def gni_by_batch_size(model, loss_fn, X, Y, batch_sizes, *, generator, chunk_size=None, min_samples=20,
@@ -190,7 +190,7 @@ def batch_sharpness_ratio(model, loss_fn, X, Y, batch_size, *, generator, min_sa
     ahead = _same_batch_samples(model, loss_fn, X, Y, batch_size, generator, train_mode, exact, rel_se=rel_se,
                                 max_samples=max_samples, sample=tuple)
     estimate = ratio_of_means_with_stopping(ahead, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
-    return Estimate(estimate.value, estimate.se, estimate.n, ahead.computed, time.perf_counter() - start)
+    return estimate.costing(ahead.computed, time.perf_counter() - start)
 
 
 def _top_eigen(matvec, op, *, tol, max_iter, generator, init=None):
@@ -254,7 +254,7 @@ def batch_lambda_max(model, loss_fn, X, Y, batch_size, *, generator, min_samples
     if missed:
         warnings.warn(f"batch lambda_max: {len(missed)} of {estimate.n} batch solves stopped above tol {tol:g} "
                       f"(worst relative residual {max(missed):.2e})")
-    return Estimate(estimate.value, estimate.se, estimate.n, hvps, time.perf_counter() - start)
+    return estimate.costing(hvps, time.perf_counter() - start)
 
 
 def rademacher_probe(dim: int, generator: torch.Generator, dtype, device) -> torch.Tensor:
@@ -286,7 +286,7 @@ def hessian_trace(model, loss_fn, X, Y, *, generator, chunk_size=None, min_sampl
 
     estimate = mean_with_stopping(sample, min_samples=min_samples, max_samples=max_samples,
                                   rel_se=rel_se, block_size=block_size)
-    return Estimate(estimate.value, estimate.se, estimate.n, op.hvps, time.perf_counter() - start)
+    return estimate.costing(op.hvps, time.perf_counter() - start)
 
 
 def gn_lambda_max(model, loss_fn, X, Y, *, tol=EIG_TOL, max_iter=None, chunk_size=None,
@@ -323,7 +323,7 @@ def gn_batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_sampl
 
     batches = _BatchLoop(rayleigh, X.shape[0], batch_size, generator, X.device)
     estimate = mean_with_stopping(batches, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
-    return Estimate(estimate.value, estimate.se, estimate.n, batches.drawn, time.perf_counter() - start)
+    return estimate.costing(batches.drawn, time.perf_counter() - start)
 
 
 def gradient_norms(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None,
@@ -347,7 +347,7 @@ def gradient_norms(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=No
 
     batches = _BatchLoop(norm2, X.shape[0], batch_size, generator, X.device)
     batch = mean_with_stopping(batches, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
-    batch = Estimate(batch.value, batch.se, batch.n, 0, time.perf_counter() - start)
+    batch = batch.costing(0, time.perf_counter() - start)
     start = time.perf_counter()
     g = flat_grad(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
     return batch, exact_estimate((g @ g).item(), 0, time.perf_counter() - start)
@@ -407,7 +407,7 @@ def momentum_sharpness(model, loss_fn, X, Y, batch_size, *, optimizer, generator
 
     batches = _BatchLoop(quadratic_and_slope, X.shape[0], batch_size, generator, X.device)
     estimate = ratio_of_means_with_stopping(batches, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
-    return Estimate(estimate.value, estimate.se, estimate.n, batches.drawn, time.perf_counter() - start)
+    return estimate.costing(batches.drawn, time.perf_counter() - start)
 
 
 def adam_preconditioner(optimizer: torch.optim.Adam, model) -> tuple[torch.Tensor, torch.Tensor] | None:

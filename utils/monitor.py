@@ -70,6 +70,9 @@ class Monitor:
         self.columns = measurement_columns(cfg)
         self.schedule = measurement_schedule(cfg, total_steps)
         self.eigenvectors = None  # warm start for the next eigen-solve; saved in checkpoints
+        # {column: {"measured", "stopped_at_cap", "exact"}} of the Monte Carlo estimates so far;
+        # saved in checkpoints, so a resumed run counts its whole length.
+        self.estimate_counts = {}
         # theta_0 of --param-distance: the model as built from the config, before a checkpoint
         # is restored, so resumed and forked runs measure from the same initialisation.
         self.reference = None
@@ -92,8 +95,26 @@ class Monitor:
         context, row = self._context(step, self.cfg.eig_tol, xb, yb), {}
         for m in MEASUREMENTS:
             if schedule.is_due(self.schedule.get(m.name), step):
-                row.update(_row_values(m, self._compute(m, context, m.name), self.cfg))
+                values = self._compute(m, context, m.name)
+                self._count(m, values)
+                row.update(_row_values(m, values, self.cfg))
         return row
+
+    def _count(self, m, values: dict) -> None:
+        for column in m.columns:
+            estimate = values.get(column.name)
+            if column.with_se and estimate is not None:
+                counts = self.estimate_counts.setdefault(column.name, {"measured": 0, "stopped_at_cap": 0, "exact": 0})
+                counts["measured"] += 1
+                counts["stopped_at_cap"] += int(estimate.capped)
+                counts["exact"] += int(estimate.exact)
+
+    def cap_note(self) -> str:
+        """For the progress line: the estimates the sample cap stopped before their standard-error
+        target (``batch_sharpness 3/10``: 3 of its 10 measurements), or "" when none."""
+        capped = [f"{name} {c['stopped_at_cap']}/{c['measured']}" for name, c in self.estimate_counts.items()
+                  if c["stopped_at_cap"]]
+        return "stopped at the sample cap: " + ", ".join(capped) if capped else ""
 
     def final(self, step: int) -> dict:
         """The contents of final.json: lambda_max (and lambda_2..k), Batch Sharpness and GNI,

@@ -45,13 +45,14 @@ class NoiseDecomposition:
     samples: int
     hvps: int
     seconds: float
+    capped: bool = False
 
     def gni(self, batch_size: int) -> Estimate:
         """GNI at batch size b; its SE is c_b SE(tr(HS)) / |g|^2 (g^T H g and |g|^2 are exact)."""
         c = noise_factor(self.num_data, batch_size)
         value = (self.gHg + c * self.trace_HS) / self.grad_norm2
         return Estimate(value, c * self.trace_HS_se / self.grad_norm2, self.samples, self.hvps,
-                        self.seconds)
+                        self.seconds, capped=self.capped)
 
 
 def gni_decomposition(model, loss_fn, X, Y, *, generator, sample_batch: int,
@@ -96,4 +97,4 @@ def gni_decomposition(model, loss_fn, X, Y, *, generator, sample_batch: int,
     used = ahead.columns[0][: estimate.n]
     return NoiseDecomposition(n, sample_batch, forms.norm2, forms.gHg, float(used.mean()),
                               float(used.std(ddof=1) / math.sqrt(len(used))), estimate.n,
-                              ahead.computed + 1, time.perf_counter() - start)
+                              ahead.computed + 1, time.perf_counter() - start, capped=estimate.capped)

@@ -18,6 +18,7 @@ parameters before update t, the loss whose noisy gradient the update follows.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -162,11 +163,13 @@ class _Progress:
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
         self.every = max(1, total // 10)
 
-    def update(self, step: int, info: dict) -> None:
+    def update(self, step: int, info: dict, note: str = "") -> None:
         if self.quiet:
             return
         self.latest.update((k, (v, step)) for k, v in info.items() if v is not None)
         text = ", ".join(f"{k}={v:.4g}" + ("" if at == step else f" @{at}") for k, (v, at) in self.latest.items())
+        if note:
+            text += f"; {note}"
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(text, refresh=False)
@@ -199,6 +202,7 @@ def restore(setup: Setup, monitor: Monitor, state: dict, *, keep_optimizer_setti
                 group.update(own)
     set_rng_state(state["rng"])
     monitor.eigenvectors = state.get("eigenvectors")
+    monitor.estimate_counts = copy.deepcopy(state.get("estimate_counts") or {})
     if setup.noise is not None:
         setup.noise.load_state_dict(state.get("noise_state"))
     if monitor.eigenvectors is not None:
@@ -213,6 +217,7 @@ def checkpoint_state(setup: Setup, monitor: Monitor, step: int, elapsed: float) 
         "epoch": step // setup.steps_per_epoch,
         "rng": rng_state(),
         "eigenvectors": monitor.eigenvectors,
+        "estimate_counts": monitor.estimate_counts,
         "optimizer_kind": type(setup.optimizer).__name__,
         "wall_time": elapsed,
         "noise_state": setup.noise.state_dict() if setup.noise is not None else None,
@@ -301,7 +306,8 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
         row[TIME_COLUMN] = elapsed()
         if row_is_due(step) or diverged or reached:
             writer.write_row(row)
-        progress.update(step, {k: row[k] for k in ("batch_loss", "full_loss", "lambda_max", "batch_sharpness") if k in row})
+        progress.update(step, {k: row[k] for k in ("batch_loss", "full_loss", "lambda_max", "batch_sharpness") if k in row},
+                        monitor.cap_note())
         if diverged:
             status = "diverged"
             loss_name = "batch_loss" if not math.isfinite(row["batch_loss"]) else "full_loss"
@@ -318,7 +324,7 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
     progress.close()
     save(step)
 
-    summary = {"status": status, "final_step": step}
+    summary = {"status": status, "final_step": step, "estimates": monitor.estimate_counts}
     if status == "interrupted":
         summary["signal"] = signals.received.name
         summary["exit_code"] = EXIT_CODES[signals.received]
