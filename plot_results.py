@@ -5,19 +5,23 @@
 
 Panels (those the runs have data for): losses on a log scale, λ_max, Batch Sharpness with its
 standard-error band, step sharpness smoothed, GNI, accuracy, with the dashed stability line of
-each run's optimiser (2/η for SGD, (2 + 2μ)/η with momentum μ). Writes ``results.png`` and
+each run's optimiser (2/η for SGD, (2 + 2μ)/η with momentum μ). Overlaid runs whose stability
+thresholds differ are drawn divided by them (``--normalize``, chosen with a note; ``--no-normalize``
+keeps the raw values), so every run's threshold is 1. Writes ``results.png`` and
 ``results.pdf`` into the run folder or ``--out DIR``; for several runs ``results_overlay.*`` into
 ``--out DIR`` (which runs spread over several folders need), or else ``results_overlay_<hash>.*``
 (8 hex digits naming the set of runs, so different overlays never overwrite each other) into
 the folder that directly holds them all (a ``<dataset>_<model>`` folder, a sweep's ``runs/``).
 """
 
+import argparse
 import sys
 
 from utils.cli import run_cli
 from utils.errors import UserError
-from utils.plotting import plot_runs, save_figure
-from utils.runs import analysis_folder, build_analysis_parser, read_run_results, runs_from_args, selection_stem
+from utils.plotting import plot_runs, save_figure, thresholds_differ
+from utils.runs import (SUMMARY_FIX, analysis_folder, build_analysis_parser, read_optional_json, read_run_results,
+                        runs_from_args, selection_stem)
 
 PROG = "plot_results.py"
 
@@ -28,10 +32,22 @@ def build_parser():
     g = p.add_argument_group("figure")
     g.add_argument("--smooth", type=int, default=None, metavar="K",
                    help="rolling mean over K measurements for step sharpness (default: a twentieth of them)")
+    g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="divide each curvature curve by its run's stability threshold (eta*lambda/2 for SGD), so every "
+                        "run's threshold is 1 (default: only when overlaid runs differ in threshold, with a note)")
     g.add_argument("--dpi", type=int, default=150, help="resolution of the PNG (default 150)")
     g.add_argument("--name", default=None, help="file name stem (default results, or for several runs results_overlay, plus _<hash> without "
                         "--out: 8 hex digits of the SHA-1 of the run folders' sorted relative paths)")
     return p
+
+
+def final_test_accuracy(run) -> tuple[int, float] | None:
+    """(final step, test accuracy) from the run's summary.json, None before the run has ended."""
+    summary = read_optional_json(run.run_dir, "summary.json", fix=SUMMARY_FIX) or {}
+    accuracy, step = summary.get("final_test_accuracy"), summary.get("final_step")
+    if not isinstance(accuracy, (int, float)) or not isinstance(step, int):
+        return None
+    return step, float(accuracy)
 
 
 def main(argv=None) -> int:
@@ -50,7 +66,14 @@ def main(argv=None) -> int:
         for run, frame in zip(runs, frames):
             if frame.empty:
                 raise UserError(f"{run.run_dir}/results.txt has no rows yet; let the run train first")
-        figure = plot_runs(runs, frames, smooth=args.smooth)
+        normalize = args.normalize
+        if normalize is None:
+            normalize = thresholds_differ(runs)
+            if normalize:
+                print("note: the runs differ in their stability thresholds, so curvature panels show each run's values "
+                      "divided by its own threshold (threshold = 1); --no-normalize draws the raw values")
+        figure = plot_runs(runs, frames, smooth=args.smooth, normalize=normalize,
+                           final_test_accuracy=[final_test_accuracy(run) for run in runs])
         folder = analysis_folder(runs, args.out)
         stem = args.name or selection_stem("results" if len(runs) == 1 else "results_overlay", runs, args.out)
         for path in save_figure(figure, folder, stem, dpi=args.dpi):

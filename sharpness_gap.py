@@ -13,12 +13,13 @@ digits naming the set of runs, so different selections never overwrite each othe
 folder that directly holds them all (a ``<dataset>_<model>`` folder, a sweep's ``runs/``).
 """
 
+import math
 import os
 import sys
 
 import pandas as pd
 
-from utils.analysis import FINAL_FILES, current_final_records, sharpness_plateaus
+from utils.analysis import FINAL_FILES, current_final_records, sharpness_plateaus, tail_reaching_last
 from utils.cli import run_cli
 from utils.errors import UserError
 from utils.plotting import plot_sharpness_gap, render_figure, write_figure
@@ -59,7 +60,13 @@ def run_row(run, tail: float, tail_only: bool) -> dict:
                                   fullbs=jsons.get("final_fullbs"), ghg=jsons.get("final_ghg"))
     for name, fix in FIX.items():
         if plateaus[f"{name}_count"] == 0:
-            raise UserError(f"{run.run_dir} has no {name} in the last {tail:g} of training; {fix}")
+            last = tail_reaching_last(frame, name)
+            if last is None:
+                raise UserError(f"{run.run_dir} has no {name} in the last {tail:g} of training; {fix}")
+            steps_trained = int(frame["step"].max()) + 1
+            raise UserError(f"{run.run_dir} has no {name} in the last {tail:g} of training (steps from "
+                            f"{math.ceil((1 - tail) * steps_trained)} of {steps_trained}); its last {name} is at step "
+                            f"{last[0]}: pass --tail {last[1]:g} to include it, or measure more often (--measure-every)")
     cfg = run.cfg
     optimiser = "adam" if cfg.adam else ("nesterov" if cfg.nesterov else ("momentum" if cfg.momentum else "sgd"))
     return {"run_dir": run.run_dir, "dataset": cfg.dataset, "model": cfg.model, "lr": cfg.lr, "batch": cfg.batch,

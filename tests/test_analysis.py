@@ -18,13 +18,14 @@ from analysis_runs import (check_bad_input, copy_run, final_model, garbled_value
                            mistyped_config, no_checkpoints, renamed_step_column, runs, truncated_results,
                            unknown_version)
 from curvature_reference import dense_hessian
-from utils.analysis import sharpness_plateaus, stability_label, stability_threshold, tail_median
+from utils.analysis import sharpness_plateaus, stability_label, stability_threshold, tail_median, tail_reaching_last
 from utils.config import RunConfig
 from utils.errors import UserError
 from utils.estimators import measurement_generator
 from utils.measures import lambda_max
-from utils.plotting import legend_order, new_figure, plot_runs, run_labels, use_plain_log_labels
-from utils.runs import load_run, load_weights, read_run_results, select_runs
+from plot_results import final_test_accuracy
+from utils.plotting import legend_order, new_figure, plot_runs, run_labels, thresholds_differ, use_plain_log_labels
+from utils.runs import Run, load_run, load_weights, read_run_results, select_runs
 
 
 # Stability thresholds
@@ -196,6 +197,24 @@ def test_sharpness_gap_needs_both_sharpnesses(results_env, tmp_path, capsys):
     assert not (run_dir / "sharpness_gap.csv").exists()
 
 
+def test_sharpness_gap_says_which_tail_reaches_the_last_measurement(runs, tmp_path, capsys):
+    # Run a measured at steps 0, 10, 20 of 30: the default window (steps 24 to 29) holds none.
+    assert sharpness_gap.main([str(runs["a"]), "--out", str(tmp_path / "default")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "its last lambda_max is at step 20: pass --tail 0.34 to include it" in err
+    assert not (tmp_path / "default").exists()
+    assert sharpness_gap.main([str(runs["a"]), "--tail", "0.34", "--out", str(tmp_path / "wider")]) == 0
+    assert pd.read_csv(tmp_path / "wider" / "sharpness_gap.csv").iloc[0]["lambda_max_count"] == 1
+
+
+def test_tail_reaching_the_last_measurement():
+    frame = pd.DataFrame({"step": range(1000), "lambda_max": [1.0 if s % 50 == 0 else math.nan for s in range(1000)]})
+    assert tail_reaching_last(frame, "lambda_max") == (950, 0.05)
+    assert tail_median(frame, "lambda_max", 0.05) == (1.0, 1)
+    assert tail_reaching_last(frame.assign(lambda_max=math.nan), "lambda_max") is None
+    assert tail_reaching_last(frame.drop(columns="lambda_max"), "lambda_max") is None
+
+
 # plot_results.py
 
 
@@ -203,12 +222,15 @@ def test_plot_results_single_run_panels_and_stability_line(runs):
     run = load_run(str(runs["a"]))
     figure = plot_runs([run], [read_run_results(run.run_dir)])
     axes = [ax for ax in figure.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in axes] == ["loss", "λ_max", "Batch Sharpness", "accuracy"]
+    assert [ax.get_title() for ax in axes] == ["loss", r"$\lambda_{\max}$", "Batch Sharpness", "accuracy"]
+    assert [ax.get_ylabel() for ax in axes] == ["training loss", r"$\lambda_{\max}(H)$",
+                                                r"$\mathbb{E}_B[g_B^\top H_B g_B/\|g_B\|^2]$", "accuracy"]
     assert axes[0].get_yscale() == "log"
     for ax in axes[1:3]:
         lines = {line.get_label(): line for line in ax.get_lines()}
         assert list(lines["2/η = 40"].get_ydata()) == [40, 40] and lines["2/η = 40"].get_linestyle() == "--"
     assert len(axes[2].collections) == 1  # the standard-error band
+    assert all(line.get_marker() == "o" for line in axes[1].get_lines()[:1] + axes[2].get_lines()[:1])  # 4 measurements
     assert not any(line.get_label().startswith("2/η") for line in axes[3].get_lines())
     assert figure.get_size_inches()[0] == 7.0
 
@@ -223,7 +245,7 @@ def test_plot_results_latest_run_by_default(runs, capsys):
 
 def test_plot_results_overlay_legend_from_configs(runs, tmp_path):
     selected = select_runs(pattern="digits_mlp/*")
-    assert run_labels(selected) == ["lr=0.05, batch=8", "lr=0.1, batch=16"]
+    assert run_labels(selected) == ["η=0.05, b=8", "η=0.1, b=16"]
     out = tmp_path / "figures"
     assert plot_results.main(["--glob", "digits_mlp/*", "--out", str(out), "--dpi", "100"]) == 0
     assert sorted(os.listdir(out)) == ["results_overlay.pdf", "results_overlay.png"]
@@ -242,16 +264,16 @@ def test_overlay_panels_name_their_line_styles_and_stability_line(runs):
                                             for text, line in zip(legend.get_texts(), legend.get_lines())]
 
     # Colours are runs (the figure legend); a panel's own key is grey and names its line styles.
-    assert key("loss") == [("step's batch", "-", "0.3"), ("full", "-", "0.3")]
-    assert key("λ_max") == [("λ_max", "-", "0.3"), ("2/η", ":", "0.3")]
-    assert key("accuracy") is None
-    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["lr=0.05, batch=8", "lr=0.1, batch=16"]
+    assert key("loss") == [("step's batch", "-", "0.3"), ("full training set", "-", "0.3")]
+    assert key(r"$\lambda_{\max}$") == [(r"$\lambda_{\max}$", "-", "0.3"), ("2/η", ":", "0.3")]
+    assert key("accuracy") == [("train", "-", "0.3")]  # named even alone: the star of the test set is not drawn here
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["η=0.05, b=8", "η=0.1, b=16"]
 
 
 def test_overlaid_runs_are_ordered_by_the_settings_they_differ_in(runs):
     selected = [load_run(str(runs["b"])), load_run(str(runs["a"]))]
     figure = plot_runs(selected, [read_run_results(run.run_dir) for run in selected])
-    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["lr=0.05, batch=8", "lr=0.1, batch=16"]
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["η=0.05, b=8", "η=0.1, b=16"]
 
     def run(**settings):
         return SimpleNamespace(cfg=RunConfig(**settings), name=str(settings))
@@ -262,6 +284,45 @@ def test_overlaid_runs_are_ordered_by_the_settings_they_differ_in(runs):
     assert legend_order(mixed) == [1, 2, 0]  # lr first (config order), then plain SGD before noisy GD
     same = [run(), run()]
     assert legend_order(same) == [0, 1]
+
+
+def test_overlaid_runs_of_different_thresholds_are_drawn_normalized_with_a_note(runs, tmp_path, capsys):
+    selected = [load_run(str(runs["a"])), load_run(str(runs["b"]))]  # 2/η = 40 and 20
+    assert plot_results.main([str(runs["a"]), str(runs["b"]), "--out", str(tmp_path / "auto")]) == 0
+    assert "note: the runs differ in their stability thresholds" in capsys.readouterr().out
+    assert plot_results.main([str(runs["a"]), str(runs["b"]), "--out", str(tmp_path / "raw"), "--no-normalize"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    frames = [read_run_results(run.run_dir) for run in selected]
+    figure = plot_runs(selected, frames, normalize=True)
+    axes = {ax.get_title(): ax for ax in figure.axes if ax.get_visible()}
+    lines = axes[r"$\lambda_{\max}$ ÷ stability threshold"].get_lines()
+    for (curve, threshold_line), frame, threshold in zip([lines[0:2], lines[2:4]], frames, (40, 20)):
+        assert list(curve.get_ydata()) == pytest.approx(list(frame["lambda_max"].dropna() / threshold))
+        assert list(threshold_line.get_ydata()) == [1, 1]
+    assert axes["loss"].get_lines()[1].get_ydata()[0] == pytest.approx(frames[0]["full_loss"].dropna().iloc[0])
+
+
+def test_runs_differ_in_threshold_when_their_comparable_lines_differ():
+    def of(*configs):
+        return [SimpleNamespace(cfg=cfg) for cfg in configs]
+
+    assert thresholds_differ(of(RunConfig(lr=0.05), RunConfig(lr=0.1)))
+    assert thresholds_differ(of(RunConfig(lr=0.1), RunConfig(lr=0.1, momentum=0.9)))
+    assert not thresholds_differ(of(RunConfig(batch=8), RunConfig(batch=64)))
+    assert not thresholds_differ(of(RunConfig(lr=0.1), RunConfig(lr=0.1, adam=True)))  # different panels
+
+
+def test_a_full_batch_run_is_labelled_gd_and_the_test_accuracy_is_marked(runs, tmp_path):
+    gd = Run("/r/gd", {"resolved": {"num_train": 120}}, RunConfig(batch=120))
+    sgd = Run("/r/sgd", {"resolved": {"num_train": 120}}, RunConfig(batch=16))
+    assert run_labels([gd, sgd]) == ["GD", "SGD, b=16"]
+    run = load_run(str(runs["b"]))
+    figure = plot_runs([run], [read_run_results(run.run_dir)], final_test_accuracy=[final_test_accuracy(run)])
+    accuracy = next(ax for ax in figure.axes if ax.get_title() == "accuracy")
+    star = next(line for line in accuracy.get_lines() if line.get_marker() == "*")
+    summary = json.loads((runs["b"] / "summary.json").read_text())
+    assert (star.get_xdata()[0], star.get_ydata()[0]) == (summary["final_step"], summary["final_test_accuracy"])
+    assert [text.get_text() for text in accuracy.get_legend().get_texts()] == ["train", "test (end)"]
 
 
 def test_log_axes_spanning_less_than_two_decades_get_plain_labels():

@@ -45,4 +45,4 @@ def test_settings_of_execution_do_not_label_overlaid_runs():
     runs = [Run("/r/first", {}, base), Run("/r/second", {}, quiet)]
     assert run_labels(runs) == ["first", "second"]
     runs.append(Run("/r/third", {}, dataclasses.replace(quiet, lr=0.1)))
-    assert run_labels(runs) == ["lr=0.05", "lr=0.05", "lr=0.1"]
+    assert run_labels(runs) == ["η=0.05", "η=0.05", "η=0.1"]

@@ -174,6 +174,21 @@ def tail_median(frame, column: str, tail: float) -> tuple[float, int]:
     return (float(window.median()), int(window.size)) if window.size else (math.nan, 0)
 
 
+def tail_reaching_last(frame, column: str) -> tuple[int, float] | None:
+    """The step of the last measurement of ``column`` and the smallest ``tail`` (rounded up to
+    two decimals) whose window of :func:`tail_median` includes it; None when it was never measured."""
+    if column not in frame.columns:
+        return None
+    measured = frame.loc[frame[column].notna(), "step"]
+    if measured.empty:
+        return None
+    last, steps_trained = int(measured.max()), int(frame["step"].max()) + 1
+    tail = math.ceil(100 * (steps_trained - last) / steps_trained) / 100
+    while tail < 1 and (1 - tail) * steps_trained > last:  # rounding must not leave the step outside
+        tail += 0.01
+    return last, min(round(tail, 2), 1.0)
+
+
 FINAL_FILES = {"final": "training.py --final", "final_fullbs": "compute_final_fullbs.py", "final_ghg": "compute_final_gHg.py"}
 
 

@@ -16,6 +16,7 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import LogFormatterSciNotation, NullLocator, ScalarFormatter
 
 from utils.analysis import stability_label, stability_threshold
@@ -49,6 +50,7 @@ class Panel:
 
     ``stability``: the optimiser's stability line applies (SGD and momentum runs);
     ``preconditioned``: Adam's 38/η line applies (it bounds the preconditioned Hessian only).
+    ``ylabel``: the y-axis label in math text (none: the title).
     """
 
     title: str
@@ -56,6 +58,12 @@ class Panel:
     log: bool = False
     stability: bool = False
     preconditioned: bool = False
+    ylabel: str | None = None
+
+    @property
+    def curvature(self) -> bool:
+        """Whether the panel draws a curvature compared with a stability line (what --normalize divides)."""
+        return self.stability or self.preconditioned
 
 
 def _measurement_panels() -> tuple[Panel, ...]:
@@ -66,18 +74,34 @@ def _measurement_panels() -> tuple[Panel, ...]:
         for column in (column for column in m.columns if column.panel):
             curves = tuple(replace(curve, column=column.name) for curve in column.curves)
             if column.panel in panels:
-                panels[column.panel] = replace(panels[column.panel], curves=panels[column.panel].curves + curves)
+                panel = panels[column.panel]
+                panels[column.panel] = replace(panel, curves=panel.curves + curves, ylabel=panel.ylabel or column.ylabel)
             else:
                 panels[column.panel] = Panel(column.panel, curves, log=m.log_scale, stability=m.line == "stability",
-                                             preconditioned=m.line == "preconditioned")
+                                             preconditioned=m.line == "preconditioned", ylabel=column.ylabel)
     return tuple(panels.values())
 
 
 PANELS = (
-    Panel("loss", (Curve("step's batch", faint=True, column="batch_loss"), Curve("full", column="full_loss")), log=True),
+    Panel("loss", (Curve("step's batch", faint=True, column="batch_loss"), Curve("full training set", column="full_loss")),
+          log=True, ylabel="training loss"),
     *_measurement_panels(),
-    Panel("accuracy", (Curve("train", column="full_accuracy"),)),
+    Panel("accuracy", (Curve("train", column="full_accuracy"),), ylabel="accuracy"),
 )
+# A curve with at most this many points is drawn with a marker at each: a line alone hides
+# where the measurements are, and between them it is an interpolation.
+SPARSE_POINTS = 60
+# The band around an estimate with a standard error spans this many of them each side.
+SE_BAND = 2
+
+
+LAMBDA_MAX = r"$\lambda_{\max}$"
+BATCH_SHARPNESS = r"$\mathbb{E}_B[g_B^\top H_B g_B/\|g_B\|^2]$"
+
+
+def math_title(title: str) -> str:
+    """A panel title with λ_max written in math text (registry panels are named in plain text)."""
+    return title.replace("λ_max", LAMBDA_MAX)
 
 
 class _PlainLogFormatter(LogFormatterSciNotation):
@@ -203,17 +227,36 @@ def legend_order(runs) -> list[int]:
     return sorted(range(len(runs)), key=lambda i: tuple(rank(configs[i][key]) for key in differing))
 
 
+# How a setting is named in a legend; the others by their flag name.
+SETTING_SYMBOLS = {"lr": "η", "batch": "b", "momentum": "μ", "init_scale": "init scale", "init_seed": "init seed",
+                   "data_ordering_seed": "order seed", "num_data": "n"}
+
+
+def full_batch(run) -> bool:
+    """Whether every step of ``run`` used the whole training set (plain GD)."""
+    n = ((getattr(run, "record", None) or {}).get("resolved") or {}).get("num_train")
+    return n is not None and run.cfg.batch >= n and not run.cfg.gd_noise and not run.cfg.sde
+
+
 def run_labels(runs) -> list[str]:
-    """Legend labels for overlaid runs: the settings in which their configs differ."""
+    """Legend labels for overlaid runs: the settings in which their configs differ, named by
+    their symbols (η=0.05, b=8); a batch of the whole training set is ``GD``, the others ``SGD``."""
     configs = [run.cfg.to_dict() for run in runs]
     differing = _differing_settings(configs)
     if not differing:
         return [run.name for run in runs]
     dynamics_keys = ("gd_noise", "sde", "sde_h", "noise_mag")
+    any_gd = "batch" in differing and any(full_batch(run) for run in runs)
     labels = []
     for run, c in zip(runs, configs):
         parts = [dynamics_label(run.cfg)] if any(key in differing for key in dynamics_keys) else []
-        parts += [f"{key}={_short(c[key])}" for key in differing if key not in dynamics_keys]
+        for key in differing:
+            if key in dynamics_keys:
+                continue
+            if key == "batch" and any_gd:
+                parts.append("GD" if full_batch(run) else f"SGD, b={c[key]}")
+            else:
+                parts.append(f"{SETTING_SYMBOLS.get(key, key.replace('_', ' '))}={_short(c[key])}")
         labels.append(", ".join(parts))
     return labels
 
@@ -239,38 +282,61 @@ def _stability_applies(panel: Panel, cfg) -> bool:
     return panel.preconditioned if cfg.adam else panel.stability
 
 
-def plot_runs(runs, frames, *, smooth: int | None = None) -> Figure:
+def thresholds_differ(runs) -> bool:
+    """Whether overlaid runs have different stability thresholds on a panel both are compared
+    with (2/η at two step sizes; SGD against momentum): one axis then suits neither run."""
+    for wants in (lambda cfg: not cfg.adam, lambda cfg: cfg.adam):
+        thresholds = [stability_threshold(run.cfg) for run in runs if wants(run.cfg)]
+        if thresholds and max(thresholds) > min(thresholds) * (1 + 1e-9):
+            return True
+    return False
+
+
+def plot_runs(runs, frames, *, smooth: int | None = None, normalize: bool = False,
+              final_test_accuracy=None) -> Figure:
     """Training curves of one or several runs; ``frames`` are their results tables.
 
     Panels (those with data): losses on a log scale, λ_max, Batch Sharpness with its
-    standard-error band, step sharpness smoothed over ``smooth`` measurements, GNI,
-    Gauss–Newton, momentum and preconditioned sharpness, Hessian trace, gradient norms,
-    distance to the initialisation, accuracy; the dashed stability line of each run's
-    optimiser where it applies. Several runs are overlaid, one colour each, labelled by their
-    settings and ordered by them (:func:`legend_order`).
+    standard-error band (±:data:`SE_BAND` SE), step sharpness smoothed over ``smooth``
+    measurements, GNI, Gauss–Newton, momentum and preconditioned sharpness, Hessian trace,
+    gradient norms, distance to the initialisation, accuracy; the dashed stability line of each
+    run's optimiser where it applies. Curves of at most :data:`SPARSE_POINTS` measurements get a
+    marker at each. Several runs are overlaid, one colour each, labelled by their settings and
+    ordered by them (:func:`legend_order`). ``normalize`` divides every curvature curve by its
+    run's stability threshold, so that every run's line is 1 (η·λ/2 for SGD).
+    ``final_test_accuracy``: per run, None or (step, accuracy on the test set) at the end,
+    drawn as a star in the accuracy panel.
     """
     panels = [p for p in PANELS if any(_has(f, c.column) for c in p.curves for f in frames)]
     ncols = 2 if len(panels) in (2, 4) else min(3, len(panels))  # no empty slots for 2 or 4 panels
     nrows = math.ceil(len(panels) / ncols)
     overlay = len(runs) > 1
     order = legend_order(runs)
-    runs, frames = [runs[i] for i in order], [frames[i] for i in order]
+    tests = final_test_accuracy or [None] * len(runs)
+    runs, frames, tests = [runs[i] for i in order], [frames[i] for i in order], [tests[i] for i in order]
     labels = run_labels(runs) if overlay else [None]
     with matplotlib.rc_context(STYLE):
         fig, axes = new_figure(nrows, ncols)
         for ax in axes[len(panels):]:
             ax.set_visible(False)
         for ax, panel in zip(axes, panels):
+            scaled = normalize and panel.curvature
             for i, (run, frame) in enumerate(zip(runs, frames)):
                 color = f"C{i % 10}" if overlay else "C0"
-                _draw_panel(ax, panel, run.cfg, frame, color, labels[i], overlay, smooth)
-            ax.set_title(panel.title)
+                _draw_panel(ax, panel, run.cfg, frame, color, overlay, smooth, scaled)
+                if panel.title == "accuracy" and tests[i] is not None:
+                    ax.plot(*tests[i], marker="*", markersize=6, linestyle="none", color=color,
+                            label=None if overlay else "test (end)")
+            ax.set_title(math_title(panel.title) + (" ÷ stability threshold" if scaled else ""))
             ax.set_xlabel("step")
+            ylabel = panel.ylabel or math_title(panel.title)
+            ax.set_ylabel(f"{ylabel} ÷ threshold" if scaled else ylabel)
             if panel.log:
                 ax.set_yscale("log")
                 use_plain_log_labels(ax)
-            handles = ax.get_legend_handles_labels()[0] if not overlay else _style_key(panel, runs, frames)
-            if len(handles) > 1:
+            handles = ax.get_legend_handles_labels()[0] if not overlay else _style_key(panel, runs, frames, scaled,
+                                                                                         any(t is not None for t in tests))
+            if len(handles) > 1 or panel.title == "accuracy":  # name the set even when only train is drawn
                 ax.legend(handles=handles, frameon=False)
         if overlay:
             handles = [Line2D([], [], color=f"C{i % 10}", label=label) for i, label in enumerate(labels)]
@@ -291,31 +357,48 @@ def _curve_style(curve: Curve, color) -> dict:
     return style
 
 
-def _style_key(panel: Panel, runs, frames) -> list:
+def _band_patch(color):
+    return Patch(color=color, alpha=0.25, linewidth=0, label=f"±{SE_BAND} SE")
+
+
+def _style_key(panel: Panel, runs, frames, scaled: bool, with_test: bool) -> list:
     """Legend entries of an overlay panel in grey: which line style is which curve (colours
-    are runs, named in the figure legend), and the dotted stability line."""
-    key = [Line2D([], [], label=curve.label, **_curve_style(curve, "0.3"))
-           for curve in panel.curves if any(_has(frame, curve.column) for frame in frames)]
+    are runs, named in the figure legend), the standard-error band and the dotted stability line."""
+    drawn = [curve for curve in panel.curves if any(_has(frame, curve.column) for frame in frames)]
+    key = [Line2D([], [], label=curve.label, **_curve_style(curve, "0.3")) for curve in drawn]
+    if any(_has(frame, f"{curve.column}_se") for curve in drawn for frame in frames):
+        key.append(_band_patch("0.3"))
     labels = sorted({stability_label(run.cfg) for run in runs if _stability_applies(panel, run.cfg)})
     if labels:
-        key.append(Line2D([], [], color="0.3", linestyle=":", linewidth=0.8, label=" / ".join(labels)))
+        text = "threshold = 1" if scaled else " / ".join(labels)
+        key.append(Line2D([], [], color="0.3", linestyle=":", linewidth=0.8, label=text))
+    if panel.title == "accuracy" and with_test:
+        key.append(Line2D([], [], color="0.3", marker="*", linestyle="none", label="test (end)"))
     return key
 
 
-def _draw_panel(ax, panel: Panel, cfg, frame, color, run_label, overlay, smooth_window) -> None:
+def _draw_panel(ax, panel: Panel, cfg, frame, color, overlay, smooth_window, scaled) -> None:
+    applies = _stability_applies(panel, cfg)
+    if scaled and not applies:
+        return  # no threshold to divide by: this run's curve would be on another scale
+    divisor = stability_threshold(cfg) if scaled else 1.0
     for curve in panel.curves:
         if not _has(frame, curve.column):
             continue
         steps, values, data = _series(frame, curve.column, smooth_window, curve.smooth)
-        ax.plot(steps, values, label=None if overlay else curve.label, **_curve_style(curve, color))
+        values = values / divisor
+        marker = {"marker": "o", "markersize": 2.5} if len(steps) <= SPARSE_POINTS and not curve.faint else {}
+        ax.plot(steps, values, label=None if overlay else curve.label, **_curve_style(curve, color), **marker)
         se = f"{curve.column}_se"
         if se in frame.columns and not curve.faint:
-            spread = _drawable(frame.loc[data.index, se]).fillna(0).to_numpy()
-            ax.fill_between(steps, values - spread, values + spread, color=color, alpha=0.2, linewidth=0)
-    if _stability_applies(panel, cfg):
-        line = stability_threshold(cfg)
+            spread = SE_BAND * _drawable(frame.loc[data.index, se]).fillna(0).to_numpy() / divisor
+            ax.fill_between(steps, values - spread, values + spread, color=color, alpha=0.25, linewidth=0,
+                            label=None if overlay else f"±{SE_BAND} SE")
+    if applies:
+        line = 1.0 if scaled else stability_threshold(cfg)
+        text = "threshold = 1" if scaled else f"{stability_label(cfg)} = {line:.4g}"
         ax.axhline(line, color=color if overlay else "0.3", linestyle=":" if overlay else "--", linewidth=0.8,
-                   label=None if overlay else f"{stability_label(cfg)} = {line:.4g}")
+                   label=None if overlay else text)
 
 
 def plot_sharpness_gap(table) -> Figure:
@@ -338,16 +421,19 @@ def plot_sharpness_gap(table) -> Figure:
             left.plot(batches, mean["lambda_max"], color=color, marker="s", markersize=3, linestyle="--")
             left.axhline(threshold, color=color, linestyle=":", linewidth=0.8)
             right.plot(batches, mean["gap"], color=color, marker="o", markersize=3, label=f"η={lr:g}")
-        left.plot([], [], color="0.3", marker="o", markersize=3, label="Batch Sharpness")
-        left.plot([], [], color="0.3", marker="s", markersize=3, linestyle="--", label="λ_max")
+        left.plot([], [], color="0.3", marker="o", markersize=3, label=BATCH_SHARPNESS)
+        left.plot([], [], color="0.3", marker="s", markersize=3, linestyle="--", label=LAMBDA_MAX)
         left.plot([], [], color="0.3", linestyle=":", label=" / ".join(sorted(set(table["threshold_label"]))))
         left.set_title("sharpness plateaus")
-        right.set_title("gap: Batch Sharpness − λ_max")
+        left.set_ylabel("curvature")
+        right.set_title(f"gap: Batch Sharpness − {LAMBDA_MAX}")
+        right.set_ylabel(f"Batch Sharpness − {LAMBDA_MAX}")
+        right.axhline(0, color="0.6", linewidth=0.6)
         for ax in (left, right):
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted(set(table["batch"])))
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.xaxis.set_minor_locator(NullLocator())
-            ax.set_xlabel("batch size")
+            ax.set_xlabel("batch size $b$ (log$_2$ scale)")
         left.legend(frameon=False)
     return fig

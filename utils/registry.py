@@ -48,12 +48,15 @@ class Column:
     """One quantity in ``results.txt``: its value, ``<name>_se`` and ``<name>_n`` when
     ``with_se``, then ``<name>_seconds`` and ``<name>_hvps`` (its cost). ``extra`` names bare
     value columns that follow the value (``lambda_2`` ... ``lambda_k``). ``panel`` is the title
-    of the plot panel its ``curves`` are drawn in (none: the column is not drawn)."""
+    of the plot panel its ``curves`` are drawn in (none: the column is not drawn), ``ylabel``
+    that panel's y-axis label in matplotlib math text (the first column of a panel that has one
+    sets it; none: the panel's title)."""
 
     name: str
     panel: str | None = None
     curves: tuple[Curve, ...] = ()
     with_se: bool = False
+    ylabel: str | None = None
     extra: Callable[[object], list[str]] = field(default=lambda cfg: [])
 
 
@@ -205,45 +208,51 @@ def _eigenvalues(cfg) -> list[str]:
 
 MEASUREMENTS: tuple[Measurement, ...] = (
     Measurement("lambdamax", "full-batch top Hessian eigenvalue lambda_max",
-                (Column("lambda_max", "λ_max", (Curve("λ_max"),), extra=_eigenvalues),),
+                (Column("lambda_max", "λ_max", (Curve(r"$\lambda_{\max}$"),), extra=_eigenvalues, ylabel=r"$\lambda_{\max}(H)$"),),
                 _lambda_max, final="always", final_float64=True),
     Measurement("batch_sharpness", "E_B[g_B^T H_B g_B / |g_B|^2] over random batches",
-                (Column("batch_sharpness", "Batch Sharpness", (Curve("E[gᵀHg/‖g‖²]"),), with_se=True),),
+                (Column("batch_sharpness", "Batch Sharpness", (Curve(r"$\mathbb{E}_B[g_B^\top H_B g_B/\|g_B\|^2]$"),), with_se=True,
+                        ylabel=r"$\mathbb{E}_B[g_B^\top H_B g_B/\|g_B\|^2]$"),),
                 _batch_sharpness, final="always", final_stream="final"),
     Measurement("step_sharpness", "the same Rayleigh quotient on the step's own batch",
-                (Column("step_sharpness", "step sharpness", (Curve("raw", faint=True), Curve("smoothed", smooth=True))),),
+                (Column("step_sharpness", "step sharpness", (Curve("raw", faint=True), Curve("smoothed", smooth=True)),
+                        ylabel=r"$g_B^\top H_B g_B/\|g_B\|^2$, step's $B$"),),
                 _step_sharpness, cadence=(20, 180), final="never"),
     Measurement("gni", "gradient-noise interaction E_B[g_B^T H g_B] / |g|^2",
-                (Column("gni", "GNI", (Curve("GNI"),), with_se=True),),
+                (Column("gni", "GNI", (Curve(r"$\mathbb{E}_B[g_B^\top H g_B]/\|g\|^2$"),), with_se=True,
+                        ylabel=r"$\mathbb{E}_B[g_B^\top H g_B]/\|g\|^2$"),),
                 _gni, cadence=(5, 20), final="always", final_stream="final_gni"),
     Measurement("batch_sharpness_ratio", "E_B[g_B^T H_B g_B] / E_B[|g_B|^2] (ratio of means)",
-                (Column("batch_sharpness_ratio", "Batch Sharpness", (Curve("E[gᵀHg]/E[‖g‖²]", dashed=True),),
+                (Column("batch_sharpness_ratio", "Batch Sharpness", (Curve(r"$\mathbb{E}_B[g_B^\top H_B g_B]/\mathbb{E}_B[\|g_B\|^2]$", dashed=True),),
                         with_se=True),),
                 _batch_sharpness_ratio),
     Measurement("batch_lambdamax", "mean top eigenvalue of mini-batch Hessians E_B[lambda_max(H_B)]",
-                (Column("batch_lambda_max", "λ_max", (Curve("E[λ_max(H_B)]", dashed=True),), with_se=True),),
+                (Column("batch_lambda_max", "λ_max", (Curve(r"$\mathbb{E}_B[\lambda_{\max}(H_B)]$", dashed=True),), with_se=True),),
                 _batch_lambdamax, cadence=(5, 20)),
     Measurement("hessian_trace", "tr(H) by Hutchinson's estimator with Rademacher probes",
-                (Column("hessian_trace", "Hessian trace", (Curve("tr(H)"),), with_se=True),),
+                (Column("hessian_trace", "Hessian trace", (Curve(r"$\mathrm{tr}\,H$"),), with_se=True, ylabel=r"$\mathrm{tr}\,H$"),),
                 _hessian_trace, cadence=(5, 20), line=None),
     Measurement("gauss_newton", "lambda_max and Batch Sharpness of the Gauss-Newton matrix",
-                (Column("gn_lambda_max", "Gauss–Newton", (Curve("λ_max(G)"),)),
-                 Column("gn_batch_sharpness", "Gauss–Newton", (Curve("E[gᵀGg/‖g‖²]", dashed=True),), with_se=True)),
+                (Column("gn_lambda_max", "Gauss–Newton", (Curve(r"$\lambda_{\max}(G)$"),), ylabel="curvature of $G$"),
+                 Column("gn_batch_sharpness", "Gauss–Newton", (Curve(r"$\mathbb{E}_B[g_B^\top G_B g_B/\|g_B\|^2]$", dashed=True),), with_se=True)),
                 _gauss_newton),
     Measurement("gradient_norm", "E_B[|g_B|^2] and |g|^2",
-                (Column("grad_norm_sq_batch", "gradient norm²", (Curve("E‖g_B‖²"),), with_se=True),
-                 Column("grad_norm_sq_full", "gradient norm²", (Curve("‖g‖²", dashed=True),))),
+                (Column("grad_norm_sq_batch", "gradient norm²", (Curve(r"$\mathbb{E}_B\|g_B\|^2$"),), with_se=True,
+                        ylabel="squared gradient norm"),
+                 Column("grad_norm_sq_full", "gradient norm²", (Curve(r"$\|g\|^2$", dashed=True),))),
                 _gradient_norm, cadence=(20, 180), line=None, log_scale=True),
     Measurement("momentum_sharpness", "E_B[s^T H_B s] / E_B[s^T g_B] along the momentum update s (needs --momentum)",
-                (Column("momentum_sharpness", "momentum sharpness", (Curve("E[sᵀHs]/E[sᵀg]"),), with_se=True),),
+                (Column("momentum_sharpness", "momentum sharpness", (Curve(r"$\mathbb{E}_B[s^\top H_B s]/\mathbb{E}_B[s^\top g_B]$"),), with_se=True,
+                        ylabel=r"$\mathbb{E}_B[s^\top H_B s]/\mathbb{E}_B[s^\top g_B]$"),),
                 _momentum_sharpness, needs="momentum", needs_reason="measures the momentum update"),
     Measurement("preconditioned_sharpness",
                 "lambda_max of Adam's preconditioned Hessian P^-1/2 H P^-1/2 over the coordinates Adam has seen (needs --adam)",
-                (Column("preconditioned_sharpness", "preconditioned sharpness", (Curve("λ_max(P⁻¹ᐟ²HP⁻¹ᐟ²)"),)),
+                (Column("preconditioned_sharpness", "preconditioned sharpness", (Curve(r"$\lambda_{\max}(P^{-1/2} H P^{-1/2})$"),),
+                        ylabel=r"$\lambda_{\max}(P^{-1/2} H P^{-1/2})$"),
                  Column("preconditioned_unseen")),
                 _preconditioned_sharpness, needs="adam", needs_reason="measures Adam's preconditioner", line="preconditioned"),
     Measurement("param_distance", "|theta - theta_0| to the initialisation (or --param-file)",
-                (Column("param_distance", "distance to θ₀", (Curve("‖θ − θ₀‖"),)),),
+                (Column("param_distance", "distance to θ₀", (Curve(r"$\|\theta - \theta_0\|$"),), ylabel=r"$\|\theta - \theta_0\|_2$"),),
                 _param_distance, cadence=(50, 100), line=None),
 )
 BY_NAME = {m.name: m for m in MEASUREMENTS}
