@@ -207,3 +207,22 @@ def forbid_fast_routes(monkeypatch):
 
     monkeypatch.setattr(batch_forms, "linear_network", refuse)
     monkeypatch.setattr(hvp, "default_hvp_mode", refuse)
+
+
+def tiny_resnet_bn(seed=0):
+    """EOSS's ``resnet_bn`` (ResNet-20 with BatchNorm) for 1x8x8 inputs and 2 outputs in float64,
+    trainable only in the last block's two BatchNorm layers and the head (386 parameters), so
+    that its dense Hessian stays small while every forward pass runs through the whole network
+    and every BatchNorm layer."""
+    from utils.models import build_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_model("resnet_bn", (1, 8, 8), 2).double()
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(("blocks.8.norm", "head")))
+            if name.startswith("blocks.8.norm"):
+                # Non-trivial affine BatchNorm parameters so every Hessian block is exercised.
+                with torch.no_grad():
+                    p.add_(0.3 * torch.randn_like(p))
+    return model
