@@ -31,8 +31,9 @@ def test_every_entry_has_a_switch_a_cadence_and_flags():
     parser = build_parser()
     for m in registry.MEASUREMENTS:
         args = parser.parse_args([m.flag, f"{m.flag}-every", "3"])
-        assert getattr(args, m.name) is True and getattr(args, f"{m.name}_every") == 3
-        assert getattr(RunConfig(), m.name) is False and getattr(RunConfig(), f"{m.name}_every") is None
+        on, off = (1, 0) if m.argument else (True, False)
+        assert getattr(args, m.name) is on and getattr(args, f"{m.name}_every") == 3
+        assert getattr(RunConfig(), m.name) is off and getattr(RunConfig(), f"{m.name}_every") is None
 
 
 def test_columns_streams_and_panels_come_from_the_entries():
@@ -41,7 +42,8 @@ def test_columns_streams_and_panels_come_from_the_entries():
     assert len(columns) == len(set(columns))
     for m in registry.MEASUREMENTS:
         for column in m.columns:
-            assert {column.name, f"{column.name}_seconds", f"{column.name}_hvps"} <= set(columns)
+            assert {f"{column.name}_seconds", f"{column.name}_hvps"} <= set(columns)
+            assert (column.name in columns) == column.valued
             assert ({f"{column.name}_se", f"{column.name}_n"} <= set(columns)) == column.with_se
             drawn = any(curve.column == column.name for panel in PANELS for curve in panel.curves)
             assert drawn == (column.panel is not None)

@@ -22,6 +22,7 @@ from utils.losses import LOSS_NAMES
 from utils.models import ACTIVATIONS, MODEL_NAMES
 from utils.noise import DEFAULT_REFRESH, NOISE_MODES
 from utils.registry import MEASUREMENTS
+from utils.spectrum import DENSITY_PROBES, DENSITY_STEPS, LAYER_GROUPINGS
 from utils.trackers import check_installed
 
 CONFIG_VERSION = 1
@@ -29,16 +30,17 @@ ADAM_BETAS = (0.9, 0.999)  # the (beta_1, beta_2) of every Adam run
 
 
 def _with_measurement_settings(cls):
-    """Add every registry measurement's switch ``<name>: bool = False`` after ``eig_tol`` and its
-    cadence ``<name>_every: int | None = None`` after ``measure_every``, where config.json has
-    always had them, so that a measurement is added in the registry alone."""
+    """Add every registry measurement's switch ``<name>: bool = False`` (``int = 0`` for a flag
+    that takes an argument) after ``eig_tol`` and its cadence ``<name>_every: int | None = None``
+    after ``measure_every``, where config.json has always had them, so that a measurement is
+    added in the registry alone."""
     annotations = {}
     for name, annotation in cls.__annotations__.items():
         annotations[name] = annotation
         if name == "eig_tol":
             for m in MEASUREMENTS:
-                annotations[m.name] = "bool"
-                setattr(cls, m.name, False)
+                annotations[m.name] = "int" if m.argument else "bool"
+                setattr(cls, m.name, 0 if m.argument else False)
         elif name == "measure_every":
             for m in MEASUREMENTS:
                 annotations[f"{m.name}_every"] = "int | None"
@@ -94,6 +96,9 @@ class RunConfig:
     hvp_chunk: int | None = None
     measure_seed: int = 0
     exact_measurements: bool = False
+    layer_groups: str = "tensor"
+    density_probes: int = DENSITY_PROBES
+    density_steps: int = DENSITY_STEPS
     # noise baselines (replace the SGD step)
     gd_noise: str | None = None
     noise_mag: float | None = None
@@ -179,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard", action="store_true", help="mirror rows, config and summary to TensorBoard event files in <run>/tensorboard")
     g = p.add_argument_group("measurements")
     for m in MEASUREMENTS:
-        g.add_argument(m.flag, action="store_true", help=m.help)
+        if m.argument:
+            g.add_argument(m.flag, type=int, nargs="?", const=1, default=0, metavar=m.argument, help=m.help)
+        else:
+            g.add_argument(m.flag, action="store_true", help=m.help)
     g.add_argument("--num-eigenvalues", type=int, default=d.num_eigenvalues, help="top-k eigenvalues with --lambdamax")
     g.add_argument("--eig-method", default=d.eig_method, help=f"one of {', '.join(EIG_METHODS)}")
     g.add_argument("--eig-tol", type=float, default=d.eig_tol, help="relative residual tolerance of the eigen-solver")
@@ -193,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--measure-seed", type=int, default=d.measure_seed, help="seed of the Monte Carlo batches of measurements")
     g.add_argument("--exact-measurements", action="store_true",
                    help="measure by the plain double-backward path instead of the fast one (same values to round-off; for checking)")
+    g.add_argument("--layer-groups", default=d.layer_groups,
+                   help="with --layer-sharpness: one Hessian block per parameter tensor (default) or per module")
+    g.add_argument("--density-probes", type=int, default=d.density_probes,
+                   help=f"with --spectral-density: Rademacher probes (default {DENSITY_PROBES})")
+    g.add_argument("--density-steps", type=int, default=d.density_steps,
+                   help=f"with --spectral-density: Lanczos steps per probe (default {DENSITY_STEPS})")
     g = p.add_argument_group("noise baselines (replace the SGD step; --batch sets the noise scale)")
     g.add_argument("--gd-noise", default=None, help=f"full-batch GD plus noise: one of {', '.join(NOISE_MODES)}")
     g.add_argument("--noise-mag", type=float, default=None, help="with --gd-noise const: the noise is noise-mag/sqrt(batch) N(0, I)")
@@ -295,8 +309,10 @@ def validate(cfg: RunConfig) -> None:
             present, wanted = _NEEDS[m.needs]
             need(present(cfg), f"{m.flag} {m.needs_reason}; it needs {wanted}")
     need(cfg.param_file is None or cfg.param_distance, "--param-file only applies to --param-distance; add --param-distance")
+    need(cfg.gradient_overlap >= 0, f"--gradient-overlap K needs K >= 1 eigenvectors, got {cfg.gradient_overlap}")
+    need(cfg.layer_groups in LAYER_GROUPINGS, f"unknown --layer-groups {cfg.layer_groups!r}; choose one of {', '.join(LAYER_GROUPINGS)}")
     for flag in ("full_loss_every", "checkpoint_every", "keep_checkpoints", "measure_every", "hvp_chunk", "noise_refresh",
-                 "noise_chunk", *(f"{m.name}_every" for m in MEASUREMENTS)):
+                 "noise_chunk", "density_probes", "density_steps", *(f"{m.name}_every" for m in MEASUREMENTS)):
         value = getattr(cfg, flag)
         need(value is None or value >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {value}")
 

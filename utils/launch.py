@@ -153,6 +153,7 @@ def _results_comments(cfg: RunConfig, command_line) -> list[str]:
 def _finish(run_dir: str, setup: Setup, monitor: Monitor, writer: ResultsWriter, signals: SignalCatcher,
             start_step: int, elapsed_before: float, cadences: dict | None = None) -> dict:
     trackers = open_trackers(setup.cfg, run_dir, read_json(os.path.join(run_dir, "config.json")), start_step)
+    monitor.folder = run_dir
     summary = None
     try:
         try:

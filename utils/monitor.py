@@ -9,12 +9,14 @@ is read from the registry: no measurement has code of its own in this module.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import zlib
 
 import torch
 
 from utils import schedule
+from utils.analysis import stability_threshold
 from utils.errors import UserError
 from utils.estimators import Estimate, measurement_generator
 from utils.hvp import flat_params
@@ -34,15 +36,16 @@ def stream_generator(measure_seed: int, step: int, name: str, device="cpu"):
     return measurement_generator(measure_seed * 1000 + zlib.crc32(name.encode()) % 1000, step, device=device)
 
 
-def measurement_columns(cfg) -> list[str]:
-    """results.txt columns of the measurements enabled in ``cfg``, in registry order."""
+def measurement_columns(cfg, model=None) -> list[str]:
+    """results.txt columns of the measurements enabled in ``cfg``, in registry order (the
+    per-layer columns need the ``model``)."""
     columns = []
     for m in MEASUREMENTS:
         if getattr(cfg, m.name):
             for column in m.columns:
                 name = column.name
-                columns += [name, *column.extra(cfg), *([f"{name}_se", f"{name}_n"] if column.with_se else []),
-                            f"{name}_seconds", f"{name}_hvps"]
+                columns += [*([name] if column.valued else []), *column.extra(cfg, model),
+                            *([f"{name}_se", f"{name}_n"] if column.with_se else []), f"{name}_seconds", f"{name}_hvps"]
     return columns
 
 
@@ -67,9 +70,12 @@ class Monitor:
         self.cfg = cfg
         self.model, self.loss_fn, self.X, self.Y = model, loss_fn, X, Y
         self.optimizer = optimizer  # its momentum buffers / Adam moments shape the update measured
-        self.columns = measurement_columns(cfg)
+        self.columns = measurement_columns(cfg, model)
         self.schedule = measurement_schedule(cfg, total_steps)
         self.eigenvectors = None  # warm start for the next eigen-solve; saved in checkpoints
+        # Adam's threshold bounds the preconditioned Hessian, not H.
+        self.threshold = math.nan if cfg.adam else stability_threshold(cfg)
+        self.folder = None  # the run folder, for measurements that write files of their own
         # {column: {"measured", "stopped_at_cap", "exact"}} of the Monte Carlo estimates so far;
         # saved in checkpoints, so a resumed run counts its whole length.
         self.estimate_counts = {}
@@ -82,7 +88,8 @@ class Monitor:
     def _context(self, step: int, tol: float, xb=None, yb=None, eig_model=None) -> Context:
         return Context(cfg=self.cfg, step=step, model=self.model, loss_fn=self.loss_fn, X=self.X, Y=self.Y,
                        xb=xb, yb=yb, optimizer=self.optimizer, reference=self.reference, tol=tol, generator=None,
-                       eigenvectors=self.eigenvectors, eig_model=eig_model)
+                       eigenvectors=self.eigenvectors, eig_model=eig_model, threshold=self.threshold,
+                       folder=self.folder)
 
     def _compute(self, m, context: Context, stream: str) -> dict:
         context.generator = lambda: stream_generator(self.cfg.measure_seed, context.step, stream, device=self.X.device)
@@ -97,7 +104,7 @@ class Monitor:
             if schedule.is_due(self.schedule.get(m.name), step):
                 values = self._compute(m, context, m.name)
                 self._count(m, values)
-                row.update(_row_values(m, values, self.cfg))
+                row.update(_row_values(m, values, self.cfg, self.model))
         return row
 
     def _count(self, m, values: dict) -> None:
@@ -134,13 +141,13 @@ class Monitor:
                         continue
                     estimate = values[column.name]
                     record[column.name] = estimate.value
-                    record.update({extra: values[extra] for extra in column.extra(cfg)})
+                    record.update({extra: values[extra] for extra in column.extra(cfg, self.model)})
                     if column.with_se:
                         record[f"{column.name}_se"] = estimate.se
         return record
 
 
-def _row_values(m, values: dict, cfg) -> dict:
+def _row_values(m, values: dict, cfg, model) -> dict:
     """results.txt values of one measurement's output: each column's value (and its ``extra``
     columns), ``_se`` and ``_n`` where it has a standard error, ``_seconds`` and ``_hvps``."""
     row = {}
@@ -149,8 +156,10 @@ def _row_values(m, values: dict, cfg) -> dict:
         if estimate is None:
             continue
         name = column.name
-        row.update({name: estimate.value, f"{name}_seconds": estimate.seconds, f"{name}_hvps": estimate.hvps})
-        row.update({extra: values[extra] for extra in column.extra(cfg)})
+        row.update({f"{name}_seconds": estimate.seconds, f"{name}_hvps": estimate.hvps})
+        if column.valued:
+            row[name] = estimate.value
+        row.update({extra: values[extra] for extra in column.extra(cfg, model)})
         if column.with_se:
             row.update({f"{name}_se": estimate.se, f"{name}_n": estimate.n})
     return row

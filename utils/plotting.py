@@ -40,7 +40,8 @@ STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fonts
 # to tell runs apart in a legend (nor are the cadences, the settings ending in _every).
 _NOT_DISTINGUISHING = {"run_dir", "quiet", "cpu", "download", "wandb", "tensorboard", "checkpoint_every",
                        "keep_checkpoints", "num_eigenvalues", "eig_method", "eig_tol", "final", "hvp_chunk",
-                       "measure_seed", "param_file", "exact_measurements", "noise_chunk",
+                       "measure_seed", "param_file", "exact_measurements", "noise_chunk", "layer_groups",
+                       "density_probes", "density_steps",
                        *(m.name for m in MEASUREMENTS)}
 
 

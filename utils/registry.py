@@ -20,14 +20,17 @@ names (switches, cadence keys of ``config.json``, stream names, columns), so the
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from utils import measures
-from utils.estimators import Estimate
+from utils import measures, spectrum
+from utils.eigs import EigResult
+from utils.estimators import Estimate, exact_estimate
+from utils.results import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -47,17 +50,20 @@ class Curve:
 class Column:
     """One quantity in ``results.txt``: its value, ``<name>_se`` and ``<name>_n`` when
     ``with_se``, then ``<name>_seconds`` and ``<name>_hvps`` (its cost). ``extra`` names bare
-    value columns that follow the value (``lambda_2`` ... ``lambda_k``). ``panel`` is the title
-    of the plot panel its ``curves`` are drawn in (none: the column is not drawn), ``ylabel``
-    that panel's y-axis label in matplotlib math text (the first column of a panel that has one
-    sets it; none: the panel's title)."""
+    value columns that follow the value, from the run's settings and model (``lambda_2`` ...
+    ``lambda_k``; one per layer; none without a model); a column that is not ``valued`` writes
+    only its extra columns and its cost. ``panel`` is the title of the plot panel its ``curves``
+    are drawn in (none: the column is not drawn), ``ylabel`` that panel's y-axis label in
+    matplotlib math text (the first column of a panel that has one sets it; none: the panel's
+    title)."""
 
     name: str
     panel: str | None = None
     curves: tuple[Curve, ...] = ()
     with_se: bool = False
     ylabel: str | None = None
-    extra: Callable[[object], list[str]] = field(default=lambda cfg: [])
+    extra: Callable[[object, object], list[str]] = field(default=lambda cfg, model: [])
+    valued: bool = True
 
 
 @dataclass
@@ -66,7 +72,10 @@ class Context:
     the step's own batch, the optimiser's state, and a generator of the measurement's own
     random stream. ``eigenvectors`` is the eigen-solver's warm start, carried from step to step
     (and in checkpoints); ``eig_model`` is the model its top-eigenvalue solve runs on (a float64
-    copy for ``final.json``)."""
+    copy for ``final.json``). ``top_eigen`` is the top-eigenvalue solve of this step, once it
+    has run; ``threshold`` the run's stability threshold (nan for Adam, whose threshold bounds
+    the preconditioned Hessian); ``folder`` the run folder for measurements that write files
+    (none: they write nothing)."""
 
     cfg: object
     step: int
@@ -82,6 +91,9 @@ class Context:
     generator: Callable[[], torch.Generator]
     eigenvectors: torch.Tensor | None = None
     eig_model: torch.nn.Module | None = None
+    top_eigen: EigResult | None = None
+    threshold: float = math.nan
+    folder: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +108,8 @@ class Measurement:
     float64 copy of the model, to a tighter tolerance than float32 products reach. ``line`` is the threshold its panels
     draw: the optimiser's stability line (``stability``), Adam's line for the preconditioned
     Hessian (``preconditioned``) or none; ``log_scale`` draws its panels on a log axis (a panel
-    takes both from the first measurement drawn in it)."""
+    takes both from the first measurement drawn in it). ``argument`` makes the flag take an
+    optional positive integer, named so in the help (the switch holds it; 0 is off, the bare flag 1)."""
 
     name: str
     help: str
@@ -110,6 +123,7 @@ class Measurement:
     final_float64: bool = False
     line: str | None = "stability"
     log_scale: bool = False
+    argument: str | None = None
 
     @property
     def flag(self) -> str:
@@ -133,6 +147,7 @@ def _lambda_max(c: Context) -> dict:
                                    method=cfg.eig_method, exact=cfg.exact_measurements)
     warn_unconverged(c.step, "lambda_max", eig, c.tol)
     c.eigenvectors = eig.vectors.detach().to(next(c.model.parameters()).dtype)
+    c.top_eigen = eig
     values = {"lambda_max": Estimate(float(eig.values[0]), math.nan, 1, est.hvps, est.seconds)}
     values.update({f"lambda_{i}": float(eig.values[i - 1]) for i in range(2, cfg.num_eigenvalues + 1)})
     return values
@@ -202,7 +217,62 @@ def _param_distance(c: Context) -> dict:
     return {"param_distance": measures.param_distance(c.model, c.reference)}
 
 
-def _eigenvalues(cfg) -> list[str]:
+def _lambda_min(c: Context) -> dict:
+    top = c.top_eigen.values[0].item() if c.top_eigen is not None else None
+    eig, est = spectrum.lambda_min(c.eig_model or c.model, c.loss_fn, c.X, c.Y, tol=c.tol, lambda_max=top,
+                                   chunk_size=c.cfg.hvp_chunk, generator=c.generator(),
+                                   exact=c.cfg.exact_measurements)
+    warn_unconverged(c.step, "lambda_min", eig, c.tol)
+    return {"lambda_min": est}
+
+
+def _gradient_overlap(c: Context) -> dict:
+    k = int(c.cfg.gradient_overlap)
+    reusable = c.top_eigen is not None and c.top_eigen.vectors.shape[1] >= k
+    full, batch = spectrum.gradient_overlap(*_data(c), c.cfg.batch, k=k, generator=c.generator(),
+                                            vectors=c.top_eigen.vectors if reusable else None, tol=c.tol,
+                                            chunk_size=c.cfg.hvp_chunk, exact=c.cfg.exact_measurements)
+    return {"grad_overlap_full": full, "grad_overlap_batch": batch}
+
+
+def _layer_sharpness(c: Context) -> dict:
+    layers = spectrum.layer_sharpness(*_data(c), groups=spectrum.parameter_groups(c.model, c.cfg.layer_groups),
+                                      generator=c.generator(), tol=c.tol, chunk_size=c.cfg.hvp_chunk,
+                                      exact=c.cfg.exact_measurements)
+    missed = [name for name, ok in zip(layers.names, layers.converged) if not ok]
+    if missed:
+        warnings.warn(f"step {c.step}: layer_lambda_max solves of {', '.join(missed)} stopped above --eig-tol {c.tol:g}")
+    values = {"layer_sharpness": Estimate(math.nan, math.nan, layers.probes, layers.hvps, layers.seconds)}
+    for i, name in enumerate(layers.names):
+        values.update({f"layer_lambda_max/{name}": layers.lambda_max[i], f"layer_trace/{name}": layers.trace[i],
+                       f"layer_trace_se/{name}": layers.trace_se[i]})
+    return values
+
+
+def _layer_columns(cfg, model) -> list[str]:
+    if model is None:
+        return []
+    names = [name for name, _ in spectrum.parameter_groups(model, cfg.layer_groups)]
+    return [f"{kind}/{name}" for kind in ("layer_lambda_max", "layer_trace", "layer_trace_se") for name in names]
+
+
+def _spectral_density(c: Context) -> dict:
+    cfg = c.cfg
+    density = spectrum.spectral_density(*_data(c), generator=c.generator(), probes=cfg.density_probes,
+                                        steps=cfg.density_steps, chunk_size=cfg.hvp_chunk,
+                                        exact=cfg.exact_measurements)
+    if c.folder is not None:
+        folder = os.path.join(c.folder, "density")
+        os.makedirs(folder, exist_ok=True)
+        atomic_write_text(os.path.join(folder, f"step_{c.step}.csv"), density.grid_csv())
+        atomic_write_text(os.path.join(folder, f"step_{c.step}_nodes.csv"), density.nodes_csv())
+    # Half the stability threshold: where a step of size eta moves the loss along an eigenvector
+    # at half the rate that would make it diverge.
+    mass = exact_estimate(density.mass_above(c.threshold / 2), 0, 0.0)
+    return {"density_trace": density.trace(), "density_mass_above": mass}
+
+
+def _eigenvalues(cfg, model=None) -> list[str]:
     return [f"lambda_{i}" for i in range(2, cfg.num_eigenvalues + 1)]
 
 
@@ -254,6 +324,25 @@ MEASUREMENTS: tuple[Measurement, ...] = (
     Measurement("param_distance", "|theta - theta_0| to the initialisation (or --param-file)",
                 (Column("param_distance", "distance to θ₀", (Curve(r"$\|\theta - \theta_0\|$"),), ylabel=r"$\|\theta - \theta_0\|_2$"),),
                 _param_distance, cadence=(50, 100), line=None),
+    Measurement("lambda_min", "smallest (most negative) full-batch Hessian eigenvalue lambda_min by shifted Lanczos",
+                (Column("lambda_min", "λ_max", (Curve(r"$\lambda_{\min}$", dashed=True),)),),
+                _lambda_min, final_float64=True),
+    Measurement("gradient_overlap", "share |P_k g|^2/|g|^2 of the full-batch and of mini-batch gradients in the "
+                "top-k Hessian eigenspace (--gradient-overlap K, default 1)",
+                (Column("grad_overlap_full", "gradient in top-k eigenspace", (Curve(r"$\|P_k g\|^2/\|g\|^2$"),),
+                        ylabel=r"share of $\|g\|^2$ in span$(u_1 \ldots u_k)$"),
+                 Column("grad_overlap_batch", "gradient in top-k eigenspace", (Curve(r"$\mathbb{E}_B[\|P_k g_B\|^2/\|g_B\|^2]$", dashed=True),),
+                        with_se=True)),
+                _gradient_overlap, line=None, argument="K"),
+    Measurement("layer_sharpness", "lambda_max and Hutchinson trace of each diagonal Hessian block "
+                "(per parameter tensor, or per module with --layer-groups module)",
+                (Column("layer_sharpness", extra=_layer_columns, valued=False),),
+                _layer_sharpness, cadence=(5, 20), final="never"),
+    Measurement("spectral_density", "Hessian eigenvalue density by stochastic Lanczos quadrature "
+                "(--density-probes, --density-steps) into density/step_<N>.csv",
+                (Column("density_trace", "Hessian trace", (Curve(r"$\mathrm{tr}\,H$ by SLQ", dashed=True),), with_se=True),
+                 Column("density_mass_above")),
+                _spectral_density, cadence=(2, 5), final="never", line=None),
 )
 BY_NAME = {m.name: m for m in MEASUREMENTS}
 NAMES = tuple(BY_NAME)

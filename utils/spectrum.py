@@ -139,7 +139,7 @@ def gradient_overlap(model, loss_fn, X, Y, batch_size, *, k, generator, vectors=
                 for idx in (sample_batch_indices(X.shape[0], batch_size, generator, X.device) for _ in range(m))]
 
     batch = mean_with_stopping(batches, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
-    return full, Estimate(batch.value, batch.se, batch.n, 0, time.perf_counter() - start)
+    return full, batch.costing(0, time.perf_counter() - start)
 
 
 # --- layer sharpness --------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def lanczos_quadrature(matvec, probes: torch.Tensor, steps: int) -> tuple[torch.
     a probe whose Krylov space closes early (an invariant subspace, the exact measure) has zero
     weights on its unused nodes. Exactly p * steps products.
     """
-    P, p = probes.shape
+    p = probes.shape[1]
     q = probes / torch.linalg.vector_norm(probes, dim=0)
     basis, alphas, betas = [], [], []
     previous, beta = torch.zeros_like(q), torch.zeros(p, dtype=q.dtype, device=q.device)
