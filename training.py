@@ -10,6 +10,7 @@ changed settings. See README.md for every flag.
 
 import sys
 
+from utils import distributed
 from utils.cli import run_cli
 from utils.config import build_parser, config_from_args, explicit_settings, settings_from_args
 from utils.errors import UserError
@@ -39,8 +40,9 @@ def main(argv=None) -> int:
             run_dir, summary = resume(args.resume, args.resume_step, quiet=args.quiet or None, cpu=args.cpu,
                                       command_line=command_line)
             if summary.get("already_done"):
-                print(f"{run_dir} already ended ({summary['status']} at step {summary['final_step']}); nothing to resume "
-                      f"(branch from it with --cont-run {run_dir} --cont-step N)")
+                if distributed.current().is_main:
+                    print(f"{run_dir} already ended ({summary['status']} at step {summary['final_step']}); nothing to "
+                          f"resume (branch from it with --cont-run {run_dir} --cont-step N)")
                 return 0
         elif args.cont_run:
             if args.cont_step is None:
@@ -49,6 +51,8 @@ def main(argv=None) -> int:
             run_dir, summary = fork(args.cont_run, args.cont_step, overrides, command_line=command_line)
         else:
             run_dir, summary = run(config_from_args(args), command_line=command_line)
+        if not distributed.current().is_main:  # rank 0 reports for the run
+            return summary.get("exit_code", 0)
         print(f"{summary['status']} at step {summary['final_step']}: train loss {summary['final_train_loss']:.4g}, "
               f"test accuracy {summary['final_test_accuracy']:.3f}")
         print(f"run folder: {run_dir}")
@@ -61,7 +65,10 @@ def main(argv=None) -> int:
             print(f"training.py: {stop}", file=sys.stderr)
             return stop.exit_code
 
-    return run_cli(work_or_stop, prog="training.py")
+    try:
+        return run_cli(work_or_stop, prog="training.py")
+    finally:
+        distributed.close()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ and too little memory end a run with its folder resumable and one line for the u
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -20,7 +21,7 @@ import sys
 
 import torch
 
-from utils import run_lock
+from utils import distributed, run_lock, sharded
 from utils.batch_forms import batch_route
 from utils.checkpoints import list_checkpoints, load_checkpoint
 from utils.cli import SignalCatcher
@@ -33,8 +34,8 @@ from utils.resources import OutOfSpace
 from utils.results import (BASE_COLUMNS, TIME_COLUMN, ResultsWriter, atomic_write_json, atomic_write_text,
                            make_run_folder, read_json, read_results_table, read_versioned_json)
 from utils.trackers import open_trackers
-from utils.training import (EXIT_CODES, Setup, build, default_checkpoint_every, full_loss_schedule, restore,
-                            row_schedule, train_loop)
+from utils.training import (EXIT_CODES, Setup, build, default_checkpoint_every, full_loss_schedule, pick_device,
+                            restore, row_schedule, train_loop)
 
 
 def _git_commit() -> str | None:
@@ -67,16 +68,52 @@ def config_record(setup: Setup, measurement_plan: dict, command_line: list[str] 
             "schedule": {"full_loss": full_loss_schedule(cfg, setup.total_steps), **measurement_plan},
             "measurement_mode": "train",
             "hvp_mode": measurement_hvp_mode(setup.model, setup.device, exact=cfg.exact_measurements),
-            "batch_route": batch_route(setup.model, setup.loss_fn, data.X_train, data.Y_train,
-                                       device=setup.device, exact=cfg.exact_measurements),
+            "batch_route": _batch_route(setup),
         },
         "device": str(setup.device),
+        "launch": {"world_size": setup.world.size, "backend": setup.world.backend},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "numpy": numpy.__version__},
         "git_commit": _git_commit(),
         "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command_line": command_line,
     }
+
+
+def _batch_route(setup: Setup) -> str:
+    """The route of the same-batch terms; ``sharded`` for the parts of a batch summed over ranks."""
+    data = setup.data
+    if sharded.is_sharded(data.X_train):
+        return "sharded"
+    return batch_route(setup.model, setup.loss_fn, data.X_train, data.Y_train, device=setup.device,
+                       exact=setup.cfg.exact_measurements)
+
+
+class _NoWriter:
+    """The results writer of ranks other than 0: the row is written by rank 0."""
+
+    def write_row(self, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _join_launch(cpu: bool) -> bool:
+    """Join the processes of a torchrun launch, if this is one; whether this process writes files."""
+    return distributed.init(pick_device(cpu)).is_main
+
+
+def _on_main(claim):
+    """(run folder, lock) from ``claim()`` on rank 0; the other ranks get the folder and no lock."""
+    held = {}
+
+    def run_dir():
+        folder, held["lock"] = claim()
+        return folder
+
+    folder = distributed.from_main(run_dir)
+    return folder, held.get("lock", contextlib.nullcontext())
 
 
 def create_run_dir(cfg: RunConfig) -> tuple[str, run_lock.RunLock, bool]:
@@ -152,6 +189,9 @@ def _results_comments(cfg: RunConfig, command_line) -> list[str]:
 
 def _finish(run_dir: str, setup: Setup, monitor: Monitor, writer: ResultsWriter, signals: SignalCatcher,
             start_step: int, elapsed_before: float, cadences: dict | None = None) -> dict:
+    if not setup.world.is_main:  # rank 0 writes every file
+        return train_loop(setup, monitor, writer, run_dir, signals, start_step=start_step,
+                          elapsed_before=elapsed_before, cadences=cadences)
     trackers = open_trackers(setup.cfg, run_dir, read_json(os.path.join(run_dir, "config.json")), start_step)
     monitor.folder = run_dir
     summary = None
@@ -192,14 +232,15 @@ def run(cfg: RunConfig, command_line: list[str] | None = None) -> tuple[str, dic
     A signal that arrives before the folder exists raises :class:`StoppedBeforeStart`.
     """
     check_cadences_have_measurements(cfg)
+    main = _join_launch(cfg.cpu)
     with SignalCatcher() as signals:
         setup = build(cfg)
         monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
                           setup.optimizer)
         record = config_record(setup, monitor.schedule, command_line)
-        run_dir, lock = _start_folder(cfg, record, signals)
+        run_dir, lock = _on_main(lambda: _start_folder(cfg, record, signals))
         with lock:
-            writer = _new_results(run_dir, monitor, _results_comments(cfg, command_line))
+            writer = _new_results(run_dir, monitor, _results_comments(cfg, command_line)) if main else _NoWriter()
             return run_dir, _finish(run_dir, setup, monitor, writer, signals, start_step=0, elapsed_before=0.0)
 
 
@@ -273,17 +314,22 @@ def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None =
     if quiet is not None:
         cfg.quiet = quiet
     cfg.cpu = cfg.cpu or cpu
+    main = _join_launch(cfg.cpu)
     ended = _ended_summary(run_dir)
     if ended is not None:  # checked before claiming the folder too, so archived read-only runs answer
         return run_dir, {**ended, "already_done": True}
-    try:
-        lock = run_lock.claim(run_dir, "resume")
-    except run_lock.RunFolderBusy as exc:
-        raise UserError(f"cannot resume: {exc}") from None
-    except OSError as exc:
-        raise UserError(f"cannot write into {run_dir} ({exc.strerror}); resume needs a writable run folder")
+
+    def claim():
+        try:
+            return run_dir, run_lock.claim(run_dir, "resume")
+        except run_lock.RunFolderBusy as exc:
+            raise UserError(f"cannot resume: {exc}") from None
+        except OSError as exc:
+            raise UserError(f"cannot write into {run_dir} ({exc.strerror}); resume needs a writable run folder")
+
+    _, lock = _on_main(claim)
     with lock:
-        return _resume_claimed(run_dir, record, cfg, resume_step)
+        return _resume_claimed(run_dir, record, cfg, resume_step, main)
 
 
 def _ended_summary(run_dir: str) -> dict | None:
@@ -303,7 +349,8 @@ def _ended_summary(run_dir: str) -> dict | None:
     return summary if last_row is not None and last_row >= final_row else None
 
 
-def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int | None) -> tuple[str, dict]:
+def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int | None,
+                    main: bool = True) -> tuple[str, dict]:
     summary_path = os.path.join(run_dir, "summary.json")
     results_path = os.path.join(run_dir, "results.txt")
     ended = _ended_summary(run_dir)
@@ -312,22 +359,30 @@ def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int
     last_row = last_complete_step(results_path)
     with SignalCatcher() as signals:
         setup = build(cfg)
-        note_changed_products(record, setup)
+        if main:
+            note_changed_products(record, setup)
         monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
                           setup.optimizer)
         cadences = recorded_cadences(record, monitor)
         parent = record.get("parent")
         first_step = parent["step"] if parent else 0
         due = row_schedule(setup, monitor, cadences)
-        step, path = resume_point(run_dir, resume_step, first_step if last_row is None else last_row + 1, due)
-        from_parent = path is None and parent is not None
-        if from_parent:
-            path = _parent_checkpoint(run_dir, parent)
+
+        def start():
+            step, path = resume_point(run_dir, resume_step, first_step if last_row is None else last_row + 1, due)
+            from_parent = path is None and parent is not None
+            return step, _parent_checkpoint(run_dir, parent) if from_parent else path, from_parent
+
+        # Rank 0 decides where to continue: it alone changes the files the decision is read from.
+        step, path, from_parent = distributed.from_main(start)
         state = {}
         if path is not None:
             # On the CPU: the RNG states must stay CPU tensors; load_state_dict copies to the device.
             state = load_checkpoint(path)
             restore(setup, monitor, state, keep_optimizer_settings=from_parent)
+        if not main:
+            return run_dir, _finish(run_dir, setup, monitor, _NoWriter(), signals, start_step=step,
+                                    elapsed_before=state.get("wall_time", 0.0), cadences=cadences)
         kept = None if last_row is None or step == first_step else read_results_table(results_path, fix=RESULTS_FIX)
         columns = _columns(monitor) if kept is None else _stored_columns(kept, _columns(monitor))
         try:
@@ -402,8 +457,7 @@ def note_changed_products(record: dict, setup: Setup) -> None:
     with the first part to round-off, not bit for bit."""
     resolved = record.get("resolved", {})
     now = {"hvp_mode": measurement_hvp_mode(setup.model, setup.device, exact=setup.cfg.exact_measurements),
-           "batch_route": batch_route(setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
-                                      device=setup.device, exact=setup.cfg.exact_measurements)}
+           "batch_route": _batch_route(setup)}
     changed = [f"{key} {resolved[key]} -> {value}" for key, value in now.items()
                if resolved.get(key) not in (None, value)]
     if changed:
@@ -444,6 +498,7 @@ def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[st
     cfg = RunConfig.from_dict(values)
     check_cadences_have_measurements(cfg, given=overrides)
     step, path = _pick_checkpoint(parent_dir, cont_step, at_or_before=True)
+    main = _join_launch(cfg.cpu)
     with SignalCatcher() as signals:
         setup = build(cfg)
         if step >= setup.total_steps:
@@ -455,10 +510,10 @@ def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[st
         restore(setup, monitor, state, keep_optimizer_settings=True)
         record = config_record(setup, monitor.schedule, command_line)
         record["parent"] = {"run_dir": os.path.abspath(parent_dir), "step": step, "checkpoint": os.path.basename(path)}
-        run_dir, lock = _start_folder(cfg, record, signals)
+        run_dir, lock = _on_main(lambda: _start_folder(cfg, record, signals))
         with lock:
             comments = _results_comments(cfg, command_line) + [f"continued from {os.path.abspath(parent_dir)} at step {step}"]
-            writer = _new_results(run_dir, monitor, comments)
+            writer = _new_results(run_dir, monitor, comments) if main else _NoWriter()
             return run_dir, _finish(run_dir, setup, monitor, writer, signals, start_step=step,
                                     elapsed_before=state.get("wall_time", 0.0))
 

@@ -14,6 +14,10 @@ backward); full-batch products from :class:`utils.hvp.HessianOperator`. ``exact=
 (``--exact-measurements``) takes the plain route everywhere: one double backward per batch and
 every Hessian product by plain double backward instead of the fastest mode for the model and
 device (:func:`utils.hvp.default_hvp_mode`). The values agree to round-off either way.
+
+Under ``torchrun`` the data are :class:`utils.sharded.Rows`, each rank holding a block of them:
+the operators, gradients and batch routes then come from :mod:`utils.sharded`, which sums every
+rank's part, and the functions here draw the same batches and take the same decisions.
 """
 
 import time
@@ -21,13 +25,13 @@ import warnings
 
 import torch
 
-from utils import batch_forms, eigs
+from utils import eigs, sharded
 from utils.eigs import EIG_METHODS, EIG_TOL
 from utils.errors import UserError
 from utils.estimators import (BATCH_SHARPNESS_REL_SE, GNI_REL_SE, MAX_SAMPLES, Estimate, SamplesAhead, draw_batches,
                               exact_estimate, mean_with_stopping, ratio_of_means_with_stopping, sample_batch_indices)
 from utils.gauss_newton import GaussNewtonOperator
-from utils.hvp import PLAIN_HVP_MODE, HessianOperator, flat_grad, flat_params, trainable_params
+from utils.hvp import PLAIN_HVP_MODE, HessianOperator, flat_params, trainable_params
 from utils.noise_decomposition import gni_decomposition
 
 
@@ -55,8 +59,8 @@ def lambda_max(model, loss_fn, X, Y, *, k=1, tol=EIG_TOL, max_iter=None, chunk_s
         raise UserError(f"unknown eigen-solver {method!r}; choose one of {', '.join(EIG_METHODS)}")
     if method == "power" and k != 1:
         raise UserError(f"power iteration finds one eigenvalue, got k={k}; use lanczos or lobpcg")
-    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
-                         mode=_product_mode(exact))
+    op = sharded.operator(HessianOperator, model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                          mode=_product_mode(exact))
     if isinstance(warm_start, eigs.EigResult):
         warm_start = warm_start.vectors
     if warm_start is not None:
@@ -93,7 +97,7 @@ def _samples_ahead(route, n, batch_size, generator, device, *, rel_se, max_sampl
 
 def _same_batch_samples(model, loss_fn, X, Y, batch_size, generator, train_mode, exact, *, rel_se,
                         max_samples, sample) -> SamplesAhead:
-    route = batch_forms.same_batch_route(model, loss_fn, X, Y, batch_size, train_mode=train_mode, exact=exact)
+    route = sharded.same_batch_route(model, loss_fn, X, Y, batch_size, train_mode=train_mode, exact=exact)
     return _samples_ahead(route, X.shape[0], batch_size, generator, X.device, rel_se=rel_se,
                           max_samples=max_samples, sample=sample)
 
@@ -104,7 +108,7 @@ def step_sharpness(model, loss_fn, xb, yb, train_mode=True, exact=False) -> Esti
     Column ``step_sharpness``; one HVP-equivalent, se = nan.
     """
     start = time.perf_counter()
-    route = batch_forms.same_batch_route(model, loss_fn, xb, yb, xb.shape[0], train_mode=train_mode, exact=exact)
+    route = sharded.same_batch_route(model, loss_fn, xb, yb, xb.shape[0], train_mode=train_mode, exact=exact)
     quadratic, norm2 = route.forms(torch.arange(xb.shape[0], device=xb.device)[None])
     return exact_estimate((quadratic / norm2).item(), 1, time.perf_counter() - start)
 
@@ -145,7 +149,7 @@ def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_sam
     start = time.perf_counter()
     if block_size < 1:
         raise UserError(f"block_size must be positive, got {block_size}")
-    route = batch_forms.noise_route(model, loss_fn, X, Y, batch_size, chunk_size=chunk_size, train_mode=train_mode,
+    route = sharded.noise_route(model, loss_fn, X, Y, batch_size, chunk_size=chunk_size, train_mode=train_mode,
                                     exact=exact, min_samples=min_samples, max_samples=max_samples,
                                     block_size=block_size)
     ahead = _samples_ahead(route, X.shape[0], batch_size, generator, X.device, rel_se=rel_se,
@@ -240,7 +244,8 @@ def batch_lambda_max(model, loss_fn, X, Y, batch_size, *, generator, min_samples
 
     def top_eigenvalue(idx):
         nonlocal hvps, previous
-        op = HessianOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode, mode=_product_mode(exact))
+        op = sharded.operator(HessianOperator, model, loss_fn, X[idx], Y[idx], train_mode=train_mode,
+                              mode=_product_mode(exact))
         # The solve draws its random start from the same generator, between the batches.
         result = _top_eigen(op.matvec, op, tol=tol, max_iter=max_iter, generator=generator, init=previous)
         previous = result.vectors
@@ -276,8 +281,8 @@ def hessian_trace(model, loss_fn, X, Y, *, generator, chunk_size=None, min_sampl
     Columns ``hessian_trace``, ``hessian_trace_se``, ``hessian_trace_n``.
     """
     start = time.perf_counter()
-    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
-                         mode=_product_mode(exact))
+    op = sharded.operator(HessianOperator, model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                          mode=_product_mode(exact))
 
     def sample(m):
         Z = torch.stack([rademacher_probe(op.dim, generator, op.dtype, op.device) for _ in range(m)],
@@ -301,7 +306,7 @@ def gn_lambda_max(model, loss_fn, X, Y, *, tol=EIG_TOL, max_iter=None, chunk_siz
     Gauss–Newton-vector products.
     """
     start = time.perf_counter()
-    op = GaussNewtonOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
+    op = sharded.operator(GaussNewtonOperator, model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
     result = _top_eigen(op.matvec, op, tol=tol, max_iter=max_iter, generator=generator)
     return result, exact_estimate(result.values[0].item(), op.hvps, time.perf_counter() - start)
 
@@ -317,7 +322,7 @@ def gn_batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_sampl
     start = time.perf_counter()
 
     def rayleigh(idx):
-        op = GaussNewtonOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
+        op = sharded.operator(GaussNewtonOperator, model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
         g = op.gradient()
         return (g @ op.matvec(g) / (g @ g)).item()
 
@@ -342,14 +347,14 @@ def gradient_norms(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=No
     start = time.perf_counter()
 
     def norm2(idx):
-        g = flat_grad(model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
+        g = sharded.flat_grad(model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
         return (g @ g).item()
 
     batches = _BatchLoop(norm2, X.shape[0], batch_size, generator, X.device)
     batch = mean_with_stopping(batches, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
     batch = batch.costing(0, time.perf_counter() - start)
     start = time.perf_counter()
-    g = flat_grad(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
+    g = sharded.flat_grad(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
     return batch, exact_estimate((g @ g).item(), 0, time.perf_counter() - start)
 
 
@@ -400,7 +405,8 @@ def momentum_sharpness(model, loss_fn, X, Y, batch_size, *, optimizer, generator
     buffer = momentum_buffer(optimizer, model)
 
     def quadratic_and_slope(idx):
-        op = HessianOperator(model, loss_fn, X[idx], Y[idx], train_mode=train_mode, mode=PLAIN_HVP_MODE)
+        op = sharded.operator(HessianOperator, model, loss_fn, X[idx], Y[idx], train_mode=train_mode,
+                              mode=PLAIN_HVP_MODE)
         g = op.gradient()
         s = momentum_direction(g, buffer.to(g), group["momentum"], group["nesterov"])
         return (s @ op.matvec(s)).item(), (s @ g).item()
@@ -460,8 +466,8 @@ def preconditioned_sharpness(model, loss_fn, X, Y, *, optimizer, tol=EIG_TOL, ma
     found = adam_preconditioner(optimizer, model)
     if found is None:
         raise ValueError("Adam has no second moments before its first step")
-    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
-                         mode=_product_mode(exact))
+    op = sharded.operator(HessianOperator, model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                          mode=_product_mode(exact))
     P, seen = (t.to(device=op.device) for t in found)
     scale = (P.to(op.dtype).rsqrt() * seen)[:, None]  # zero off S: the operator lives on S
 
@@ -485,8 +491,8 @@ def unseen_with_curvature(model, loss_fn, X, Y, *, optimizer, generator, chunk_s
     """
     start = time.perf_counter()
     _, seen = adam_preconditioner(optimizer, model)
-    op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
-                         mode=_product_mode(exact))
+    op = sharded.operator(HessianOperator, model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                          mode=_product_mode(exact))
     z = torch.randn(op.dim, 1, generator=generator, dtype=op.dtype, device=op.device)
     rows = op.matvec(z)[:, 0] != 0
     count = int((rows & ~seen.to(rows.device)).sum())

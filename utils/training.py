@@ -19,6 +19,7 @@ parameters before update t, the loss whose noisy gradient the update follows.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import signal
@@ -28,14 +29,14 @@ from dataclasses import dataclass
 
 import torch
 
-from utils import schedule
+from utils import distributed, schedule, sharded
 from utils.checkpoints import checkpoint_path, prune_checkpoints, rng_state, save_checkpoint, set_rng_state
 from utils.cli import SignalCatcher
 from utils.config import ADAM_BETAS, DEFAULT_STEPS, RunConfig, datasets_root, validate
 from utils.data import load_dataset
 from utils.errors import UserError
 from utils.losses import accuracy, get_loss
-from utils.models import build_model, count_parameters
+from utils.models import build_model, count_parameters, has_batchnorm
 from utils.monitor import Monitor
 from utils.noise import NoisyStep, noisy_step_from_config
 from utils.resources import check_memory, memory_for
@@ -57,10 +58,18 @@ class Setup:
     total_steps: int
     steps_per_epoch: int
     noise: NoisyStep | None = None  # --gd-noise / --sde: replaces the mini-batch SGD step
+    world: distributed.World = distributed.SINGLE  # the processes of a torchrun launch; rank 0 writes
 
 
 def pick_device(force_cpu: bool) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and not force_cpu else "cpu")
+    """CUDA when present (under torchrun the GPU ``cuda:LOCAL_RANK``), else the CPU."""
+    if not torch.cuda.is_available() or force_cpu:
+        return torch.device("cpu")
+    if distributed.launched():
+        device = torch.device("cuda", distributed.local_rank())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cuda")
 
 
 def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -96,12 +105,19 @@ def build(cfg: RunConfig) -> Setup:
     """Validate ``cfg`` and build data, model, loss and optimiser (no files written)."""
     validate(cfg)
     device = pick_device(cfg.cpu)
+    world = distributed.init(device)
+    if world.distributed and (cfg.gd_noise or cfg.sde):
+        raise UserError("--gd-noise and --sde run in one process; start them without torchrun")
     with memory_for(f"loading the data set {cfg.dataset}", "use a smaller --num-data"):
         data = load_dataset(cfg.dataset, root=datasets_root(), loss=cfg.loss, num_data=cfg.num_data,
                             dataset_seed=cfg.dataset_seed, classes=cfg.classes,
                             input_shape=tuple(cfg.input_shape) if cfg.input_shape else None,
                             num_classes=cfg.num_classes, download=cfg.download, device=device)
     n = data.X_train.shape[0]
+    if world.distributed:
+        if n < world.size:
+            raise UserError(f"{n} training samples cannot be split over {world.size} processes; use more --num-data")
+        data = shard_dataset(data, world)
     if cfg.batch > n:
         raise UserError(f"--batch {cfg.batch} is larger than the training set ({n} samples); use a smaller --batch or more --num-data")
     check_model_fits(cfg, data.input_shape, data.output_dim, device)
@@ -109,6 +125,9 @@ def build(cfg: RunConfig) -> Setup:
         model = build_model(cfg.model, data.input_shape, data.output_dim, width=cfg.width, depth=cfg.depth,
                             activation=cfg.activation, init_scale=cfg.init_scale, init_seed=cfg.init_seed,
                             no_init=cfg.no_init).to(device)
+    if world.distributed and has_batchnorm(model):
+        raise UserError(f"the model {cfg.model} has BatchNorm, whose train-mode statistics are not sums over samples; "
+                        f"run it in one process (without torchrun)")
     num_params = count_parameters(model)
     if cfg.num_eigenvalues > num_params:
         raise UserError(f"--num-eigenvalues {cfg.num_eigenvalues} exceeds the model's {num_params} parameters; "
@@ -117,12 +136,22 @@ def build(cfg: RunConfig) -> Setup:
     total_steps = cfg.epochs * steps_per_epoch if cfg.epochs else (cfg.steps or DEFAULT_STEPS)
     loss_fn, optimizer = get_loss(cfg.loss), make_optimizer(cfg, model)
     noise = noisy_step_from_config(cfg, model, loss_fn, data.X_train, data.Y_train, optimizer)
-    return Setup(cfg, device, data, model, loss_fn, optimizer, total_steps, steps_per_epoch, noise)
+    return Setup(cfg, device, data, model, loss_fn, optimizer, total_steps, steps_per_epoch, noise, world)
+
+
+def shard_dataset(data, world: distributed.World):
+    """``data`` with each split replaced by this rank's block of rows (:class:`utils.sharded.Rows`)."""
+    return dataclasses.replace(data, **{name: sharded.Rows.shard(getattr(data, name), world)
+                                        for name in ("X_train", "Y_train", "X_test", "Y_test")})
 
 
 @torch.no_grad()
 def evaluate(model, loss_fn, X, Y, chunk_size: int = 4096) -> tuple[float, float]:
-    """Mean loss and accuracy over (X, Y) in eval mode, in chunks; the model's mode is restored."""
+    """Mean loss and accuracy over (X, Y) in eval mode, in chunks; the model's mode is restored.
+    Over :class:`utils.sharded.Rows`, the means of the whole, each rank's sums added up."""
+    if sharded.is_sharded(X):
+        parts = evaluate(model, loss_fn, X.local, Y.local, chunk_size) if X.count else (0.0, 0.0)
+        return tuple(sharded.mean_over_ranks(list(parts), X))
     was_training = model.training
     model.eval()
     total, correct = 0.0, 0.0
@@ -238,6 +267,17 @@ def row_schedule(setup: Setup, monitor: Monitor, cadences: dict | None = None):
     return is_due
 
 
+def stop_signal(signals: SignalCatcher, setup: Setup, agreed: bool = False) -> signal.Signals | None:
+    """The signal that stops the run, if any; under torchrun a signal on any rank stops every
+    rank at the same step (SIGTERM where this rank received none itself). ``agreed``: the ranks
+    have agreed on a stop already."""
+    if not setup.world.distributed:
+        return signals.received
+    if agreed or distributed.any_rank(signals.received is not None, setup.device):
+        return signals.received or signal.SIGTERM
+    return None
+
+
 MEASUREMENT_TOO_BIG = ("take full-batch Hessian products in smaller chunks with --hvp-chunk, or use fewer --num-data "
                        "(fork the run from its last checkpoint with --cont-run RUN_DIR --cont-step N --hvp-chunk M)")
 
@@ -256,15 +296,16 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
     loss_schedule = cadences.get("full_loss") or full_loss_schedule(cfg, total)
     row_is_due = row_schedule(setup, monitor, cadences)
     started = time.perf_counter() - elapsed_before
-    progress = _Progress(total, start_step, cfg.quiet)
+    main = setup.world.is_main  # the one rank that writes files
+    progress = _Progress(total, start_step, cfg.quiet or not main)
     status, step, permutation, perm_epoch = "finished", start_step, None, None
 
     def elapsed():
         return time.perf_counter() - started
 
     def save(at_step):
-        path = checkpoint_path(run_dir, at_step)
-        if not os.path.exists(path):
+        path = checkpoint_path(run_dir, at_step) if main else None
+        if main and not os.path.exists(path):
             save_checkpoint(path, checkpoint_state(setup, monitor, at_step, elapsed()))
             prune_checkpoints(run_dir, cfg.keep_checkpoints)
 
@@ -273,7 +314,7 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
         epoch, position = divmod(step, setup.steps_per_epoch)
         if step % checkpoint_every == 0 or step == start_step:  # a fork is resumable from its first step
             save(step)
-        if step == start_step and signals.received is not None:  # it came while the run was set up
+        if step == start_step and stop_signal(signals, setup) is not None:  # it came while the run was set up
             status = "interrupted"
             break
         if perm_epoch != epoch:
@@ -290,7 +331,9 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
 
         with memory_for(f"training step {step}", "use a smaller --batch or a smaller model"):
             optimizer.zero_grad(set_to_none=True)
-            if setup.noise is None:
+            if sharded.is_sharded(xb):  # every rank's part of the batch; gradients summed already
+                batch_loss = sharded.mean_loss_backward(model, loss_fn, xb, yb)
+            elif setup.noise is None:
                 batch_loss = loss_fn(model(xb), yb)
             else:  # the full-batch loss L; its noisy gradient is already in .grad
                 batch_loss = setup.noise.loss_and_gradient(step)
@@ -299,7 +342,8 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
             reached = cfg.stop_loss is not None and row.get("full_loss", math.inf) < cfg.stop_loss
             if not diverged and not reached:
                 if setup.noise is None:
-                    batch_loss.backward()
+                    if not sharded.is_sharded(xb):  # a sharded batch's gradient is in .grad already
+                        batch_loss.backward()
                     optimizer.step()
                 else:
                     setup.noise.update(step)
@@ -318,7 +362,7 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
             status = "stopped_at_loss"
             break
         step += 1
-        if signals.received is not None:
+        if stop_signal(signals, setup) is not None:
             status = "interrupted"
             break
     progress.close()
@@ -326,12 +370,14 @@ def train_loop(setup: Setup, monitor: Monitor, writer: ResultsWriter, run_dir: s
 
     summary = {"status": status, "final_step": step, "estimates": monitor.estimate_counts}
     if status == "interrupted":
-        summary["signal"] = signals.received.name
-        summary["exit_code"] = EXIT_CODES[signals.received]
+        received = stop_signal(signals, setup, agreed=True)
+        summary["signal"] = received.name
+        summary["exit_code"] = EXIT_CODES[received]
     if status != "interrupted" and cfg.final:
         with memory_for(f"the final measurements at step {step}", MEASUREMENT_TOO_BIG):
             final = monitor.final(step)
-        atomic_write_json(os.path.join(run_dir, "final.json"), final)
+        if main:
+            atomic_write_json(os.path.join(run_dir, "final.json"), final)
     train_loss, train_acc = evaluate(model, loss_fn, X, Y)
     test_loss, test_acc = evaluate(model, loss_fn, setup.data.X_test, setup.data.Y_test)
     summary.update({"final_train_loss": train_loss, "final_train_accuracy": train_acc,

@@ -1,0 +1,145 @@
+"""One run over several processes (torch.distributed, Gloo on the CPU) equals the single-process run."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import training
+from distributed_runs import launch
+from utils import distributed
+from utils.checkpoints import list_checkpoints, load_checkpoint
+from utils.results import read_results
+from utils.sharded import Rows, shard_range
+
+REL_TOL = 1e-5
+BASE = ["--width", "16", "--num-data", "61", "--batch", "8", "--quiet", "--steps", "10", "--checkpoint-every", "4",
+        "--full-loss-every", "3", "--lambdamax", "--measure-every", "4"]
+
+
+def close(a, b, tol=REL_TOL) -> bool:
+    return abs(a - b) <= tol * max(abs(a), abs(b), 1e-12) or (math.isnan(a) and math.isnan(b))
+
+
+def assert_same_run(single, launched, *, counts=True):
+    """results.txt (time columns aside), final.json and the checkpoints of the single run agree to REL_TOL."""
+    a, b = read_results(os.path.join(single, "results.txt")), read_results(os.path.join(launched, "results.txt"))
+    assert list(a.columns) == list(b.columns) and list(a["step"]) == list(b["step"])
+    for column in a.columns:
+        if column.endswith("_seconds") or column == "wall_time" or (not counts and column.endswith(("_hvps", "_n"))):
+            continue
+        for x, y in zip(a[column], b[column]):
+            assert close(float(x), float(y)), (column, x, y)
+    if os.path.exists(os.path.join(single, "final.json")):
+        fa, fb = (json.load(open(os.path.join(d, "final.json"))) for d in (single, launched))
+        assert fa.keys() == fb.keys() and all(close(fa[k], fb[k]) for k in fa), (fa, fb)
+    launched_steps = dict(list_checkpoints(launched))
+    for step, path in list_checkpoints(single):
+        ma, mb = load_checkpoint(path)["model"], load_checkpoint(launched_steps[step])["model"]
+        for name in ma:
+            assert torch.allclose(ma[name], mb[name], rtol=REL_TOL, atol=REL_TOL * ma[name].abs().max().item()), name
+
+
+def single_run(tmp_path, argv, name="single"):
+    run_dir = tmp_path / name
+    assert training.main([*argv, "--run-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+def launched_run(tmp_path, argv, size, name="launched", actions=()):
+    run_dir = tmp_path / name
+    result = launch(training.main, [*argv, "--run-dir", str(run_dir)], size, tmp_path / f"{name}_err", actions)
+    return run_dir, result
+
+
+# --- rows held by each rank -----------------------------------------------------------------
+
+
+def test_shards_cover_the_rows_once_in_blocks_differing_by_one():
+    n, size = 61, 3
+    ranges = [shard_range(n, distributed.World(rank, size)) for rank in range(size)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+
+
+def test_a_batch_keeps_the_rows_held_here_in_batch_order_even_none():
+    whole = torch.arange(10.0)[:, None]
+    parts = [Rows.shard(whole, distributed.World(rank, 3)) for rank in range(3)]
+    idx = torch.tensor([9, 0, 4, 1, 8])
+    batches = [p[idx] for p in parts]
+    assert [b.total for b in batches] == [5] * 3
+    assert sorted(v for b in batches for v in b.local[:, 0].tolist()) == sorted(idx.tolist())
+    assert batches[0].local[:, 0].tolist() == [0.0, 1.0] and batches[0].positions.tolist() == [1, 3]
+    inner = batches[2][torch.tensor([0, 4, 2])]  # positions within the batch: rows 9, 8 (rank 2), 4 (rank 1)
+    assert inner.local[:, 0].tolist() == [9.0, 8.0] and inner.total == 3
+    assert parts[1][torch.tensor([0, 9])].count == 0 and parts[1][torch.tensor([0, 9])].weight == 0
+
+
+# --- whole runs -------------------------------------------------------------------------------
+
+
+def test_mlp_on_two_processes_is_the_single_process_run(results_env):
+    argv = [*BASE, "--batch-sharpness", "--step-sharpness", "--final"]  # final.json: lambda_max, Batch Sharpness, GNI
+    single = single_run(results_env, argv)
+    launched, result = launched_run(results_env, argv, 2)
+    assert result.exit_codes == [0, 0], result.stderr
+    assert_same_run(single, launched)
+    config = json.load(open(launched / "config.json"))
+    assert config["launch"] == {"world_size": 2, "backend": "gloo"}
+    assert sorted(os.listdir(launched)) == sorted(os.listdir(single))
+
+
+def test_cnn_on_three_processes_with_uneven_and_empty_parts(results_env):
+    argv = ["--model", "cnn", "--dataset", "synthetic", "--input-shape", "1,12,12", "--num-classes", "3",
+            "--width", "4", "--depth", "2", "--num-data", "23", "--batch", "2", "--quiet", "--steps", "5",
+            "--checkpoint-every", "4", "--full-loss-every", "2", "--lambdamax", "--batch-sharpness",
+            "--momentum", "0.9", "--measure-every", "4"]
+    single = single_run(results_env, argv)
+    launched, result = launched_run(results_env, argv, 3)
+    assert result.exit_codes == [0, 0, 0], result.stderr
+    assert_same_run(single, launched)
+
+
+def test_sigterm_on_one_rank_checkpoints_and_the_run_resumes_on_another_world_size(results_env):
+    single = single_run(results_env, BASE)
+    launched, result = launched_run(results_env, BASE, 2, actions=[("sigterm", 1, 5)])
+    assert result.exit_codes == [143, 143], result.stderr
+    summary = json.load(open(launched / "summary.json"))
+    assert summary["status"] == "interrupted" and summary["final_step"] == 6
+    assert training.main(["--resume", str(launched), "--quiet"]) == 0  # the rest in one process
+    assert_same_run(single, launched)
+
+
+def test_a_killed_rank_ends_the_job_with_one_line(results_env):
+    launched, result = launched_run(results_env, BASE, 2, actions=[("kill", 1, 2)])
+    assert result.exit_codes[1] == 9 and result.exit_codes[0] == 2, result.stderr
+    message = result.stderr[0].strip().splitlines()[-1]
+    assert message.startswith("training.py: error: rank 0 of 2 lost its peers") and "--resume" in message
+    assert list_checkpoints(launched)  # the folder keeps what it had, resumable
+
+
+def test_batchnorm_models_are_refused_under_a_launch(results_env):
+    argv = ["--model", "resnet_bn", "--dataset", "synthetic", "--input-shape", "3,8,8", "--width", "4",
+            "--num-data", "16", "--batch", "4", "--steps", "2", "--quiet"]
+    _, result = launched_run(results_env, argv, 2)
+    assert result.exit_codes == [2, 2]
+    assert "BatchNorm" in result.stderr[0].strip().splitlines()[-1]
+
+
+def test_timeout_must_be_a_positive_number(monkeypatch):
+    monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, "soon")
+    with pytest.raises(distributed.UserError, match="EOSS_DIST_TIMEOUT"):
+        distributed.timeout_seconds()
+    monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, "2.5")
+    assert distributed.timeout_seconds() == 2.5
+
+
+def test_outside_a_launch_nothing_is_set_up(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.init(torch.device("cpu")) is distributed.SINGLE
+    assert distributed.from_main(lambda: 3) == 3 and not distributed.any_rank(False)
+    assert np.array_equal(distributed.all_reduce_sum(torch.ones(2)).numpy(), np.ones(2))

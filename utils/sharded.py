@@ -1,0 +1,250 @@
+"""The training set split over the ranks of a launch, and every sum over it computed in parts.
+
+Rank r of K holds the contiguous block of rows [r n / K, (r + 1) n / K) of the training (and
+test) set, as a :class:`Rows`. A batch is a set of global indices known to every rank
+(the same permutation, the same Monte Carlo draws as a single process); ``X[idx]`` on a
+:class:`Rows` keeps the rows of the batch that this rank holds (any number, zero included)
+and remembers the batch's size b. With the loss a mean over samples,
+
+    L_B = (1/b) sum_{i in B} l_i = sum_r (c_r / b) L_{B_r},
+
+with c_r the rows of B on rank r and L_{B_r} the mean loss on them, and likewise for the
+gradient, every Hessian(-vector) product and every quadratic form. :class:`ShardedOperator`
+applies the operator of :mod:`utils.hvp` (or :mod:`utils.gauss_newton`) to the local rows,
+weights it by c_r / b and sums over the ranks, so every rank holds the product of the whole
+batch (or data set); solvers and stopping rules then run on identical numbers on every rank
+and take identical decisions. Models with BatchNorm in train mode are not sums over samples
+and are refused under a launch of several processes.
+
+Outside a launch every function here hands its tensors to the single-process code unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from utils import batch_forms
+from utils.distributed import World, all_reduce_sum
+from utils.hvp import PLAIN_HVP_MODE, HessianOperator, trainable_params
+from utils.hvp import flat_grad as local_flat_grad
+
+# Batches of the same-batch route whose gradients go through one collective (their graphs are kept meanwhile).
+_BATCHES_PER_COLLECTIVE = 16
+
+
+class Rows:
+    """The rows of a data set (or of one batch of it) that this rank holds.
+
+    ``local`` holds them, ``positions`` (ascending) says where each one sits in the whole, and
+    ``total`` is the size of the whole: n for the data set, b for a batch. ``shape``,
+    ``device`` and indexing by global indices work as on the whole tensor."""
+
+    def __init__(self, local: torch.Tensor, positions: torch.Tensor, total: int):
+        self.local, self.positions, self.total = local, positions, int(total)
+
+    @classmethod
+    def shard(cls, whole: torch.Tensor, world: World) -> "Rows":
+        """This rank's contiguous block of ``whole`` (a copy, so the whole can be freed)."""
+        n = whole.shape[0]
+        start, stop = shard_range(n, world)
+        return cls(whole[start:stop].clone(), torch.arange(start, stop, device=whole.device), n)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.total, *self.local.shape[1:]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.local.device
+
+    @property
+    def count(self) -> int:
+        """The rows held here."""
+        return self.local.shape[0]
+
+    @property
+    def weight(self) -> float:
+        """c / total: this rank's share of a mean over the whole."""
+        return self.count / self.total
+
+    def __getitem__(self, idx: torch.Tensor) -> "Rows":
+        """The rows of the batch ``idx`` (global indices, any order) held here, in batch order."""
+        idx = idx.to(self.positions.device).reshape(-1)
+        if self.positions.numel() == 0:
+            hit = torch.zeros_like(idx, dtype=torch.bool)
+            where = idx[:0]
+        else:
+            where = torch.searchsorted(self.positions, idx).clamp(max=self.positions.numel() - 1)
+            hit = self.positions[where] == idx
+            where = where[hit]
+        return Rows(self.local[where.to(self.local.device)], hit.nonzero().reshape(-1), idx.numel())
+
+
+def shard_range(n: int, world: World) -> tuple[int, int]:
+    """[start, stop) of the rows rank ``world.rank`` holds: contiguous blocks whose sizes differ by at most one."""
+    return world.rank * n // world.size, (world.rank + 1) * n // world.size
+
+
+def is_sharded(X) -> bool:
+    return isinstance(X, Rows)
+
+
+def local(X):
+    """The tensor of rows held here (``X`` itself outside a launch)."""
+    return X.local if isinstance(X, Rows) else X
+
+
+class ShardedOperator:
+    """sum_r (c_r / total) A_r with A_r an operator of the mean loss on rank r's rows: the operator
+    of the mean loss on all of them. ``matvec``, ``gradient`` and ``quadratic_forms`` return the
+    same numbers on every rank; ``hvps`` counts products of the whole (one per vector)."""
+
+    def __init__(self, operator_class, model, loss_fn, X: Rows, Y: Rows, **options):
+        params = trainable_params(model)
+        self.dim = sum(p.numel() for p in params)
+        self.dtype, self.device = params[0].dtype, params[0].device
+        self.n, self.weight = X.total, X.weight
+        self.local = operator_class(model, loss_fn, X.local, Y.local, **options) if X.count else None
+        self.mode = getattr(self.local, "mode", options.get("mode"))
+        self.hvps = 0
+
+    def _summed(self, local_part, shape) -> torch.Tensor:
+        part = (self.weight * local_part() if self.local is not None
+                else torch.zeros(shape, dtype=self.dtype, device=self.device))
+        return all_reduce_sum(part.contiguous())
+
+    def matvec(self, V: torch.Tensor) -> torch.Tensor:
+        """H V (or G V) of the whole, for V of shape (P,) or (P, m)."""
+        V = V.to(device=self.device, dtype=self.dtype)
+        result = self._summed(lambda: self.local.matvec(V), V.shape)
+        self.hvps += 1 if V.dim() == 1 else V.shape[1]
+        return result
+
+    def gradient(self) -> torch.Tensor:
+        """grad L of the whole, (P,)."""
+        return all_reduce_sum(self.local_gradient())
+
+    def local_gradient(self) -> torch.Tensor:
+        """(c_r / total) grad L_r, this rank's part of grad L (summed by the caller, many at once)."""
+        if self.local is None:
+            return torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        return self.weight * self.local.gradient()
+
+    def quadratic_forms(self, V: torch.Tensor) -> torch.Tensor:
+        """v^T H v of the whole for every column v of V (P, m): m numbers summed over the ranks."""
+        V = V.to(device=self.device, dtype=self.dtype)
+        forms = self._summed(lambda: self.local.quadratic_forms(V), (V.shape[1],))
+        self.hvps += V.shape[1]
+        return forms
+
+    def local_quadratic_form(self, v: torch.Tensor) -> torch.Tensor:
+        """(c_r / total) v^T A_r v, this rank's part of v^T A v (summed by the caller, many at once)."""
+        if self.local is None:
+            return torch.zeros((), dtype=self.dtype, device=self.device)
+        return self.weight * self.local.quadratic_forms(v[:, None])[0]
+
+    def gradient_quadratic_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g^T H g, |g|^2) of the whole, g its gradient (one product)."""
+        g = self.gradient()
+        self.hvps += 1
+        return all_reduce_sum(self.local_quadratic_form(g).reshape(1))[0], g @ g
+
+
+def operator(operator_class, model, loss_fn, X, Y, **options):
+    """``operator_class(model, loss_fn, X, Y, **options)``, or its :class:`ShardedOperator` when X is :class:`Rows`."""
+    if isinstance(X, Rows):
+        return ShardedOperator(operator_class, model, loss_fn, X, Y, **options)
+    return operator_class(model, loss_fn, X, Y, **options)
+
+
+def flat_grad(model, loss_fn, X, Y, **options) -> torch.Tensor:
+    """grad L as a flat vector (:func:`utils.hvp.flat_grad`), summed over the ranks for :class:`Rows`."""
+    if not isinstance(X, Rows):
+        return local_flat_grad(model, loss_fn, X, Y, **options)
+    return ShardedOperator(_GradientOnly, model, loss_fn, X, Y, **options).gradient()
+
+
+class _GradientOnly:
+    """The gradient of the mean loss on some rows, as an operator that has only ``gradient``."""
+
+    def __init__(self, model, loss_fn, X, Y, **options):
+        self.model, self.loss_fn, self.X, self.Y, self.options = model, loss_fn, X, Y, options
+
+    def gradient(self) -> torch.Tensor:
+        return local_flat_grad(self.model, self.loss_fn, self.X, self.Y, **self.options)
+
+
+def same_batch_route(model, loss_fn, X, Y, batch_size, *, train_mode=True, exact=False) -> batch_forms.Route:
+    """:func:`utils.batch_forms.same_batch_route`; for :class:`Rows`, the pair (g_B^T H_B g_B,
+    |g_B|^2) of every batch B (a row of ``idx``) from its parts: g_B summed over the ranks, then
+    every rank's part of g_B^T H_B g_B; the gradients of up to ``_BATCHES_PER_COLLECTIVE`` batches
+    are summed in one collective, and the K forms of a call in one more."""
+    if not isinstance(X, Rows):
+        return batch_forms.same_batch_route(model, loss_fn, X, Y, batch_size, train_mode=train_mode, exact=exact)
+    mode = PLAIN_HVP_MODE if exact else None
+
+    def forms(idx):
+        quadratic, norm2 = [], []
+        for group in idx.split(_BATCHES_PER_COLLECTIVE):
+            ops = [ShardedOperator(HessianOperator, model, loss_fn, X[rows], Y[rows], train_mode=train_mode, mode=mode)
+                   for rows in group]
+            gradients = all_reduce_sum(torch.stack([op.local_gradient() for op in ops]))
+            quadratic += [op.local_quadratic_form(g) for op, g in zip(ops, gradients)]
+            norm2.append((gradients * gradients).sum(dim=1))
+        return all_reduce_sum(torch.stack(quadratic)), torch.cat(norm2)
+
+    # Blocks sized as the single process's route sizes them, so that as many batches are computed
+    # (and counted in ``_hvps``) as there.
+    single = batch_forms.same_batch_route(model, loss_fn, X.local, Y.local, batch_size, train_mode=train_mode,
+                                          exact=exact)
+    return batch_forms.Route(forms, per_call=single.per_call, min_block=single.min_block, ahead=single.ahead)
+
+
+def noise_route(model, loss_fn, X, Y, batch_size, *, chunk_size=None, train_mode=True, exact=False,
+                min_samples: int, max_samples: int, block_size: int) -> batch_forms.NoiseRoute:
+    """:func:`utils.batch_forms.noise_route`; for :class:`Rows`, g_B^T H g_B with g_B and H v
+    each summed over the ranks (the batch gradients of a call in one collective), in blocks sized
+    as the single process's route sizes them."""
+    single = batch_forms.noise_route(model, loss_fn, local(X), local(Y), batch_size, chunk_size=chunk_size,
+                                     train_mode=train_mode, exact=exact, min_samples=min_samples,
+                                     max_samples=max_samples, block_size=block_size)
+    if not isinstance(X, Rows):
+        return single
+    op = ShardedOperator(HessianOperator, model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                         mode=PLAIN_HVP_MODE if exact else None)
+
+    def forms(idx):
+        parts = [ShardedOperator(_GradientOnly, model, loss_fn, X[rows], Y[rows], train_mode=train_mode)
+                 for rows in idx]
+        return op.quadratic_forms(all_reduce_sum(torch.stack([part.local_gradient() for part in parts], dim=1)))
+
+    def norm2():
+        g = op.gradient()
+        return (g @ g).item()
+
+    return batch_forms.NoiseRoute(forms, per_call=single.per_call, min_block=single.min_block, ahead=single.ahead,
+                                  norm2=norm2)
+
+
+def mean_loss_backward(model, loss_fn, xb: Rows, yb: Rows) -> torch.Tensor:
+    """The mean loss of the global batch, its gradient left in every parameter's ``.grad``:
+    each rank backpropagates (1/b) sum of its rows' losses, and the loss and the gradients
+    are summed over the ranks in one collective."""
+    params = trainable_params(model)
+    if xb.count:
+        loss = loss_fn(model(xb.local), yb.local, reduction="sum") / xb.total
+        loss.backward()
+        loss = loss.detach()
+    else:
+        loss = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce_sum(torch.cat([loss.reshape(1), *[g.reshape(-1) for g in grads]]))
+    for p, piece in zip(params, flat[1:].split([p.numel() for p in params])):
+        p.grad = piece.view_as(p).clone()
+    return flat[0]
+
+
+def mean_over_ranks(local_means: list[float], rows: Rows) -> list[float]:
+    """Means over the whole from each rank's means over its rows (weighted by the rows held)."""
+    values = torch.tensor([m * rows.count for m in local_means], dtype=torch.float64, device=rows.device)
+    return [v / rows.total for v in all_reduce_sum(values).tolist()]
