@@ -35,8 +35,8 @@ def _free_port() -> int:
 def _act_after(step_to_act: int, action: str):
     original = utils.training._Progress.update
 
-    def update(self, step, info):
-        original(self, step, info)
+    def update(self, step, *args, **kwargs):
+        original(self, step, *args, **kwargs)
         if step == step_to_act:
             if action == "kill":
                 os._exit(9)
