@@ -82,7 +82,7 @@ def test_a_batch_keeps_the_rows_held_here_in_batch_order_even_none():
 
 
 def test_mlp_on_two_processes_is_the_single_process_run(results_env):
-    argv = [*BASE, "--batch-sharpness", "--step-sharpness", "--final"]  # final.json: lambda_max, Batch Sharpness, GNI
+    argv = [*BASE, "--batch-sharpness", "--step-sharpness", "--lambda-min", "--final"]  # final.json: lambda_max, Batch Sharpness, GNI
     single = single_run(results_env, argv)
     launched, result = launched_run(results_env, argv, 2)
     assert result.exit_codes == [0, 0], result.stderr

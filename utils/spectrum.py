@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from utils import eigs
+from utils import eigs, sharded
 from utils.eigs import EIG_TOL
 from utils.estimators import MAX_SAMPLES, Estimate, exact_estimate, mean_with_stopping, sample_batch_indices
-from utils.hvp import PLAIN_HVP_MODE, HessianOperator, flat_grad
+from utils.hvp import PLAIN_HVP_MODE, HessianOperator
 
 # Stochastic Lanczos quadrature: probes and Lanczos steps per probe (--density-probes,
 # --density-steps). 64 steps resolve the isolated outliers at the top and bottom of a Hessian
@@ -39,7 +39,7 @@ _BASIS_BUDGET = 1 << 30
 
 
 def _operator(model, loss_fn, X, Y, chunk_size, train_mode, exact) -> HessianOperator:
-    return HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+    return sharded.operator(HessianOperator, model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
                            mode=PLAIN_HVP_MODE if exact else None)
 
 
@@ -130,12 +130,12 @@ def gradient_overlap(model, loss_fn, X, Y, batch_size, *, k, generator, vectors=
                                         train_mode=train_mode, generator=solver_generator, exact=exact)
         vectors = result.vectors
     vectors = vectors[:, :k]
-    g = flat_grad(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
+    g = sharded.flat_grad(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
     full = exact_estimate(projected_fraction(vectors, g), hvps, time.perf_counter() - start)
     start = time.perf_counter()
 
     def batches(m):
-        return [projected_fraction(vectors, flat_grad(model, loss_fn, X[idx], Y[idx], train_mode=train_mode))
+        return [projected_fraction(vectors, sharded.flat_grad(model, loss_fn, X[idx], Y[idx], train_mode=train_mode))
                 for idx in (sample_batch_indices(X.shape[0], batch_size, generator, X.device) for _ in range(m))]
 
     batch = mean_with_stopping(batches, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
