@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+import compute_final_fullbs
+import compute_final_gHg
 import training
 from distributed_runs import launch
 from utils import distributed
@@ -143,3 +145,23 @@ def test_outside_a_launch_nothing_is_set_up(monkeypatch):
     assert distributed.init(torch.device("cpu")) is distributed.SINGLE
     assert distributed.from_main(lambda: 3) == 3 and not distributed.any_rank(False)
     assert np.array_equal(distributed.all_reduce_sum(torch.ones(2)).numpy(), np.ones(2))
+
+
+def test_end_of_run_analyses_under_a_launch_equal_one_process(results_env):
+    run_dir = single_run(results_env, ["--width", "16", "--num-data", "61", "--batch", "8", "--quiet", "--steps", "4"])
+    fullbs = ["--tol", "1e-6"]
+    ghg = ["--batch-sizes", "16", "--max-samples", "40"]
+    assert compute_final_fullbs.main([str(run_dir), *fullbs, "--out", str(results_env / "one")]) == 0
+    assert compute_final_gHg.main([str(run_dir), *ghg, "--out", str(results_env / "one")]) == 0
+    for main, flags in ((compute_final_fullbs.main, fullbs), (compute_final_gHg.main, ghg)):
+        result = launch(main, [str(run_dir), *flags, "--out", str(results_env / "two")], 2, results_env / "err")
+        assert result.exit_codes == [0, 0], result.stderr
+    one, two = (json.load(open(results_env / d / "final_fullbs.json")) for d in ("one", "two"))
+    assert one["step"] == two["step"] == 4 and close(one["lambda_max"], two["lambda_max"])
+    one, two = (json.load(open(results_env / d / "final_ghg.json")) for d in ("one", "two"))
+    assert two["gni_method"] == "per batch size"  # each b on its own: tr(HS) is not split over the ranks
+    for b in ("8", "16"):
+        for name in ("batch_sharpness", "batch_sharpness_ratio"):
+            assert close(one["batch_sizes"][b][name], two["batch_sizes"][b][name]), (b, name)
+        gap = abs(one["batch_sizes"][b]["gni"] - two["batch_sizes"][b]["gni"])
+        assert gap < 4 * math.hypot(one["batch_sizes"][b]["gni_se"], two["batch_sizes"][b]["gni_se"])

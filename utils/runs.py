@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from utils import distributed, sharded
 from utils.checkpoints import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
 from utils.config import RunConfig, results_root
 from utils.cli import OneLineParser, run_cli
@@ -226,6 +227,8 @@ def rebuild(run: Run, *, cpu: bool = False, dtype: torch.dtype = torch.float32) 
     setup.model.to(dtype)
 
     def cast(t):
+        if sharded.is_sharded(t):
+            return sharded.Rows(cast(t.local), t.positions, t.total)
         return t.to(dtype) if t.is_floating_point() else t
 
     data = setup.data
@@ -382,9 +385,14 @@ def measure_newest_states(prog: str, argv, build_parser, check_args, measure) ->
             outputs.update({os.path.join(folder, name): text for name, text in files.items()})
             report += lines
             report += [note] if (note := not_final_note(run, step, state)) else []
+        if not distributed.current().is_main:  # under torchrun rank 0 writes and reports
+            return 0
         written = write_text_files(outputs)
         for line in report + [f"wrote {path}" for path in written]:
             print(line)
         return 0
 
-    return run_cli(work, prog=prog)
+    try:
+        return run_cli(work, prog=prog)
+    finally:
+        distributed.close()
