@@ -2,10 +2,14 @@
 
     python compute_final_fullbs.py                         # the newest run under $RESULTS
     python compute_final_fullbs.py RUN_DIR --num-eigenvalues 3 --all-checkpoints
+    python compute_final_fullbs.py RUN_DIR --lambda-min --layers --density
 
 The run is rebuilt from its config.json and checkpoint. Writes ``final_fullbs.json`` (the
 final checkpoint) and, with ``--all-checkpoints``, ``fullbs_checkpoints.csv`` (one row per
-checkpoint) into the run folder or ``--out DIR``, and prints a table.
+checkpoint) into the run folder or ``--out DIR``, and prints a table. ``--lambda-min``,
+``--layers`` and ``--density`` add the smallest eigenvalue, the curvature of each layer's block
+and the eigenvalue density of the final checkpoint to ``final_fullbs.json``; ``--density`` also
+writes ``density.csv``, ``density_nodes.csv`` and the figure ``density.png`` / ``density.pdf``.
 """
 
 import json
@@ -16,11 +20,13 @@ import warnings
 import pandas as pd
 from tqdm import tqdm
 
-from utils.analysis import FULL_BATCH_TOL, full_batch_sharpness, stability_label, stability_threshold
+from utils.analysis import (FULL_BATCH_TOL, full_batch_sharpness, hessian_threshold, spectrum_record, stability_label,
+                            stability_threshold)
 from utils.eigs import EIG_METHODS
 from utils.errors import UserError
 from utils.estimators import measurement_generator
 from utils.hvp import measurement_hvp_mode
+from utils.plotting import plot_density, render_figure
 from utils.runs import DTYPES, build_analysis_parser, checkpoint_list, load_weights, measure_newest_states, rebuild
 
 PROG = "compute_final_fullbs.py"
@@ -40,6 +46,13 @@ def build_parser():
                    help="precision of the Hessian products (default float64: float32 rounding keeps residuals near 1e-4)")
     g.add_argument("--exact-measurements", action="store_true",
                    help="Hessian products by plain double backward instead of the fastest mode (for checking)")
+    g = p.add_argument_group("the spectrum beyond its top (final checkpoint)")
+    g.add_argument("--lambda-min", action="store_true", help="the smallest (most negative) eigenvalue lambda_min")
+    g.add_argument("--layers", action="store_true",
+                   help="lambda_max and trace of each layer's diagonal Hessian block (the run's --layer-groups)")
+    g.add_argument("--density", action="store_true",
+                   help="the eigenvalue density by stochastic Lanczos quadrature (the run's --density-probes and "
+                        "--density-steps): density.csv, density_nodes.csv, density.png and .pdf")
     return p
 
 
@@ -56,7 +69,9 @@ def check_args(args) -> None:
 
 def measure_run(run, checkpoints, args):
     """One record per checkpoint (step, eigenvalues, residual, cost), each solve warm-started by
-    the last; the device they were computed on; and the mode of the Hessian products."""
+    the last, the newest with the measurements of ``--lambda-min``, ``--layers`` and
+    ``--density``; the density (or None); the device they were computed on; and the mode of
+    the Hessian products."""
     setup = rebuild(run, cpu=args.cpu, dtype=DTYPES[args.dtype])
     seed = run.cfg.measure_seed if args.seed is None else args.seed
     chunk = args.hvp_chunk or run.cfg.hvp_chunk
@@ -72,7 +87,13 @@ def measure_run(run, checkpoints, args):
             warnings.warn(f"{run.run_dir} step {step}: the eigen-solver stopped at relative residual "
                           f"{record['residual']:.2e}, above --tol {args.tol:g}")
         records.append({"step": step, "checkpoint": os.path.basename(path), **record})
-    return records, str(setup.device), measurement_hvp_mode(setup.model, setup.device, exact=args.exact_measurements)
+    spectrum, density = spectrum_record(
+        setup.model, setup.loss_fn, X, Y, run.cfg, lambda_max=records[-1]["lambda_max"], tol=args.tol, chunk_size=chunk,
+        generator=lambda: measurement_generator(seed, step, device=setup.device), lambda_min=args.lambda_min,
+        layers=args.layers, density=args.density, exact=args.exact_measurements)
+    records[-1].update(spectrum)
+    return records, density, str(setup.device), measurement_hvp_mode(setup.model, setup.device,
+                                                                     exact=args.exact_measurements)
 
 
 def final_record(run, records, args, device, hvp_mode, state) -> dict:
@@ -89,11 +110,16 @@ def measure(run, checkpoint: str, state: dict, args) -> tuple[int, dict[str, str
     """The newest checkpoint (or, with --all-checkpoints, every one) of a run: the step measured,
     the files and the report lines (:func:`~utils.runs.measure_newest_states`)."""
     checkpoints = checkpoint_list(run) if args.all_checkpoints else [(None, checkpoint)]
-    records, device, hvp_mode = measure_run(run, checkpoints, args)
+    records, density, device, hvp_mode = measure_run(run, checkpoints, args)
     record = final_record(run, records, args, device, hvp_mode, state)
     files = {"final_fullbs.json": json.dumps(record, indent=2) + "\n"}
     if args.all_checkpoints:
         files["fullbs_checkpoints.csv"] = pd.DataFrame(records).to_csv(index=False)
+    if density is not None:
+        files.update({"density.csv": density.grid_csv(), "density_nodes.csv": density.nodes_csv()})
+        figure = plot_density([(f"{run.name}, step {record['step']}", *density.on_grid())],
+                              threshold=hessian_threshold(run.cfg), threshold_label=stability_label(run.cfg))
+        files.update({f"density.{fmt}": image for fmt, image in render_figure(figure).items()})
     return record["step"], files, [run.run_dir, table(records)]
 
 
@@ -103,7 +129,8 @@ def main(argv=None) -> int:
 
 def table(records) -> str:
     frame = pd.DataFrame(records)
-    columns = ["step"] + [c for c in frame.columns if c.startswith("lambda_")] + ["residual", "hvps"]
+    eigenvalues = [c for c in frame.columns if c.startswith("lambda_") and not c.endswith(("_residual", "_hvps"))]
+    columns = ["step", *eigenvalues, *(c for c in ("density_trace", "density_mass_above") if c in frame), "residual", "hvps"]
     return frame[columns].to_string(index=False, float_format=lambda v: f"{v:.6g}")
 
 

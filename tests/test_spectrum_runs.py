@@ -5,10 +5,15 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
+import compute_final_fullbs
 import training
+from curvature_reference import LOSSES, dense_hessian
 from run_checks import interrupt_at, same_results
+from utils.checkpoints import list_checkpoints
 from utils.results import read_results
+from utils.runs import load_run, load_weights, rebuild
 
 SPECTRUM = ["--dataset", "digits", "--num-data", "48", "--width", "6", "--batch", "8", "--lr", "0.1", "--steps", "4",
             "--measure-every", "2", "--checkpoint-every", "2", "--quiet", "--cpu", "--lambdamax", "--num-eigenvalues",
@@ -43,6 +48,24 @@ def test_columns_files_and_final_record(tmp_path):
     final = json.loads((run_dir / "final.json").read_text())
     assert final["lambda_min"] <= final["lambda_max"] and 0 <= final["grad_overlap_full"] <= 1
     assert "grad_overlap_batch_se" in final and "density_trace" not in final
+
+
+def test_compute_final_fullbs_measures_the_spectrum_of_the_final_checkpoint(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert training.main([*SPECTRUM, "--run-dir", str(run_dir)]) == 0
+    out = tmp_path / "final"
+    assert compute_final_fullbs.main([str(run_dir), "--lambda-min", "--layers", "--density", "--tol", "1e-9",
+                                      "--cpu", "--quiet", "--out", str(out)]) == 0
+    record = json.loads((out / "final_fullbs.json").read_text())
+    setup = rebuild(load_run(str(run_dir)), cpu=True, dtype=torch.float64)
+    load_weights(setup, list_checkpoints(run_dir)[-1][1])
+    H = dense_hessian(setup.model, LOSSES["mse"], setup.data.X_train.double(), setup.data.Y_train.double())
+    values = torch.linalg.eigvalsh(H)
+    assert abs(record["lambda_min"] - values[0].item()) <= 1e-6 * values[-1].item()
+    assert [k for k in record if k.startswith("layer_lambda_max/")] == [f"layer_lambda_max/{m}" for m in MODULES]
+    assert record["density_probes"] == 3 and record["density_hvps"] == 15
+    assert sorted(p.name for p in out.iterdir()) == ["density.csv", "density.pdf", "density.png", "density_nodes.csv",
+                                                     "final_fullbs.json"]
 
 
 def test_an_interrupted_run_resumes_to_the_same_columns(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from utils import measures, sharded
+from utils import measures, sharded, spectrum
 from utils.config import ADAM_BETAS
 from utils.errors import UserError
 from utils.estimators import BATCH_SHARPNESS_REL_SE, GNI_REL_SE, MAX_SAMPLES, Estimate, measurement_generator
@@ -40,6 +40,12 @@ def stability_threshold(cfg) -> float:
     return (2 + 2 * cfg.momentum) / cfg.lr
 
 
+def hessian_threshold(cfg) -> float:
+    """:func:`stability_threshold` where it bounds the Hessian itself; nan for Adam, whose
+    threshold bounds the preconditioned Hessian."""
+    return math.nan if cfg.adam else stability_threshold(cfg)
+
+
 def stability_label(cfg) -> str:
     """How :func:`stability_threshold` is written for this optimiser, such as ``2/η``."""
     if cfg.adam:
@@ -65,6 +71,38 @@ def full_batch_sharpness(model, loss_fn, X, Y, *, k=1, tol=FULL_BATCH_TOL, metho
     record.update({"residual": float(eig.residuals.max()), "converged": bool(eig.converged),
                    "hvps": estimate.hvps, "seconds": estimate.seconds})
     return record, eig
+
+
+def spectrum_record(model, loss_fn, X, Y, cfg, *, lambda_max: float, tol=FULL_BATCH_TOL, chunk_size=None,
+                    generator, lambda_min=False, layers=False, density=False, exact=False):
+    """The end-of-run measurements of the spectrum beyond its top (:mod:`utils.spectrum`) that are
+    asked for: ``lambda_min`` (with ``lambda_min_residual``, relative to max(|lambda_min|,
+    lambda_max)), the ``layer_lambda_max/<name>``, ``layer_trace/<name>`` and
+    ``layer_trace_se/<name>`` of every block of ``cfg.layer_groups``, and ``density_trace``,
+    ``density_trace_se`` and ``density_mass_above`` (above half the run's stability threshold, nan
+    for Adam) from ``cfg.density_probes`` probes of ``cfg.density_steps`` steps. ``generator()``
+    gives each measurement a fresh generator. Returns (record, SpectralDensity or None)."""
+    record, found = {}, None
+    if lambda_min:
+        eig, estimate = spectrum.lambda_min(model, loss_fn, X, Y, tol=tol, lambda_max=lambda_max, chunk_size=chunk_size,
+                                            generator=generator(), exact=exact)
+        record.update({"lambda_min": estimate.value, "lambda_min_residual": float(eig.residuals.max()),
+                       "lambda_min_hvps": estimate.hvps})
+    if layers:
+        blocks = spectrum.layer_sharpness(model, loss_fn, X, Y, groups=spectrum.parameter_groups(model, cfg.layer_groups),
+                                          generator=generator(), tol=tol, chunk_size=chunk_size, exact=exact)
+        for i, name in enumerate(blocks.names):
+            record.update({f"layer_lambda_max/{name}": blocks.lambda_max[i], f"layer_trace/{name}": blocks.trace[i],
+                           f"layer_trace_se/{name}": blocks.trace_se[i]})
+        record["layer_sharpness_hvps"] = blocks.hvps
+    if density:
+        found = spectrum.spectral_density(model, loss_fn, X, Y, generator=generator(), probes=cfg.density_probes,
+                                          steps=cfg.density_steps, chunk_size=chunk_size, exact=exact)
+        trace = found.trace()
+        record.update({"density_trace": trace.value, "density_trace_se": trace.se,
+                       "density_mass_above": found.mass_above(hessian_threshold(cfg) / 2), "density_probes": found.probes,
+                       "density_steps": found.nodes.shape[1], "density_hvps": found.hvps})
+    return record, found
 
 
 def default_batch_sizes(n: int, training_batch: int) -> list[int]:

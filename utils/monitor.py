@@ -9,14 +9,13 @@ is read from the registry: no measurement has code of its own in this module.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import zlib
 
 import torch
 
 from utils import schedule
-from utils.analysis import stability_threshold
+from utils.analysis import hessian_threshold
 from utils.errors import UserError
 from utils.estimators import Estimate, measurement_generator
 from utils.hvp import flat_params
@@ -73,8 +72,7 @@ class Monitor:
         self.columns = measurement_columns(cfg, model)
         self.schedule = measurement_schedule(cfg, total_steps)
         self.eigenvectors = None  # warm start for the next eigen-solve; saved in checkpoints
-        # Adam's threshold bounds the preconditioned Hessian, not H.
-        self.threshold = math.nan if cfg.adam else stability_threshold(cfg)
+        self.threshold = hessian_threshold(cfg)
         self.folder = None  # the run folder, for measurements that write files of their own
         # {column: {"measured", "stopped_at_cap", "exact"}} of the Monte Carlo estimates so far;
         # saved in checkpoints, so a resumed run counts its whole length.

@@ -22,7 +22,7 @@ from matplotlib.ticker import LogFormatterSciNotation, NullLocator, ScalarFormat
 from utils.analysis import stability_label, stability_threshold
 from utils.errors import UserError
 from utils.registry import MEASUREMENTS, Curve
-from utils.results import atomic_output
+from utils.results import atomic_write_bytes
 from utils.runs import make_output_folder, unwritable
 
 PAPER_WIDTH = 7.0  # inches, the text width of a two-column paper
@@ -167,9 +167,7 @@ def write_figure(images: dict[str, bytes], folder: str, stem: str) -> list[str]:
     for fmt, data in images.items():
         path = os.path.join(folder, f"{stem}.{fmt}")
         try:
-            with atomic_output(path, suffix=f".{fmt}") as tmp:
-                with open(tmp, "wb") as f:
-                    f.write(data)
+            atomic_write_bytes(path, data)
         except OSError as exc:
             raise unwritable(path, exc)
         written.append(path)
@@ -308,7 +306,7 @@ def plot_runs(runs, frames, *, smooth: int | None = None, normalize: bool = Fals
     ``final_test_accuracy``: per run, None or (step, accuracy on the test set) at the end,
     drawn as a star in the accuracy panel.
     """
-    panels = [p for p in PANELS if any(_has(f, c.column) for c in p.curves for f in frames)]
+    panels = [p for p in PANELS if any(_has(f, c.column) for c in p.curves for f in frames)] + _layer_panels(frames)
     ncols = 2 if len(panels) in (2, 4) else min(3, len(panels))  # no empty slots for 2 or 4 panels
     nrows = math.ceil(len(panels) / ncols)
     overlay = len(runs) > 1
@@ -344,6 +342,38 @@ def plot_runs(runs, frames, *, smooth: int | None = None, normalize: bool = Fals
             fig.legend(handles=handles, loc="outside upper center", ncols=min(4, len(handles)), frameon=False)
         else:
             fig.suptitle(run_title(runs[0].cfg))
+    return fig
+
+
+LAYER_LAMBDA_MAX = "layer_lambda_max/"
+
+
+def _layer_panels(frames) -> list[Panel]:
+    """Small multiples of --layer-sharpness: one panel per layer holding λ_max of its diagonal
+    Hessian block, with the stability line, in the order of the results' columns."""
+    columns = []
+    for frame in frames:
+        columns += [c for c in frame.columns if c.startswith(LAYER_LAMBDA_MAX) and c not in columns and _has(frame, c)]
+    return [Panel(f"λ_max of {c[len(LAYER_LAMBDA_MAX):]}", (Curve(r"$\lambda_{\max}(H_{kk})$", column=c),), stability=True,
+                  ylabel=r"$\lambda_{\max}(H_{kk})$") for c in columns]
+
+
+def plot_density(panels, *, threshold: float, threshold_label: str) -> Figure:
+    """Hessian eigenvalue densities side by side, as PyHessian draws them: the density on a log
+    axis (down to 10⁻⁶ of its peak) against the eigenvalue, with the stability line at
+    ``threshold`` (not drawn when nan). ``panels``: (title, eigenvalues, density) per panel."""
+    with matplotlib.rc_context(STYLE):
+        fig, axes = new_figure(1, len(panels), height=2.4)
+        for ax, (title, grid, density) in zip(axes, panels):
+            ax.semilogy(grid, density, color="C0")
+            ax.set_ylim(max(density) * 1e-6, max(density) * 2)
+            if math.isfinite(threshold):
+                ax.axvline(threshold, color="0.3", linestyle="--", linewidth=0.8,
+                           label=f"{threshold_label} = {threshold:.4g}")
+                ax.legend(frameon=False)
+            ax.set_title(title)
+            ax.set_xlabel("eigenvalue of $H$")
+            ax.set_ylabel("density")
     return fig
 
 

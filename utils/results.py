@@ -232,6 +232,15 @@ def atomic_write_text(path: str, text: str) -> None:
             os.fsync(f.fileno())
 
 
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically; a full disk is an OutOfSpace naming ``path``."""
+    with space_for(path, len(data)), atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def _json_safe(value):
     """NaN and infinities become null: strict JSON readers reject them."""
     if isinstance(value, float) and not math.isfinite(value):

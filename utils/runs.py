@@ -25,7 +25,7 @@ from utils.config import RunConfig, results_root
 from utils.cli import OneLineParser, run_cli
 from utils.errors import UserError
 from utils.launch import ENDED, read_run_config
-from utils.results import atomic_write_text, read_json, read_results_table
+from utils.results import atomic_write_bytes, atomic_write_text, read_json, read_results_table
 from utils.training import Setup, build
 
 CONFIG_FILE = "config.json"
@@ -298,8 +298,9 @@ def selection_stem(stem: str, runs: list[Run], out: str | None = None) -> str:
     return f"{stem}_{hashlib.sha1(names.encode()).hexdigest()[:8]}"
 
 
-def write_text_files(files: dict[str, str]) -> list[str]:
-    """Write every {path: text} atomically, creating folders as needed; return the paths written.
+def write_text_files(files: dict[str, str | bytes]) -> list[str]:
+    """Write every {path: text} atomically (bytes, such as a figure, as they are), creating
+    folders as needed; return the paths written.
 
     An unwritable place is a UserError.
     """
@@ -307,7 +308,10 @@ def write_text_files(files: dict[str, str]) -> list[str]:
         make_output_folder(os.path.dirname(os.path.abspath(path)))
     for path, text in files.items():
         try:
-            atomic_write_text(path, text)
+            if isinstance(text, bytes):
+                atomic_write_bytes(path, text)
+            else:
+                atomic_write_text(path, text)
         except OSError as exc:
             raise unwritable(path, exc)
     return list(files)
