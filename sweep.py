@@ -43,7 +43,7 @@ def sweep(argv: list[str]) -> int:
     check_existing(sweep_dir, definition)
     executor = make_executor(sweep_dir, args.name, args)
     definition = prepare_sweep(sweep_dir, definition)
-    jobs = submit(executor, sweep_dir, definition, args.cpus_per_run)
+    jobs = submit(executor, sweep_dir, definition, args.cpus_per_run, processes=max(1, args.gpus_per_run))
     table = refresh_status(sweep_dir)
     if not jobs:
         print(format_status(table, sweep_dir))

@@ -1,8 +1,10 @@
 """One run over several processes (torch.distributed, Gloo on the CPU) equals the single-process run."""
 
+import glob
 import json
 import math
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -10,12 +12,14 @@ import torch
 
 import compute_final_fullbs
 import compute_final_gHg
+import sweep
 import training
 from distributed_runs import launch
 from utils import distributed
 from utils.checkpoints import list_checkpoints, load_checkpoint
 from utils.results import read_results
 from utils.sharded import Rows, shard_range
+from utils.sweep import TRAINING_SCRIPT, load_definition, point_command, sweep_folder
 
 REL_TOL = 1e-5
 BASE = ["--width", "16", "--num-data", "61", "--batch", "8", "--quiet", "--steps", "10", "--checkpoint-every", "4",
@@ -165,3 +169,25 @@ def test_end_of_run_analyses_under_a_launch_equal_one_process(results_env):
             assert close(one["batch_sizes"][b][name], two["batch_sizes"][b][name]), (b, name)
         gap = abs(one["batch_sizes"][b]["gni"] - two["batch_sizes"][b]["gni"])
         assert gap < 4 * math.hypot(one["batch_sizes"][b]["gni_se"], two["batch_sizes"][b]["gni_se"])
+
+
+def test_sweep_gpus_per_run_submits_one_torchrun_launch_per_point(results_env, monkeypatch, capsys):
+    """Against stand-ins for srun and sbatch: K GPUs per task, and each point's job starts torchrun with K processes."""
+    bin_dir = results_env / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\n")
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {results_env}/sbatch.sh\necho "Submitted batch job 7"\n')
+    for name in ("srun", "sbatch"):
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert sweep.main(["--name", "wide", "--lr", "0.05", "0.1", "--executor", "slurm", "--gpus-per-run", "4",
+                       "--cpus-per-run", "8", "--", "--steps", "5", "--quiet"]) == 0
+    script = (results_env / "sbatch.sh").read_text().splitlines()
+    assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --cpus-per-task=8" in script
+    sweep_dir = sweep_folder("wide")
+    jobs = [pickle.load(open(path, "rb")) for path in glob.glob(os.path.join(sweep_dir, "submitit", "*_submitted.pkl"))]
+    assert sorted((job.function.processes, job.function.threads) for job in jobs) == [(4, 2), (4, 2)]
+    definition = load_definition(sweep_dir)
+    command = point_command(sweep_dir, definition, definition["points"][0], python="python", processes=4)
+    assert command[:7] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+                           TRAINING_SCRIPT]

@@ -72,11 +72,13 @@ class SignalCatcher:
     thread (where Python cannot install handlers) it never fires. A second signal means
     "stop now" (a long measurement may keep the current unit of work going for minutes): it
     exits at once with 128 + the signal number, losing the unfinished work as a hard kill
-    would.
+    would. ``repeated_sigterm_stops=False`` keeps a second SIGTERM from doing so (torchrun sends
+    its workers SIGTERM twice when it is told to stop; a second SIGINT still stops at once).
     """
 
-    def __init__(self):
+    def __init__(self, repeated_sigterm_stops: bool = True):
         self.received = None
+        self.repeated_sigterm_stops = repeated_sigterm_stops
         self._previous = {}
 
     def __enter__(self):
@@ -86,12 +88,12 @@ class SignalCatcher:
         return self
 
     def _handle(self, signum, frame):
-        if self.received is not None:
+        if self.received is not None and (signum != signal.SIGTERM or self.repeated_sigterm_stops):
             # os.write, not print: the signal may land while the main thread is inside a
             # write to stderr, where a buffered write would fail as re-entrant.
             os.write(2, f"second {signal.Signals(signum).name}: stopping now, without finishing the current step\n".encode())
             raise SystemExit(128 + signum)
-        self.received = signal.Signals(signum)
+        self.received = self.received or signal.Signals(signum)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

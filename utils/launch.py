@@ -99,6 +99,11 @@ class _NoWriter:
         pass
 
 
+def _signals() -> SignalCatcher:
+    """SIGINT and SIGTERM as a flag; under torchrun, which repeats its SIGTERM, only a second SIGINT stops at once."""
+    return SignalCatcher(repeated_sigterm_stops=not distributed.launched())
+
+
 def _join_launch(cpu: bool) -> bool:
     """Join the processes of a torchrun launch, if this is one; whether this process writes files."""
     return distributed.init(pick_device(cpu)).is_main
@@ -233,7 +238,7 @@ def run(cfg: RunConfig, command_line: list[str] | None = None) -> tuple[str, dic
     """
     check_cadences_have_measurements(cfg)
     main = _join_launch(cfg.cpu)
-    with SignalCatcher() as signals:
+    with _signals() as signals:
         setup = build(cfg)
         monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
                           setup.optimizer)
@@ -357,7 +362,7 @@ def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int
     if ended is not None:
         return run_dir, {**ended, "already_done": True}
     last_row = last_complete_step(results_path)
-    with SignalCatcher() as signals:
+    with _signals() as signals:
         setup = build(cfg)
         if main:
             note_changed_products(record, setup)
@@ -499,7 +504,7 @@ def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[st
     check_cadences_have_measurements(cfg, given=overrides)
     step, path = _pick_checkpoint(parent_dir, cont_step, at_or_before=True)
     main = _join_launch(cfg.cpu)
-    with SignalCatcher() as signals:
+    with _signals() as signals:
         setup = build(cfg)
         if step >= setup.total_steps:
             raise UserError(f"the fork starts at step {step} but the run has only {setup.total_steps} steps; give a larger --steps")

@@ -260,24 +260,27 @@ def _progress(entry: dict) -> str:
 # ----------------------------------------------------------------------------- running points
 
 def point_command(sweep_dir: str, definition: dict, point: dict, python: str | None = None,
-                  clear: bool = False) -> list[str] | None:
+                  clear: bool = False, processes: int = 1) -> list[str] | None:
     """The training.py command that moves the point forward now, or None when its run has ended.
 
     A folder with a config.json is continued with --resume (without a checkpoint yet, from
     step 0); a folder without one holds nothing of a run (it died while claiming the folder)
-    and, with ``clear``, is removed so the run starts afresh.
+    and, with ``clear``, is removed so the run starts afresh. With ``processes`` > 1 the run is
+    one ``torchrun`` launch of that many processes on this node (one per GPU).
     """
-    python = python or sys.executable
+    launcher = [python or sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     run_dir = point_run_dir(sweep_dir, point["name"])
     summary = _read_json_or_none(os.path.join(run_dir, "summary.json"))
     if isinstance(summary, dict) and summary.get("status") in ENDED:
         return None
     if os.path.isfile(os.path.join(run_dir, "config.json")):
         quiet = ["--quiet"] if "--quiet" in definition["shared"] else []
-        return [python, TRAINING_SCRIPT, "--resume", run_dir, *quiet]
+        return [*launcher, TRAINING_SCRIPT, "--resume", run_dir, *quiet]
     if clear and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
-    return [python, TRAINING_SCRIPT, *point["argv"], *definition["shared"], "--run-dir", run_dir]
+    return [*launcher, TRAINING_SCRIPT, *point["argv"], *definition["shared"], "--run-dir", run_dir]
 
 
 def dry_run_lines(sweep_dir: str, definition: dict) -> list[str]:
@@ -380,8 +383,9 @@ def _release_marker(path: str) -> None:
         pass
 
 
-def launch_point(sweep_dir: str, definition: dict, point: dict, env: dict) -> Attempt | str:
-    """Start the training.py process that moves ``point`` forward; a string says why not."""
+def launch_point(sweep_dir: str, definition: dict, point: dict, env: dict, processes: int = 1) -> Attempt | str:
+    """Start the training.py process (a ``torchrun`` of ``processes`` ones when more than one)
+    that moves ``point`` forward; a string says why not."""
     if point_command(sweep_dir, definition, point) is None:
         return point_state(sweep_dir, point)["status"]
     marker_path = os.path.join(sweep_dir, "running", f"{point['name']}.json")
@@ -390,7 +394,7 @@ def launch_point(sweep_dir: str, definition: dict, point: dict, env: dict) -> At
         return f"running on {owner.get('host')} (processes {owner.get('pids')})"
     try:
         _release_marker(os.path.join(sweep_dir, "failed", f"{point['name']}.json"))
-        command = point_command(sweep_dir, definition, point, clear=True)
+        command = point_command(sweep_dir, definition, point, clear=True, processes=processes)
         if command is None:  # another launcher ended it between the two looks
             _release_marker(marker_path)
             return point_state(sweep_dir, point)["status"]

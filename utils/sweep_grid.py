@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--partition", metavar="NAME", help="SLURM partition")
     g.add_argument("--time-min", type=int, default=240, metavar="MINUTES", help="time limit per job in minutes (a job that hits it "
                                                              "is requeued and resumes from its last checkpoint)")
-    g.add_argument("--gpus-per-run", type=int, default=1, metavar="N", help="GPUs per run")
+    g.add_argument("--gpus-per-run", type=int, default=1, metavar="N", help="GPUs per run; above 1, one torchrun launch across them (one node)")
     g.add_argument("--cpus-per-run", type=int, default=4, metavar="N", help="CPU cores per run (its torch threads)")
     g.add_argument("--mem-gb", type=float, default=None, metavar="GB", help="memory per run in GB (default: the partition's)")
     g.add_argument("--array-parallelism", type=int, default=None, metavar="N", help="at most this many runs of the array at once")

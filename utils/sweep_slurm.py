@@ -1,7 +1,8 @@
 """The SLURM executor of sweeps, through submitit (an optional dependency: requirements-cluster.txt).
 
 Each grid point that is not done becomes one task of a job array. A task runs ``training.py``
-as a child process. When SLURM pre-empts the job or its time limit nears, submitit calls
+as a child process (with ``--gpus-per-run K`` > 1, a ``torchrun`` of K processes, one per GPU
+of the task's node: one run across its K GPUs). When SLURM pre-empts the job or its time limit nears, submitit calls
 :meth:`SweepJob.checkpoint`: the child is stopped with SIGTERM (``training.py`` then writes a
 checkpoint of the current step) and the job is requeued with a fresh :class:`SweepJob` for the
 same point, which finds the checkpoint and continues with ``training.py --resume``.
@@ -29,8 +30,10 @@ MAX_TIMEOUTS = 50
 class SweepJob(Checkpointable):
     """One grid point as a submitit job; returns the attempt's outcome as a dict."""
 
-    def __init__(self, sweep_dir: str, point_name: str, threads: int):
-        self.sweep_dir, self.point_name, self.threads = sweep_dir, point_name, threads
+    processes = 1  # jobs pickled before runs could span several processes
+
+    def __init__(self, sweep_dir: str, point_name: str, threads: int, processes: int = 1):
+        self.sweep_dir, self.point_name, self.threads, self.processes = sweep_dir, point_name, threads, processes
         self._attempt = None
 
     def __getstate__(self):
@@ -43,7 +46,8 @@ class SweepJob(Checkpointable):
 
     def __call__(self) -> dict:
         definition = load_definition(self.sweep_dir)
-        attempt = launch_point(self.sweep_dir, definition, self._point(definition), training_env(self.threads))
+        attempt = launch_point(self.sweep_dir, definition, self._point(definition), training_env(self.threads),
+                               processes=self.processes)
         if isinstance(attempt, str):
             return {"point": self.point_name, "status": attempt, "skipped": True}
         self._attempt = attempt
@@ -64,7 +68,7 @@ class SweepJob(Checkpointable):
         """Stop the running training (it checkpoints its current step) and resubmit the point."""
         if self._attempt is not None:
             self._attempt.stop()
-        return DelayedSubmission(SweepJob(self.sweep_dir, self.point_name, self.threads))
+        return DelayedSubmission(SweepJob(self.sweep_dir, self.point_name, self.threads, self.processes))
 
 
 @contextlib.contextmanager
@@ -95,14 +99,16 @@ def make_executor(sweep_dir: str, name: str, options) -> submitit.AutoExecutor:
     return executor
 
 
-def submit(executor: submitit.AutoExecutor, sweep_dir: str, definition: dict, threads: int) -> list:
-    """Submit the points that have not ended as one job array; return submitit's jobs."""
+def submit(executor: submitit.AutoExecutor, sweep_dir: str, definition: dict, threads: int, processes: int = 1) -> list:
+    """Submit the points that have not ended as one job array, each a run of ``processes``
+    processes sharing ``threads`` CPU threads; return submitit's jobs."""
     points = [p for p in definition["points"] if point_command(sweep_dir, definition, p) is not None]
     if not points:
         return []
     try:
         with _repo_importable(), executor.batch():
-            jobs = [executor.submit(SweepJob(sweep_dir, p["name"], threads)) for p in points]
+            jobs = [executor.submit(SweepJob(sweep_dir, p["name"], max(1, threads // processes), processes))
+                    for p in points]
     except (OSError, subprocess.CalledProcessError) as exc:
         raise UserError(f"submitting the job array failed ({exc}); check the SLURM flags (--partition, --time-min, ...)")
     return jobs
