@@ -117,8 +117,8 @@ def measure(run, checkpoint: str, state: dict, args) -> tuple[int, dict[str, str
         files["fullbs_checkpoints.csv"] = pd.DataFrame(records).to_csv(index=False)
     if density is not None:
         files.update({"density.csv": density.grid_csv(), "density_nodes.csv": density.nodes_csv()})
-        figure = plot_density([(f"{run.name}, step {record['step']}", *density.on_grid())],
-                              threshold=hessian_threshold(run.cfg), threshold_label=stability_label(run.cfg))
+        figure = plot_density([(f"{run.name}, step {record['step']}", *density.on_grid(), hessian_threshold(run.cfg),
+                                stability_label(run.cfg))])
         files.update({f"density.{fmt}": image for fmt, image in render_figure(figure).items()})
     return record["step"], files, [run.run_dir, table(records)]
 

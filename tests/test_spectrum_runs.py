@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import compute_final_fullbs
+import plot_results
 import training
 from curvature_reference import LOSSES, dense_hessian
 from run_checks import interrupt_at, same_results
@@ -53,10 +54,11 @@ def test_columns_files_and_final_record(tmp_path):
 def test_compute_final_fullbs_measures_the_spectrum_of_the_final_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert training.main([*SPECTRUM, "--run-dir", str(run_dir)]) == 0
-    out = tmp_path / "final"
+    assert plot_results.main([str(run_dir), "--density"]) == 2
+    assert f"{run_dir} has no density.csv; run compute_final_fullbs.py {run_dir} --density first" in capsys.readouterr().err
     assert compute_final_fullbs.main([str(run_dir), "--lambda-min", "--layers", "--density", "--tol", "1e-9",
-                                      "--cpu", "--quiet", "--out", str(out)]) == 0
-    record = json.loads((out / "final_fullbs.json").read_text())
+                                      "--cpu", "--quiet"]) == 0
+    record = json.loads((run_dir / "final_fullbs.json").read_text())
     setup = rebuild(load_run(str(run_dir)), cpu=True, dtype=torch.float64)
     load_weights(setup, list_checkpoints(run_dir)[-1][1])
     H = dense_hessian(setup.model, LOSSES["mse"], setup.data.X_train.double(), setup.data.Y_train.double())
@@ -64,8 +66,10 @@ def test_compute_final_fullbs_measures_the_spectrum_of_the_final_checkpoint(tmp_
     assert abs(record["lambda_min"] - values[0].item()) <= 1e-6 * values[-1].item()
     assert [k for k in record if k.startswith("layer_lambda_max/")] == [f"layer_lambda_max/{m}" for m in MODULES]
     assert record["density_probes"] == 3 and record["density_hvps"] == 15
-    assert sorted(p.name for p in out.iterdir()) == ["density.csv", "density.pdf", "density.png", "density_nodes.csv",
-                                                     "final_fullbs.json"]
+    assert {"density.csv", "density.pdf", "density.png", "density_nodes.csv"} <= {p.name for p in run_dir.iterdir()}
+    out = tmp_path / "figures"
+    assert plot_results.main([str(run_dir), "--density", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["density.pdf", "density.png"]
 
 
 def test_an_interrupted_run_resumes_to_the_same_columns(tmp_path, monkeypatch):

@@ -358,13 +358,14 @@ def _layer_panels(frames) -> list[Panel]:
                   ylabel=r"$\lambda_{\max}(H_{kk})$") for c in columns]
 
 
-def plot_density(panels, *, threshold: float, threshold_label: str) -> Figure:
+def plot_density(panels) -> Figure:
     """Hessian eigenvalue densities side by side, as PyHessian draws them: the density on a log
     axis (down to 10⁻⁶ of its peak) against the eigenvalue, with the stability line at
-    ``threshold`` (not drawn when nan). ``panels``: (title, eigenvalues, density) per panel."""
+    ``threshold`` (not drawn when nan). ``panels``: (title, eigenvalues, density, threshold,
+    threshold_label) per panel."""
     with matplotlib.rc_context(STYLE):
         fig, axes = new_figure(1, len(panels), height=2.4)
-        for ax, (title, grid, density) in zip(axes, panels):
+        for ax, (title, grid, density, threshold, threshold_label) in zip(axes, panels):
             ax.semilogy(grid, density, color="C0")
             ax.set_ylim(max(density) * 1e-6, max(density) * 2)
             if math.isfinite(threshold):
