@@ -13,7 +13,9 @@ gradient, every Hessian(-vector) product and every quadratic form. :class:`Shard
 applies the operator of :mod:`utils.hvp` (or :mod:`utils.gauss_newton`) to the local rows,
 weights it by c_r / b and sums over the ranks, so every rank holds the product of the whole
 batch (or data set); solvers and stopping rules then run on identical numbers on every rank
-and take identical decisions. Models with BatchNorm in train mode are not sums over samples
+and take identical decisions. The per-batch forms of Batch Sharpness (and its ratio form and the
+step sharpness) go the other way: whole batches are split over the ranks, each computed by the
+single-process route on its gathered rows (:func:`same_batch_route`). Models with BatchNorm in train mode are not sums over samples
 and are refused under a launch of several processes.
 
 Outside a launch every function here hands its tensors to the single-process code unchanged.
@@ -23,13 +25,13 @@ from __future__ import annotations
 
 import torch
 
-from utils import batch_forms
+from utils import batch_forms, distributed
 from utils.distributed import World, all_reduce_sum
 from utils.hvp import PLAIN_HVP_MODE, HessianOperator, trainable_params
 from utils.hvp import flat_grad as local_flat_grad
 
-# Batches of the same-batch route whose gradients go through one collective (their graphs are kept meanwhile).
-_BATCHES_PER_COLLECTIVE = 16
+# Rows of Monte Carlo batches gathered onto every rank at once (bounds the memory of a gather).
+_ROWS_PER_GATHER = 8192
 
 
 class Rows:
@@ -43,11 +45,13 @@ class Rows:
         self.local, self.positions, self.total = local, positions, int(total)
 
     @classmethod
-    def shard(cls, whole: torch.Tensor, world: World) -> "Rows":
-        """This rank's contiguous block of ``whole`` (a copy, so the whole can be freed)."""
+    def shard(cls, whole: torch.Tensor, world: World, device=None) -> "Rows":
+        """This rank's contiguous block of ``whole``, copied to ``device`` (default: where ``whole``
+        is), so that the whole can be freed."""
         n = whole.shape[0]
         start, stop = shard_range(n, world)
-        return cls(whole[start:stop].clone(), torch.arange(start, stop, device=whole.device), n)
+        device = whole.device if device is None else torch.device(device)
+        return cls(whole[start:stop].to(device, copy=True), torch.arange(start, stop, device=device), n)
 
     @property
     def shape(self) -> torch.Size:
@@ -175,29 +179,45 @@ class _GradientOnly:
 
 
 def same_batch_route(model, loss_fn, X, Y, batch_size, *, train_mode=True, exact=False) -> batch_forms.Route:
-    """:func:`utils.batch_forms.same_batch_route`; for :class:`Rows`, the pair (g_B^T H_B g_B,
-    |g_B|^2) of every batch B (a row of ``idx``) from its parts: g_B summed over the ranks, then
-    every rank's part of g_B^T H_B g_B; the gradients of up to ``_BATCHES_PER_COLLECTIVE`` batches
-    are summed in one collective, and the K forms of a call in one more."""
+    """:func:`utils.batch_forms.same_batch_route`; for :class:`Rows`, the batches of a call are
+    split over the ranks: their rows are gathered (each rank adds the rows it holds, in groups of
+    at most ``_ROWS_PER_GATHER``), rank r computes every K-th batch from the r-th by the route one
+    process takes, and the per-batch forms are gathered back in the order drawn. Each batch's
+    forms are those of one process on the same rows."""
     if not isinstance(X, Rows):
         return batch_forms.same_batch_route(model, loss_fn, X, Y, batch_size, train_mode=train_mode, exact=exact)
-    mode = PLAIN_HVP_MODE if exact else None
-
-    def forms(idx):
-        quadratic, norm2 = [], []
-        for group in idx.split(_BATCHES_PER_COLLECTIVE):
-            ops = [ShardedOperator(HessianOperator, model, loss_fn, X[rows], Y[rows], train_mode=train_mode, mode=mode)
-                   for rows in group]
-            gradients = all_reduce_sum(torch.stack([op.local_gradient() for op in ops]))
-            quadratic += [op.local_quadratic_form(g) for op, g in zip(ops, gradients)]
-            norm2.append((gradients * gradients).sum(dim=1))
-        return all_reduce_sum(torch.stack(quadratic)), torch.cat(norm2)
-
     # Blocks sized as the single process's route sizes them, so that as many batches are computed
     # (and counted in ``_hvps``) as there.
     single = batch_forms.same_batch_route(model, loss_fn, X.local, Y.local, batch_size, train_mode=train_mode,
                                           exact=exact)
+    world = distributed.current()
+
+    def forms(idx):
+        quadratic = torch.zeros(idx.shape[0], dtype=torch.float64, device=X.device)
+        norm2 = torch.zeros_like(quadratic)
+        group = max(1, min(single.per_call, _ROWS_PER_GATHER // idx.shape[1]))
+        for start in range(0, idx.shape[0], group):
+            batches = idx[start:start + group]
+            xs, ys = gather_rows(X, batches.reshape(-1)), gather_rows(Y, batches.reshape(-1))
+            mine = torch.arange(world.rank, batches.shape[0], world.size, device=X.device)
+            if mine.numel():
+                route = batch_forms.same_batch_route(model, loss_fn, xs, ys, batch_size, train_mode=train_mode,
+                                                     exact=exact)
+                rows = mine[:, None] * idx.shape[1] + torch.arange(idx.shape[1], device=X.device)
+                q, g2 = route.forms(rows)
+                quadratic[start + mine], norm2[start + mine] = q.to(quadratic), g2.to(norm2)
+        return all_reduce_sum(quadratic), all_reduce_sum(norm2)
+
     return batch_forms.Route(forms, per_call=single.per_call, min_block=single.min_block, ahead=single.ahead)
+
+
+def gather_rows(X: Rows, idx: torch.Tensor) -> torch.Tensor:
+    """The rows ``idx`` of the whole on every rank: each rank places the ones it holds, the rest
+    zeros, and the sum over the ranks fills every row (each is held by exactly one rank)."""
+    part = X[idx]
+    whole = torch.zeros((idx.numel(), *X.local.shape[1:]), dtype=X.local.dtype, device=X.device)
+    whole[part.positions.to(X.device)] = part.local
+    return all_reduce_sum(whole)
 
 
 def noise_route(model, loss_fn, X, Y, batch_size, *, chunk_size=None, train_mode=True, exact=False,

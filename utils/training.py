@@ -112,12 +112,13 @@ def build(cfg: RunConfig) -> Setup:
         data = load_dataset(cfg.dataset, root=datasets_root(), loss=cfg.loss, num_data=cfg.num_data,
                             dataset_seed=cfg.dataset_seed, classes=cfg.classes,
                             input_shape=tuple(cfg.input_shape) if cfg.input_shape else None,
-                            num_classes=cfg.num_classes, download=cfg.download, device=device)
+                            num_classes=cfg.num_classes, download=cfg.download,
+                            device="cpu" if world.distributed else device)  # a rank's device gets its part only
     n = data.X_train.shape[0]
     if world.distributed:
         if n < world.size:
             raise UserError(f"{n} training samples cannot be split over {world.size} processes; use more --num-data")
-        data = shard_dataset(data, world)
+        data = shard_dataset(data, world, device)
     if cfg.batch > n:
         raise UserError(f"--batch {cfg.batch} is larger than the training set ({n} samples); use a smaller --batch or more --num-data")
     check_model_fits(cfg, data.input_shape, data.output_dim, device)
@@ -139,9 +140,9 @@ def build(cfg: RunConfig) -> Setup:
     return Setup(cfg, device, data, model, loss_fn, optimizer, total_steps, steps_per_epoch, noise, world)
 
 
-def shard_dataset(data, world: distributed.World):
-    """``data`` with each split replaced by this rank's block of rows (:class:`utils.sharded.Rows`)."""
-    return dataclasses.replace(data, **{name: sharded.Rows.shard(getattr(data, name), world)
+def shard_dataset(data, world: distributed.World, device=None):
+    """``data`` with each split replaced by this rank's block of rows (:class:`utils.sharded.Rows`) on ``device``."""
+    return dataclasses.replace(data, **{name: sharded.Rows.shard(getattr(data, name), world, device)
                                         for name in ("X_train", "Y_train", "X_test", "Y_test")})
 
 
