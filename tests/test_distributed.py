@@ -15,6 +15,7 @@ import compute_final_gHg
 import sweep
 import training
 from distributed_runs import launch
+from run_checks import same_parameters, same_results
 from utils import distributed
 from utils.checkpoints import list_checkpoints, load_checkpoint
 from utils.results import read_results
@@ -191,3 +192,13 @@ def test_sweep_gpus_per_run_submits_one_torchrun_launch_per_point(results_env, m
     command = point_command(sweep_dir, definition, definition["points"][0], python="python", processes=4)
     assert command[:7] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
                            TRAINING_SCRIPT]
+
+
+def test_a_launch_is_bit_identical_from_run_to_run(results_env):
+    first, result = launched_run(results_env, BASE, 2, name="first")
+    assert result.exit_codes == [0, 0], result.stderr
+    second, result = launched_run(results_env, BASE, 2, name="second")
+    assert result.exit_codes == [0, 0], result.stderr
+    same_results(first, second)
+    for step, _ in list_checkpoints(first):
+        same_parameters(first, second, step)
