@@ -2,6 +2,7 @@
 against dense float64 values on tiny networks: exact expectations over all batches, and each
 estimate recomputed from the very batches its generator draws, on every route."""
 
+import functools
 import math
 
 import numpy as np
@@ -79,7 +80,7 @@ def test_step_sharpness_is_the_batch_rayleigh_quotient():
 
 
 GHG = {"batch_sharpness": (batch_sharpness, 0.005), "batch_sharpness_ratio": (batch_sharpness_ratio, 0.005),
-       "gni": (gni, 0.01)}  # measurement and default relative SE target
+       "gni": (functools.partial(gni, closed_form=False), 0.01)}  # measurement and default relative SE target
 
 
 @pytest.mark.parametrize("loss_name", ["mse", "ce"])
@@ -156,7 +157,7 @@ def test_estimates_are_those_of_the_drawn_batches_on_every_route(route, monkeypa
     noise = np.array([(g @ dense.H @ g).item() for g, _ in batches]) / (dense.g @ dense.g).item()
     expected = {batch_sharpness: (0.04, mean_reference, (quadratic / norm2,)),
                 batch_sharpness_ratio: (0.04, ratio_reference, (quadratic, norm2)),
-                gni: (0.1, mean_reference, (noise,))}
+                functools.partial(gni, closed_form=False): (0.1, mean_reference, (noise,))}
     for measure, (rel_se, reference, samples) in expected.items():
         value, se, n = reference(*samples, limits["min_samples"], limits["max_samples"], rel_se)
         got = measure(model, loss_fn, X, Y, B, generator=measurement_generator(4, 2), rel_se=rel_se, **limits)
@@ -181,7 +182,7 @@ def test_gni_chunks_and_blocks_change_the_cost_only(chunk_size, block_size, exac
                       for g, _ in map(dense, drawn_batches(N, B, measurement_generator(5, 9), 1000))])
     value, se, n = mean_reference(noise, 20, 1000, 0.01)
     got = gni(model, loss_fn, X, Y, B, generator=measurement_generator(5, 9), chunk_size=chunk_size,
-              block_size=block_size, train_mode=False, exact=exact)
+              block_size=block_size, train_mode=False, exact=exact, closed_form=False)
     norm2 = (dense.g @ dense.g).item()
     assert got.n == n and got.hvps == 20 + math.ceil((n - 20) / block_size) * block_size
     assert got.value == pytest.approx(value / norm2, rel=1e-10)
@@ -232,12 +233,20 @@ def test_exact_measurements_flag_is_recorded_and_gives_the_same_columns(results_
         assert training.main(argv) == 0
         record = json.loads((run_dir / "config.json").read_text())
         assert record["config"]["exact_measurements"] is bool(flag)
+        assert record["resolved"]["closed_forms"] == ([] if flag else ["gni"])
         frames[bool(flag)] = read_results(run_dir / "results.txt")
-    columns = ["batch_sharpness", "batch_sharpness_se", "batch_sharpness_n", "step_sharpness",
-               "gni", "gni_se", "gni_n", "batch_sharpness_ratio"]
+    columns = ["batch_sharpness", "batch_sharpness_se", "batch_sharpness_n", "step_sharpness", "batch_sharpness_ratio"]
     fast, exact = (frames[False][columns].dropna(), frames[True][columns].dropna())
     assert len(fast) == 3
     np.testing.assert_allclose(fast.to_numpy(), exact.to_numpy(), rtol=2e-4)
+    # GNI: sampled either way, or in closed form (no batches) without the flag where that is cheaper.
+    fast, exact = frames[False].dropna(subset=["gni"]), frames[True].dropna(subset=["gni"])
+    assert (exact["gni_n"] >= 20).all()
+    closed = (fast["gni_n"] == 0).to_numpy()
+    assert (fast["gni_se"].to_numpy()[closed] == 0).all()
+    assert (np.abs(fast["gni"] - exact["gni"]).to_numpy()[closed] < 4 * exact["gni_se"].to_numpy()[closed]).all()
+    np.testing.assert_allclose(fast[~closed][["gni", "gni_se", "gni_n"]].to_numpy(),
+                               exact[~closed][["gni", "gni_se", "gni_n"]].to_numpy(), rtol=2e-4)
 
 
 def test_exact_measurements_use_plain_double_backward_for_every_hessian_product(results_env, monkeypatch):

@@ -171,7 +171,8 @@ def test_gradient_norms_match_enumeration_and_the_sampling_formula():
     per_sample = torch.stack([dense_gradient(model, loss_fn, X[i:i + 1], Y[i:i + 1]) for i in range(N)])
     spread = (per_sample - g).square().sum(dim=1).mean().item()
     assert exact == pytest.approx((g @ g).item() + (N - B) / (B * (N - 1)) * spread, rel=1e-10)
-    batch, full = gradient_norms(model, loss_fn, X, Y, B, generator=measurement_generator(0, 6), chunk_size=3)
+    batch, full = gradient_norms(model, loss_fn, X, Y, B, generator=measurement_generator(0, 6), chunk_size=3,
+                                 closed_form=False)
     assert full.value == pytest.approx((g @ g).item(), rel=1e-12) and math.isnan(full.se) and full.hvps == 0
     assert batch.se < 0.01 * batch.value or batch.n == 1000
     assert abs(batch.value - exact) < 4 * batch.se and batch.hvps == 0
@@ -181,7 +182,8 @@ def test_gradient_norm_standard_errors_are_honest():
     model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
     loss_fn = LOSSES["ce"]
     exact = np.mean([(gb @ gb).item() for gb, _ in batch_derivatives(model, loss_fn, X, Y, B)])
-    estimates = [gradient_norms(model, loss_fn, X, Y, B, generator=measurement_generator(seed, 0), min_samples=40,
+    estimates = [gradient_norms(model, loss_fn, X, Y, B, generator=measurement_generator(seed, 0), closed_form=False,
+                                min_samples=40,
                                 max_samples=40)[0]
                  for seed in range(100)]
     check_honest_estimates(estimates, exact)

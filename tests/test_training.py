@@ -44,6 +44,7 @@ def test_run_folder_contract(results_env, capsys):
     assert record["resolved"]["num_params"] == 64 * 16 + 16 + 16 * 16 + 16 + 16 * 10 + 10
     assert record["resolved"]["hvp_mode"] == "double-backward"  # the fastest exact mode on a CPU
     assert record["resolved"]["batch_route"] == "stacked-gram"
+    assert record["resolved"]["closed_forms"] == []
     assert "torch" in record["versions"] and record["device"] == "cpu"
 
     steps = [step for step, _ in list_checkpoints(run_dir)]
@@ -198,14 +199,18 @@ def test_estimates_stopped_by_the_sample_cap_are_counted_and_shown(results_env, 
     monkeypatch.setattr(registry.measures, "batch_sharpness", capped)
     run_dir = results_env / "run"
     args = ["--width", "16", "--num-data", "200", "--batch", "16", "--steps", "10", "--batch-sharpness",
-            "--gni", "--measure-every", "3", "--checkpoint-every", "5", "--run-dir", str(run_dir)]
+            "--gni", "--gradient-norm", "--measure-every", "3", "--checkpoint-every", "5", "--run-dir", str(run_dir)]
     assert training.main(args) == 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert "; stopped at the sample cap: batch_sharpness 4/4" in lines[-1]
     summary = json.loads((run_dir / "summary.json").read_text())
+    frame = read_results(run_dir / "results.txt")
     assert summary["estimates"]["batch_sharpness"] == {"measured": 4, "stopped_at_cap": 4, "exact": 0}
     assert summary["estimates"]["gni"]["measured"] == 4
-    frame = read_results(run_dir / "results.txt")
+    assert json.loads((run_dir / "config.json").read_text())["resolved"]["closed_forms"] == ["gni", "gradient_norm"]
+    # n = 200 per-sample gradients cost less than 20 batches of 16: every one in closed form
+    assert summary["estimates"]["grad_norm_sq_batch"] == {"measured": 4, "stopped_at_cap": 0, "exact": 4}
+    assert (frame["grad_norm_sq_batch_n"].dropna() == 0).all() and (frame["grad_norm_sq_batch_se"].dropna() == 0).all()
     assert (frame["batch_sharpness_n"].dropna() == 20).all()
 
     state = load_checkpoint(run_dir / "checkpoints" / "step_5.pt")

@@ -260,6 +260,30 @@ class _GramDirections:
             return self.net.quadratic_forms(self.X, self.Y, self.X[idx], self.Y[idx], chunk_rows=chunk_rows)
 
 
+def per_sample_gradients(model, loss_fn, X, Y, *, train_mode=True):
+    """The per-sample gradients g_i = grad l_i of every row of (X, Y), as blocks (c, P) in order.
+
+    One ``torch.func.vmap`` of ``grad`` over the rows of a block, c rows at a time so a block
+    holds at most ``_VMAP_NUMBERS`` numbers. Only where g_i is defined: not under train-mode
+    BatchNorm (a batch of one has no statistics to normalise by)."""
+    if train_mode and has_batchnorm(model):
+        raise ValueError("per-sample gradients are not defined under train-mode BatchNorm")
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    params, X, Y = params_and_data(model, X, Y)
+    primals = {name: p.detach() for name, p in zip(names, params)}
+    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def sample_gradient(x, y):
+        gradient = grad(lambda v: loss_fn(functional_call(model, (v, frozen, buffers), (x[None],)), y[None]))(primals)
+        return torch.cat([gradient[name].reshape(-1) for name in names])
+
+    rows = max(1, _VMAP_NUMBERS // num_params(model))
+    with model_mode(model, train_mode):
+        for start in range(0, X.shape[0], rows):
+            yield vmap(sample_gradient)(X[start:start + rows], Y[start:start + rows]).detach()
+
+
 def _batch_gradients(model, loss_fn, X, Y, idx, train_mode) -> torch.Tensor:
     """The batch gradients g_B of the index rows ``idx`` (K, b) as the columns of a (P, K) block."""
     return torch.stack([flat_grad(model, loss_fn, X[rows], Y[rows], train_mode=train_mode) for rows in idx], dim=1)

@@ -229,13 +229,27 @@ class SamplesAhead:
                 block = max(block, math.ceil(1.1 * k * (relative / self.rel_se) ** 2) - k)
         return min(block, self.max_samples - k)
 
-    def __call__(self, m: int):
-        wanted = self.used + m
+    def predicted_total(self, m: int) -> int:
+        """Computes the first ``m`` samples (the rule still gets them later, in order) and predicts
+        from them how many the rule will use: k (relative SE after k / rel_se)^2, at most
+        ``max_samples``; ``max_samples`` when the SE cannot be judged yet."""
+        self._compute_until(m)
+        k = self.computed
+        relative = _relative_se(self.rule_samples(self.columns)) if k >= 2 else math.inf
+        if not np.isfinite(relative) or self.rel_se <= 0:
+            return self.max_samples if relative != 0 else k
+        return min(self.max_samples, max(k, math.ceil(k * (relative / self.rel_se) ** 2)))
+
+    def _compute_until(self, wanted: int) -> None:
         while self.computed < wanted:
             new = self.compute(self._next_block(wanted))
             new = [_as_float64(c) for c in (new if isinstance(new, tuple) else (new,))]
             self.columns = new if self.columns is None else [
                 np.concatenate([old, more]) for old, more in zip(self.columns, new)]
+
+    def __call__(self, m: int):
+        wanted = self.used + m
+        self._compute_until(wanted)
         out = [c[self.used : wanted] for c in self.columns]
         self.used = wanted
         return out[0] if len(out) == 1 else tuple(out)

@@ -32,7 +32,8 @@ from utils.estimators import (BATCH_SHARPNESS_REL_SE, GNI_REL_SE, MAX_SAMPLES, E
                               exact_estimate, mean_with_stopping, ratio_of_means_with_stopping, sample_batch_indices)
 from utils.gauss_newton import GaussNewtonOperator
 from utils.hvp import PLAIN_HVP_MODE, HessianOperator, flat_params, trainable_params
-from utils.noise_decomposition import gni_decomposition
+from utils.noise_decomposition import (closed_form_allowed, closed_form_cheaper, closed_form_decomposition,
+                                       gni_decomposition, gradient_spread, noise_factor)
 
 
 def _product_mode(exact: bool):
@@ -131,7 +132,8 @@ def batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=
 
 
 def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_samples=20,
-        max_samples=MAX_SAMPLES, rel_se=GNI_REL_SE, train_mode=True, block_size=10, exact=False) -> Estimate:
+        max_samples=MAX_SAMPLES, rel_se=GNI_REL_SE, train_mode=True, block_size=10, exact=False,
+        closed_form=True) -> Estimate:
     """Gradient-Noise Interaction GNI = E_B[ g_B^T H g_B ] / |g|^2, H and g on the full data.
 
     For an SGD step theta' = theta - eta g_B, to second order
@@ -145,15 +147,32 @@ def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_sam
     by ``chunk_size``: for Linear/activation chains many batch directions per pass over the
     data, otherwise ``block_size`` batch gradients per full-data Hessian pass. Columns ``gni``,
     ``gni_se``, ``gni_n``.
+
+    Exact instead where that is cheaper (not with ``exact``, nor under train-mode BatchNorm):
+    with c_b = (n - b) / (b (n - 1)) and the per-sample gradients g_i,
+
+        GNI = (g^T H g + c_b (1/n) sum_i (g_i - g)^T H (g_i - g)) / |g|^2,
+
+    n + 1 products, taken when n + 1 <= ``min_samples`` or when the first ``min_samples``
+    batches predict more than n + 1 further ones (:mod:`utils.noise_decomposition`); then
+    se = 0 and n = 0. ``closed_form=False`` always samples.
     """
     start = time.perf_counter()
     if block_size < 1:
         raise UserError(f"block_size must be positive, got {block_size}")
+    n = X.shape[0]
+    closed = closed_form and closed_form_allowed(model, X, train_mode=train_mode, exact=exact)
+    if closed and n + 1 <= min_samples:
+        return closed_form_decomposition(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                                         started=start).gni(batch_size)
     route = sharded.noise_route(model, loss_fn, X, Y, batch_size, chunk_size=chunk_size, train_mode=train_mode,
                                     exact=exact, min_samples=min_samples, max_samples=max_samples,
                                     block_size=block_size)
-    ahead = _samples_ahead(route, X.shape[0], batch_size, generator, X.device, rel_se=rel_se,
+    ahead = _samples_ahead(route, n, batch_size, generator, X.device, rel_se=rel_se,
                            max_samples=max_samples)
+    if closed and closed_form_cheaper(ahead, min_samples, n + 1):
+        return closed_form_decomposition(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                                         spent=ahead.computed, started=start).gni(batch_size)
     numerator = mean_with_stopping(ahead, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
     norm2 = route.norm2()
     return Estimate(numerator.value / norm2, numerator.se / norm2, numerator.n, ahead.computed,
@@ -161,7 +180,8 @@ def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_sam
 
 
 def gni_by_batch_size(model, loss_fn, X, Y, batch_sizes, *, generator, chunk_size=None, min_samples=20,
-                      max_samples=MAX_SAMPLES, rel_se=GNI_REL_SE, train_mode=True, exact=False) -> dict[int, Estimate]:
+                      max_samples=MAX_SAMPLES, rel_se=GNI_REL_SE, train_mode=True, exact=False,
+                      closed_form=True) -> dict[int, Estimate]:
     """GNI(b) for every b in ``batch_sizes`` from one estimate of tr(HS):
 
         GNI(b) = (g^T H g + c_b tr(HS)) / |g|^2,   c_b = (n - b) / (b (n - 1)),
@@ -175,7 +195,7 @@ def gni_by_batch_size(model, loss_fn, X, Y, batch_sizes, *, generator, chunk_siz
     decomposition = gni_decomposition(
         model, loss_fn, X, Y, generator=generator, sample_batch=min(smallest, X.shape[0] - 1),
         target_batch=smallest, chunk_size=chunk_size, min_samples=min_samples,
-        max_samples=max_samples, rel_se=rel_se, train_mode=train_mode, exact=exact)
+        max_samples=max_samples, rel_se=rel_se, train_mode=train_mode, exact=exact, closed_form=closed_form)
     return {b: decomposition.gni(b) for b in batch_sizes}
 
 
@@ -333,7 +353,7 @@ def gn_batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_sampl
 
 def gradient_norms(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None,
                    min_samples=20, max_samples=MAX_SAMPLES, rel_se=0.01,
-                   train_mode=True) -> tuple[Estimate, Estimate]:
+                   train_mode=True, exact=False, closed_form=True) -> tuple[Estimate, Estimate]:
     """(E_B[ |g_B|^2 ], |g|^2): mean squared mini-batch gradient norm and the full-batch one.
 
     Without BatchNorm, for batches of b distinct points out of n,
@@ -343,19 +363,38 @@ def gradient_norms(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=No
     the second exact (se = nan, chunked by ``chunk_size``). No HVPs. Columns
     ``grad_norm_sq_batch``, ``grad_norm_sq_batch_se``, ``grad_norm_sq_batch_n`` and
     ``grad_norm_sq_full``.
+
+    The first is exact instead (se = 0, n = 0; not with ``exact``, nor under train-mode
+    BatchNorm) when the n per-sample gradients of the formula above cost fewer per-sample
+    gradients than the estimate needs: at once when n <= ``min_samples`` b, else when the first
+    ``min_samples`` batches predict more than n further per-sample gradients.
+    ``closed_form=False`` always samples.
     """
     start = time.perf_counter()
-
-    def norm2(idx):
-        g = sharded.flat_grad(model, loss_fn, X[idx], Y[idx], train_mode=train_mode)
-        return (g @ g).item()
-
-    batches = _BatchLoop(norm2, X.shape[0], batch_size, generator, X.device)
-    batch = mean_with_stopping(batches, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
-    batch = batch.costing(0, time.perf_counter() - start)
-    start = time.perf_counter()
+    n = X.shape[0]
     g = sharded.flat_grad(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
-    return batch, exact_estimate((g @ g).item(), 0, time.perf_counter() - start)
+    full = exact_estimate((g @ g).item(), 0, time.perf_counter() - start)
+    start = time.perf_counter()
+
+    def in_closed_form():
+        spread = gradient_spread(model, loss_fn, X, Y, g, train_mode=train_mode)
+        value = full.value + noise_factor(n, batch_size) * spread
+        return Estimate(value, 0.0, 0, 0, time.perf_counter() - start, exact=True), full
+
+    closed = closed_form and closed_form_allowed(model, X, train_mode=train_mode, exact=exact)
+    if closed and n <= min_samples * batch_size:
+        return in_closed_form()
+
+    def norm2s(idx):
+        gradients = (sharded.flat_grad(model, loss_fn, X[rows], Y[rows], train_mode=train_mode) for rows in idx)
+        return torch.stack([g_B @ g_B for g_B in gradients])
+
+    route = batch_forms.Route(norm2s, per_call=max_samples, min_block=1, ahead=False)
+    ahead = _samples_ahead(route, n, batch_size, generator, X.device, rel_se=rel_se, max_samples=max_samples)
+    if closed and closed_form_cheaper(ahead, min_samples, n, per_sample=batch_size):
+        return in_closed_form()
+    batch = mean_with_stopping(ahead, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
+    return batch.costing(0, time.perf_counter() - start), full
 
 
 def _single_group(optimizer) -> dict:

@@ -19,6 +19,7 @@ from utils.analysis import hessian_threshold
 from utils.errors import UserError
 from utils.estimators import Estimate, measurement_generator
 from utils.hvp import flat_params
+from utils.noise_decomposition import closed_form_allowed
 from utils.registry import MEASUREMENTS, Context
 
 # The tolerance of final.json's float64 solves (Measurement.final_float64): float32 Hessian
@@ -62,6 +63,16 @@ def measurement_schedule(cfg, total_steps: int) -> dict:
     return plan
 
 
+def closed_form_measurements(cfg, model, X) -> list[str]:
+    """The enabled measurements whose estimates are computed exactly from per-sample gradients
+    where that is cheaper than sampling (``config.json``: ``resolved.closed_forms``; whether a
+    given one was, ``_n`` = 0 in results.txt and the ``exact`` counts of summary.json): none with
+    ``--exact-measurements``, under train-mode BatchNorm or on data split over ranks."""
+    if not closed_form_allowed(model, X, train_mode=True, exact=cfg.exact_measurements):
+        return []
+    return [m.name for m in MEASUREMENTS if m.closed_form and getattr(cfg, m.name)]
+
+
 class Monitor:
     """Runs the scheduled measurements of one step and returns their column values."""
 
@@ -77,6 +88,8 @@ class Monitor:
         # {column: {"measured", "stopped_at_cap", "exact"}} of the Monte Carlo estimates so far;
         # saved in checkpoints, so a resumed run counts its whole length.
         self.estimate_counts = {}
+        # A resumed run keeps the closed forms recorded when it started (launch sets them).
+        self.closed_forms = closed_form_measurements(cfg, model, X)
         # theta_0 of --param-distance: the model as built from the config, before a checkpoint
         # is restored, so resumed and forked runs measure from the same initialisation.
         self.reference = None
@@ -87,7 +100,7 @@ class Monitor:
         return Context(cfg=self.cfg, step=step, model=self.model, loss_fn=self.loss_fn, X=self.X, Y=self.Y,
                        xb=xb, yb=yb, optimizer=self.optimizer, reference=self.reference, tol=tol, generator=None,
                        eigenvectors=self.eigenvectors, eig_model=eig_model, threshold=self.threshold,
-                       folder=self.folder)
+                       folder=self.folder, closed_forms=tuple(self.closed_forms))
 
     def _compute(self, m, context: Context, stream: str) -> dict:
         context.generator = lambda: stream_generator(self.cfg.measure_seed, context.step, stream, device=self.X.device)

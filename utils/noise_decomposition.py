@@ -9,20 +9,61 @@ c_b = (n - b) / (b (n - 1)), hence exactly
 :func:`gni_decomposition` estimates tr(HS) by Monte Carlo; :func:`utils.measures.gni_by_batch_size`
 is the measurement built on it. The identity needs g_B = (1/b) sum_{i in B} g_i, which
 train-mode BatchNorm breaks.
+
+Closed forms. With the n per-sample gradients the same identities give the batch averages
+exactly, with no batches drawn:
+
+    tr(HS)       = (1/n) sum_i (g_i - g)^T H (g_i - g)               n + 1 Hessian products
+    E_B|g_B|^2   = |g|^2 + c_b (1/n) sum_i |g_i - g|^2               n per-sample gradients
+
+Where that costs less than the Monte Carlo estimate would need to meet its target (predicted
+from its first ``min_samples`` batches, :meth:`utils.estimators.SamplesAhead.predicted_total`),
+the measurements take it (:func:`closed_form_allowed` says where they may): the estimate then
+has se = 0, n = 0 and ``exact`` set.
 """
 
 import math
 import time
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
 from utils import batch_forms
 from utils.estimators import GNI_REL_SE, MAX_SAMPLES, Estimate, SamplesAhead, draw_batches, mean_with_stopping
 from utils.models import has_batchnorm
+from utils.sharded import is_sharded
 
 
 def noise_factor(n: int, b: int) -> float:
     """c_b = (n - b) / (b (n - 1)): Cov(g_B) = c_b S for b distinct points out of n."""
     return (n - b) / (b * (n - 1))
+
+
+def closed_form_allowed(model, X, *, train_mode: bool, exact: bool) -> bool:
+    """Whether the closed forms over per-sample gradients apply: not for ``exact``
+    (``--exact-measurements``: the plain Monte Carlo path), not where g_B is not the mean of
+    per-sample gradients (BatchNorm in train mode normalises by the batch, dropout draws one
+    mask per batch), and not on data split over the ranks of a launch (:mod:`utils.sharded`)."""
+    random_layers = any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
+    return not exact and not is_sharded(X) and not (train_mode and (has_batchnorm(model) or random_layers))
+
+
+def gradient_spread(model, loss_fn, X, Y, g: torch.Tensor, *, train_mode=True) -> float:
+    """(1/n) sum_i |g_i - g|^2 over the per-sample gradients g_i of (X, Y), ``g`` their mean
+    (:func:`utils.batch_forms.per_sample_gradients`, a block at a time)."""
+    total = 0.0
+    for block in batch_forms.per_sample_gradients(model, loss_fn, X, Y, train_mode=train_mode):
+        total += float((block - g).square().sum())
+    return total / X.shape[0]
+
+
+def closed_form_cheaper(ahead: SamplesAhead, pilot: int, cost: int, per_sample: int = 1) -> bool:
+    """Whether the closed form (``cost`` units) costs less than what the Monte Carlo estimate
+    still needs after its first ``pilot`` samples (``per_sample`` units each), predicted from
+    those samples."""
+    remaining = ahead.predicted_total(pilot) - ahead.computed
+    return remaining * per_sample > cost
 
 
 @dataclass
@@ -46,26 +87,47 @@ class NoiseDecomposition:
     hvps: int
     seconds: float
     capped: bool = False
+    exact: bool = False
 
     def gni(self, batch_size: int) -> Estimate:
         """GNI at batch size b; its SE is c_b SE(tr(HS)) / |g|^2 (g^T H g and |g|^2 are exact)."""
         c = noise_factor(self.num_data, batch_size)
         value = (self.gHg + c * self.trace_HS) / self.grad_norm2
         return Estimate(value, c * self.trace_HS_se / self.grad_norm2, self.samples, self.hvps,
-                        self.seconds, capped=self.capped)
+                        self.seconds, capped=self.capped, exact=self.exact)
+
+
+def closed_form_decomposition(model, loss_fn, X, Y, *, chunk_size=None, train_mode=True, spent: int = 0,
+                              started: float | None = None) -> NoiseDecomposition:
+    """The decomposition with tr(HS) = (1/n) sum_i (g_i - g)^T H (g_i - g) computed exactly from
+    the n per-sample gradients (n + 1 Hessian products, after ``spent`` already made since
+    ``started``): se 0, no samples. Only where :func:`closed_form_allowed`."""
+    started = time.perf_counter() if started is None else started
+    forms = batch_forms.centred_forms(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
+    return _closed_form(forms, X, spent, started)
+
+
+def _closed_form(forms, X, spent: int, started: float) -> NoiseDecomposition:
+    n = X.shape[0]
+    trace = float(forms.centred(torch.arange(n, device=X.device)[:, None]).mean()) if n > 1 else 0.0
+    return NoiseDecomposition(n, 1, forms.norm2, forms.gHg, trace, 0.0, 0, spent + n + 1,
+                              time.perf_counter() - started, exact=True)
 
 
 def gni_decomposition(model, loss_fn, X, Y, *, generator, sample_batch: int,
                       target_batch: int | None = None, chunk_size=None, min_samples=20,
                       max_samples=MAX_SAMPLES, rel_se=GNI_REL_SE, train_mode=True,
-                      exact=False) -> NoiseDecomposition:
+                      exact=False, closed_form=True) -> NoiseDecomposition:
     """Estimate tr(HS) once, giving GNI for every batch size (see :class:`NoiseDecomposition`).
 
     Random batches of ``sample_batch`` points (1 <= sample_batch < n) are drawn from
     ``generator`` until GNI at ``target_batch`` (default ``sample_batch``) has SE / |GNI| <
     ``rel_se`` (at least ``min_samples``, at most ``max_samples`` batches). The forms
     (g_B - g)^T H (g_B - g) come from :func:`utils.batch_forms.centred_forms` (``exact``: plain
-    double backward), chunked by ``chunk_size``.
+    double backward), chunked by ``chunk_size``. Where the closed form over the n per-sample
+    gradients costs fewer products than the estimate needs (at once when n + 1 <=
+    ``min_samples``, else as predicted from the first ``min_samples`` batches) tr(HS) is exact
+    (see the module docstring; not with ``exact`` or ``closed_form=False``).
     """
     start = time.perf_counter()
     n = X.shape[0]
@@ -78,6 +140,9 @@ def gni_decomposition(model, loss_fn, X, Y, *, generator, sample_batch: int,
     forms = batch_forms.centred_forms(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
                                       exact=exact)
     c_sample, c_target = noise_factor(n, sample_batch), noise_factor(n, target_batch)
+    closed = closed_form and closed_form_allowed(model, X, train_mode=train_mode, exact=exact)
+    if closed and n + 1 <= min_samples:
+        return _closed_form(forms, X, 0, start)
 
     def compute(m):
         return forms.centred(draw_batches(n, sample_batch, m, generator, X.device)) / c_sample
@@ -88,6 +153,9 @@ def gni_decomposition(model, loss_fn, X, Y, *, generator, sample_batch: int,
     # The stored samples estimate tr(HS); the rule runs on GNI at the target batch size.
     ahead = SamplesAhead(compute, rel_se=rel_se, max_samples=max_samples, min_block=min_samples,
                          rule_samples=lambda columns: [gni_samples_of(columns[0])])
+
+    if closed and closed_form_cheaper(ahead, min_samples, n + 1):
+        return _closed_form(forms, X, ahead.computed, start)
 
     def gni_samples(m):
         return gni_samples_of(ahead(m))

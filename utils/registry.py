@@ -75,7 +75,8 @@ class Context:
     copy for ``final.json``). ``top_eigen`` is the top-eigenvalue solve of this step, once it
     has run; ``threshold`` the run's stability threshold (nan for Adam, whose threshold bounds
     the preconditioned Hessian); ``folder`` the run folder for measurements that write files
-    (none: they write nothing)."""
+    (none: they write nothing); ``closed_forms`` the measurements that may be computed exactly
+    where that is cheaper (the run's ``config.json``: ``resolved.closed_forms``)."""
 
     cfg: object
     step: int
@@ -94,6 +95,7 @@ class Context:
     top_eigen: EigResult | None = None
     threshold: float = math.nan
     folder: str | None = None
+    closed_forms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,9 @@ class Measurement:
     draw: the optimiser's stability line (``stability``), Adam's line for the preconditioned
     Hessian (``preconditioned``) or none; ``log_scale`` draws its panels on a log axis (a panel
     takes both from the first measurement drawn in it). ``argument`` makes the flag take an
-    optional positive integer, named so in the help (the switch holds it; 0 is off, the bare flag 1)."""
+    optional positive integer, named so in the help (the switch holds it; 0 is off, the bare flag 1). ``closed_form``: its Monte Carlo
+    estimate is computed exactly from per-sample gradients where that is cheaper
+    (:mod:`utils.noise_decomposition`)."""
 
     name: str
     help: str
@@ -124,6 +128,7 @@ class Measurement:
     line: str | None = "stability"
     log_scale: bool = False
     argument: str | None = None
+    closed_form: bool = False
 
     @property
     def flag(self) -> str:
@@ -164,7 +169,7 @@ def _step_sharpness(c: Context) -> dict:
 
 def _gni(c: Context) -> dict:
     return {"gni": measures.gni(*_data(c), c.cfg.batch, generator=c.generator(), chunk_size=c.cfg.hvp_chunk,
-                                exact=c.cfg.exact_measurements)}
+                                exact=c.cfg.exact_measurements, closed_form="gni" in c.closed_forms)}
 
 
 def _batch_sharpness_ratio(c: Context) -> dict:
@@ -191,7 +196,9 @@ def _gauss_newton(c: Context) -> dict:
 
 
 def _gradient_norm(c: Context) -> dict:
-    batch, full = measures.gradient_norms(*_data(c), c.cfg.batch, generator=c.generator(), chunk_size=c.cfg.hvp_chunk)
+    batch, full = measures.gradient_norms(*_data(c), c.cfg.batch, generator=c.generator(), chunk_size=c.cfg.hvp_chunk,
+                                          exact=c.cfg.exact_measurements,
+                                          closed_form="gradient_norm" in c.closed_forms)
     return {"grad_norm_sq_batch": batch, "grad_norm_sq_full": full}
 
 
@@ -291,7 +298,7 @@ MEASUREMENTS: tuple[Measurement, ...] = (
     Measurement("gni", "gradient-noise interaction E_B[g_B^T H g_B] / |g|^2",
                 (Column("gni", "GNI", (Curve(r"$\mathbb{E}_B[g_B^\top H g_B]/\|g\|^2$"),), with_se=True,
                         ylabel=r"$\mathbb{E}_B[g_B^\top H g_B]/\|g\|^2$"),),
-                _gni, cadence=(5, 20), final="always", final_stream="final_gni"),
+                _gni, cadence=(5, 20), final="always", final_stream="final_gni", closed_form=True),
     Measurement("batch_sharpness_ratio", "E_B[g_B^T H_B g_B] / E_B[|g_B|^2] (ratio of means)",
                 (Column("batch_sharpness_ratio", "Batch Sharpness", (Curve(r"$\mathbb{E}_B[g_B^\top H_B g_B]/\mathbb{E}_B[\|g_B\|^2]$", dashed=True),),
                         with_se=True),),
@@ -310,7 +317,7 @@ MEASUREMENTS: tuple[Measurement, ...] = (
                 (Column("grad_norm_sq_batch", "gradient norm²", (Curve(r"$\mathbb{E}_B\|g_B\|^2$"),), with_se=True,
                         ylabel="squared gradient norm"),
                  Column("grad_norm_sq_full", "gradient norm²", (Curve(r"$\|g\|^2$", dashed=True),))),
-                _gradient_norm, cadence=(20, 180), line=None, log_scale=True),
+                _gradient_norm, cadence=(20, 180), line=None, log_scale=True, closed_form=True),
     Measurement("momentum_sharpness", "E_B[s^T H_B s] / E_B[s^T g_B] along the momentum update s (needs --momentum)",
                 (Column("momentum_sharpness", "momentum sharpness", (Curve(r"$\mathbb{E}_B[s^\top H_B s]/\mathbb{E}_B[s^\top g_B]$"),), with_se=True,
                         ylabel=r"$\mathbb{E}_B[s^\top H_B s]/\mathbb{E}_B[s^\top g_B]$"),),
