@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from utils import eigs, sharded
+from utils import batch_forms, eigs, sharded
 from utils.eigs import EIG_METHODS, EIG_TOL
 from utils.errors import UserError
 from utils.estimators import (BATCH_SHARPNESS_REL_SE, GNI_REL_SE, MAX_SAMPLES, Estimate, SamplesAhead, draw_batches,
