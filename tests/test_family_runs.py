@@ -61,9 +61,9 @@ def test_every_new_flag_fills_its_columns_and_final_json(results_env, cheap):
 
     run = load_run(str(run_dir))
     axes = {ax.get_title(): ax for ax in plot_runs([run], [read_run_results(run.run_dir)]).axes if ax.get_visible()}
-    assert {"λ_max", "Batch Sharpness", "Gauss–Newton", "momentum sharpness", "Hessian trace", "gradient norm²",
+    assert {r"$\lambda_{\max}$", "Batch Sharpness", "Gauss–Newton", "momentum sharpness", "Hessian trace", "gradient norm²",
             "distance to θ₀"} <= set(axes)
-    for title in ("λ_max", "Batch Sharpness", "Gauss–Newton", "momentum sharpness"):
+    for title in (r"$\lambda_{\max}$", "Batch Sharpness", "Gauss–Newton", "momentum sharpness"):
         assert "(2+2μ)/η = 76" in [line.get_label() for line in axes[title].get_lines()], title
     assert not any("η" in line.get_label() for line in axes["Hessian trace"].get_lines())
 

@@ -147,7 +147,7 @@ def test_fork_continues_step_numbering_and_matches_parent(results_env):
     figures = results_env / "figures"
     assert plot_results.main([str(parent), str(faster), "--out", str(figures)]) == 0
     assert sorted(os.listdir(figures)) == ["results_overlay.pdf", "results_overlay.png"]
-    assert run_labels([load_run(str(parent)), load_run(str(faster))]) == ["lr=0.05", "lr=0.2"]
+    assert run_labels([load_run(str(parent)), load_run(str(faster))]) == ["η=0.05", "η=0.2"]
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -38,7 +38,8 @@ STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fonts
          "xtick.labelsize": 7, "ytick.labelsize": 7, "lines.linewidth": 1.0}
 # Settings that say how a run was executed, logged or measured, not what it trained: never used
 # to tell runs apart in a legend (nor are the cadences, the settings ending in _every).
-_NOT_DISTINGUISHING = {"run_dir", "quiet", "cpu", "download", "wandb", "tensorboard", "checkpoint_every",
+_NOT_DISTINGUISHING = {"run_dir", "quiet", "cpu", "device", "tf32", "download", "wandb", "wandb_project", "wandb_group",
+                       "wandb_tags", "tensorboard", "checkpoint_every",
                        "keep_checkpoints", "num_eigenvalues", "eig_method", "eig_tol", "final", "hvp_chunk",
                        "measure_seed", "param_file", "exact_measurements", "noise_chunk", "layer_groups",
                        "density_probes", "density_steps",
@@ -261,6 +262,8 @@ def run_labels(runs) -> list[str]:
 
 
 def _short(value) -> str:
+    if value is None:
+        return "default"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -320,12 +323,15 @@ def plot_runs(runs, frames, *, smooth: int | None = None, normalize: bool = Fals
             ax.set_visible(False)
         for ax, panel in zip(axes, panels):
             scaled = normalize and panel.curvature
+            one_line = _common_line(panel, runs, scaled) if overlay else None
             for i, (run, frame) in enumerate(zip(runs, frames)):
                 color = f"C{i % 10}" if overlay else "C0"
-                _draw_panel(ax, panel, run.cfg, frame, color, overlay, smooth, scaled)
+                _draw_panel(ax, panel, run.cfg, frame, color, overlay, smooth, scaled, own_line=one_line is None)
                 if panel.title == "accuracy" and tests[i] is not None:
                     ax.plot(*tests[i], marker="*", markersize=6, linestyle="none", color=color,
                             label=None if overlay else "test (end)")
+            if one_line is not None:
+                ax.axhline(one_line[0], color="0.3", linestyle="--", linewidth=0.8)
             ax.set_title(math_title(panel.title) + (" ÷ stability threshold" if scaled else ""))
             ax.set_xlabel("step")
             ylabel = panel.ylabel or math_title(panel.title)
@@ -333,13 +339,16 @@ def plot_runs(runs, frames, *, smooth: int | None = None, normalize: bool = Fals
             if panel.log:
                 ax.set_yscale("log")
                 use_plain_log_labels(ax)
-            handles = ax.get_legend_handles_labels()[0] if not overlay else _style_key(panel, runs, frames, scaled,
-                                                                                         any(t is not None for t in tests))
+            handles = ax.get_legend_handles_labels()[0] if not overlay else _style_key(
+                panel, runs, frames, scaled, any(t is not None for t in tests), one_line)
             if len(handles) > 1 or panel.title == "accuracy":  # name the set even when only train is drawn
                 ax.legend(handles=handles, frameon=False)
         if overlay:
             handles = [Line2D([], [], color=f"C{i % 10}", label=label) for i, label in enumerate(labels)]
-            fig.legend(handles=handles, loc="outside upper center", ncols=min(4, len(handles)), frameon=False)
+            # As many columns as fit the figure's width in 7-point text (about 110 characters).
+            widest = max(len(label) for label in labels) + 6
+            fig.legend(handles=handles, loc="outside upper center", ncols=max(1, min(4, len(handles), 110 // widest)),
+                       frameon=False)
         else:
             fig.suptitle(run_title(runs[0].cfg))
     return fig
@@ -393,15 +402,33 @@ def _band_patch(color):
     return Patch(color=color, alpha=0.25, linewidth=0, label=f"±{SE_BAND} SE")
 
 
-def _style_key(panel: Panel, runs, frames, scaled: bool, with_test: bool) -> list:
+def _common_line(panel: Panel, runs, scaled: bool) -> tuple[float, str] | None:
+    """The stability line (value, text) of a panel where every run it applies to has the same
+    one: drawn once in grey rather than once per run on top of each other."""
+    applying = [run.cfg for run in runs if _stability_applies(panel, run.cfg)]
+    if not applying:
+        return None
+    if scaled:
+        return 1.0, "threshold = 1"
+    values = {stability_threshold(cfg) for cfg in applying}
+    labels = {stability_label(cfg) for cfg in applying}
+    if max(values) > min(values) * (1 + 1e-9) or len(labels) > 1:
+        return None
+    return min(values), f"{labels.pop()} = {min(values):.4g}"
+
+
+def _style_key(panel: Panel, runs, frames, scaled: bool, with_test: bool, one_line=None) -> list:
     """Legend entries of an overlay panel in grey: which line style is which curve (colours
-    are runs, named in the figure legend), the standard-error band and the dotted stability line."""
+    are runs, named in the figure legend), the standard-error band and the stability line
+    (dashed when all runs share it, else dotted in each run's colour)."""
     drawn = [curve for curve in panel.curves if any(_has(frame, curve.column) for frame in frames)]
     key = [Line2D([], [], label=curve.label, **_curve_style(curve, "0.3")) for curve in drawn]
     if any(_has(frame, f"{curve.column}_se") for curve in drawn for frame in frames):
         key.append(_band_patch("0.3"))
     labels = sorted({stability_label(run.cfg) for run in runs if _stability_applies(panel, run.cfg)})
-    if labels:
+    if one_line is not None:
+        key.append(Line2D([], [], color="0.3", linestyle="--", linewidth=0.8, label=one_line[1]))
+    elif labels:
         text = "threshold = 1" if scaled else " / ".join(labels)
         key.append(Line2D([], [], color="0.3", linestyle=":", linewidth=0.8, label=text))
     if panel.title == "accuracy" and with_test:
@@ -409,7 +436,7 @@ def _style_key(panel: Panel, runs, frames, scaled: bool, with_test: bool) -> lis
     return key
 
 
-def _draw_panel(ax, panel: Panel, cfg, frame, color, overlay, smooth_window, scaled) -> None:
+def _draw_panel(ax, panel: Panel, cfg, frame, color, overlay, smooth_window, scaled, own_line=True) -> None:
     applies = _stability_applies(panel, cfg)
     if scaled and not applies:
         return  # no threshold to divide by: this run's curve would be on another scale
@@ -426,7 +453,7 @@ def _draw_panel(ax, panel: Panel, cfg, frame, color, overlay, smooth_window, sca
             spread = SE_BAND * _drawable(frame.loc[data.index, se]).fillna(0).to_numpy() / divisor
             ax.fill_between(steps, values - spread, values + spread, color=color, alpha=0.25, linewidth=0,
                             label=None if overlay else f"±{SE_BAND} SE")
-    if applies:
+    if applies and own_line:
         line = 1.0 if scaled else stability_threshold(cfg)
         text = "threshold = 1" if scaled else f"{stability_label(cfg)} = {line:.4g}"
         ax.axhline(line, color=color if overlay else "0.3", linestyle=":" if overlay else "--", linewidth=0.8,
