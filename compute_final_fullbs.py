@@ -72,7 +72,7 @@ def measure_run(run, checkpoints, args):
     the last, the newest with the measurements of ``--lambda-min``, ``--layers`` and
     ``--density``; the density (or None); the device they were computed on; and the mode of
     the Hessian products."""
-    setup = rebuild(run, cpu=args.cpu, dtype=DTYPES[args.dtype])
+    setup = rebuild(run, cpu=args.cpu, device=args.device, dtype=DTYPES[args.dtype])
     seed = run.cfg.measure_seed if args.seed is None else args.seed
     chunk = args.hvp_chunk or run.cfg.hvp_chunk
     X, Y = setup.data.X_train, setup.data.Y_train

@@ -52,7 +52,7 @@ def check_args(args) -> None:
 
 def measure_run(run, checkpoint: str, args) -> dict:
     """The contents of final_ghg.json for one run."""
-    setup = rebuild(run, cpu=args.cpu, dtype=DTYPES[args.dtype])
+    setup = rebuild(run, cpu=args.cpu, device=args.device, dtype=DTYPES[args.dtype])
     step = load_weights(setup, checkpoint)
     X, Y = setup.data.X_train, setup.data.Y_train
     n = X.shape[0]

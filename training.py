@@ -17,7 +17,7 @@ from utils.errors import UserError
 from utils.launch import StoppedBeforeStart, fork, resume, run
 
 # Flags that may accompany --resume: they change how the run is shown, not what it computes.
-_RESUME_COMPATIBLE = {"resume", "resume_step", "quiet", "cpu"}
+_RESUME_COMPATIBLE = {"resume", "resume_step", "quiet", "cpu", "device"}
 
 
 def main(argv=None) -> int:
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
             if extra:
                 flags = ", ".join("--" + name.replace("_", "-") for name in extra)
                 raise UserError(f"--resume continues a run with its own settings; drop {flags} or fork with --cont-run")
-            run_dir, summary = resume(args.resume, args.resume_step, quiet=args.quiet or None, cpu=args.cpu,
+            run_dir, summary = resume(args.resume, args.resume_step, quiet=args.quiet or None, cpu=args.cpu, device=args.device,
                                       command_line=command_line)
             if summary.get("already_done"):
                 if distributed.current().is_main:

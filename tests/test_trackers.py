@@ -69,6 +69,30 @@ def test_wandb_mode_set_by_the_user_is_kept(results_env, fake_wandb, monkeypatch
     assert fake_wandb.runs[0].settings["mode"] is None and fake_wandb.runs[0].settings["project"] == "sweep-42"
 
 
+def test_wandb_project_group_and_tags(results_env, fake_wandb, capsys):
+    run_dir = results_env / "run"
+    assert training.main([*SMALL, "--steps", "2", "--wandb", "--wandb-project", "edge", "--wandb-group", "lr-sweep",
+                          "--wandb-tags", "digits", "gd", "--run-dir", str(run_dir)]) == 0
+    settings = fake_wandb.runs[0].settings
+    assert (settings["project"], settings["group"], settings["tags"]) == ("edge", "lr-sweep", ["digits", "gd"])
+    config = json.loads((run_dir / "config.json").read_text())["config"]
+    assert (config["wandb_project"], config["wandb_group"], config["wandb_tags"]) == ("edge", "lr-sweep", ["digits", "gd"])
+    assert training.main([*SMALL, "--wandb-group", "g", "--run-dir", str(results_env / "no")]) == 2
+    assert "--wandb-group only applies to --wandb; add --wandb" in capsys.readouterr().err
+
+
+def test_a_sweep_is_one_wandb_group(results_env, fake_wandb, capsys):
+    import sweep
+
+    assert sweep.main(["--name", "edge", "--lr", "0.1", "0.2", "--dry-run", "--", "--steps", "2", "--wandb"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("--wandb-group edge" in line for line in lines)
+    assert sweep.main(["--name", "own", "--lr", "0.1", "0.2", "--dry-run", "--", "--wandb", "--wandb-group", "mine"]) == 0
+    assert "--wandb-group own" not in capsys.readouterr().out
+    assert sweep.main(["--name", "plain", "--lr", "0.1", "0.2", "--dry-run"]) == 0
+    assert "--wandb-group" not in capsys.readouterr().out
+
+
 def read_events(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

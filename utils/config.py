@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from utils.cli import OneLineParser
 from utils.data import DATASET_NAMES
+from utils.devices import check_device_name
 from utils.eigs import EIG_METHODS, EIG_TOL
 from utils.errors import UserError
 from utils.losses import LOSS_NAMES
@@ -85,6 +86,9 @@ class RunConfig:
     checkpoint_every: int | None = None
     keep_checkpoints: int | None = None
     wandb: bool = False
+    wandb_project: str | None = None
+    wandb_group: str | None = None
+    wandb_tags: list[str] | None = None
     tensorboard: bool = False
     # measurements: the switch and cadence of each registry entry are added by the decorator
     num_eigenvalues: int = 1
@@ -109,6 +113,8 @@ class RunConfig:
     noise_chunk: int | None = None
     # where and how
     cpu: bool = False
+    device: str | None = None
+    tf32: bool = False
     quiet: bool = False
     run_dir: str | None = None
 
@@ -137,7 +143,8 @@ def _fits(value, annotation: str) -> bool:
 
     checks = {"None": lambda v: v is None, "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
               "int": integer, "float": lambda v: integer(v) or isinstance(v, float),
-              "list[int]": lambda v: isinstance(v, list) and all(integer(item) for item in v)}
+              "list[int]": lambda v: isinstance(v, list) and all(integer(item) for item in v),
+              "list[str]": lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v)}
     return any(checks[kind](value) for kind in annotation.split(" | "))
 
 
@@ -181,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint cadence in steps (default: about 20 per run)")
     g.add_argument("--keep-checkpoints", type=int, default=None, help="keep only the newest K checkpoints (default: all)")
     g.add_argument("--wandb", action="store_true", help="mirror rows, config and summary to Weights & Biases (offline unless WANDB_MODE is set)")
+    g.add_argument("--wandb-project", default=None, help="with --wandb: the W&B project (default: $WANDB_PROJECT, else eoss)")
+    g.add_argument("--wandb-group", default=None, help="with --wandb: the W&B group of the run (sweep.py sets it to the sweep's name)")
+    g.add_argument("--wandb-tags", nargs="+", default=None, metavar="TAG", help="with --wandb: W&B tags of the run")
     g.add_argument("--tensorboard", action="store_true", help="mirror rows, config and summary to TensorBoard event files in <run>/tensorboard")
     g = p.add_argument_group("measurements")
     for m in MEASUREMENTS:
@@ -218,7 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise-chunk", type=int, default=None,
                    help="diag and iso: samples per chunk of per-sample gradients (default: about 2^26 numbers per chunk)")
     g = p.add_argument_group("where and how")
-    g.add_argument("--cpu", action="store_true", help="use the CPU even when CUDA is available")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: CUDA when available, else the CPU); "
+                                                  "a device this machine lacks is an error")
+    g.add_argument("--cpu", action="store_true", help="the same as --device cpu")
+    g.add_argument("--tf32", action="store_true",
+                   help="allow TF32 rounding in CUDA matrix products and convolutions (default: off, exact float32)")
     g.add_argument("--quiet", action="store_true", help="no progress output")
     g.add_argument("--run-dir", default=None, help="write the run exactly into this folder instead of $RESULTS/...")
     g = p.add_argument_group("continuing runs")
@@ -294,6 +308,15 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.log_every >= 1, f"--log-every must be at least 1, got {cfg.log_every}")
     need(cfg.run_dir is None or cfg.run_dir.strip() != "", "--run-dir needs a folder path; drop it to get a new folder under $RESULTS")
     check_installed(cfg)
+    for flag in ("wandb_project", "wandb_group", "wandb_tags"):
+        need(getattr(cfg, flag) is None or cfg.wandb, f"--{flag.replace('_', '-')} only applies to --wandb; add --wandb")
+    need(all(text.strip() for text in [cfg.wandb_project or "x", cfg.wandb_group or "x", *(cfg.wandb_tags or [])]),
+         "--wandb-project, --wandb-group and --wandb-tags need non-empty names")
+    check_device_name(cfg.device)
+    need(not cfg.cpu or cfg.device in (None, "cpu"), f"--cpu and --device {cfg.device} contradict each other; give only one of them")
+    need(not (cfg.final and cfg.device == "mps"),
+         "--final solves lambda_max in float64, which mps lacks; drop --final and run compute_final_fullbs.py on the run "
+         "(it measures on the CPU)")
     need(cfg.gd_noise is None or cfg.gd_noise in NOISE_MODES, f"unknown --gd-noise {cfg.gd_noise!r}; choose one of {', '.join(NOISE_MODES)}")
     need(not (cfg.sde and cfg.gd_noise), "--sde and --gd-noise are alternative baselines; give only one of them")
     need(cfg.noise_mag is None or cfg.gd_noise == "const", "--noise-mag only applies to --gd-noise const")

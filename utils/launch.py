@@ -105,9 +105,9 @@ def _signals() -> SignalCatcher:
     return SignalCatcher(repeated_sigterm_stops=not distributed.launched())
 
 
-def _join_launch(cpu: bool) -> bool:
+def _join_launch(cfg) -> bool:
     """Join the processes of a torchrun launch, if this is one; whether this process writes files."""
-    return distributed.init(pick_device(cpu)).is_main
+    return distributed.init(pick_device(cfg.device, cfg.cpu)).is_main
 
 
 def _on_main(claim):
@@ -238,7 +238,7 @@ def run(cfg: RunConfig, command_line: list[str] | None = None) -> tuple[str, dic
     A signal that arrives before the folder exists raises :class:`StoppedBeforeStart`.
     """
     check_cadences_have_measurements(cfg)
-    main = _join_launch(cfg.cpu)
+    main = _join_launch(cfg)
     with _signals() as signals:
         setup = build(cfg)
         monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
@@ -301,7 +301,7 @@ def _pick_checkpoint(run_dir: str, step: int | None, at_or_before: bool) -> tupl
 
 
 def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None = None, cpu: bool = False,
-           command_line: list[str] | None = None) -> tuple[str, dict]:
+           device: str | None = None, command_line: list[str] | None = None) -> tuple[str, dict]:
     """Continue the run in ``run_dir`` from the newest checkpoint that its results.txt reaches
     (or the one at ``resume_step``).
 
@@ -319,8 +319,9 @@ def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None =
     cfg = RunConfig.from_dict(record["config"])
     if quiet is not None:
         cfg.quiet = quiet
-    cfg.cpu = cfg.cpu or cpu
-    main = _join_launch(cfg.cpu)
+    if cpu or device:  # where it continues, not what it computes: the run's own device may be absent here
+        cfg.cpu, cfg.device = cpu, device
+    main = _join_launch(cfg)
     ended = _ended_summary(run_dir)
     if ended is not None:  # checked before claiming the folder too, so archived read-only runs answer
         return run_dir, {**ended, "already_done": True}
@@ -506,7 +507,7 @@ def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[st
     cfg = RunConfig.from_dict(values)
     check_cadences_have_measurements(cfg, given=overrides)
     step, path = _pick_checkpoint(parent_dir, cont_step, at_or_before=True)
-    main = _join_launch(cfg.cpu)
+    main = _join_launch(cfg)
     with _signals() as signals:
         setup = build(cfg)
         if step >= setup.total_steps:

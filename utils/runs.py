@@ -23,6 +23,7 @@ from utils import distributed, sharded
 from utils.checkpoints import CHECKPOINT_DIR, list_checkpoints, load_checkpoint
 from utils.config import RunConfig, results_root
 from utils.cli import OneLineParser, run_cli
+from utils.devices import check_device_name, float64_device, resolve_device
 from utils.errors import UserError
 from utils.launch import ENDED, read_run_config
 from utils.results import atomic_write_bytes, atomic_write_text, read_json, read_results_table
@@ -214,15 +215,25 @@ def checkpoint_list(run: Run) -> list[tuple[int, str]]:
     return available
 
 
-def rebuild(run: Run, *, cpu: bool = False, dtype: torch.dtype = torch.float32) -> Setup:
+def rebuild(run: Run, *, cpu: bool = False, device: str | None = None, dtype: torch.dtype = torch.float32) -> Setup:
     """Data, model, loss and optimiser of ``run`` from its config.json (model weights as initialised).
 
-    Runs on CUDA when available unless ``cpu``, whatever device the run was trained on; the
+    Runs on ``device`` (None: CUDA when available unless ``cpu``), whatever device the run was
+    trained on, with TF32 off; float64 asked of mps runs on the CPU, with a note. The
     run's trackers are not needed (nor their packages) to analyse it, and data sets are never
     downloaded (a missing one is a UserError). ``dtype`` is the
     precision of the model and of the inputs and float targets (checkpoints load into it).
     """
-    cfg = dataclasses.replace(run.cfg, cpu=cpu, quiet=True, wandb=False, tensorboard=False, download=False)
+    check_device_name(device)
+    if cpu and device not in (None, "cpu"):
+        raise UserError(f"--cpu and --device {device} contradict each other; give only one of them")
+    chosen = resolve_device(device, cpu)
+    if dtype == torch.float64 and float64_device(chosen) != chosen:
+        print(f"note: {chosen} has no float64; measuring {run.name} on the CPU (--dtype float32 measures on {chosen})",
+              file=sys.stderr)
+        chosen = float64_device(chosen)
+    cfg = dataclasses.replace(run.cfg, cpu=False, device=str(chosen), tf32=False, quiet=True, wandb=False,
+                              tensorboard=False, download=False, final=False)
     setup = build(cfg)
     setup.model.to(dtype)
 
@@ -336,7 +347,8 @@ def build_analysis_parser(prog: str, description: str, *, default_latest: bool, 
     g.add_argument("--out", default=None, metavar="DIR", help="write into this folder (created if needed); default: the run folder, or for several runs "
                         "the folder that directly holds them all (a <dataset>_<model> folder or a sweep's runs/)")
     if rebuilds:
-        g.add_argument("--cpu", action="store_true", help="use the CPU even when CUDA is available")
+        g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: CUDA when available, else the CPU)")
+        g.add_argument("--cpu", action="store_true", help="the same as --device cpu")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 

@@ -280,7 +280,17 @@ def point_command(sweep_dir: str, definition: dict, point: dict, python: str | N
         return [*launcher, TRAINING_SCRIPT, "--resume", run_dir, *quiet]
     if clear and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
-    return [*launcher, TRAINING_SCRIPT, *point["argv"], *definition["shared"], "--run-dir", run_dir]
+    return [*launcher, TRAINING_SCRIPT, *point["argv"], *definition["shared"], *wandb_group_flags(definition, point),
+            "--run-dir", run_dir]
+
+
+def wandb_group_flags(definition: dict, point: dict) -> list[str]:
+    """``--wandb-group <sweep name>`` for a point that logs to W&B without a group of its own,
+    so that a sweep lands in Weights & Biases as one group."""
+    from utils.config import explicit_settings
+
+    given = explicit_settings([*point["argv"], *definition["shared"]])
+    return ["--wandb-group", definition["name"]] if given.get("wandb") and "wandb_group" not in given else []
 
 
 def dry_run_lines(sweep_dir: str, definition: dict) -> list[str]:

@@ -6,7 +6,9 @@ the start and summary.json's contents at the end. The packages are imported only
 asks for them, so nothing else depends on them being installed.
 
 - Weights & Biases logs offline (into ``<run>/wandb/``, ``wandb sync`` uploads it later) unless
-  ``WANDB_MODE`` is set; the project is ``$WANDB_PROJECT`` or ``eoss``. Each training process is
+  ``WANDB_MODE`` is set; the project is ``--wandb-project``, else ``$WANDB_PROJECT``, else
+  ``eoss``; ``--wandb-group`` and ``--wandb-tags`` group and tag the run (a sweep's runs share
+  the sweep's name as their group). Each training process is
   one W&B run: a resumed run starts a new one (config ``start_step``) from the checkpoint's step.
 - TensorBoard event files go into ``<run>/tensorboard/``; a resumed run first discards the
   events at or after the checkpoint's step, as results.txt does.
@@ -46,9 +48,12 @@ def _numbers(values: dict) -> dict:
 
 class WandbTracker:
     def __init__(self, wandb, run_dir: str, record: dict, start_step: int):
-        config = {**record["config"], "resolved": record.get("resolved"), "start_step": start_step}
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "eoss"), name=os.path.basename(os.path.normpath(run_dir)),
-                              dir=run_dir, config=config, mode=None if os.environ.get("WANDB_MODE") else "offline")
+        settings = record["config"]
+        config = {**settings, "resolved": record.get("resolved"), "start_step": start_step}
+        project = settings.get("wandb_project") or os.environ.get("WANDB_PROJECT", "eoss")
+        self.run = wandb.init(project=project, group=settings.get("wandb_group"), tags=settings.get("wandb_tags"),
+                              name=os.path.basename(os.path.normpath(run_dir)), dir=run_dir, config=config,
+                              mode=None if os.environ.get("WANDB_MODE") else "offline")
 
     def log_row(self, row: dict) -> None:
         self.run.log({k: v for k, v in _numbers(row).items() if k != "step"}, step=int(row["step"]))

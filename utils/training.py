@@ -34,6 +34,7 @@ from utils.checkpoints import checkpoint_path, prune_checkpoints, rng_state, sav
 from utils.cli import SignalCatcher
 from utils.config import ADAM_BETAS, DEFAULT_STEPS, RunConfig, datasets_root, validate
 from utils.data import load_dataset
+from utils.devices import resolve_device, set_tf32
 from utils.errors import UserError
 from utils.losses import accuracy, get_loss
 from utils.models import build_model, count_parameters, has_batchnorm
@@ -61,15 +62,18 @@ class Setup:
     world: distributed.World = distributed.SINGLE  # the processes of a torchrun launch; rank 0 writes
 
 
-def pick_device(force_cpu: bool) -> torch.device:
-    """CUDA when present (under torchrun the GPU ``cuda:LOCAL_RANK``), else the CPU."""
-    if not torch.cuda.is_available() or force_cpu:
-        return torch.device("cpu")
-    if distributed.launched():
-        device = torch.device("cuda", distributed.local_rank())
-        torch.cuda.set_device(device)
+def pick_device(name: str | None, force_cpu: bool = False) -> torch.device:
+    """The device of ``--device`` (:func:`utils.devices.resolve_device`); under torchrun, CUDA is
+    the GPU ``cuda:LOCAL_RANK`` of each process."""
+    device = resolve_device(name, force_cpu)
+    if device.type != "cuda" or not distributed.launched():
         return device
-    return torch.device("cuda")
+    if name not in (None, "cuda"):
+        raise UserError(f"--device {name}: under torchrun every process takes the GPU of its local rank; "
+                        f"use --device cuda or leave --device out")
+    device = torch.device("cuda", distributed.local_rank())
+    torch.cuda.set_device(device)
+    return device
 
 
 def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -104,7 +108,8 @@ def epoch_permutation(data_ordering_seed: int, epoch: int, n: int) -> torch.Tens
 def build(cfg: RunConfig) -> Setup:
     """Validate ``cfg`` and build data, model, loss and optimiser (no files written)."""
     validate(cfg)
-    device = pick_device(cfg.cpu)
+    device = pick_device(cfg.device, cfg.cpu)
+    set_tf32(cfg.tf32)
     world = distributed.init(device)
     if world.distributed and (cfg.gd_noise or cfg.sde):
         raise UserError("--gd-noise and --sde run in one process; start them without torchrun")
