@@ -114,6 +114,11 @@ def load_grid_file(path: str) -> dict:
             raise UserError(f"{path} is not valid JSON ({exc}); write it like {{\"lr\": [0.01, 0.02], \"batch\": [8, 16]}}")
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of flag to values, like {{\"lr\": [0.01, 0.02], \"batch\": [8, 16]}}")
+    return grid_from_mapping(data, path)
+
+
+def grid_from_mapping(data: dict, path: str) -> dict:
+    """A grid file's (or recipe's) mapping of flag -> value or list of values, checked and normalised."""
     actions = _training_actions()
     grid = {}
     for key, values in data.items():
@@ -223,8 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "       sweep.py status (--name NAME | SWEEP_DIR)",
                        description="Run a grid of training.py runs: any training flag followed by several values "
                                    "is a grid axis; the flags after -- go to every run.")
-    p.add_argument("--name", required=True, help="the sweep's name: its folder is $RESULTS/sweeps/NAME")
+    p.add_argument("--name", default=None, help="the sweep's name: its folder is $RESULTS/sweeps/NAME "
+                                                "(required, except with --recipe: <recipe>_<scale>)")
     p.add_argument("--grid", metavar="FILE", help="grid file: JSON (or YAML with PyYAML) mapping flag to values")
+    p.add_argument("--recipe", metavar="FILE", help="an experiment of the paper (recipes/*.yaml): its grid and shared "
+                                                   "flags; grid flags given here replace its values, flags after -- add to them")
+    p.add_argument("--scale", choices=("small", "paper"), default=None,
+                   help="with --recipe: small (CPU-sized, on digits; the default) or paper (the paper's settings)")
     p.add_argument("--executor", choices=("local", "slurm"), default="local",
                    help="local: processes on this machine; slurm: a job array through submitit")
     p.add_argument("--dry-run", action="store_true", help="print the training.py command of every run and stop")
@@ -277,6 +287,12 @@ def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, list[str], 
         given.append(action.dest)
         i += 1 + takes
     args = own.parse_args(own_tokens)
+    if args.recipe is None and args.name is None:
+        raise UserError("give the sweep a --name (or run a --recipe, which names it)")
+    if args.scale is not None and args.recipe is None:
+        raise UserError("--scale picks the size of a --recipe; add --recipe FILE or drop --scale")
+    if args.recipe is not None and args.grid is not None:
+        raise UserError("--recipe and --grid both define the grid; give one of them")
     if args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {args.jobs}")
     # Flags of the other executor would be silently ignored; defaults do not count, only what was typed.
