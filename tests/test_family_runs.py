@@ -22,6 +22,7 @@ ADAM_FAMILY = ["--adam", "--lr", "0.003", "--preconditioned-sharpness", "--param
 COLUMNS = {"batch_sharpness_ratio": True, "batch_lambda_max": True, "hessian_trace": True, "gn_lambda_max": False,
            "gn_batch_sharpness": True, "grad_norm_sq_batch": True, "grad_norm_sq_full": False,
            "momentum_sharpness": True, "param_distance": False}
+CLOSED_FORMS = {"grad_norm_sq_batch"}
 
 
 @pytest.fixture
@@ -56,7 +57,9 @@ def test_every_new_flag_fills_its_columns_and_final_json(results_env, cheap):
     final = json.loads((run_dir / "final.json").read_text())
     assert final["step"] == 8
     for name, with_se in COLUMNS.items():
-        assert final[name] == final[name] and (not with_se or final[f"{name}_se"] > 0), name
+        # E_B|g_B|^2 may be taken in closed form from the per-sample gradients: exact, so SE 0
+        assert final[name] == final[name] and (not with_se or final[f"{name}_se"] > 0
+                                               or name in CLOSED_FORMS and final[f"{name}_se"] == 0), name
     assert final["param_distance"] > measured.loc[4, "param_distance"]
 
     run = load_run(str(run_dir))
