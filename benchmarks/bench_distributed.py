@@ -11,9 +11,10 @@ joins them (Gloo on the CPU, NCCL on CUDA); K = 1 is the plain single-process co
     lambda_max       Lanczos to the suite's tolerance from a random start
     batch_sharpness  Batch Sharpness at batch ``--batch``, at most ``--max-samples`` batches
 
-Per rank: the peak resident memory (or peak CUDA memory) after each phase, and the parts by
-size: data (this rank's rows), model (parameters and gradients) and solver (Lanczos basis and
-its products). The table prints the speed-up t(1) / t(K) from this one run; on a GPU machine
+Per rank: the peak resident memory (or peak CUDA memory) after each phase, and the parts: data
+(this rank's rows), model (parameters and gradients) and solver (Lanczos basis and its
+products) by size, and graph (the activations a full-batch product keeps, which scale with the
+rows held) as the rise of the peak over the HVP phase. The table prints the speed-up t(1) / t(K) from this one run; on a GPU machine
 ``--processes`` defaults to every GPU it has, and the per-sample cost of a product gives an
 estimate of one product on full CIFAR-10 (50,000) and ImageNet-32 (1,281,167 samples).
 """
@@ -98,7 +99,7 @@ def measure(args, world: distributed.World, device: torch.device) -> dict:
 
     seconds, sharpness = _timed(device, lambda: batch_sharpness(
         model, mse_loss, X, Y, args.batch, generator=measurement_generator(0, 1, device=device),
-        max_samples=args.max_samples))
+        min_samples=min(20, args.max_samples), max_samples=args.max_samples, rel_se=args.rel_se))
     peaks["batch_sharpness"] = _peak_bytes(device)
     element = torch.tensor([], dtype=torch.float32).element_size()
     return {
@@ -159,7 +160,7 @@ def report(results: dict, args) -> str:
              f"{args.threads} thread(s) per process; batch sharpness at b = {args.batch}",
              "",
              "processes | HVP s (x) | lambda_max s (x) [hvps] | batch sharpness s (x) [batches] | per rank MiB: "
-             "rows, data, model, solver, peak"]
+             "rows, data, model, solver, graph, peak"]
     for size, ranks in sorted(results.items()):
         r = ranks[0]
         hvp = max(x["hvp_seconds"] for x in ranks)
@@ -170,7 +171,8 @@ def report(results: dict, args) -> str:
             f"{size:>9} | {hvp:.3f} ({base['hvp_seconds'] / hvp:.2f}x) | {lam:.2f} ({base['lambda_max']['seconds'] / lam:.2f}x) "
             f"[{r['lambda_max']['hvps']}] | {bs:.2f} ({base['batch_sharpness']['seconds'] / bs:.2f}x) "
             f"[{r['batch_sharpness']['n']}] | {max(x['rows'] for x in ranks)}, {_mib(r['parts_bytes']['data'])}, "
-            f"{_mib(r['parts_bytes']['model'])}, {_mib(r['parts_bytes']['solver'])}, {_mib(peak)}")
+            f"{_mib(r['parts_bytes']['model'])}, {_mib(r['parts_bytes']['solver'])}, "
+            f"{_mib(r['peak_bytes']['hvp'] - r['peak_bytes']['model'])}, {_mib(peak)}")
         lines.append(f"{'':>9}   peak MiB after each phase (rank 0): "
                      + ", ".join(f"{k} {_mib(v)}" for k, v in r["peak_bytes"].items()))
         lines.append(f"{'':>9}   lambda_max {r['lambda_max']['value']:.6g}, batch sharpness "
@@ -193,6 +195,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     p.add_argument("--batch", type=int, default=64, help="Batch Sharpness batch size")
     p.add_argument("--max-samples", type=int, default=200, help="at most this many Batch Sharpness batches")
+    p.add_argument("--rel-se", type=float, default=0.0,
+                   help="Batch Sharpness standard-error target (default 0: always --max-samples batches)")
     p.add_argument("--hvp-repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="also write every figure to this file")
     args = p.parse_args()
