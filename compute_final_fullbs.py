@@ -27,7 +27,7 @@ from utils.errors import UserError
 from utils.estimators import measurement_generator
 from utils.hvp import measurement_hvp_mode
 from utils.plotting import plot_density, render_figure
-from utils.runs import DTYPES, build_analysis_parser, checkpoint_list, load_weights, measure_newest_states, rebuild
+from utils.runs import DTYPES, allowed_changes, build_analysis_parser, checkpoint_list, load_weights, measure_newest_states, rebuild
 
 PROG = "compute_final_fullbs.py"
 
@@ -72,7 +72,7 @@ def measure_run(run, checkpoints, args):
     the last, the newest with the measurements of ``--lambda-min``, ``--layers`` and
     ``--density``; the density (or None); the device they were computed on; and the mode of
     the Hessian products."""
-    setup = rebuild(run, cpu=args.cpu, device=args.device, dtype=DTYPES[args.dtype])
+    setup = rebuild(run, cpu=args.cpu, device=args.device, dtype=DTYPES[args.dtype], allow_changed=allowed_changes(args))
     seed = run.cfg.measure_seed if args.seed is None else args.seed
     chunk = args.hvp_chunk or run.cfg.hvp_chunk
     X, Y = setup.data.X_train, setup.data.Y_train

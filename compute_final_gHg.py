@@ -22,7 +22,7 @@ from tqdm import tqdm
 from utils.analysis import (check_batch_sizes, default_batch_sizes, estimates_at_sample_limit, ghg_family, ghg_record,
                             gni_all_batch_sizes, stability_label, stability_threshold)
 from utils.errors import UserError
-from utils.runs import DTYPES, build_analysis_parser, load_weights, measure_newest_states, rebuild
+from utils.runs import DTYPES, allowed_changes, build_analysis_parser, load_weights, measure_newest_states, rebuild
 
 PROG = "compute_final_gHg.py"
 
@@ -52,7 +52,7 @@ def check_args(args) -> None:
 
 def measure_run(run, checkpoint: str, args) -> dict:
     """The contents of final_ghg.json for one run."""
-    setup = rebuild(run, cpu=args.cpu, device=args.device, dtype=DTYPES[args.dtype])
+    setup = rebuild(run, cpu=args.cpu, device=args.device, dtype=DTYPES[args.dtype], allow_changed=allowed_changes(args))
     step = load_weights(setup, checkpoint)
     X, Y = setup.data.X_train, setup.data.Y_train
     n = X.shape[0]

@@ -17,7 +17,7 @@ from utils.errors import UserError
 from utils.launch import StoppedBeforeStart, fork, resume, run
 
 # Flags that may accompany --resume: they change how the run is shown, not what it computes.
-_RESUME_COMPATIBLE = {"resume", "resume_step", "quiet", "cpu", "device"}
+_RESUME_COMPATIBLE = {"resume", "resume_step", "quiet", "cpu", "device", "allow_changed_model", "allow_changed_data"}
 
 
 def main(argv=None) -> int:
@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     def work():
         args = build_parser().parse_args(argv)
         command_line = ["training.py", *argv]
+        allow_changed = frozenset(kind for kind in ("model", "data") if getattr(args, f"allow_changed_{kind}"))
         if args.resume_step is not None and not args.resume:
             raise UserError("--resume-step needs --resume RUN_DIR")
         if args.cont_step is not None and not args.cont_run:
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
                 flags = ", ".join("--" + name.replace("_", "-") for name in extra)
                 raise UserError(f"--resume continues a run with its own settings; drop {flags} or fork with --cont-run")
             run_dir, summary = resume(args.resume, args.resume_step, quiet=args.quiet or None, cpu=args.cpu, device=args.device,
-                                      command_line=command_line)
+                                      command_line=command_line, allow_changed=allow_changed)
             if summary.get("already_done"):
                 if distributed.current().is_main:
                     print(f"{run_dir} already ended ({summary['status']} at step {summary['final_step']}); nothing to "
@@ -48,7 +49,8 @@ def main(argv=None) -> int:
             if args.cont_step is None:
                 raise UserError("--cont-run needs --cont-step N (the fork starts from the newest checkpoint at or before N)")
             overrides = settings_from_args(explicit_settings(argv))
-            run_dir, summary = fork(args.cont_run, args.cont_step, overrides, command_line=command_line)
+            run_dir, summary = fork(args.cont_run, args.cont_step, overrides, command_line=command_line,
+                                    allow_changed=allow_changed)
         else:
             run_dir, summary = run(config_from_args(args), command_line=command_line)
         if not distributed.current().is_main:  # rank 0 reports for the run

@@ -137,7 +137,7 @@ def test_default_run_folder_name(results_env):
     (["--num-data", "100", "--batch", "500"], "larger than the training set"),
     (["--steps", "5", "--epochs", "1"], "either --steps or --epochs"),
     (["--dataset", "imagenet"], "unknown data set"),
-    (["--model", "vit"], "unknown model"),
+    (["--model", "transformer"], "unknown model"),
     (["--loss", "hinge"], "unknown loss"),
     (["--activation", "relu6"], "unknown activation"),
     (["--model", "cnn"], "cnn"),

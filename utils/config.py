@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass
 
 from utils.cli import OneLineParser
-from utils.data import DATASET_NAMES
+from utils.data import DATASET_NAMES, is_data_file
 from utils.devices import check_device_name
 from utils.eigs import EIG_METHODS, EIG_TOL
 from utils.errors import UserError
@@ -25,6 +26,7 @@ from utils.noise import DEFAULT_REFRESH, NOISE_MODES
 from utils.registry import MEASUREMENTS
 from utils.spectrum import DENSITY_PROBES, DENSITY_STEPS, LAYER_GROUPINGS
 from utils.trackers import check_installed
+from utils.user_files import is_model_file
 
 CONFIG_VERSION = 1
 ADAM_BETAS = (0.9, 0.999)  # the (beta_1, beta_2) of every Adam run
@@ -61,10 +63,15 @@ class RunConfig:
     num_classes: int = 10
     dataset_seed: int = 888
     download: bool = False
+    dataset_sha256: str | None = None  # of a --dataset file, recorded when the run starts
     # model
     model: str = "mlp"
-    width: int = 512
-    depth: int = 2
+    width: int | None = None  # None: the model's default (utils.models.resolved_shape), resolved by build()
+    depth: int | None = None
+    heads: int | None = None
+    patch: int | None = None
+    model_args: dict | None = None
+    model_sha256: str | None = None  # of a --model file, recorded when the run starts
     activation: str = "relu"
     init_scale: float = 0.2
     init_seed: int = 8888
@@ -144,7 +151,8 @@ def _fits(value, annotation: str) -> bool:
     checks = {"None": lambda v: v is None, "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
               "int": integer, "float": lambda v: integer(v) or isinstance(v, float),
               "list[int]": lambda v: isinstance(v, list) and all(integer(item) for item in v),
-              "list[str]": lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v)}
+              "list[str]": lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v),
+              "dict": lambda v: isinstance(v, dict)}
     return any(checks[kind](value) for kind in annotation.split(" | "))
 
 
@@ -156,19 +164,30 @@ def build_parser() -> argparse.ArgumentParser:
     d = RunConfig()
     p = OneLineParser(prog="training.py", description="Train a network with SGD and measure its curvature.")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(DATASET_NAMES)} (default digits, offline)")
+    g.add_argument("--dataset", default=d.dataset,
+                   help=f"one of {', '.join(DATASET_NAMES)} (default digits, offline), or path/to/file.npz with arrays "
+                        "x_train, y_train and optionally x_test, y_test")
     g.add_argument("--num-data", type=int, default=None, help="training subset size n (default: the whole training split)")
     g.add_argument("--classes", type=int, nargs="+", default=None, help="keep only these labels (two classes with mse: one ±1 output)")
     g.add_argument("--input-shape", default=None, help="synthetic data: input shape such as 3,32,32")
     g.add_argument("--num-classes", type=int, default=d.num_classes, help="synthetic data: number of classes")
     g.add_argument("--dataset-seed", type=int, default=d.dataset_seed, help="seed of the --num-data subset")
     g.add_argument("--download", action="store_true", help="fetch missing torchvision data sets into $DATASETS")
+    g.add_argument("--allow-changed-data", action="store_true",
+                   help="resume or analyse a run whose --dataset file changed since it started")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=d.model, help=f"one of {', '.join(MODEL_NAMES)}")
-    g.add_argument("--width", type=int, default=d.width, help="mlp hidden width")
-    g.add_argument("--depth", type=int, default=d.depth, help="mlp hidden layers")
+    g.add_argument("--model", default=d.model,
+                   help=f"one of {', '.join(MODEL_NAMES)}, or path/to/file.py:function (function(input_shape, num_outputs) "
+                        "returns the nn.Module)")
+    g.add_argument("--model-args", default=None, metavar="JSON", help="keyword arguments of a model file's function, such as '{\"depth\": 6}'")
+    g.add_argument("--allow-changed-model", action="store_true",
+                   help="resume or analyse a run whose --model file changed since it started")
+    g.add_argument("--width", type=int, default=None, help="mlp and vit width (default: mlp 512, vit 64)")
+    g.add_argument("--depth", type=int, default=None, help="mlp hidden layers, vit blocks (default 2)")
+    g.add_argument("--heads", type=int, default=None, help="vit attention heads (default 4)")
+    g.add_argument("--patch", type=int, default=None, help="vit patch side (default 2 on images up to 16x16, else 4)")
     g.add_argument("--activation", default=d.activation, help=f"one of {', '.join(ACTIVATIONS)}")
-    g.add_argument("--init-scale", type=float, default=d.init_scale, help="multiplies the Kaiming-normal initial weights")
+    g.add_argument("--init-scale", type=float, default=d.init_scale, help="multiplies the Kaiming-normal initial weights (built-in models)")
     g.add_argument("--init-seed", type=int, default=d.init_seed, help="seed of the initial weights")
     g.add_argument("--no-init", action="store_true", help="keep PyTorch's default initialisation")
     g = p.add_argument_group("optimisation")
@@ -263,6 +282,13 @@ def settings_from_args(values: dict) -> dict:
             values["input_shape"] = [int(part) for part in str(values["input_shape"]).split(",")]
         except ValueError:
             raise UserError(f"--input-shape {values['input_shape']!r} is not a comma-separated list of integers; write it like 3,32,32")
+    if isinstance(values.get("model_args"), str):
+        try:
+            values["model_args"] = json.loads(values["model_args"])
+        except ValueError as exc:
+            raise UserError(f"--model-args is not valid JSON ({exc}); write it like '{{\"depth\": 6}}'")
+        if not isinstance(values["model_args"], dict):
+            raise UserError("--model-args must be a JSON object of keyword arguments, such as '{\"depth\": 6}'")
     known = {f.name for f in dataclasses.fields(RunConfig)}
     return {k: v for k, v in values.items() if k in known}
 
@@ -278,8 +304,12 @@ def validate(cfg: RunConfig) -> None:
         if not condition:
             raise UserError(message)
 
-    need(cfg.dataset in DATASET_NAMES, f"unknown data set {cfg.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
-    need(cfg.model in MODEL_NAMES, f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+    need(cfg.dataset in DATASET_NAMES or is_data_file(cfg.dataset),
+         f"unknown data set {cfg.dataset!r}; choose one of {', '.join(DATASET_NAMES)} or pass path/to/file.npz")
+    need(cfg.model in MODEL_NAMES or is_model_file(cfg.model),
+         f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)} or pass path/to/file.py:function")
+    need(cfg.model_args is None or is_model_file(cfg.model), "--model-args only applies to --model path/to/file.py:function")
+    need(cfg.heads is None and cfg.patch is None or cfg.model == "vit", "--heads and --patch only apply to --model vit")
     need(cfg.loss in LOSS_NAMES, f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSS_NAMES)}")
     need(cfg.activation in ACTIVATIONS, f"unknown activation {cfg.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
     need(cfg.eig_method in EIG_METHODS, f"unknown --eig-method {cfg.eig_method!r}; choose one of {', '.join(EIG_METHODS)}")
@@ -294,7 +324,9 @@ def validate(cfg: RunConfig) -> None:
     need(not (cfg.nesterov and cfg.momentum == 0), "--nesterov needs --momentum > 0")
     need(not (cfg.adam and cfg.nesterov), "--nesterov and --adam cannot be combined; drop one of them")
     need(cfg.init_scale > 0 and math.isfinite(cfg.init_scale), f"--init-scale must be positive, got {cfg.init_scale}")
-    need(cfg.width >= 1 and cfg.depth >= 1, "--width and --depth must be at least 1")
+    need((cfg.width is None or cfg.width >= 1) and (cfg.depth is None or cfg.depth >= 1), "--width and --depth must be at least 1")
+    need(cfg.heads is None or cfg.heads >= 1, f"--heads must be at least 1, got {cfg.heads}")
+    need(cfg.patch is None or cfg.patch >= 1, f"--patch must be at least 1, got {cfg.patch}")
     need(cfg.num_classes >= 2, f"--num-classes must be at least 2, got {cfg.num_classes}")
     need(cfg.input_shape is None or (len(cfg.input_shape) in (1, 2, 3) and all(s >= 1 for s in cfg.input_shape)),
          "--input-shape needs one to three positive sizes, such as 3,32,32")

@@ -36,6 +36,7 @@ from utils.results import (BASE_COLUMNS, TIME_COLUMN, ResultsWriter, atomic_writ
 from utils.trackers import open_trackers
 from utils.training import (EXIT_CODES, Setup, build, default_checkpoint_every, full_loss_schedule, pick_device,
                             restore, row_schedule, train_loop)
+from utils.user_files import data_label, model_label
 
 
 def _git_commit() -> str | None:
@@ -128,7 +129,7 @@ def create_run_dir(cfg: RunConfig) -> tuple[str, run_lock.RunLock, bool]:
     whether this call created the folder)."""
     try:
         if not cfg.run_dir:
-            run_dir = make_run_folder(results_root(), cfg.dataset, cfg.model, cfg.lr, cfg.batch)
+            run_dir = make_run_folder(results_root(), data_label(cfg.dataset), model_label(cfg.model), cfg.lr, cfg.batch)
             return run_dir, run_lock.claim(run_dir, "training"), True
         os.makedirs(os.path.dirname(os.path.abspath(cfg.run_dir)), exist_ok=True)
         try:
@@ -286,6 +287,17 @@ def read_run_config(run_dir: str) -> dict:
 
 ENDED = ("finished", "stopped_at_loss", "diverged")
 
+# config.json's "written_by" of a folder that a user's own training loop wrote (utils.logger).
+USER_LOOP = "user_loop"
+
+
+def refuse_user_loop(run_dir: str, record: dict, what: str) -> None:
+    """A folder written by a user's own loop has no model EOSS can rebuild: it cannot be
+    resumed, forked or measured from its checkpoints."""
+    if record.get("written_by") == USER_LOOP:
+        raise UserError(f"{run_dir} was written by a user's own training loop (CurvatureLogger) and cannot be {what}: "
+                        f"EOSS cannot rebuild its model; read it with plot_results.py or sharpness_gap.py")
+
 
 def _pick_checkpoint(run_dir: str, step: int | None, at_or_before: bool) -> tuple[int, str]:
     available = list_checkpoints(run_dir)
@@ -301,7 +313,8 @@ def _pick_checkpoint(run_dir: str, step: int | None, at_or_before: bool) -> tupl
 
 
 def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None = None, cpu: bool = False,
-           device: str | None = None, command_line: list[str] | None = None) -> tuple[str, dict]:
+           device: str | None = None, command_line: list[str] | None = None,
+           allow_changed: frozenset = frozenset()) -> tuple[str, dict]:
     """Continue the run in ``run_dir`` from the newest checkpoint that its results.txt reaches
     (or the one at ``resume_step``).
 
@@ -313,9 +326,12 @@ def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None =
     config.json (stopped before its first checkpoint) starts at step 0, a fork at its parent's
     checkpoint. A run that ended (finished, stopped at its loss, diverged) with all its rows is
     left untouched and returned with ``already_done``; branch from it with :func:`fork`
-    instead. A run that another live process is training is refused (:mod:`utils.run_lock`).
+    instead. A run that another live process is training is refused (:mod:`utils.run_lock`),
+    and so is a folder written by a user's own loop. ``allow_changed`` accepts changed user
+    files (:func:`utils.training.check_user_files`).
     """
     record = read_run_config(run_dir)
+    refuse_user_loop(run_dir, record, "resumed")
     cfg = RunConfig.from_dict(record["config"])
     if quiet is not None:
         cfg.quiet = quiet
@@ -336,7 +352,7 @@ def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None =
 
     _, lock = _on_main(claim)
     with lock:
-        return _resume_claimed(run_dir, record, cfg, resume_step, main)
+        return _resume_claimed(run_dir, record, cfg, resume_step, main, allow_changed)
 
 
 def _ended_summary(run_dir: str) -> dict | None:
@@ -357,7 +373,7 @@ def _ended_summary(run_dir: str) -> dict | None:
 
 
 def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int | None,
-                    main: bool = True) -> tuple[str, dict]:
+                    main: bool = True, allow_changed: frozenset = frozenset()) -> tuple[str, dict]:
     summary_path = os.path.join(run_dir, "summary.json")
     results_path = os.path.join(run_dir, "results.txt")
     ended = _ended_summary(run_dir)
@@ -365,7 +381,7 @@ def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int
         return run_dir, {**ended, "already_done": True}
     last_row = last_complete_step(results_path)
     with _signals() as signals:
-        setup = build(cfg)
+        setup = build(cfg, allow_changed)
         if main:
             note_changed_products(record, setup)
         monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
@@ -488,7 +504,8 @@ def recorded_cadences(record: dict, monitor: Monitor) -> dict:
     return {"full_loss": recorded.get("full_loss"), "checkpoint_every": resolved.get("checkpoint_every")}
 
 
-def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[str] | None = None) -> tuple[str, dict]:
+def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[str] | None = None,
+         allow_changed: frozenset = frozenset()) -> tuple[str, dict]:
     """Start a new run from the parent's newest checkpoint at or before ``cont_step``.
 
     Model, optimiser state, random generators, data order and the step counter continue from
@@ -497,7 +514,12 @@ def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[st
     state. config.json records the parent folder and step.
     """
     record = read_run_config(parent_dir)
+    refuse_user_loop(parent_dir, record, "forked")
     values = {**record["config"], **overrides}
+    # A file given anew is hashed anew.
+    for setting, digest in (("model", "model_sha256"), ("dataset", "dataset_sha256")):
+        if setting in overrides:
+            values[digest] = None
     # --steps and --epochs are alternatives: the one given on the command line replaces the parent's.
     if "steps" in overrides:
         values["epochs"] = None
@@ -509,7 +531,7 @@ def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[st
     step, path = _pick_checkpoint(parent_dir, cont_step, at_or_before=True)
     main = _join_launch(cfg)
     with _signals() as signals:
-        setup = build(cfg)
+        setup = build(cfg, allow_changed)
         if step >= setup.total_steps:
             raise UserError(f"the fork starts at step {step} but the run has only {setup.total_steps} steps; give a larger --steps")
         monitor = Monitor(cfg, setup.total_steps, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,

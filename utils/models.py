@@ -16,11 +16,21 @@ Architectures (for CIFAR-10 input (3, 32, 32) and 10 outputs):
                convolutions without bias and without BatchNorm: 268,346 parameters.
     resnet_bn  the same ResNet-20 with BatchNorm2d after every convolution: 269,722.
     linear     one Linear layer from the flattened input to the outputs.
-``width`` and ``depth`` shape the mlp only; ``activation`` applies to every model but linear.
+    vit        a small vision transformer: non-overlapping ``patch`` x ``patch`` patches, each
+               flattened and mapped by Linear(C p^2 -> width), plus learned position
+               embeddings; ``depth`` pre-norm blocks x <- x + MHSA(LN(x)),
+               x <- x + MLP(LN(x)) with ``heads`` heads of width/heads and an MLP
+               Linear(width -> 2 width), act, Linear(2 width -> width); a final LayerNorm,
+               mean pooling over the patches, Linear(width -> output_dim). Width 64, depth 2,
+               4 heads, patch 2 on 8x8 digits: 69,066 parameters.
+``width`` and ``depth`` shape the mlp and the vit, ``heads`` and ``patch`` the vit; each model
+has its own defaults (:data:`SHAPE_DEFAULTS`, :func:`resolved_shape`); ``activation`` applies
+to every model but linear.
 
 Initialisation (unless ``no_init``): Kaiming-normal in fan-in mode scaled by ``init_scale``,
     W ~ N(0, (init_scale * gain / sqrt(fan_in))^2),   biases = 0,
-    BatchNorm weight = 1 and bias = 0.
+    BatchNorm and LayerNorm weight = 1 and bias = 0; the vit's position embeddings
+    ~ N(0, (0.02 init_scale / 0.2)^2), that is N(0, 0.02^2) at the default init_scale.
 Every hidden layer (each convolution and each Linear but the last) uses the gain of the
 network's activation: relu sqrt(2), tanh 5/3, and for silu and gelu, which have no standard
 gain, the relu gain sqrt(2). The output layer (the last Linear, which is the whole linear
@@ -37,7 +47,14 @@ import torch.nn.functional as F
 
 from utils.errors import UserError
 
-MODEL_NAMES = ("mlp", "cnn", "resnet", "resnet_bn", "linear")
+MODEL_NAMES = ("mlp", "cnn", "resnet", "resnet_bn", "linear", "vit")
+
+# (width, depth) of each model when --width and --depth are not given; only mlp and vit use them.
+SHAPE_DEFAULTS = {"vit": (64, 2)}
+MLP_SHAPE = (512, 2)
+VIT_HEADS = 4
+_VIT_MLP_RATIO = 2
+_POSITION_STD = 0.02 / 0.2  # per unit of init_scale: 0.02 at the default 0.2
 ACTIVATIONS = ("relu", "tanh", "silu", "gelu")
 
 _ACTIVATION_MODULES = {"relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "gelu": nn.GELU}
@@ -64,21 +81,44 @@ def build_model(
     init_scale: float = 0.2,
     init_seed: int = 8888,
     no_init: bool = False,
+    heads: int | None = None,
+    patch: int | None = None,
 ) -> nn.Module:
-    """Build model ``name`` for inputs of shape ``input_shape`` (without batch dimension)."""
+    """Build model ``name`` for inputs of shape ``input_shape`` (without batch dimension);
+    the vit's ``heads`` and ``patch`` default to :func:`resolved_shape`'s."""
     input_shape = tuple(int(s) for s in input_shape)
     _check_arguments(name, input_shape, output_dim, width, depth, activation)
+    shape = {}
+    if name == "vit":
+        resolved = resolved_shape(name, input_shape, width=width, depth=depth, heads=heads, patch=patch)
+        shape = {"heads": resolved["heads"], "patch": resolved["patch"]}
+        _check_vit(input_shape, width, **shape)
     # Layer constructors draw PyTorch's default init from the global RNG; fork it so the
     # caller's stream is untouched and the no_init weights depend on init_seed alone.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         builder = _BUILDERS[name]
-        model = builder(input_shape, output_dim, width=width, depth=depth, activation=activation)
+        model = builder(input_shape, output_dim, width=width, depth=depth, activation=activation, **shape)
     if not no_init:
         generator = torch.Generator().manual_seed(init_seed)
         gain = _ACTIVATION_GAINS[activation]
         _kaiming_init(model, hidden_gain=gain, init_scale=init_scale, generator=generator)
     return model
+
+
+def resolved_shape(name: str, input_shape, *, width=None, depth=None, heads=None, patch=None) -> dict:
+    """{width, depth, heads, patch} with every None replaced by the model's default: width and
+    depth from :data:`SHAPE_DEFAULTS` (the mlp's 512 x 2 otherwise); for the vit 4 heads and
+    patch 2 on images of side at most 16 (8x8 digits: 16 patches), else 4 (32x32: 64 patches).
+    ``heads`` and ``patch`` stay None for the other models, which have neither."""
+    default_width, default_depth = SHAPE_DEFAULTS.get(name, MLP_SHAPE)
+    resolved = {"width": default_width if width is None else width, "depth": default_depth if depth is None else depth,
+                "heads": heads, "patch": patch}
+    if name == "vit":
+        side = max(tuple(input_shape)[1:], default=1)
+        resolved["heads"] = VIT_HEADS if heads is None else heads
+        resolved["patch"] = (2 if side <= 16 else 4) if patch is None else patch
+    return resolved
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -110,6 +150,9 @@ def _check_arguments(name, input_shape, output_dim, width, depth, activation):
             f"model {name} needs image inputs (channels, height, width), got shape {input_shape}; "
             "use --model mlp or linear for this data set"
         )
+    if name == "vit" and len(input_shape) != 3:
+        raise UserError(f"model vit needs image inputs (channels, height, width), got shape {input_shape}; "
+                        "use --model mlp for this data set")
     if name == "cnn":
         side = min(_cnn_feature_size(input_shape[1]), _cnn_feature_size(input_shape[2]))
         if side < 1:
@@ -118,6 +161,14 @@ def _check_arguments(name, input_shape, output_dim, width, depth, activation):
                 "(needs at least 12x12); use --model mlp or resnet, or a data set with larger "
                 "images"
             )
+
+
+def _check_vit(input_shape, width, *, heads, patch):
+    _, height, wide = input_shape
+    if heads < 1 or width % heads:
+        raise UserError(f"--heads {heads} must divide --width {width}; choose heads such as 1, 2 or 4")
+    if patch < 1 or height % patch or wide % patch:
+        raise UserError(f"--patch {patch} must divide the image size {height}x{wide}; choose a divisor of both")
 
 
 def _cnn_feature_size(side: int) -> int:
@@ -222,12 +273,68 @@ def _build_resnet_bn(input_shape, output_dim, *, width, depth, activation):
     return _ResNet20(input_shape[0], output_dim, activation, batchnorm=True)
 
 
+class _SelfAttention(nn.Module):
+    """Multi-head self-attention softmax(Q K^T / sqrt(d_head)) V, written out so that every
+    Hessian product (double backward, forward-over-reverse, vmap) runs through it."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x):
+        n, tokens, width = x.shape
+        q, k, v = self.qkv(x).reshape(n, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(width // self.heads), dim=-1)
+        return self.out((weights @ v).transpose(1, 2).reshape(n, tokens, width))
+
+
+class _TransformerBlock(nn.Module):
+    def __init__(self, width, heads, activation):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attention = _SelfAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, _VIT_MLP_RATIO * width), _ACTIVATION_MODULES[activation](),
+                                 nn.Linear(_VIT_MLP_RATIO * width, width))
+
+    def forward(self, x):
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class _ViT(nn.Module):
+    def __init__(self, input_shape, output_dim, *, width, depth, heads, patch, activation):
+        super().__init__()
+        channels, height, wide = input_shape
+        self.patch = patch
+        self.embed = nn.Linear(channels * patch * patch, width)
+        self.position = nn.Parameter(torch.zeros(1, (height // patch) * (wide // patch), width))
+        self.blocks = nn.Sequential(*(_TransformerBlock(width, heads, activation) for _ in range(depth)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, output_dim)
+
+    def forward(self, x):
+        p = self.patch
+        n, channels = x.shape[:2]
+        patches = x.unfold(2, p, p).unfold(3, p, p)  # (n, C, H/p, W/p, p, p)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(n, -1, channels * p * p)
+        tokens = self.blocks(self.embed(patches) + self.position)
+        return self.head(self.norm(tokens).mean(dim=1))
+
+
+def _build_vit(input_shape, output_dim, *, width, depth, activation, heads, patch):
+    return _ViT(input_shape, output_dim, width=width, depth=depth, heads=heads, patch=patch, activation=activation)
+
+
 _BUILDERS = {
     "mlp": _build_mlp,
     "cnn": _build_cnn,
     "resnet": _build_resnet,
     "resnet_bn": _build_resnet_bn,
     "linear": _build_linear,
+    "vit": _build_vit,
 }
 
 
@@ -245,6 +352,9 @@ def _kaiming_init(model, *, hidden_gain, init_scale, generator):
         if layer.bias is not None:
             layer.bias.zero_()
     for norm in model.modules():
-        if isinstance(norm, _BATCHNORMS):
+        if isinstance(norm, (*_BATCHNORMS, nn.LayerNorm)):
             norm.weight.fill_(1.0)
             norm.bias.zero_()
+    if isinstance(model, _ViT):
+        noise = torch.randn(model.position.shape, generator=generator, dtype=model.position.dtype)
+        model.position.copy_(noise * _POSITION_STD * init_scale)

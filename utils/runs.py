@@ -25,7 +25,7 @@ from utils.config import RunConfig, results_root
 from utils.cli import OneLineParser, run_cli
 from utils.devices import check_device_name, float64_device, resolve_device
 from utils.errors import UserError
-from utils.launch import ENDED, read_run_config
+from utils.launch import ENDED, read_run_config, refuse_user_loop
 from utils.results import atomic_write_bytes, atomic_write_text, read_json, read_results_table
 from utils.training import Setup, build
 
@@ -215,7 +215,8 @@ def checkpoint_list(run: Run) -> list[tuple[int, str]]:
     return available
 
 
-def rebuild(run: Run, *, cpu: bool = False, device: str | None = None, dtype: torch.dtype = torch.float32) -> Setup:
+def rebuild(run: Run, *, cpu: bool = False, device: str | None = None, dtype: torch.dtype = torch.float32,
+            allow_changed: frozenset = frozenset()) -> Setup:
     """Data, model, loss and optimiser of ``run`` from its config.json (model weights as initialised).
 
     Runs on ``device`` (None: CUDA when available unless ``cpu``), whatever device the run was
@@ -223,7 +224,10 @@ def rebuild(run: Run, *, cpu: bool = False, device: str | None = None, dtype: to
     run's trackers are not needed (nor their packages) to analyse it, and data sets are never
     downloaded (a missing one is a UserError). ``dtype`` is the
     precision of the model and of the inputs and float targets (checkpoints load into it).
+    A folder written by a user's own loop is refused; ``allow_changed`` accepts changed user
+    files (:func:`utils.training.check_user_files`).
     """
+    refuse_user_loop(run.run_dir, run.record, "rebuilt")
     check_device_name(device)
     if cpu and device not in (None, "cpu"):
         raise UserError(f"--cpu and --device {device} contradict each other; give only one of them")
@@ -234,7 +238,7 @@ def rebuild(run: Run, *, cpu: bool = False, device: str | None = None, dtype: to
         chosen = float64_device(chosen)
     cfg = dataclasses.replace(run.cfg, cpu=False, device=str(chosen), tf32=False, quiet=True, wandb=False,
                               tensorboard=False, download=False, final=False)
-    setup = build(cfg)
+    setup = build(cfg, allow_changed)
     setup.model.to(dtype)
 
     def cast(t):
@@ -349,8 +353,15 @@ def build_analysis_parser(prog: str, description: str, *, default_latest: bool, 
     if rebuilds:
         g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: CUDA when available, else the CPU)")
         g.add_argument("--cpu", action="store_true", help="the same as --device cpu")
+        g.add_argument("--allow-changed-model", action="store_true", help="measure even though the run's --model file changed")
+        g.add_argument("--allow-changed-data", action="store_true", help="measure even though the run's --dataset file changed")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def allowed_changes(args) -> frozenset:
+    """The user files whose change an analysis accepts (--allow-changed-model, --allow-changed-data)."""
+    return frozenset(kind for kind in ("model", "data") if getattr(args, f"allow_changed_{kind}", False))
 
 
 def newest_state(run: Run) -> tuple[str, dict]:

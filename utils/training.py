@@ -33,15 +33,17 @@ from utils import distributed, schedule, sharded
 from utils.checkpoints import checkpoint_path, prune_checkpoints, rng_state, save_checkpoint, set_rng_state
 from utils.cli import SignalCatcher
 from utils.config import ADAM_BETAS, DEFAULT_STEPS, RunConfig, datasets_root, validate
-from utils.data import load_dataset
+from utils.data import is_data_file, load_dataset
 from utils.devices import resolve_device, set_tf32
 from utils.errors import UserError
 from utils.losses import accuracy, get_loss
-from utils.models import build_model, count_parameters, has_batchnorm
+from utils.models import build_model, count_parameters, has_batchnorm, resolved_shape
 from utils.monitor import Monitor
 from utils.noise import NoisyStep, noisy_step_from_config
 from utils.resources import check_memory, memory_for
 from utils.results import TIME_COLUMN, ResultsWriter, atomic_write_json
+from utils.user_files import checked_hash, is_model_file, model_file_parts
+from utils.user_models import build_user_model
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -91,7 +93,7 @@ def check_model_fits(cfg: RunConfig, input_shape, output_dim: int, device: torch
     allocates nothing)."""
     with torch.device("meta"):
         shape = build_model(cfg.model, input_shape, output_dim, width=cfg.width, depth=cfg.depth,
-                            activation=cfg.activation, no_init=True)
+                            activation=cfg.activation, no_init=True, heads=cfg.heads, patch=cfg.patch)
     count = count_parameters(shape)
     optimiser_copies = 2 if cfg.adam else (1 if cfg.momentum else 0)
     parts = "parameters, gradients" + (" and optimiser state" if optimiser_copies else "")
@@ -105,9 +107,33 @@ def epoch_permutation(data_ordering_seed: int, epoch: int, n: int) -> torch.Tens
     return torch.randperm(n, generator=generator)
 
 
-def build(cfg: RunConfig) -> Setup:
-    """Validate ``cfg`` and build data, model, loss and optimiser (no files written)."""
+def check_user_files(cfg: RunConfig, allow_changed: frozenset = frozenset()) -> None:
+    """Make the paths of a --dataset or --model file absolute (a run folder is rebuilt from
+    anywhere) and record their SHA-256, or check them against the recorded ones
+    (:func:`utils.user_files.checked_hash`); ``allow_changed`` holds "model" and/or "data"."""
+    if is_data_file(cfg.dataset):
+        cfg.dataset = os.path.abspath(cfg.dataset)
+        cfg.dataset_sha256 = checked_hash(cfg.dataset, cfg.dataset_sha256, "data", "data" in allow_changed)
+    if is_model_file(cfg.model):
+        path, function = model_file_parts(cfg.model)
+        cfg.model = f"{os.path.abspath(path)}:{function}"
+        cfg.model_sha256 = checked_hash(os.path.abspath(path), cfg.model_sha256, "model", "model" in allow_changed)
+
+
+def resolve_model_shape(cfg: RunConfig, input_shape) -> None:
+    """Fill in the model's own defaults of --width, --depth, --heads and --patch, so that
+    config.json records the values the model was built with."""
+    if not is_model_file(cfg.model):
+        for key, value in resolved_shape(cfg.model, input_shape, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
+                                         patch=cfg.patch).items():
+            setattr(cfg, key, value)
+
+
+def build(cfg: RunConfig, allow_changed: frozenset = frozenset()) -> Setup:
+    """Validate ``cfg`` and build data, model, loss and optimiser (no files written); ``cfg``
+    gets its resolved model shape and the hashes of its user files (:func:`check_user_files`)."""
     validate(cfg)
+    check_user_files(cfg, allow_changed)
     device = pick_device(cfg.device, cfg.cpu)
     set_tf32(cfg.tf32)
     world = distributed.init(device)
@@ -120,17 +146,23 @@ def build(cfg: RunConfig) -> Setup:
                             num_classes=cfg.num_classes, download=cfg.download,
                             device="cpu" if world.distributed else device)  # a rank's device gets its part only
     n = data.X_train.shape[0]
+    first_rows = data.X_train[:2]  # what a model file's output is checked on, before the rows are sharded
     if world.distributed:
         if n < world.size:
             raise UserError(f"{n} training samples cannot be split over {world.size} processes; use more --num-data")
         data = shard_dataset(data, world, device)
     if cfg.batch > n:
         raise UserError(f"--batch {cfg.batch} is larger than the training set ({n} samples); use a smaller --batch or more --num-data")
-    check_model_fits(cfg, data.input_shape, data.output_dim, device)
+    resolve_model_shape(cfg, data.input_shape)
     with memory_for(f"building the model {cfg.model}", MODEL_TOO_BIG):
-        model = build_model(cfg.model, data.input_shape, data.output_dim, width=cfg.width, depth=cfg.depth,
-                            activation=cfg.activation, init_scale=cfg.init_scale, init_seed=cfg.init_seed,
-                            no_init=cfg.no_init).to(device)
+        if is_model_file(cfg.model):
+            model = build_user_model(cfg.model, data.input_shape, data.output_dim, model_args=cfg.model_args,
+                                     init_seed=cfg.init_seed, sample=first_rows).to(device)
+        else:
+            check_model_fits(cfg, data.input_shape, data.output_dim, device)
+            model = build_model(cfg.model, data.input_shape, data.output_dim, width=cfg.width, depth=cfg.depth,
+                                activation=cfg.activation, init_scale=cfg.init_scale, init_seed=cfg.init_seed,
+                                no_init=cfg.no_init, heads=cfg.heads, patch=cfg.patch).to(device)
     if world.distributed and has_batchnorm(model):
         raise UserError(f"the model {cfg.model} has BatchNorm, whose train-mode statistics are not sums over samples; "
                         f"run it in one process (without torchrun)")
@@ -154,10 +186,13 @@ def shard_dataset(data, world: distributed.World, device=None):
 @torch.no_grad()
 def evaluate(model, loss_fn, X, Y, chunk_size: int = 4096) -> tuple[float, float]:
     """Mean loss and accuracy over (X, Y) in eval mode, in chunks; the model's mode is restored.
-    Over :class:`utils.sharded.Rows`, the means of the whole, each rank's sums added up."""
+    Over :class:`utils.sharded.Rows`, the means of the whole, each rank's sums added up; an empty
+    set (a data file without a test split) has NaN for both."""
     if sharded.is_sharded(X):
         parts = evaluate(model, loss_fn, X.local, Y.local, chunk_size) if X.count else (0.0, 0.0)
         return tuple(sharded.mean_over_ranks(list(parts), X))
+    if X.shape[0] == 0:
+        return math.nan, math.nan
     was_training = model.training
     model.eval()
     total, correct = 0.0, 0.0
