@@ -19,8 +19,8 @@ import sys
 import pandas as pd
 from tqdm import tqdm
 
-from utils.analysis import (check_batch_sizes, default_batch_sizes, estimates_at_sample_limit, ghg_family, ghg_record,
-                            gni_all_batch_sizes, stability_label, stability_threshold)
+from utils.analysis import (FINAL_MAX_SAMPLES, check_batch_sizes, default_batch_sizes, estimates_at_sample_limit,
+                            ghg_family, ghg_record, gni_all_batch_sizes, stability_label, stability_threshold)
 from utils.errors import UserError
 from utils.runs import DTYPES, allowed_changes, build_analysis_parser, load_weights, measure_newest_states, rebuild
 
@@ -33,8 +33,8 @@ def build_parser():
     g = p.add_argument_group("measurement")
     g.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B",
                    help="batch sizes to measure besides the training batch size (default: powers of two up to n)")
-    g.add_argument("--max-samples", type=int, default=None,
-                   help="at most this many random batches per estimate (default: the measurements' own limit)")
+    g.add_argument("--max-samples", type=int, default=FINAL_MAX_SAMPLES,
+                   help="at most this many random batches per estimate; each stops at its standard-error target first")
     g.add_argument("--hvp-chunk", type=int, default=None, help="samples per chunk of full-batch Hessian products (default: the run's)")
     g.add_argument("--seed", type=int, default=None, help="seed of the random batches (default: the run's --measure-seed)")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="precision of the measurements (default float32, as in training)")
@@ -44,7 +44,7 @@ def build_parser():
 
 
 def check_args(args) -> None:
-    if args.max_samples is not None and args.max_samples < 2:
+    if args.max_samples < 2:
         raise UserError(f"--max-samples must be at least 2, got {args.max_samples}")
     if args.hvp_chunk is not None and args.hvp_chunk < 1:
         raise UserError(f"--hvp-chunk must be at least 1, got {args.hvp_chunk}")

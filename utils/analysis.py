@@ -21,6 +21,11 @@ ADAM_BETA1 = ADAM_BETAS[0]
 # Relative residual of the end-of-run eigen-solves of compute_final_fullbs.py, in float64.
 FULL_BATCH_TOL = 1e-5
 GHG_QUANTITIES = ("batch_sharpness", "batch_sharpness_ratio", "gni")
+# compute_final_gHg.py's cap on the batches of one estimate: ten times the cap of measurements
+# during training, since at b <= 16 the per-batch quotients spread by a quarter of their mean and
+# 0.5 % needs several thousand batches (2,300 to 4,600 at b = 8 and 16 at the end of the Quick
+# start's b = 16 run).
+FINAL_MAX_SAMPLES = 10 * MAX_SAMPLES
 
 
 def stability_threshold(cfg) -> float:
