@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from curvature_reference import (LOSSES, check_honest, dense_gradient, dense_hessian, drawn_batches, mean_reference,
-                                 tiny_cnn, tiny_data, tiny_images, tiny_mlp, tiny_resnet_bn)
+from curvature_reference import (LOSSES, all_batches, check_honest, dense_gradient, dense_hessian, drawn_batches,
+                                 mean_reference, tiny_cnn, tiny_data, tiny_images, tiny_mlp, tiny_resnet_bn)
 from spectra import counting, known_matrix
 from utils import spectrum
 from utils.estimators import measurement_generator
@@ -101,6 +101,19 @@ def test_gradient_overlap_matches_the_dense_eigenspace(name, dense):
                                                      max_samples=60)
     assert reused.hvps == 0 and reused.value == pytest.approx(fraction(g), abs=1e-12)
     assert reused_batch.value == pytest.approx(batch.value, abs=1e-6) and reused_batch.n == batch.n
+
+
+def test_batch_gradient_overlap_is_honest():
+    model, loss_fn, (X, Y) = tiny_mlp(), LOSSES["mse"], tiny_data(N, "mse")
+    top = torch.linalg.eigh(dense_hessian(model, loss_fn, X, Y))[1][:, -2:]
+
+    def fraction(v):
+        return ((top.T @ v) @ (top.T @ v) / (v @ v)).item()
+
+    exact = np.mean([fraction(dense_gradient(model, loss_fn, X[idx], Y[idx])) for idx in all_batches(N, B)])
+    runs = [spectrum.gradient_overlap(model, loss_fn, X, Y, B, k=2, vectors=top, generator=measurement_generator(s, 0),
+                                      min_samples=30, max_samples=30)[1] for s in range(100)]
+    check_honest([r.value for r in runs], [r.se for r in runs], exact)
 
 
 @pytest.mark.parametrize("name", CASES)
