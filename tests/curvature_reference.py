@@ -92,6 +92,18 @@ def dense_hessian(model, loss_fn, X, Y, train_mode=True):
     return torch.func.jacrev(torch.func.grad(loss))(flat)
 
 
+def dense_gauss_newton(model, loss_name, X, Y, train_mode=True):
+    """G from explicit Jacobians J_i (C x P) of every sample's outputs and the closed-form M_i."""
+    outputs, flat = flat_outputs(model, X, train_mode)
+    J = torch.func.jacrev(outputs)(flat)  # (n, C, P)
+    n = X.shape[0]
+    if loss_name == "mse":
+        return 2 / n * torch.einsum("icp,icq->pq", J, J)
+    p = torch.softmax(outputs(flat).detach(), dim=1)
+    M = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return torch.einsum("icp,icd,idq->pq", J, M, J) / n
+
+
 def finite_difference_hessian(model, loss_fn, X, Y, train_mode=True, eps=1e-5):
     """Central differences of the gradient, column by column (truncation error about 1e-7 here)."""
     loss, flat = _flat_loss(model, loss_fn, X, Y, train_mode)
@@ -207,6 +219,20 @@ def forbid_fast_routes(monkeypatch):
 
     monkeypatch.setattr(batch_forms, "linear_network", refuse)
     monkeypatch.setattr(hvp, "default_hvp_mode", refuse)
+
+
+def tiny_resnet(seed=0):
+    """EOSS's ``resnet`` (ResNet-20 without BatchNorm) for 1x8x8 inputs and 2 outputs in float64,
+    trainable only in the first convolution and the head (274 parameters): a small dense Hessian
+    while every forward pass runs through every residual block."""
+    from utils.models import build_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_model("resnet", (1, 8, 8), 2).double()
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(("conv.", "head")))
+    return model
 
 
 def tiny_resnet_bn(seed=0):

@@ -4,11 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from curvature_reference import (LOSSES, dense_gradient, dense_hessian, exact_trace_HS, forbid_fast_routes, tiny_cnn, tiny_data,
-                                 tiny_images, tiny_mlp)
+from curvature_reference import (LOSSES, dense_gauss_newton, dense_gradient, dense_hessian, exact_trace_HS,
+                                 forbid_fast_routes, tiny_cnn, tiny_data, tiny_images, tiny_mlp, tiny_resnet,
+                                 tiny_resnet_bn)
 from utils import batch_forms
-from utils.batch_forms import (batch_quadratic_forms, batch_route, centred_forms, chain_quadratic_forms, noise_route,
-                               same_batch_route, vmapped_quadratic_forms)
+from utils.batch_forms import (batch_quadratic_forms, batch_route, centred_forms, chain_quadratic_forms,
+                               gauss_newton_forms, gauss_newton_route, noise_route, same_batch_route,
+                               vmapped_quadratic_forms)
 
 N = 10
 IDX = torch.tensor([[0, 3, 5], [1, 2, 9], [4, 6, 8], [7, 0, 2]])
@@ -22,8 +24,15 @@ def test_the_route_follows_the_model_and_the_device():
     assert batch_route(cnn, LOSSES["ce"], X, Y, exact=True) == "double-backward"
     assert batch_route(tiny_mlp(), LOSSES["mse"], mlp_X, mlp_Y) == "stacked-gram"
     assert batch_route(tiny_mlp(), LOSSES["mse"], mlp_X, mlp_Y, exact=True) == "double-backward"
-    for device in ("cpu", "cuda"):
-        assert batch_route(tiny_mlp(batchnorm=True), LOSSES["mse"], mlp_X, mlp_Y, device=device) == "double-backward"
+    # BatchNorm: vmapped on a GPU; on the CPU where batches are small enough to be overhead-bound.
+    bn = tiny_mlp(batchnorm=True)
+    assert batch_route(bn, LOSSES["mse"], mlp_X, mlp_Y, device="cuda") == "vmap-double-backward"
+    assert batch_route(bn, LOSSES["mse"], mlp_X, mlp_Y) == "double-backward"
+    assert batch_route(bn, LOSSES["mse"], mlp_X, mlp_Y, batch_size=8) == "vmap-double-backward"
+    images = torch.zeros(4, 3, 32, 32)
+    assert batch_route(tiny_resnet(), LOSSES["mse"], images, mlp_Y[:4], batch_size=16) == "double-backward"
+    assert batch_route(tiny_resnet(), LOSSES["mse"], images[:, :, :8, :8], mlp_Y[:4], batch_size=16) == \
+        "vmap-double-backward"
     with_dropout = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout(0.1), nn.Flatten(), nn.Linear(18, 2)).double()
     assert batch_route(with_dropout, LOSSES["ce"], X, Y, device="cuda") == "double-backward"
 
@@ -31,7 +40,7 @@ def test_the_route_follows_the_model_and_the_device():
 ROUTES = {  # (model, loss, data, exact) taking each same-batch route on the CPU; vmap is forced
     "stacked-gram": lambda: (tiny_mlp(), LOSSES["ce"], tiny_data(N, "ce"), False),
     "r-operator": lambda: (tiny_cnn(), LOSSES["mse"], tiny_images(N, "mse"), False),
-    "double-backward": lambda: (tiny_mlp(batchnorm=True), LOSSES["mse"], tiny_data(N, "mse"), False),
+    "double-backward": lambda: (tiny_mlp(batchnorm=True), LOSSES["mse"], tiny_data(N, "mse"), False),  # forced
     "exact": lambda: (tiny_mlp(), LOSSES["ce"], tiny_data(N, "ce"), True),
     "vmap-double-backward": lambda: (tiny_cnn(), LOSSES["ce"], tiny_images(N, "ce"), False),
 }
@@ -40,7 +49,7 @@ ROUTES = {  # (model, loss, data, exact) taking each same-batch route on the CPU
 @pytest.mark.parametrize("name", sorted(ROUTES))
 def test_every_same_batch_route_gives_the_dense_terms(name, monkeypatch):
     model, loss_fn, (X, Y), exact = ROUTES[name]()
-    if name == "vmap-double-backward":
+    if name in ("vmap-double-backward", "double-backward"):
         monkeypatch.setattr(batch_forms, "batch_route", lambda *args, **kwargs: name)
     route = same_batch_route(model, loss_fn, X, Y, 3, exact=exact)
     # Twice: the Gram route gathers the rows of every sample once the batches asked for n rows.
@@ -86,8 +95,48 @@ def test_vmapped_quadratic_forms_match_dense_per_batch(loss_name, train_mode):
     assert_dense_per_batch(model, loss_fn, X, Y, idx, quadratics, norms, train_mode)
     assert model.training == (not train_mode)
     assert all(p.grad is None for p in model.parameters())
-    with pytest.raises(ValueError, match="BatchNorm"):
-        vmapped_quadratic_forms(tiny_mlp(batchnorm=True), loss_fn, X, Y, idx)
+
+
+RESIDUAL = {  # (model, train_mode): the ResNet-20 of EOSS in float64, few trainable parameters
+    "resnet": lambda: (tiny_resnet(), True),
+    "resnet_bn-train": lambda: (tiny_resnet_bn(), True),
+    "resnet_bn-eval": lambda: (tiny_resnet_bn(), False),
+}
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "ce"])
+@pytest.mark.parametrize("case", sorted(RESIDUAL))
+def test_residual_networks_take_vmap_with_batch_statistics_per_batch(case, loss_name):
+    """Batch Sharpness and Gauss–Newton terms of ResNet-20 (with BatchNorm: each batch normalised by
+    its own statistics in train mode, the running ones in eval mode) against the dense float64
+    Hessian and Gauss–Newton matrix of each batch; every route agrees with the plain loop."""
+    model, train_mode = RESIDUAL[case]()
+    loss_fn = LOSSES[loss_name]
+    X = torch.randn(N, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    Y = tiny_data(N, loss_name)[1]
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):  # running statistics unlike any batch's own
+                module.running_mean.uniform_(-0.3, 0.3, generator=torch.Generator().manual_seed(1))
+                module.running_var.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
+    buffers = [b.clone() for b in model.buffers()]
+    idx = IDX[:3]
+    assert batch_route(model, loss_fn, X, Y, batch_size=3) == "vmap-double-backward"
+    quadratics, norms = same_batch_route(model, loss_fn, X, Y, 3, train_mode=train_mode).forms(idx)
+    assert_dense_per_batch(model, loss_fn, X, Y, idx, quadratics, norms, train_mode)
+    plain = batch_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
+    torch.testing.assert_close((quadratics, norms), plain, rtol=1e-11, atol=0)
+    route = gauss_newton_route(model, loss_fn, X, Y, 3, train_mode=train_mode)
+    for terms in (route.forms(idx), gauss_newton_forms(model, loss_fn, X, Y, idx, train_mode=train_mode,
+                                                       vectorised=False)):
+        for rows, quadratic, norm2 in zip(idx.tolist(), *terms):
+            g = dense_gradient(model, loss_fn, X[rows], Y[rows], train_mode)
+            G = dense_gauss_newton(model, loss_name, X[rows], Y[rows], train_mode)
+            assert quadratic.item() == pytest.approx((g @ G @ g).item(), rel=1e-11)
+            assert norm2.item() == pytest.approx((g @ g).item(), rel=1e-11)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert all(p.grad is None for p in model.parameters())
+    assert not any("forward" in vars(m) for m in model.modules())  # BatchNorm is itself again
 
 
 @pytest.mark.parametrize("loss_name", ["mse", "ce"])

@@ -116,7 +116,7 @@ def frozen_bias(model):
 ROUTES = {  # (model, loss, data, exact, train_mode) for each route of the per-batch forms on the CPU
     "stacked-gram": lambda: (tiny_mlp(), LOSSES["ce"], tiny_data(10, "ce"), False, True),
     "r-operator": lambda: (tiny_cnn(), LOSSES["mse"], tiny_images(10, "mse"), False, True),
-    "double-backward": lambda: (frozen_bias(tiny_mlp()), LOSSES["mse"], tiny_data(10, "mse"), False, True),
+    "double-backward": lambda: (frozen_bias(tiny_mlp()), LOSSES["mse"], tiny_data(10, "mse"), False, True),  # forced
     "batchnorm-eval": lambda: (tiny_mlp(batchnorm=True), LOSSES["ce"], tiny_data(10, "ce"), False, False),
     "exact": lambda: (tiny_mlp(), LOSSES["mse"], tiny_data(10, "mse"), True, True),
     "vmap-double-backward": lambda: (tiny_cnn(), LOSSES["ce"], tiny_images(10, "ce"), False, True),  # forced
@@ -147,7 +147,7 @@ def test_estimates_are_those_of_the_drawn_batches_on_every_route(route, monkeypa
     dense derivatives of the batches the generator draws, with the stopping rule applied by brute
     force: the same samples, stopping point and standard error whatever route computes them."""
     model, loss_fn, (X, Y), exact, train_mode = ROUTES[route]()
-    if route == "vmap-double-backward":
+    if route in ("vmap-double-backward", "double-backward"):  # small batches would take vmap on the CPU
         monkeypatch.setattr(batch_forms, "batch_route", lambda *args, **kwargs: route)
     dense = DenseBatches(model, loss_fn, X, Y, train_mode)
     limits = {"min_samples": 5, "max_samples": 200, "train_mode": train_mode, "exact": exact}

@@ -11,10 +11,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.func import jacrev
 
-from curvature_reference import (LOSSES, all_batches, batch_derivatives, check_honest_estimates, dense_gradient,
-                                 dense_hessian, flat_outputs, mean_reference, tiny_data, tiny_mlp)
+from curvature_reference import (LOSSES, all_batches, batch_derivatives, check_honest_estimates, dense_gauss_newton,
+                                 dense_gradient, dense_hessian, mean_reference, tiny_data, tiny_mlp)
 from utils.estimators import measurement_generator
 from utils.gauss_newton import GaussNewtonOperator
 from utils.hvp import flat_grad, flat_params
@@ -23,18 +22,6 @@ from utils.measures import (adam_preconditioner, batch_lambda_max, batch_sharpne
                             param_distance, preconditioned_sharpness, rademacher_probe, unseen_with_curvature)
 
 N, B = 8, 3
-
-
-def dense_gauss_newton(model, loss_name, X, Y, train_mode=True):
-    """G from explicit Jacobians J_i (C x P) of every sample's outputs and the closed-form M_i."""
-    outputs, flat = flat_outputs(model, X, train_mode)
-    J = jacrev(outputs)(flat)  # (n, C, P)
-    n = X.shape[0]
-    if loss_name == "mse":
-        return 2 / n * torch.einsum("icp,icq->pq", J, J)
-    p = torch.softmax(outputs(flat).detach(), dim=1)
-    M = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    return torch.einsum("icp,icd,idq->pq", J, M, J) / n
 
 
 @pytest.mark.parametrize("loss_name", ["mse", "ce"])

@@ -19,14 +19,21 @@ Same-batch terms, by the route :func:`batch_route` names (recorded as ``batch_ro
                           Gram matrices, many batches per call; once the batches have asked for
                           n rows, every sample's activations and errors are computed once and
                           gathered from then on.
-    vmap-double-backward  other models without BatchNorm or dropout, on a GPU: one double backward
-                          per batch, for all the batches of a call at once under ``vmap``, since a
-                          single small batch is bound by kernel launches there.
+    vmap-double-backward  other models without dropout on a GPU, and on the CPU where a batch is
+                          small (at most ``_CPU_VMAP_NUMBERS`` input numbers, b = 16 of 3x8x8 but
+                          not b = 8 of 3x32x32): one double backward per batch, for all the
+                          batches of a call at once under ``vmap``, since a single small batch is
+                          bound by per-operation overhead. BatchNorm runs there as plain tensor
+                          operations (:func:`plain_batchnorm`), each batch normalised by its own
+                          statistics in train mode.
     r-operator            other layer chains (:func:`utils.r_operator.is_chain`, the ``cnn``
                           model) on the CPU: one primal pass per batch, and g_B^T H_B g_B as a
                           second directional derivative by forward differentiation.
-    double-backward       everything else (BatchNorm, ResNets on the CPU): one graph and one
-                          double backward per batch.
+    double-backward       everything else (ResNets on larger CPU inputs, dropout): one graph and
+                          one double backward per batch.
+
+Gauss–Newton terms (g_B^T G_B g_B, |g_B|^2) (:func:`gauss_newton_forms`) take the same vmapped
+call where the same-batch terms do, else the same function one batch at a time.
 
 Full-data and centred forms: Linear/activation chains carry many batch directions through one
 pass over the data with the Gram engine; other models take Hessian-vector products on the whole
@@ -36,12 +43,14 @@ data from :class:`utils.hvp.HessianOperator` in its default mode.
 and plain double-backward Hessian products on the whole data.
 """
 
+import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from utils.gram import ROW_BUDGET, LinearNetwork, linear_network, squared_norm
 from utils.hvp import (PLAIN_HVP_MODE, HessianOperator, flat_grad, forward_in_current_mode, model_mode, num_params,
@@ -64,6 +73,14 @@ _VMAP_ACTIVATION_NUMBERS = 1 << 28
 _ACTIVATIONS_PER_INPUT = 250
 # Batches computed ahead of the stopping rule on the vmapped route.
 _VMAP_MIN_AHEAD = 8
+# Input numbers of one batch up to which the CPU takes the vmapped route: below it a batch's
+# double backward is bound by per-operation overhead (ResNet-20 with BatchNorm, b = 16 of
+# 3x8x8 = 3072 numbers: 2-3x faster vmapped, 32 batches a call), above it by arithmetic (b = 8
+# of 3x32x32: 0.85-1.3x), where the loop keeps its smaller memory.
+_CPU_VMAP_NUMBERS = 4096
+# Batches per vmapped call on the CPU: more only grow the tensors past the caches.
+_CPU_VMAP_PER_CALL = 32
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Batch gradients held at once by the Hessian-operator route of the centred forms.
 _OPERATOR_BLOCK = 10
 
@@ -91,23 +108,27 @@ class NoiseRoute(Route):
 # --- same-batch terms (g_B^T H_B g_B, |g_B|^2) -------------------------------------------------
 
 
-def batch_route(model, loss_fn, X, Y, *, device=None, exact: bool = False) -> str:
+def batch_route(model, loss_fn, X, Y, *, device=None, exact: bool = False, batch_size: int | None = None) -> str:
     """The name of the route of the same-batch terms (see the module docstring); ``device``
-    defaults to the parameters' device."""
+    defaults to the parameters' device; on the CPU the vmapped route needs ``batch_size``."""
     if exact:
         return "double-backward"
     if linear_network(model, loss_fn, X, Y) is not None:
         return "stacked-gram"
     params = trainable_params(model)
     device = torch.device(device) if device is not None else params[0].device
-    if device.type == "cuda" and not has_batchnorm(model) and not _has_dropout(model):
+    if has_dropout(model):
+        return "double-backward"
+    if device.type == "cuda":
         return "vmap-double-backward"
     if is_chain(model):
         return "r-operator"
+    if batch_size is not None and batch_size * X[0].numel() <= _CPU_VMAP_NUMBERS:
+        return "vmap-double-backward"
     return "double-backward"
 
 
-def _has_dropout(model) -> bool:
+def has_dropout(model) -> bool:
     """Random layers draw one mask per call, which vmap refuses (and the loop would not share)."""
     return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
 
@@ -115,18 +136,15 @@ def _has_dropout(model) -> bool:
 def same_batch_route(model, loss_fn, X, Y, batch_size, *, train_mode=True, exact=False) -> Route:
     """The route of :func:`batch_route` for batches of ``batch_size`` rows of (X, Y): ``forms(idx)``
     returns the pair (g_B^T H_B g_B, |g_B|^2), each (K,)."""
-    route = batch_route(model, loss_fn, X, Y, exact=exact)
+    route = batch_route(model, loss_fn, X, Y, exact=exact, batch_size=batch_size)
     if route == "stacked-gram":
         return Route(_StackedTerms(linear_network(model, loss_fn, X, Y), X, Y),
                      per_call=max(1, ROW_BUDGET // (4 * batch_size)),
                      min_block=max(1, _MIN_ROWS_AHEAD // batch_size), ahead=True)
     if route == "vmap-double-backward":
-        per_call = max(1, min(_GRAPHS_PER_CALL, _VMAP_NUMBERS // num_params(model),
-                              _VMAP_ACTIVATION_NUMBERS // (batch_size * X[0].numel() * _ACTIVATIONS_PER_INPUT)))
-
         def vmapped_terms(idx):
             return vmapped_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
-        return Route(vmapped_terms, per_call=per_call, min_block=min(per_call, _VMAP_MIN_AHEAD), ahead=True)
+        return _vmapped_route(vmapped_terms, model, X, batch_size)
 
     if route == "r-operator":
         def chain_terms(idx):
@@ -164,6 +182,47 @@ class _StackedTerms:
             if self.cache is None:
                 return self.net.batch_terms(self.X[idx], self.Y[idx])
             return self.net.batch_terms_of(self.cache.map(lambda t: t[idx]))
+
+
+def _vmapped_route(forms, model, X, batch_size) -> Route:
+    """A :class:`Route` of vmapped ``forms``, as many batches per call as memory allows."""
+    cap = _GRAPHS_PER_CALL if trainable_params(model)[0].device.type == "cuda" else _CPU_VMAP_PER_CALL
+    per_call = max(1, min(cap, _VMAP_NUMBERS // num_params(model),
+                          _VMAP_ACTIVATION_NUMBERS // (batch_size * X[0].numel() * _ACTIVATIONS_PER_INPUT)))
+    return Route(forms, per_call=per_call, min_block=min(per_call, _VMAP_MIN_AHEAD), ahead=True)
+
+
+def _plain_batchnorm_forward(norm, x):
+    """``norm``'s output by plain tensor operations: batch statistics (biased variance) in
+    train mode or without running statistics, else the running ones; the running statistics
+    are read, never written."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if norm.training or norm.running_mean is None:
+        dims = [0, *range(2, x.dim())]
+        mean = x.mean(dim=dims, keepdim=True)
+        var = (x - mean).square().mean(dim=dims, keepdim=True)
+    else:
+        mean, var = norm.running_mean.view(shape), norm.running_var.view(shape)
+    out = (x - mean) * torch.rsqrt(var + norm.eps)
+    if norm.weight is not None:
+        out = out * norm.weight.view(shape) + norm.bias.view(shape)
+    return out
+
+
+@contextmanager
+def plain_batchnorm(model):
+    """Every BatchNorm layer of ``model`` computed by plain tensor operations while inside, which
+    ``vmap`` and forward-mode and double differentiation all see through (``F.batch_norm``'s
+    double backward has no batching rule). Under ``vmap`` over batches each batch keeps its own
+    statistics. Same values as BatchNorm to round-off."""
+    norms = [m for m in model.modules() if isinstance(m, _BATCHNORMS)]
+    for norm in norms:
+        norm.forward = types.MethodType(_plain_batchnorm_forward, norm)
+    try:
+        yield
+    finally:
+        for norm in norms:
+            del norm.forward
 
 
 def batch_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mode=True) -> tuple:
@@ -207,31 +266,86 @@ def vmapped_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mo
 
     One ``torch.func.vmap`` over the batches of reverse-over-reverse differentiation: ``vjp``
     of ``grad L_B`` at theta returns g_B together with the map u -> H_B u, which is applied to
-    g_B itself. Each batch kernel then runs once for all K batches, which pays on a GPU where a
-    single small batch is bound by kernel launches. Not for BatchNorm (torch.func cannot take
-    its second derivatives under ``vmap``). Memory: a few parameter-sized vectors per batch.
+    g_B itself. Each batch kernel then runs once for all K batches, which pays where a single
+    small batch is bound by per-operation overhead. BatchNorm runs as :func:`plain_batchnorm`,
+    so in train mode each batch is normalised by its own statistics. Memory: a few
+    parameter-sized vectors per batch.
     """
-    if has_batchnorm(model):
-        raise ValueError("vmapped per-batch forms do not support BatchNorm; use batch_quadratic_forms")
+    names, primals, batch_loss, X, Y = _functional_batch_loss(model, loss_fn, X, Y)
+
+    def batch_terms(xb, yb):
+        gradient, hessian_times = vjp(grad(lambda v: batch_loss(v, xb, yb)), primals)
+        (product,) = hessian_times(gradient)
+        quadratic = sum((gradient[name] * product[name]).sum() for name in names)
+        norm2 = sum((gradient[name] * gradient[name]).sum() for name in names)
+        return quadratic, norm2
+
+    with model_mode(model, train_mode), plain_batchnorm(model):
+        quadratic, norm2 = vmap(batch_terms)(X[idx], Y[idx])
+    return quadratic.detach(), norm2.detach()
+
+
+def _functional_batch_loss(model, loss_fn, X, Y):
+    """(trainable names, their values, (values, xb, yb) -> the model's outputs and mean loss on
+    the batch, X, Y in the parameters' dtype) for torch.func."""
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     params, X, Y = params_and_data(model, X, Y)
     primals = {name: p.detach() for name, p in zip(names, params)}
     frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
     buffers = dict(model.named_buffers())
 
+    def outputs(values, xb):
+        return functional_call(model, (values, frozen, buffers), (xb,))
+
+    def batch_loss(values, xb, yb):
+        return loss_fn(outputs(values, xb), yb)
+
+    batch_loss.outputs = outputs
+    return names, primals, batch_loss, X, Y
+
+
+def gauss_newton_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mode=True, vectorised=True) -> tuple:
+    """(g_B^T G_B g_B, |g_B|^2) for every batch B given as a row of ``idx`` (K, b), each (K,).
+
+    G_B = J_B^T M_B J_B is the batch's Gauss–Newton matrix (:mod:`utils.gauss_newton`), J_B the
+    Jacobian of the batch's outputs (in train-mode BatchNorm each depends on the whole batch) and
+    M_B the Hessian of the mean loss in output space, so
+
+        g_B^T G_B g_B = (J_B g_B)^T M_B (J_B g_B):
+
+    g_B by reverse mode, J_B g_B by one forward-mode pass along it, and M_B (J_B g_B) by a
+    forward-mode pass over the loss's output gradient. No second-order pass through the
+    network. ``vectorised``: all K batches in one ``vmap`` call, else one at a time; BatchNorm
+    runs as :func:`plain_batchnorm` either way.
+    """
+    names, primals, batch_loss, X, Y = _functional_batch_loss(model, loss_fn, X, Y)
+
     def batch_terms(xb, yb):
-        def batch_gradient(values):
-            return grad(lambda v: loss_fn(functional_call(model, (v, frozen, buffers), (xb,)), yb))(values)
-
-        gradient, hessian_times = vjp(batch_gradient, primals)
-        (product,) = hessian_times(gradient)
-        quadratic = sum((gradient[name] * product[name]).sum() for name in names)
+        gradient = grad(lambda v: batch_loss(v, xb, yb))(primals)
+        outputs, along = jvp(lambda v: batch_loss.outputs(v, xb), (primals,), (gradient,))
+        _, curvature = jvp(grad(lambda f: loss_fn(f, yb)), (outputs,), (along,))
         norm2 = sum((gradient[name] * gradient[name]).sum() for name in names)
-        return quadratic, norm2
+        return (along * curvature).sum(), norm2
 
-    with model_mode(model, train_mode):
-        quadratic, norm2 = vmap(batch_terms)(X[idx], Y[idx])
+    with model_mode(model, train_mode), plain_batchnorm(model):
+        if vectorised:
+            quadratic, norm2 = vmap(batch_terms)(X[idx], Y[idx])
+        else:
+            quadratic, norm2 = (torch.stack(t) for t in zip(*(batch_terms(X[rows], Y[rows]) for rows in idx)))
     return quadratic.detach(), norm2.detach()
+
+
+def gauss_newton_route(model, loss_fn, X, Y, batch_size, *, train_mode=True) -> Route:
+    """The route of the Gauss–Newton terms: vmapped where the same-batch terms are, else a batch
+    at a time (:func:`gauss_newton_forms`)."""
+    if batch_route(model, loss_fn, X, Y, batch_size=batch_size) == "vmap-double-backward":
+        def vmapped_terms(idx):
+            return gauss_newton_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
+        return _vmapped_route(vmapped_terms, model, X, batch_size)
+
+    def one_at_a_time(idx):
+        return gauss_newton_forms(model, loss_fn, X, Y, idx, train_mode=train_mode, vectorised=False)
+    return Route(one_at_a_time, per_call=_GRAPHS_PER_CALL, min_block=1, ahead=False)
 
 
 # --- full-data forms g_B^T H g_B and centred forms -----------------------------------------------

@@ -88,7 +88,7 @@ def _batch_route(setup: Setup) -> str:
     if sharded.is_sharded(data.X_train):
         return "sharded"
     return batch_route(setup.model, setup.loss_fn, data.X_train, data.Y_train, device=setup.device,
-                       exact=setup.cfg.exact_measurements)
+                       exact=setup.cfg.exact_measurements, batch_size=setup.cfg.batch)
 
 
 class _NoWriter:

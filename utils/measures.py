@@ -332,14 +332,25 @@ def gn_lambda_max(model, loss_fn, X, Y, *, tol=EIG_TOL, max_iter=None, chunk_siz
 
 
 def gn_batch_sharpness(model, loss_fn, X, Y, batch_size, *, generator, min_samples=20,
-                       max_samples=MAX_SAMPLES, rel_se=BATCH_SHARPNESS_REL_SE, train_mode=True) -> Estimate:
+                       max_samples=MAX_SAMPLES, rel_se=BATCH_SHARPNESS_REL_SE, train_mode=True,
+                       exact=False) -> Estimate:
     """Gauss–Newton Batch Sharpness E_B[ g_B^T G_B g_B / |g_B|^2 ], G_B the batch's Gauss–Newton matrix.
 
     Batch Sharpness with H_B replaced by its positive semi-definite part G_B (mean of ratios,
-    stopping and sample limits as in :func:`batch_sharpness`). One product per batch.
-    Columns ``gn_batch_sharpness``, ``gn_batch_sharpness_se``, ``gn_batch_sharpness_n``.
+    stopping and sample limits as in :func:`batch_sharpness`). One product per batch, counted
+    for every batch computed. The terms come from :func:`utils.batch_forms.gauss_newton_route`
+    (one forward-mode pass along g_B, many batches per vmapped call where the same-batch terms
+    take that route); ``exact``, dropout and data split over ranks take one
+    :class:`utils.gauss_newton.GaussNewtonOperator` per batch. Columns ``gn_batch_sharpness``,
+    ``gn_batch_sharpness_se``, ``gn_batch_sharpness_n``.
     """
     start = time.perf_counter()
+    if not (exact or sharded.is_sharded(X) or batch_forms.has_dropout(model)):
+        route = batch_forms.gauss_newton_route(model, loss_fn, X, Y, batch_size, train_mode=train_mode)
+        ahead = _samples_ahead(route, X.shape[0], batch_size, generator, X.device, rel_se=rel_se,
+                               max_samples=max_samples, sample=lambda terms: terms[0] / terms[1])
+        estimate = mean_with_stopping(ahead, min_samples=min_samples, max_samples=max_samples, rel_se=rel_se)
+        return estimate.costing(ahead.computed, time.perf_counter() - start)
 
     def rayleigh(idx):
         op = sharded.operator(GaussNewtonOperator, model, loss_fn, X[idx], Y[idx], train_mode=train_mode)

@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from utils import batch_forms
 from utils.estimators import GNI_REL_SE, MAX_SAMPLES, Estimate, SamplesAhead, draw_batches, mean_with_stopping
@@ -45,8 +44,7 @@ def closed_form_allowed(model, X, *, train_mode: bool, exact: bool) -> bool:
     (``--exact-measurements``: the plain Monte Carlo path), not where g_B is not the mean of
     per-sample gradients (BatchNorm in train mode normalises by the batch, dropout draws one
     mask per batch), and not on data split over the ranks of a launch (:mod:`utils.sharded`)."""
-    random_layers = any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
-    return not exact and not is_sharded(X) and not (train_mode and (has_batchnorm(model) or random_layers))
+    return not exact and not is_sharded(X) and not (train_mode and (has_batchnorm(model) or batch_forms.has_dropout(model)))
 
 
 def gradient_spread(model, loss_fn, X, Y, g: torch.Tensor, *, train_mode=True) -> float:

@@ -191,8 +191,8 @@ def _gauss_newton(c: Context) -> dict:
     generator = c.generator()  # both quantities draw from one stream, the solve first
     eig, top = measures.gn_lambda_max(*_data(c), tol=c.tol, chunk_size=c.cfg.hvp_chunk, generator=generator)
     warn_unconverged(c.step, "gn_lambda_max", eig, c.tol)
-    return {"gn_lambda_max": top, "gn_batch_sharpness": measures.gn_batch_sharpness(*_data(c), c.cfg.batch,
-                                                                                     generator=generator)}
+    return {"gn_lambda_max": top, "gn_batch_sharpness": measures.gn_batch_sharpness(
+        *_data(c), c.cfg.batch, generator=generator, exact=c.cfg.exact_measurements)}
 
 
 def _gradient_norm(c: Context) -> dict:
