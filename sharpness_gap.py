@@ -22,7 +22,7 @@ import pandas as pd
 from utils.analysis import FINAL_FILES, current_final_records, sharpness_plateaus, tail_reaching_last
 from utils.cli import run_cli
 from utils.errors import UserError
-from utils.plotting import plot_sharpness_gap, render_figure, write_figure
+from utils.plotting import dynamics_label, plot_sharpness_gap, render_figure, write_figure
 from utils.runs import (SUMMARY_FIX, analysis_folder, build_analysis_parser, read_optional_json, read_run_results,
                         runs_from_args, selection_stem, write_text_files)
 
@@ -70,7 +70,8 @@ def run_row(run, tail: float, tail_only: bool) -> dict:
     cfg = run.cfg
     optimiser = "adam" if cfg.adam else ("nesterov" if cfg.nesterov else ("momentum" if cfg.momentum else "sgd"))
     return {"run_dir": run.run_dir, "dataset": cfg.dataset, "model": cfg.model, "lr": cfg.lr, "batch": cfg.batch,
-            "optimizer": optimiser, "momentum": cfg.momentum, "steps_logged": int(frame["step"].max()) + 1, **plateaus}
+            "optimizer": optimiser, "momentum": cfg.momentum, "dynamics": dynamics_label(cfg),
+            "steps_logged": int(frame["step"].max()) + 1, **plateaus}
 
 
 def main(argv=None) -> int:
@@ -92,6 +93,8 @@ def main(argv=None) -> int:
         written = write_text_files({os.path.join(folder, f"{stem}.csv"): table.to_csv(index=False)})
         written += write_figure(images, folder, stem)
         shown = ["lr", "batch", "optimizer", "lambda_max", "batch_sharpness", "batch_sharpness_se", "gap", "threshold"]
+        if table["dynamics"].nunique() > 1 or (table["dynamics"] != "SGD").any():
+            shown.insert(2, "dynamics")
         print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.5g}"))
         for path in written:
             print(f"wrote {path}")

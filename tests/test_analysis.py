@@ -24,7 +24,8 @@ from utils.errors import UserError
 from utils.estimators import measurement_generator
 from utils.measures import lambda_max
 from plot_results import final_test_accuracy
-from utils.plotting import legend_order, new_figure, plot_runs, run_labels, thresholds_differ, use_plain_log_labels
+from utils.plotting import (legend_order, new_figure, plot_runs, plot_sharpness_gap, run_labels, thresholds_differ,
+                            use_plain_log_labels)
 from utils.runs import Run, load_run, load_weights, read_run_results, select_runs
 
 
@@ -159,6 +160,22 @@ def test_sharpness_gap_table_and_figure(runs, tmp_path, capsys):
     image = matplotlib.image.imread(out / f"{stem}.png")
     assert image.shape[1] == 7 * 150
     assert (out / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_sharpness_gap_keeps_runs_of_other_dynamics_apart(runs, tmp_path, capsys):
+    """A noisy-GD baseline at the step size and batch size of an SGD run is its own row, colour
+    and legend entry, not averaged with the SGD run."""
+    sgd, noisy = copy_run(runs["a"], tmp_path, "sgd"), copy_run(runs["a"], tmp_path, "noisy")
+    record = json.loads((noisy / "config.json").read_text())
+    record["config"]["gd_noise"] = "iso"
+    (noisy / "config.json").write_text(json.dumps(record))
+    assert sharpness_gap.main([str(sgd), str(noisy), "--tail", "0.75", "--out", str(tmp_path / "out")]) == 0
+    assert "GD + isotropic noise" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "out" / "sharpness_gap.csv")
+    assert sorted(table["dynamics"]) == ["GD + isotropic noise", "SGD"]
+    fig = plot_sharpness_gap(table)
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == ["η=0.05, GD + isotropic noise", "η=0.05, SGD"]
+    assert len(fig.axes[0].containers) == 2  # one Batch Sharpness series with error bars per group
 
 
 def test_sharpness_gap_prefers_final_fullbs_json_unless_tail_only(runs, tmp_path):

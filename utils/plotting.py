@@ -344,14 +344,18 @@ def plot_runs(runs, frames, *, smooth: int | None = None, normalize: bool = Fals
             if len(handles) > 1 or panel.title == "accuracy":  # name the set even when only train is drawn
                 ax.legend(handles=handles, frameon=False)
         if overlay:
-            handles = [Line2D([], [], color=f"C{i % 10}", label=label) for i, label in enumerate(labels)]
-            # As many columns as fit the figure's width in 7-point text (about 110 characters).
-            widest = max(len(label) for label in labels) + 6
-            fig.legend(handles=handles, loc="outside upper center", ncols=max(1, min(4, len(handles), 110 // widest)),
-                       frameon=False)
+            _legend_above(fig, [Line2D([], [], color=f"C{i % 10}", label=label) for i, label in enumerate(labels)])
         else:
             fig.suptitle(run_title(runs[0].cfg))
     return fig
+
+
+def _legend_above(fig: Figure, handles: list) -> None:
+    """The legend of the runs (or groups of runs) above the panels, in as many columns as fit
+    the figure's width in 7-point text (about 110 characters)."""
+    widest = max(len(handle.get_label()) for handle in handles) + 6
+    fig.legend(handles=handles, loc="outside upper center", ncols=max(1, min(4, len(handles), 110 // widest)),
+               frameon=False)
 
 
 LAYER_LAMBDA_MAX = "layer_lambda_max/"
@@ -461,25 +465,31 @@ def _draw_panel(ax, panel: Panel, cfg, frame, color, overlay, smooth_window, sca
 
 
 def plot_sharpness_gap(table) -> Figure:
-    """Plateaus against batch size, one colour per step size (mean over runs sharing both).
+    """Plateaus against batch size, one colour per step size and kind of step (SGD, a noisy-GD
+    baseline, the optimiser), the mean over runs that share them and the batch size.
 
     Left: Batch Sharpness (solid, standard-error bars where known) and λ_max (dashed), with
-    each step size's stability line (dotted). Right: the gap Batch Sharpness − λ_max.
+    each group's stability line (dotted). Right: the gap Batch Sharpness − λ_max.
     """
-    groups = table.groupby(["lr", "threshold", "threshold_label"], sort=True)
+    kinds = ["dynamics", "optimizer"]
+    groups = table.groupby(["lr", *kinds, "threshold", "threshold_label"], sort=True)
+    differing = [kind for kind in kinds if table[kind].nunique() > 1]
     with matplotlib.rc_context(STYLE):
         fig, (left, right) = new_figure(1, 2, height=2.6)
-        for i, ((lr, threshold, label), group) in enumerate(groups):
+        named = []
+        for i, ((lr, dynamics, optimizer, threshold, label), group) in enumerate(groups):
             color = f"C{i % 10}"
+            name = ", ".join([f"η={lr:g}", *(str({"dynamics": dynamics, "optimizer": optimizer}[k]) for k in differing)])
             by_batch = group.groupby("batch", sort=True)
             mean = by_batch[["lambda_max", "batch_sharpness", "gap"]].mean()
             se = by_batch["batch_sharpness_se"].apply(lambda s: math.sqrt((s ** 2).sum()) / len(s))
             batches = mean.index.to_numpy()
             left.errorbar(batches, mean["batch_sharpness"], yerr=se.fillna(0).to_numpy(), color=color,
-                          marker="o", markersize=3, capsize=2, label=f"η={lr:g}")
+                          marker="o", markersize=3, capsize=2)
             left.plot(batches, mean["lambda_max"], color=color, marker="s", markersize=3, linestyle="--")
             left.axhline(threshold, color=color, linestyle=":", linewidth=0.8)
-            right.plot(batches, mean["gap"], color=color, marker="o", markersize=3, label=f"η={lr:g}")
+            right.plot(batches, mean["gap"], color=color, marker="o", markersize=3)
+            named.append(Line2D([], [], color=color, marker="o", markersize=3, label=name))
         left.plot([], [], color="0.3", marker="o", markersize=3, label=BATCH_SHARPNESS)
         left.plot([], [], color="0.3", marker="s", markersize=3, linestyle="--", label=LAMBDA_MAX)
         left.plot([], [], color="0.3", linestyle=":", label=" / ".join(sorted(set(table["threshold_label"]))))
@@ -495,4 +505,5 @@ def plot_sharpness_gap(table) -> Figure:
             ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xlabel("batch size $b$ (log$_2$ scale)")
         left.legend(frameon=False)
+        _legend_above(fig, named)
     return fig
