@@ -1,0 +1,98 @@
+"""Every command in the README and in docs/*.md names flags its script has: training.py and the
+analysis scripts parse theirs, sweep.py's grid and shared flags are training.py's, and a
+benchmark's flags are among those it declares. (The Quick start itself runs in test_recipes.)"""
+
+import glob
+import os
+import re
+import shlex
+
+import pytest
+
+import compute_final_fullbs
+import compute_final_gHg
+import plot_results
+import sharpness_gap
+from utils import config, sweep_grid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCUMENTS = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+PARSERS = {
+    "training.py": config.build_parser,
+    "compute_final_fullbs.py": compute_final_fullbs.build_parser,
+    "compute_final_gHg.py": compute_final_gHg.build_parser,
+    "plot_results.py": plot_results.build_parser,
+    "sharpness_gap.py": sharpness_gap.build_parser,
+}
+# Words that stand for a value the reader fills in, and what the parser gets instead.
+PLACEHOLDERS = {"N": "1", "K": "2", "k": "2", "E": "1", "x": "0.1", "μ": "0.9", "σ": "0.1", "h": "0.01",
+                "m": "64", "p": "8", "n": "64", "B": "8"}
+
+
+def shell_commands(path: str) -> list[str]:
+    """The command lines of the shell blocks of a markdown file (not ```python blocks), with
+    continuation lines joined, and the inline commands that start with ``python``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    commands = []
+    for block in re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE):
+        language, body = block
+        if language not in ("", "sh", "bash", "shell"):
+            continue
+        for line in body.replace("\\\n", " ").splitlines():
+            if re.search(r"\b[\w/]+\.py\b", line):
+                commands.append(line)
+    # Inline commands in the prose: `python training.py --resume RUN_DIR`.
+    commands += re.findall(r"`((?:\.venv/bin/)?python3? [\w/]+\.py[^`]*)`", text)
+    return commands
+
+
+def script_and_arguments(line: str) -> tuple[str, list[str]] | None:
+    """The Python script a command line runs (``training.py``, ``benchmarks/bench_noise.py``)
+    and its arguments up to the end of the line or a shell operator; None when it runs none."""
+    words = shlex.split(line, comments=True)
+    for i, word in enumerate(words):
+        if word.endswith(".py") and not word.startswith("-"):
+            arguments = []
+            for argument in words[i + 1:]:
+                if argument in ("&&", "||", ";", "|", ">", "2>"):
+                    break
+                arguments.append(PLACEHOLDERS.get(argument, argument))
+            return word, arguments
+    return None
+
+
+COMMANDS = [(os.path.relpath(path, ROOT), line) for path in DOCUMENTS for line in shell_commands(path)]
+
+
+def test_the_readme_has_commands_to_check():
+    assert sum(path == "README.md" for path, _ in COMMANDS) >= 10
+
+
+@pytest.mark.parametrize("where, line", COMMANDS, ids=[f"{path}:{line[:60]}" for path, line in COMMANDS])
+def test_a_documented_command_names_flags_its_script_has(where, line):
+    found = script_and_arguments(line)
+    if found is None:
+        return
+    script, arguments = found
+    if "..." in arguments:  # an elided command line: only what is written can be checked
+        arguments = arguments[:arguments.index("...")]
+    name = os.path.basename(script)
+    if arguments == ["--help"]:
+        arguments = []
+    if script.startswith("benchmarks/"):
+        with open(os.path.join(ROOT, script), encoding="utf-8") as f:
+            declared = set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", f.read()))
+        assert {a.split("=")[0] for a in arguments if a.startswith("--")} <= declared, f"{where}: {line}"
+    elif name == "sweep.py":
+        if arguments[:1] == ["status"]:
+            sweep_grid.build_status_parser().parse_args(arguments[1:])
+            return
+        options, grid_tokens, shared = sweep_grid.parse_command_line(arguments)
+        sweep_grid.parse_grid_tokens(grid_tokens)
+        config.build_parser().parse_args(shared)
+    elif name in PARSERS:
+        PARSERS[name]().parse_args(arguments)
+    else:
+        assert os.path.exists(os.path.join(ROOT, script)), f"{where} runs {script}, which does not exist"
+
