@@ -110,13 +110,21 @@ class Monitor:
 
     def measure(self, step: int, xb, yb) -> dict:
         """The columns of every measurement due at ``step`` (``xb``, ``yb``: the step's batch)."""
-        context, row = self._context(step, self.cfg.eig_tol, xb, yb), {}
+        row = {}
+        for m, values in self.due_values(step, xb, yb):
+            row.update(_row_values(m, values, self.cfg, self.model))
+        return row
+
+    def due_values(self, step: int, xb, yb) -> list:
+        """(registry entry, its output {column: Estimate or bare value}) of every measurement
+        due at ``step``, in registry order."""
+        context, done = self._context(step, self.cfg.eig_tol, xb, yb), []
         for m in MEASUREMENTS:
             if schedule.is_due(self.schedule.get(m.name), step):
                 values = self._compute(m, context, m.name)
                 self._count(m, values)
-                row.update(_row_values(m, values, self.cfg, self.model))
-        return row
+                done.append((m, values))
+        return done
 
     def _count(self, m, values: dict) -> None:
         for column in m.columns:

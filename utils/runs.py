@@ -207,7 +207,9 @@ def read_optional_json(run_dir: str, name: str, fix: str = "delete it and recomp
 
 
 def checkpoint_list(run: Run) -> list[tuple[int, str]]:
-    """(step, path) of the run's checkpoints, oldest first; none at all is a UserError."""
+    """(step, path) of the run's checkpoints, oldest first; none at all is a UserError, and so
+    is a folder written by a user's own loop (nothing there can be rebuilt)."""
+    refuse_user_loop(run.run_dir, run.record, "rebuilt")
     available = list_checkpoints(run.run_dir)
     if not available:
         raise UserError(f"{run.run_dir} has no checkpoints (checkpoints/step_<N>.pt); "
