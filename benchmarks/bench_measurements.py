@@ -609,7 +609,7 @@ def bench_batch_sharpness(name, model, X, Y, args, batch_sizes):
             "baseline": (lambda: plain_batch_sharpness(model, X, Y, b, measurement_generator(0, b), **options),
                          args.baseline_repeats)}, args.device)
         (seconds, est), (base_seconds, base) = results["ours"], results["baseline"]
-        rows.append(row(name, f"Batch Sharpness b={b}, SE 0.5%", f"ours: {batch_route(model, mse_loss, X, Y)}",
+        rows.append(row(name, f"Batch Sharpness b={b}, SE 0.5%", f"ours: {batch_route(model, mse_loss, X, Y, batch_size=b)}",
                         seconds, hvps=est.hvps, samples=est.n, value=est.value, se=est.se))
         rows.append(row(name, f"Batch Sharpness b={b}, SE 0.5%", "baseline: one batch at a time",
                         base_seconds, hvps=base.n, samples=base.n, value=base.value, se=base.se))
