@@ -18,6 +18,7 @@ from utils.measures import (
     step_sharpness,
 )
 from utils.models import build_model, count_parameters, resolved_shape
+from utils.spectrum import gradient_overlap, lambda_min, layer_sharpness, parameter_groups
 from utils.results import read_results
 
 
@@ -62,13 +63,28 @@ def test_vit_measurements_match_the_dense_hessian(loss_name):
     trace = hessian_trace(model, loss_fn, X, Y, generator=measurement_generator(0, 2), max_samples=100)
     assert abs(trace.value - torch.trace(H).item()) < 4 * trace.se
 
+    # The spectrum beyond its top: lambda_min, the gradient's share in the top eigenvector, the diagonal blocks.
+    _, bottom = lambda_min(model, loss_fn, X, Y, tol=1e-9, generator=measurement_generator(0, 3))
+    assert bottom.value == pytest.approx(spectrum[0].item(), rel=1e-6, abs=1e-8 * spectrum[-1].item())
+    g, top_vector = dense_gradient(model, loss_fn, X, Y), torch.linalg.eigh(H).eigenvectors[:, -1]
+    full, _ = gradient_overlap(model, loss_fn, X, Y, 2, k=1, generator=measurement_generator(0, 4), tol=1e-9,
+                               max_samples=20)
+    assert full.value == pytest.approx(((top_vector @ g) ** 2 / (g @ g)).item(), rel=1e-6)
+    groups = parameter_groups(model)
+    blocks = layer_sharpness(model, loss_fn, X, Y, groups=groups, generator=measurement_generator(0, 5), tol=1e-9,
+                             max_samples=20)
+    for (name, where), block_top in zip(groups, blocks.lambda_max):
+        assert block_top == pytest.approx(torch.linalg.eigvalsh(H[where, where])[-1].item(), rel=1e-6, abs=1e-9), name
+
 
 def test_every_measurement_runs_on_vit_and_records_resolved_shape(results_env):
     run_dir = results_env / "run"
     # One batch of the whole set: every batch average stops at its minimum sample count.
     # (hessian_trace draws probes instead; its value is checked against the dense trace above.)
     flags = ["--lambdamax", "--batch-sharpness", "--step-sharpness", "--gni", "--batch-sharpness-ratio",
-             "--batch-lambdamax", "--gauss-newton", "--gradient-norm", "--momentum-sharpness", "--param-distance"]
+             "--batch-lambdamax", "--gauss-newton", "--gradient-norm", "--momentum-sharpness", "--param-distance",
+             "--lambda-min", "--gradient-overlap", "--layer-sharpness", "--spectral-density", "--density-probes", "2",
+             "--density-steps", "8"]
     assert training.main(["--model", "vit", "--width", "8", "--heads", "2", "--num-data", "8", "--batch", "8",
                           "--momentum", "0.9", "--steps", "1", "--quiet", "--run-dir", str(run_dir), *flags]) == 0
     cfg = json.loads((run_dir / "config.json").read_text())["config"]
@@ -76,5 +92,6 @@ def test_every_measurement_runs_on_vit_and_records_resolved_shape(results_env):
     frame = read_results(run_dir / "results.txt")
     for column in ("lambda_max", "batch_sharpness", "step_sharpness", "gni", "batch_sharpness_ratio", "batch_lambda_max",
                    "gn_lambda_max", "gn_batch_sharpness", "grad_norm_sq_batch", "momentum_sharpness",
-                   "param_distance"):
+                   "param_distance", "lambda_min", "grad_overlap_full", "grad_overlap_batch", "density_trace",
+                   "layer_lambda_max/head.weight"):
         assert np.isfinite(frame[column].iloc[0]), column
