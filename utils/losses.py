@@ -18,7 +18,9 @@ LOSS_NAMES = ("mse", "ce")
 
 def mse_loss(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """sum_c (f_c - y_c)^2 per sample; ``mean`` (default), ``sum`` or ``none`` over samples."""
-    per_sample = (outputs - targets).pow(2).reshape(outputs.shape[0], -1).sum(dim=1)
+    squares = (outputs - targets).pow(2)
+    # flatten(1) and not reshape(n, -1): a rank of a launch may hold no rows of a batch.
+    per_sample = squares.flatten(1).sum(dim=1) if squares.dim() > 1 else squares
     return _reduce(per_sample, reduction)
 
 

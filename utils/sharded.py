@@ -15,20 +15,27 @@ weights it by c_r / b and sums over the ranks, so every rank holds the product o
 batch (or data set); solvers and stopping rules then run on identical numbers on every rank
 and take identical decisions. The per-batch forms of Batch Sharpness (and its ratio form and the
 step sharpness) go the other way: whole batches are split over the ranks, each computed by the
-single-process route on its gathered rows (:func:`same_batch_route`). Models with BatchNorm in train mode are not sums over samples
-and are refused under a launch of several processes.
+single-process route on its gathered rows (:func:`same_batch_route`).
+
+BatchNorm in train mode couples the rows of a batch, so its loss is no sum of per-rank losses
+computed apart: there every rank's layers take the whole batch's statistics
+(:mod:`utils.whole_batch_norm`), every rank runs each pass, one without rows too, and its loss
+is its share (1/b) sum over its rows before differentiation, so that the weight c_r / b is 1.
 
 Outside a launch every function here hands its tensors to the single-process code unchanged.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from utils import batch_forms, distributed
 from utils.distributed import World, all_reduce_sum
-from utils.hvp import PLAIN_HVP_MODE, HessianOperator, trainable_params
+from utils.hvp import PLAIN_HVP_MODE, HessianOperator, flatten, forward, params_and_data, trainable_params
 from utils.hvp import flat_grad as local_flat_grad
+from utils.whole_batch_norm import couples_rows, share_of_mean, whole_batch_statistics
 
 # Rows of Monte Carlo batches gathered onto every rank at once (bounds the memory of a gather).
 _ROWS_PER_GATHER = 8192
@@ -101,20 +108,36 @@ def local(X):
 class ShardedOperator:
     """sum_r (c_r / total) A_r with A_r an operator of the mean loss on rank r's rows: the operator
     of the mean loss on all of them. ``matvec``, ``gradient`` and ``quadratic_forms`` return the
-    same numbers on every rank; ``hvps`` counts products of the whole (one per vector)."""
+    same numbers on every rank; ``hvps`` counts products of the whole (one per vector).
+
+    With train-mode BatchNorm (rows coupled) A_r is the operator of this rank's share of the
+    mean, (1/total) sum over its rows, under the whole batch's statistics: weight 1, built on
+    every rank, with plain double backward (the coupling's all-reduces cannot be batched)."""
 
     def __init__(self, operator_class, model, loss_fn, X: Rows, Y: Rows, **options):
         params = trainable_params(model)
         self.dim = sum(p.numel() for p in params)
         self.dtype, self.device = params[0].dtype, params[0].device
         self.n, self.weight = X.total, X.weight
-        self.local = operator_class(model, loss_fn, X.local, Y.local, **options) if X.count else None
+        self.coupled = couples_rows(model, options.get("train_mode", True))
+        if self.coupled:
+            if options.get("chunk_size") is not None:
+                raise ValueError("the rows of a train-mode BatchNorm batch cannot be taken in chunks")
+            if operator_class is HessianOperator:
+                options["mode"] = PLAIN_HVP_MODE
+            self.weight = 1.0
+            with whole_batch_statistics(model):
+                self.local = operator_class(model, share_of_mean(loss_fn, X.total), X.local, Y.local, **options)
+        else:
+            self.local = operator_class(model, loss_fn, X.local, Y.local, **options) if X.count else None
+        self.statistics = (lambda: whole_batch_statistics(model)) if self.coupled else nullcontext
         self.mode = getattr(self.local, "mode", options.get("mode"))
         self.hvps = 0
 
     def _summed(self, local_part, shape) -> torch.Tensor:
-        part = (self.weight * local_part() if self.local is not None
-                else torch.zeros(shape, dtype=self.dtype, device=self.device))
+        with self.statistics():
+            part = (self.weight * local_part() if self.local is not None
+                    else torch.zeros(shape, dtype=self.dtype, device=self.device))
         return all_reduce_sum(part.contiguous())
 
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
@@ -132,7 +155,8 @@ class ShardedOperator:
         """(c_r / total) grad L_r, this rank's part of grad L (summed by the caller, many at once)."""
         if self.local is None:
             return torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        return self.weight * self.local.gradient()
+        with self.statistics():
+            return self.weight * self.local.gradient()
 
     def quadratic_forms(self, V: torch.Tensor) -> torch.Tensor:
         """v^T H v of the whole for every column v of V (P, m): m numbers summed over the ranks."""
@@ -145,7 +169,8 @@ class ShardedOperator:
         """(c_r / total) v^T A_r v, this rank's part of v^T A v (summed by the caller, many at once)."""
         if self.local is None:
             return torch.zeros((), dtype=self.dtype, device=self.device)
-        return self.weight * self.local.quadratic_forms(v[:, None])[0]
+        with self.statistics():
+            return self.weight * self.local.quadratic_forms(v[:, None])[0]
 
     def gradient_quadratic_form(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(g^T H g, |g|^2) of the whole, g its gradient (one product)."""
@@ -175,7 +200,12 @@ class _GradientOnly:
         self.model, self.loss_fn, self.X, self.Y, self.options = model, loss_fn, X, Y, options
 
     def gradient(self) -> torch.Tensor:
-        return local_flat_grad(self.model, self.loss_fn, self.X, self.Y, **self.options)
+        if not couples_rows(self.model, self.options.get("train_mode", True)):
+            return local_flat_grad(self.model, self.loss_fn, self.X, self.Y, **self.options)
+        # One pass over the rows, which every rank takes, even with none of them.
+        params, X, Y = params_and_data(self.model, self.X, self.Y)
+        loss = self.loss_fn(forward(self.model, X, self.options.get("train_mode", True)), Y)
+        return flatten(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
 
 
 def same_batch_route(model, loss_fn, X, Y, batch_size, *, train_mode=True, exact=False) -> batch_forms.Route:
@@ -199,7 +229,8 @@ def same_batch_route(model, loss_fn, X, Y, batch_size, *, train_mode=True, exact
         for start in range(0, idx.shape[0], group):
             batches = idx[start:start + group]
             xs, ys = gather_rows(X, batches.reshape(-1)), gather_rows(Y, batches.reshape(-1))
-            mine = torch.arange(world.rank, batches.shape[0], world.size, device=X.device)
+            # Fewer batches than ranks leave the last ranks none.
+            mine = torch.arange(world.rank, max(world.rank, batches.shape[0]), world.size, device=X.device)
             if mine.numel():
                 route = batch_forms.same_batch_route(model, loss_fn, xs, ys, batch_size, train_mode=train_mode,
                                                      exact=exact)
@@ -249,10 +280,13 @@ def noise_route(model, loss_fn, X, Y, batch_size, *, chunk_size=None, train_mode
 def mean_loss_backward(model, loss_fn, xb: Rows, yb: Rows) -> torch.Tensor:
     """The mean loss of the global batch, its gradient left in every parameter's ``.grad``:
     each rank backpropagates (1/b) sum of its rows' losses, and the loss and the gradients
-    are summed over the ranks in one collective."""
+    are summed over the ranks in one collective. Train-mode BatchNorm takes the whole batch's
+    statistics, and every rank runs the pass."""
     params = trainable_params(model)
-    if xb.count:
-        loss = loss_fn(model(xb.local), yb.local, reduction="sum") / xb.total
+    coupled = couples_rows(model, model.training)
+    if xb.count or coupled:
+        with whole_batch_statistics(model) if coupled else nullcontext():
+            loss = share_of_mean(loss_fn, xb.total)(model(xb.local), yb.local)
         loss.backward()
         loss = loss.detach()
     else:

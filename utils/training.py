@@ -163,9 +163,9 @@ def build(cfg: RunConfig, allow_changed: frozenset = frozenset()) -> Setup:
             model = build_model(cfg.model, data.input_shape, data.output_dim, width=cfg.width, depth=cfg.depth,
                                 activation=cfg.activation, init_scale=cfg.init_scale, init_seed=cfg.init_seed,
                                 no_init=cfg.no_init, heads=cfg.heads, patch=cfg.patch).to(device)
-    if world.distributed and has_batchnorm(model):
-        raise UserError(f"the model {cfg.model} has BatchNorm, whose train-mode statistics are not sums over samples; "
-                        f"run it in one process (without torchrun)")
+    if world.distributed and has_batchnorm(model) and cfg.hvp_chunk:
+        raise UserError(f"--hvp-chunk would split the BatchNorm statistics of the model {cfg.model} differently from "
+                        f"one process; leave --hvp-chunk out under torchrun")
     num_params = count_parameters(model)
     if cfg.num_eigenvalues > num_params:
         raise UserError(f"--num-eigenvalues {cfg.num_eigenvalues} exceeds the model's {num_params} parameters; "
