@@ -123,6 +123,16 @@ def test_sigterm_on_one_rank_checkpoints_and_the_run_resumes_on_another_world_si
     assert_same_run(single, launched)
 
 
+def test_a_single_process_run_resumes_on_two_processes(results_env):
+    single = single_run(results_env, BASE)
+    interrupted, result = launched_run(results_env, BASE, 1, actions=[("sigterm", 0, 5)])
+    assert result.exit_codes == [143], result.stderr
+    assert json.load(open(interrupted / "summary.json"))["final_step"] == 6
+    result = launch(training.main, ["--resume", str(interrupted), "--quiet"], 2, results_env / "resume_err")
+    assert result.exit_codes == [0, 0], result.stderr
+    assert_same_run(single, interrupted)
+
+
 def test_a_killed_rank_ends_the_job_with_one_line(results_env):
     launched, result = launched_run(results_env, BASE, 2, actions=[("kill", 1, 2)])
     assert result.exit_codes[1] == 9 and result.exit_codes[0] == 2, result.stderr
