@@ -18,6 +18,7 @@ from distributed_runs import launch
 from run_checks import same_parameters, same_results
 from utils import distributed, sharded
 from utils.checkpoints import list_checkpoints, load_checkpoint
+from utils.gauss_newton import GaussNewtonOperator
 from utils.hvp import HessianOperator, num_params
 from utils.losses import mse_loss
 from utils.models import build_model
@@ -142,8 +143,8 @@ def test_a_killed_rank_ends_the_job_with_one_line(results_env):
 
 
 def _coupled_parts(argv):
-    """On each rank of a launch: a float64 resnet_bn's gradient and H v on the whole data and on
-    a batch, and its running statistics after one step; rank 0 saves them to argv[0]."""
+    """On each rank of a launch: a float64 resnet_bn's gradient, H v and G v (Gauss-Newton) on the
+    whole data and on a batch, and its running statistics after one step; rank 0 saves them to argv[0]."""
     world = distributed.init(torch.device("cpu"))
     try:
         model, X, Y = _bn_case()
@@ -171,7 +172,8 @@ def _bn_parts(model, X, Y):
     parts = {}
     for name, (x, y) in {"whole": (X, Y), "batch": (X[BN_BATCH], Y[BN_BATCH])}.items():
         op = sharded.operator(HessianOperator, model, mse_loss, x, y)
-        parts[name] = (op.gradient(), op.matvec(v))
+        parts[name] = (op.gradient(), op.matvec(v),
+                       sharded.operator(GaussNewtonOperator, model, mse_loss, x, y).matvec(v))
     model.train()
     xb, yb = X[BN_BATCH[:4]], Y[BN_BATCH[:4]]  # no rows on rank 2
     if sharded.is_sharded(xb):
@@ -184,7 +186,7 @@ def _bn_parts(model, X, Y):
 
 
 def test_train_mode_batchnorm_over_three_processes_takes_the_whole_batch_statistics(results_env):
-    """Gradients, Hessian products and a step's running statistics of a float64 resnet_bn, with
+    """Gradients, Hessian and Gauss-Newton products and a step's running statistics of a float64 resnet_bn, with
     a rank that holds none of the batch, equal one process's (F.batch_norm) to round-off."""
     single = _bn_parts(*_bn_case())
     result = launch(_coupled_parts, [str(results_env / "parts.pt")], 3, results_env / "err")
