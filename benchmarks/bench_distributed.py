@@ -14,7 +14,8 @@ joins them (Gloo on the CPU, NCCL on CUDA); K = 1 is the plain single-process co
 Per rank: the peak resident memory (or peak CUDA memory) after each phase, and the parts: data
 (this rank's rows), model (parameters and gradients) and solver (Lanczos basis and its
 products) by size, and graph (the activations a full-batch product keeps, which scale with the
-rows held) as the rise of the peak over the HVP phase. The table prints the speed-up t(1) / t(K) from this one run; on a GPU machine
+rows held) as the rise of the peak over the HVP phase. The table prints the speed-up t(1) / t(K) from this one run, in wall
+time and in the CPU time of the busiest rank (which other jobs on a shared machine do not inflate); on a GPU machine
 ``--processes`` defaults to every GPU it has, and the per-sample cost of a product gives an
 estimate of one product on full CIFAR-10 (50,000) and ImageNet-32 (1,281,167 samples).
 """
@@ -58,11 +59,12 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _timed(device, call):
+    """(wall seconds, CPU seconds of this process, value) of ``call()``."""
     _synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     value = call()
     _synchronize(device)
-    return time.perf_counter() - start, value
+    return time.perf_counter() - start, time.process_time() - cpu_start, value
 
 
 def _tensor_bytes(*tensors) -> int:
@@ -87,26 +89,27 @@ def measure(args, world: distributed.World, device: torch.device) -> dict:
     op = operator(HessianOperator, model, mse_loss, X, Y)
     v = torch.randn(P, generator=torch.Generator().manual_seed(1)).to(device)
     op.matvec(v)  # builds the graph once; the products after it reuse it
-    hvp_times = [_timed(device, lambda: op.matvec(v))[0] for _ in range(args.hvp_repeats)]
+    hvp_times = [_timed(device, lambda: op.matvec(v))[:2] for _ in range(args.hvp_repeats)]
     del op
     peaks["hvp"] = _peak_bytes(device)
 
-    seconds, (eig, estimate) = _timed(device, lambda: lambda_max(
+    seconds, cpu, (eig, estimate) = _timed(device, lambda: lambda_max(
         model, mse_loss, X, Y, generator=measurement_generator(0, 0, device=device)))
     peaks["lambda_max"] = _peak_bytes(device)
-    lambda_record = {"seconds": seconds, "value": estimate.value, "hvps": estimate.hvps}
+    lambda_record = {"seconds": seconds, "cpu_seconds": cpu, "value": estimate.value, "hvps": estimate.hvps}
     basis_rows = max(16, 1 << max(0, (estimate.hvps - 1)).bit_length())
 
-    seconds, sharpness = _timed(device, lambda: batch_sharpness(
+    seconds, cpu, sharpness = _timed(device, lambda: batch_sharpness(
         model, mse_loss, X, Y, args.batch, generator=measurement_generator(0, 1, device=device),
         min_samples=min(20, args.max_samples), max_samples=args.max_samples, rel_se=args.rel_se))
     peaks["batch_sharpness"] = _peak_bytes(device)
     element = torch.tensor([], dtype=torch.float32).element_size()
     return {
         "rank": world.rank,
-        "hvp_seconds": statistics.median(hvp_times),
+        "hvp_seconds": statistics.median(wall for wall, _ in hvp_times),
+        "hvp_cpu_seconds": statistics.median(cpu for _, cpu in hvp_times),
         "lambda_max": lambda_record,
-        "batch_sharpness": {"seconds": seconds, "value": sharpness.value, "se": sharpness.se, "n": sharpness.n,
+        "batch_sharpness": {"seconds": seconds, "cpu_seconds": cpu, "value": sharpness.value, "se": sharpness.se, "n": sharpness.n,
                             "hvps": sharpness.hvps},
         "parts_bytes": {"data": _tensor_bytes(local_x, local_y), "model": 2 * P * element,
                         "solver": 2 * min(basis_rows, 64) * P * element},
@@ -173,6 +176,11 @@ def report(results: dict, args) -> str:
             f"[{r['batch_sharpness']['n']}] | {max(x['rows'] for x in ranks)}, {_mib(r['parts_bytes']['data'])}, "
             f"{_mib(r['parts_bytes']['model'])}, {_mib(r['parts_bytes']['solver'])}, "
             f"{_mib(r['peak_bytes']['hvp'] - r['peak_bytes']['model'])}, {_mib(peak)}")
+        cpu = [max(x["hvp_cpu_seconds"] for x in ranks), max(x["lambda_max"]["cpu_seconds"] for x in ranks),
+               max(x["batch_sharpness"]["cpu_seconds"] for x in ranks)]
+        base_cpu = [base["hvp_cpu_seconds"], base["lambda_max"]["cpu_seconds"], base["batch_sharpness"]["cpu_seconds"]]
+        lines.append(f"{'':>9}   CPU s of the busiest rank (x): " + ", ".join(
+            f"{name} {c:.3f} ({b / c:.2f}x)" for name, c, b in zip(("HVP", "lambda_max", "batch sharpness"), cpu, base_cpu)))
         lines.append(f"{'':>9}   peak MiB after each phase (rank 0): "
                      + ", ".join(f"{k} {_mib(v)}" for k, v in r["peak_bytes"].items()))
         lines.append(f"{'':>9}   lambda_max {r['lambda_max']['value']:.6g}, batch sharpness "
@@ -183,6 +191,10 @@ def report(results: dict, args) -> str:
     lines.append(f"one full-batch HVP from the measured per-sample cost on {widest} process(es) "
                  f"({per_sample * 1e6:.1f} us per sample and process): "
                  + ", ".join(f"{name} {per_sample * size / widest:.1f} s" for name, size in FULL_SIZES.items()))
+    if args.device == "cpu":  # a shared machine's load inflates wall time, not the CPU time of the work
+        per_sample = max(x["hvp_cpu_seconds"] for x in results[widest]) * widest / args.n
+        lines.append(f"the same from CPU time ({per_sample * 1e6:.1f} us per sample on one core): "
+                     + ", ".join(f"{name} {per_sample * size / widest:.1f} s" for name, size in FULL_SIZES.items()))
     return "\n".join(lines)
 
 
