@@ -187,3 +187,38 @@ def test_exact_forms_never_ask_for_the_fast_routes(monkeypatch):
     centred_forms(model, LOSSES["mse"], X, Y, exact=True).centred(IDX)
     with pytest.raises(AssertionError, match="fast route"):
         same_batch_route(model, LOSSES["mse"], X, Y, 3).forms(IDX)
+
+
+class _ValueBranchingNet(nn.Module):
+    """A user's model that torch.func.vmap refuses: it reads a tensor's value with ``.item()`` and
+    branches on it (a data-dependent rescaling, as a user's code may do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out = nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden(x))
+        if h.abs().max().item() > 0.5:
+            h = h * 0.9
+        return self.out(h)
+
+
+@pytest.mark.parametrize("measure", ["batch_sharpness", "gn_batch_sharpness"])
+def test_a_model_vmap_refuses_falls_back_to_the_loop_with_the_plain_value(measure):
+    from utils import measures
+    from utils.estimators import measurement_generator
+
+    torch.manual_seed(0)
+    model, (X, Y) = _ValueBranchingNet().double(), tiny_data(N, "mse")
+    loss_fn = LOSSES["mse"]
+    assert batch_route(model, loss_fn, X, Y, batch_size=3) == "vmap-double-backward"
+    options = {"min_samples": 20, "max_samples": 60, "rel_se": 1e-9}
+    with pytest.warns(UserWarning, match="cannot run under torch.func.vmap"):
+        fast = getattr(measures, measure)(model, loss_fn, X, Y, 3, generator=measurement_generator(5, 0), **options)
+    plain = getattr(measures, measure)(model, loss_fn, X, Y, 3, generator=measurement_generator(5, 0), exact=True,
+                                       **options)
+    assert fast.n == plain.n == 60
+    assert fast.value == pytest.approx(plain.value, rel=1e-12) and fast.se == pytest.approx(plain.se, rel=1e-9)
+    # Decided once: the model now takes the loop, and says so.
+    assert batch_route(model, loss_fn, X, Y, batch_size=3) == "double-backward"

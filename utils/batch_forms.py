@@ -26,6 +26,8 @@ Same-batch terms, by the route :func:`batch_route` names (recorded as ``batch_ro
                           bound by per-operation overhead. BatchNorm runs there as plain tensor
                           operations (:func:`plain_batchnorm`), each batch normalised by its own
                           statistics in train mode.
+                          A model vmap refuses (``.item()``, control flow on a tensor's value)
+                          takes double-backward from its first call on, with a warning.
     r-operator            other layer chains (:func:`utils.r_operator.is_chain`, the ``cnn``
                           model) on the CPU: one primal pass per batch, and g_B^T H_B g_B as a
                           second directional derivative by forward differentiation.
@@ -44,6 +46,8 @@ and plain double-backward Hessian products on the whole data.
 """
 
 import types
+import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -83,6 +87,10 @@ _CPU_VMAP_PER_CALL = 32
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Batch gradients held at once by the Hessian-operator route of the centred forms.
 _OPERATOR_BLOCK = 10
+# Models whose forward torch.func.vmap refused (``.item()``, control flow on a tensor's value,
+# in-place writes of batched values): found at their first vmapped call, then taken a batch at a
+# time for the rest of the process.
+_VMAP_REFUSED = weakref.WeakSet()
 
 @dataclass
 class Route:
@@ -117,7 +125,7 @@ def batch_route(model, loss_fn, X, Y, *, device=None, exact: bool = False, batch
         return "stacked-gram"
     params = trainable_params(model)
     device = torch.device(device) if device is not None else params[0].device
-    if has_dropout(model):
+    if has_dropout(model) or model in _VMAP_REFUSED:
         return "double-backward"
     if device.type == "cuda":
         return "vmap-double-backward"
@@ -141,18 +149,19 @@ def same_batch_route(model, loss_fn, X, Y, batch_size, *, train_mode=True, exact
         return Route(_StackedTerms(linear_network(model, loss_fn, X, Y), X, Y),
                      per_call=max(1, ROW_BUDGET // (4 * batch_size)),
                      min_block=max(1, _MIN_ROWS_AHEAD // batch_size), ahead=True)
+    def double_backward_terms(idx):
+        return batch_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
+
     if route == "vmap-double-backward":
         def vmapped_terms(idx):
             return vmapped_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
-        return _vmapped_route(vmapped_terms, model, X, batch_size)
+        return _vmapped_route(_vmap_or_loop(model, vmapped_terms, double_backward_terms), model, X, batch_size)
 
     if route == "r-operator":
         def chain_terms(idx):
             return chain_quadratic_forms(model, loss_fn, X, Y, idx)
         return Route(chain_terms, per_call=_GRAPHS_PER_CALL, min_block=1, ahead=False)
 
-    def double_backward_terms(idx):
-        return batch_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
     # Each batch's graph is freed before the next is built, so a call may take many batches.
     return Route(double_backward_terms, per_call=_GRAPHS_PER_CALL, min_block=1, ahead=False)
 
@@ -182,6 +191,24 @@ class _StackedTerms:
             if self.cache is None:
                 return self.net.batch_terms(self.X[idx], self.Y[idx])
             return self.net.batch_terms_of(self.cache.map(lambda t: t[idx]))
+
+
+def _vmap_or_loop(model, vmapped: Callable, loop: Callable) -> Callable:
+    """``vmapped`` forms until ``model`` is found to be one vmap refuses (its first failing call,
+    then recorded in ``_VMAP_REFUSED``); from then on the same forms by ``loop``, a batch at a
+    time. A user's model may branch on a tensor's value or call ``.item()``: its measurement is
+    then slower, never wrong or failed (an error of the model itself comes back from the loop)."""
+    def forms(idx):
+        if model not in _VMAP_REFUSED:
+            try:
+                return vmapped(idx)
+            except Exception as error:  # noqa: BLE001 - any refusal; the loop re-raises a real error
+                _VMAP_REFUSED.add(model)
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                warnings.warn(f"{type(model).__name__} cannot run under torch.func.vmap ({reason[:160]}); "
+                              "its batches are measured one at a time", stacklevel=2)
+        return loop(idx)
+    return forms
 
 
 def _vmapped_route(forms, model, X, batch_size) -> Route:
@@ -338,13 +365,14 @@ def gauss_newton_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mode=Tr
 def gauss_newton_route(model, loss_fn, X, Y, batch_size, *, train_mode=True) -> Route:
     """The route of the Gauss–Newton terms: vmapped where the same-batch terms are, else a batch
     at a time (:func:`gauss_newton_forms`)."""
+    def one_at_a_time(idx):
+        return gauss_newton_forms(model, loss_fn, X, Y, idx, train_mode=train_mode, vectorised=False)
+
     if batch_route(model, loss_fn, X, Y, batch_size=batch_size) == "vmap-double-backward":
         def vmapped_terms(idx):
             return gauss_newton_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
-        return _vmapped_route(vmapped_terms, model, X, batch_size)
+        return _vmapped_route(_vmap_or_loop(model, vmapped_terms, one_at_a_time), model, X, batch_size)
 
-    def one_at_a_time(idx):
-        return gauss_newton_forms(model, loss_fn, X, Y, idx, train_mode=train_mode, vectorised=False)
     return Route(one_at_a_time, per_call=_GRAPHS_PER_CALL, min_block=1, ahead=False)
 
 
