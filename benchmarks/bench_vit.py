@@ -1,0 +1,103 @@
+"""Cost of every registry measurement on the vit, against one SGD step, in one run.
+
+    python benchmarks/bench_vit.py [--num-data 512] [--batch 16] [--device cuda] [--json out.json]
+
+The default vit (width 64, depth 2, 4 heads, patch 2: 69,066 parameters) on ``--num-data``
+digits images with mse, measured at its initialisation through :func:`utils.api.measure`, one
+measurement at a time (each from the same state, on the random batches of step 0). A vit is
+neither a layer chain nor a Linear network, so its products take the generic exact routes.
+Each row: the measurement's wall time (median over ``--repeats``), its Hessian-vector products
+(or per-batch quadratic forms), Monte Carlo samples, and the time in SGD steps of batch
+``--batch`` (forward, backward and update; median of 20 timed just before the measurement, so
+that a shared machine's changing load moves both alike).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.api import MEASUREMENTS, measure  # noqa: E402
+from utils.data import load_dataset  # noqa: E402
+from utils.devices import resolve_device  # noqa: E402
+from utils.losses import mse_loss  # noqa: E402
+from utils.models import build_model, count_parameters  # noqa: E402
+
+
+def sgd_step_seconds(model, X, Y, batch, lr, repeats=20) -> float:
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(repeats):
+        idx = torch.randint(0, X.shape[0], (batch,), generator=generator).to(X.device)
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        mse_loss(model(X[idx]), Y[idx]).backward()
+        optimizer.step()
+        if X.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    model.load_state_dict(state)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-data", type=int, default=512)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these measurements")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    data = load_dataset("digits", root=None, loss="mse", num_data=args.num_data, device=device)
+    X, Y = data.X_train, data.Y_train
+    model = build_model("vit", data.input_shape, data.output_dim, width=64, depth=2, heads=4, patch=2).to(device)
+    step = sgd_step_seconds(model, X, Y, args.batch, args.lr)
+    print(f"vit on {args.num_data} digits images ({count_parameters(model):,} parameters), {device}, "
+          f"{torch.get_num_threads()} threads; SGD step (b = {args.batch}): {step * 1e3:.1f} ms")
+    print(f"{'measurement':<26}{'seconds':>10}{'products':>10}{'samples':>9}{'x SGD step':>12}")
+    rows = []
+    # The first Hessian product picks its mode and builds its functions; no measurement pays for that.
+    measure(model, "mse", (X, Y), ["lambdamax"], batch_size=args.batch, lr=args.lr, eig_tol=0.5)
+    # The momentum and Adam measurements read an optimiser that has stepped; the others do not.
+    optimizers = {"momentum_sharpness": torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9),
+                  "preconditioned_sharpness": torch.optim.Adam(model.parameters(), lr=1e-3)}
+    for name in args.only or MEASUREMENTS:
+        optimizer = optimizers.get(name, torch.optim.SGD(model.parameters(), lr=args.lr))
+        if name in optimizers:
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            optimizer.zero_grad()
+            mse_loss(model(X[:args.batch]), Y[:args.batch]).backward()
+            optimizer.step()
+            model.load_state_dict(state)
+        step = sgd_step_seconds(model, X, Y, args.batch, args.lr)
+        times, values = [], None
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            values = measure(model, "mse", (X, Y), [name], batch_size=args.batch, optimizer=optimizer,
+                             batch=(X[:args.batch], Y[:args.batch]))
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        estimates = [v for v in values.values() if hasattr(v, "hvps")]
+        products = sum(e.hvps for e in estimates)
+        samples = max(e.n for e in estimates)
+        rows.append({"measurement": name, "seconds": seconds, "products": products, "samples": samples,
+                     "sgd_step_seconds": step, "sgd_steps": seconds / step})
+        print(f"{name:<26}{seconds:>10.2f}{products:>10}{samples:>9}{seconds / step:>12.0f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
