@@ -1,6 +1,7 @@
-"""Every command in the README and in docs/*.md names flags its script has: training.py and the
-analysis scripts parse theirs, sweep.py's grid and shared flags are training.py's, and a
-benchmark's flags are among those it declares. (The Quick start itself runs in test_recipes.)"""
+"""The README's commands: every one in README.md and docs/*.md names flags its script has
+(training.py and the analysis scripts parse theirs, sweep.py's grid and shared flags are
+training.py's, a laptop sweep dry-runs, a benchmark's flags are among those it declares), and the
+short tour runs end to end at a tiny size. (The Quick start runs in test_recipes.)"""
 
 import glob
 import os
@@ -13,6 +14,8 @@ import compute_final_fullbs
 import compute_final_gHg
 import plot_results
 import sharpness_gap
+import sweep
+import training
 from utils import config, sweep_grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +73,7 @@ def test_the_readme_has_commands_to_check():
 
 
 @pytest.mark.parametrize("where, line", COMMANDS, ids=[f"{path}:{line[:60]}" for path, line in COMMANDS])
-def test_a_documented_command_names_flags_its_script_has(where, line):
+def test_a_documented_command_names_flags_its_script_has(where, line, results_env):
     found = script_and_arguments(line)
     if found is None:
         return
@@ -91,8 +94,49 @@ def test_a_documented_command_names_flags_its_script_has(where, line):
         options, grid_tokens, shared = sweep_grid.parse_command_line(arguments)
         sweep_grid.parse_grid_tokens(grid_tokens)
         config.build_parser().parse_args(shared)
+        if options.executor == "local" and not options.grid:  # a laptop sweep: every point's command is checked
+            cut = arguments.index("--") if "--" in arguments else len(arguments)
+            recipe = [os.path.join(ROOT, a) if a.startswith("recipes/") else a for a in arguments[:cut]]
+            assert sweep.main([*recipe, "--dry-run", *arguments[cut:]]) == 0, f"{where}: {line}"
     elif name in PARSERS:
         PARSERS[name]().parse_args(arguments)
     else:
         assert os.path.exists(os.path.join(ROOT, script)), f"{where} runs {script}, which does not exist"
 
+
+
+def tour_commands() -> list[str]:
+    """The command lines of the README's short tour, in order."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    tour = re.search(r"^## A short tour\n(.*?)^## ", text, flags=re.DOTALL | re.MULTILINE).group(1)
+    return [line for body in re.findall(r"^```\n(.*?)^```", tour, flags=re.DOTALL | re.MULTILINE)
+            for line in body.splitlines() if ".py" in line]
+
+
+# What makes each command of the tour small enough for a test (later flags replace earlier ones).
+TOUR_SMALL = {
+    "training.py": ["--num-data", "64", "--steps", "20", "--measure-every", "10", "--quiet"],
+    "compute_final_fullbs.py": ["--quiet"],
+    "compute_final_gHg.py": ["--batch-sizes", "8", "16", "--max-samples", "20", "--quiet"],
+    "sharpness_gap.py": [],
+    "plot_results.py": [],
+    "sweep.py": ["--dry-run"],
+}
+
+
+def test_the_short_tour_runs(results_env, monkeypatch):
+    """Every command of the README's tour, in order, on 64 images and 20 steps (the sweep as a dry run)."""
+    mains = {"training.py": training.main, "sweep.py": sweep.main, "compute_final_fullbs.py": compute_final_fullbs.main,
+             "compute_final_gHg.py": compute_final_gHg.main, "sharpness_gap.py": sharpness_gap.main,
+             "plot_results.py": plot_results.main}
+    monkeypatch.chdir(results_env)  # the tour's relative results/... paths are $RESULTS's
+    lines = tour_commands()
+    assert [script_and_arguments(line)[0] for line in lines][:3] == [
+        "training.py", "compute_final_fullbs.py", "compute_final_gHg.py"]
+    for line in lines:
+        script, arguments = script_and_arguments(line)
+        arguments = [os.path.join(ROOT, a) if a.startswith("examples/") else a for a in arguments]
+        cut = arguments.index("--") if "--" in arguments else len(arguments)  # sweep.py's shared flags follow --
+        small = arguments[:cut] + TOUR_SMALL[script] + arguments[cut:]
+        assert mains[script](small) == 0, line

@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def readme_measurement_flags() -> list[str]:
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         text = f.read()
-    table = text[text.index("## Measurements"):text.index("## The physics")]
+    start = text.index("## Measurements")
+    table = text[start:text.index("\n## ", start)]
     return re.findall(r"^\| `(--[a-z-]+)`", table, flags=re.MULTILINE)
 
 

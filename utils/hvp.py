@@ -28,7 +28,7 @@ the model and device unless told otherwise (:func:`default_hvp_mode`):
                              for GNI and the Hessian trace) skips the backward half altogether.
 
 The default is the mode that ``benchmarks/bench_measurements.py`` measures fastest (its output
-and the README's Performance section give the figures): the R-operator for convolutional chains
+and docs/performance.md give the figures): the R-operator for convolutional chains
 (the ``cnn`` model) on either device, double backward for other models on the CPU, batched
 double backward for networks without convolutions on a GPU, and forward-over-reverse for other
 convolutional networks without BatchNorm on a GPU. (``torch.func.linearize`` applies a product
