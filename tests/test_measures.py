@@ -13,9 +13,12 @@ from curvature_reference import (LOSSES, check_honest_estimates, dense_gradient,
                                  exact_ghg_family, forbid_fast_routes, mean_reference, ratio_reference, tiny_cnn,
                                  tiny_data, tiny_images, tiny_mlp)
 from utils import batch_forms
+from utils.config import RunConfig
 from utils.errors import UserError
-from utils.estimators import measurement_generator
-from utils.measures import batch_sharpness, batch_sharpness_ratio, gni, gni_by_batch_size, lambda_max, step_sharpness
+from utils.estimators import draw_partitions, measurement_generator
+from utils.measures import (batch_sharpness, batch_sharpness_ratio, gni, gni_by_batch_size, lambda_max, partition_size,
+                            step_sharpness)
+from utils.monitor import partition_draw_measurements
 
 N, B = 8, 3
 
@@ -274,3 +277,66 @@ def test_exact_measurements_use_plain_double_backward_for_every_hessian_product(
         assert training.main([*common, *flags, "--run-dir", str(run_dir)]) == 0
         resolved = json.loads((run_dir / "config.json").read_text())["resolved"]
         assert resolved["hvp_mode"] == resolved["batch_route"] == "double-backward"
+
+
+PARTITIONED = {"batch_sharpness": batch_sharpness, "batch_sharpness_ratio": batch_sharpness_ratio}
+
+
+@pytest.mark.parametrize("n", [8, 10])
+@pytest.mark.parametrize("name", sorted(PARTITIONED))
+def test_partition_draws_converge_to_the_exact_expectations(name, n):
+    """Means over the floor(n/b) disjoint batches of random permutations: no bias against the
+    average over all C(n, b) batches, and _n counts batches (a multiple of floor(n/b))."""
+    model, (X, Y) = tiny_mlp(), tiny_data(n, "ce")
+    loss_fn = LOSSES["ce"]
+    exact = exact_ghg_family(model, loss_fn, X, Y, B)[name]
+    est = PARTITIONED[name](model, loss_fn, X, Y, B, generator=measurement_generator(0, 1), partition_draws=True)
+    assert est.se < 0.005 * abs(est.value) or est.capped
+    assert abs(est.value - exact) < 4 * est.se
+    assert est.n % (n // B) == 0 and est.n <= est.hvps <= 1000
+
+
+@pytest.mark.parametrize("name", sorted(PARTITIONED))
+def test_partition_draws_standard_errors_are_honest(name):
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
+    loss_fn = LOSSES["ce"]
+    exact = exact_ghg_family(model, loss_fn, X, Y, B)[name]
+    estimates = [PARTITIONED[name](model, loss_fn, X, Y, B, generator=measurement_generator(seed, 0), min_samples=40,
+                                   max_samples=40, partition_draws=True)
+                 for seed in range(100)]
+    assert all(e.n == 40 and e.capped for e in estimates)
+    check_honest_estimates(estimates, exact)
+
+
+def test_partition_draws_are_the_means_of_the_drawn_partitions():
+    """Batch Sharpness and its ratio form equal the stopping rule applied by brute force to the
+    group means of dense per-batch terms of the very partitions the generator draws; each group's
+    batches are disjoint."""
+    n = 10
+    model, loss_fn, (X, Y) = tiny_mlp(), LOSSES["mse"], tiny_data(n, "mse")
+    per_group, groups = n // B, 60
+    idx = draw_partitions(n, B, groups, per_group, measurement_generator(4, 2))
+    assert all(len(set(part.reshape(-1).tolist())) == per_group * B for part in idx.view(groups, per_group, B))
+    terms = [(dense_gradient(model, loss_fn, X[rows], Y[rows]), dense_hessian(model, loss_fn, X[rows], Y[rows]))
+             for rows in idx]
+    quadratic = np.array([(g @ H @ g).item() for g, H in terms]).reshape(groups, per_group)
+    norm2 = np.array([(g @ g).item() for g, _ in terms]).reshape(groups, per_group)
+    limits = {"min_samples": 5 * per_group, "max_samples": groups * per_group}
+    expected = {batch_sharpness: (mean_reference, ((quadratic / norm2).mean(1),)),
+                batch_sharpness_ratio: (ratio_reference, (quadratic.mean(1), norm2.mean(1)))}
+    for measure, (reference, samples) in expected.items():
+        value, se, k = reference(*samples, 5, groups, 0.02)
+        got = measure(model, loss_fn, X, Y, B, generator=measurement_generator(4, 2), rel_se=0.02,
+                      partition_draws=True, **limits)
+        assert k < groups and got.n == k * per_group and got.hvps >= got.n
+        assert got.value == pytest.approx(value, rel=1e-10) and got.se == pytest.approx(se, rel=1e-8)
+
+
+def test_partition_draws_only_where_the_data_hold_few_batches():
+    assert [partition_size(n, 3, True) for n in (5, 6, 8, 26, 27)] == [1, 2, 2, 8, 1]
+    assert partition_size(8, 3, False) == 1
+    # What a new run records in config.json (resolved.partition_draws): the enabled measurements
+    # of the same-batch family, where floor(n / b) is small.
+    cfg = RunConfig(batch=16, batch_sharpness=True, gauss_newton=True, gni=True)
+    assert partition_draw_measurements(cfg, torch.zeros(64, 2)) == ["batch_sharpness", "gauss_newton"]
+    assert partition_draw_measurements(cfg, torch.zeros(160, 2)) == []

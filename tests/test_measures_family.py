@@ -150,6 +150,21 @@ def test_gn_batch_sharpness_standard_errors_are_honest():
     check_honest_estimates(estimates, exact)
 
 
+def test_gn_batch_sharpness_partition_draws_are_unbiased_with_honest_standard_errors():
+    """Means over the two disjoint batches of random permutations (n = 8, b = 3): against the
+    average over all C(8, 3) batches; the operator loop of ``exact`` takes the same batches."""
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "ce")
+    exact = exact_gn_batch_sharpness(model, "ce", X, Y)
+    options = {"min_samples": 40, "max_samples": 40, "partition_draws": True}
+    estimates = [gn_batch_sharpness(model, LOSSES["ce"], X, Y, B, generator=measurement_generator(seed, 0), **options)
+                 for seed in range(100)]
+    assert all(e.n == e.hvps == 40 for e in estimates)
+    check_honest_estimates(estimates, exact)
+    plain = gn_batch_sharpness(model, LOSSES["ce"], X, Y, B, generator=measurement_generator(0, 0), exact=True,
+                               **options)
+    assert plain.value == pytest.approx(estimates[0].value, rel=1e-10) and plain.n == 40
+
+
 def test_gradient_norms_match_enumeration_and_the_sampling_formula():
     model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
     loss_fn = LOSSES["mse"]

@@ -77,6 +77,26 @@ def draw_batches(n: int, b: int, m: int, generator: torch.Generator, device="cpu
     return torch.stack([sample_batch_indices(n, b, generator, device) for _ in range(m)])
 
 
+def draw_partitions(n: int, b: int, groups: int, per_group: int, generator: torch.Generator,
+                    device="cpu") -> torch.Tensor:
+    """``groups`` x ``per_group`` batches (groups * per_group, b): each group the first
+    ``per_group`` * b entries of one random permutation of range(n), cut into disjoint batches.
+    Every batch is marginally a uniformly random b-subset (so a group's mean is unbiased) and the
+    groups are independent (so an SE over group means is honest)."""
+    if not 1 <= b * per_group <= n:
+        raise UserError(f"{per_group} disjoint batches of {b} need at least {b * per_group} samples, "
+                        f"the data hold {n}; pass a smaller batch size")
+    return torch.cat([torch.randperm(n, generator=generator, device=generator.device)[:b * per_group].view(per_group, b)
+                      for _ in range(groups)]).to(device)
+
+
+def group_limits(min_samples: int, max_samples: int, per_group: int) -> dict:
+    """The stopping rule's limits in groups of ``per_group`` batches, for limits given in batches:
+    at least ceil(min_samples / per_group) groups (and 2), at most max_samples // per_group."""
+    fewest = max(2, -(-min_samples // per_group))
+    return {"min_samples": fewest, "max_samples": max(fewest, max_samples // per_group)}
+
+
 def _check_rule(min_samples: int, max_samples: int, rel_se: float, block_size: int):
     if not 2 <= min_samples <= max_samples:
         raise UserError(f"need 2 <= min_samples <= max_samples, got min_samples={min_samples}, "

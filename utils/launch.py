@@ -29,7 +29,7 @@ from utils.config import CONFIG_VERSION, RunConfig, check_cadences_have_measurem
 from utils.errors import UserError
 from utils.hvp import measurement_hvp_mode
 from utils.models import count_parameters
-from utils.monitor import Monitor, closed_form_measurements
+from utils.monitor import Monitor, closed_form_measurements, partition_draw_measurements
 from utils.resources import OutOfSpace
 from utils.results import (BASE_COLUMNS, TIME_COLUMN, ResultsWriter, atomic_write_json, atomic_write_text,
                            make_run_folder, read_json, read_results_table, read_versioned_json)
@@ -71,6 +71,7 @@ def config_record(setup: Setup, measurement_plan: dict, command_line: list[str] 
             "hvp_mode": measurement_hvp_mode(setup.model, setup.device, exact=cfg.exact_measurements),
             "batch_route": _batch_route(setup),
             "closed_forms": closed_form_measurements(cfg, setup.model, data.X_train),
+            "partition_draws": partition_draw_measurements(cfg, data.X_train),
         },
         "device": str(setup.device),
         "launch": {"world_size": setup.world.size, "backend": setup.world.backend},
@@ -389,6 +390,8 @@ def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int
         cadences = recorded_cadences(record, monitor)
         # A run started before closed forms existed keeps sampling, so its rows stay alike.
         monitor.closed_forms = record.get("resolved", {}).get("closed_forms", [])
+        # Likewise a run started before partition draws keeps drawing independent batches.
+        monitor.partition_draws = record.get("resolved", {}).get("partition_draws", [])
         parent = record.get("parent")
         first_step = parent["step"] if parent else 0
         due = row_schedule(setup, monitor, cadences)

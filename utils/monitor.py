@@ -19,6 +19,7 @@ from utils.analysis import hessian_threshold
 from utils.errors import UserError
 from utils.estimators import Estimate, measurement_generator
 from utils.hvp import flat_params
+from utils.measures import partition_size
 from utils.noise_decomposition import closed_form_allowed
 from utils.registry import MEASUREMENTS, Context
 
@@ -73,6 +74,16 @@ def closed_form_measurements(cfg, model, X) -> list[str]:
     return [m.name for m in MEASUREMENTS if m.closed_form and getattr(cfg, m.name)]
 
 
+def partition_draw_measurements(cfg, X) -> list[str]:
+    """The enabled measurements whose samples are means over the disjoint batches of one random
+    permutation, since the data hold few batches of ``cfg.batch`` (:func:`utils.measures.partition_size`;
+    ``config.json``: ``resolved.partition_draws``; a run recorded without it draws independent
+    batches, as it did when it started)."""
+    if partition_size(X.shape[0], cfg.batch, True) == 1:
+        return []
+    return [m.name for m in MEASUREMENTS if m.partition_draws and getattr(cfg, m.name)]
+
+
 class Monitor:
     """Runs the scheduled measurements of one step and returns their column values."""
 
@@ -90,6 +101,7 @@ class Monitor:
         self.estimate_counts = {}
         # A resumed run keeps the closed forms recorded when it started (launch sets them).
         self.closed_forms = closed_form_measurements(cfg, model, X)
+        self.partition_draws = partition_draw_measurements(cfg, X)
         # theta_0 of --param-distance: the model as built from the config, before a checkpoint
         # is restored, so resumed and forked runs measure from the same initialisation.
         self.reference = None
@@ -100,7 +112,8 @@ class Monitor:
         return Context(cfg=self.cfg, step=step, model=self.model, loss_fn=self.loss_fn, X=self.X, Y=self.Y,
                        xb=xb, yb=yb, optimizer=self.optimizer, reference=self.reference, tol=tol, generator=None,
                        eigenvectors=self.eigenvectors, eig_model=eig_model, threshold=self.threshold,
-                       folder=self.folder, closed_forms=tuple(self.closed_forms))
+                       folder=self.folder, closed_forms=tuple(self.closed_forms),
+                       partition_draws=tuple(self.partition_draws))
 
     def _compute(self, m, context: Context, stream: str) -> dict:
         context.generator = lambda: stream_generator(self.cfg.measure_seed, context.step, stream, device=self.X.device)

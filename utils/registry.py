@@ -76,7 +76,9 @@ class Context:
     has run; ``threshold`` the run's stability threshold (nan for Adam, whose threshold bounds
     the preconditioned Hessian); ``folder`` the run folder for measurements that write files
     (none: they write nothing); ``closed_forms`` the measurements that may be computed exactly
-    where that is cheaper (the run's ``config.json``: ``resolved.closed_forms``)."""
+    where that is cheaper (the run's ``config.json``: ``resolved.closed_forms``);
+    ``partition_draws`` those that draw their batches as partitions of random permutations where
+    the data hold few (``resolved.partition_draws``)."""
 
     cfg: object
     step: int
@@ -96,6 +98,7 @@ class Context:
     threshold: float = math.nan
     folder: str | None = None
     closed_forms: tuple[str, ...] = ()
+    partition_draws: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,8 @@ class Measurement:
     takes both from the first measurement drawn in it). ``argument`` makes the flag take an
     optional positive integer, named so in the help (the switch holds it; 0 is off, the bare flag 1). ``closed_form``: its Monte Carlo
     estimate is computed exactly from per-sample gradients where that is cheaper
-    (:mod:`utils.noise_decomposition`)."""
+    (:mod:`utils.noise_decomposition`). ``partition_draws``: its same-batch samples may be means over
+    the disjoint batches of one random permutation (:func:`utils.measures.partition_size`)."""
 
     name: str
     help: str
@@ -129,6 +133,7 @@ class Measurement:
     log_scale: bool = False
     argument: str | None = None
     closed_form: bool = False
+    partition_draws: bool = False
 
     @property
     def flag(self) -> str:
@@ -160,7 +165,8 @@ def _lambda_max(c: Context) -> dict:
 
 def _batch_sharpness(c: Context) -> dict:
     return {"batch_sharpness": measures.batch_sharpness(*_data(c), c.cfg.batch, generator=c.generator(),
-                                                        exact=c.cfg.exact_measurements)}
+                                                        exact=c.cfg.exact_measurements,
+                                                        partition_draws="batch_sharpness" in c.partition_draws)}
 
 
 def _step_sharpness(c: Context) -> dict:
@@ -174,7 +180,8 @@ def _gni(c: Context) -> dict:
 
 def _batch_sharpness_ratio(c: Context) -> dict:
     return {"batch_sharpness_ratio": measures.batch_sharpness_ratio(*_data(c), c.cfg.batch, generator=c.generator(),
-                                                                    exact=c.cfg.exact_measurements)}
+                                                                    exact=c.cfg.exact_measurements,
+                                                                    partition_draws="batch_sharpness_ratio" in c.partition_draws)}
 
 
 def _batch_lambdamax(c: Context) -> dict:
@@ -192,7 +199,8 @@ def _gauss_newton(c: Context) -> dict:
     eig, top = measures.gn_lambda_max(*_data(c), tol=c.tol, chunk_size=c.cfg.hvp_chunk, generator=generator)
     warn_unconverged(c.step, "gn_lambda_max", eig, c.tol)
     return {"gn_lambda_max": top, "gn_batch_sharpness": measures.gn_batch_sharpness(
-        *_data(c), c.cfg.batch, generator=generator, exact=c.cfg.exact_measurements)}
+        *_data(c), c.cfg.batch, generator=generator, exact=c.cfg.exact_measurements,
+        partition_draws="gauss_newton" in c.partition_draws)}
 
 
 def _gradient_norm(c: Context) -> dict:
@@ -290,7 +298,7 @@ MEASUREMENTS: tuple[Measurement, ...] = (
     Measurement("batch_sharpness", "E_B[g_B^T H_B g_B / |g_B|^2] over random batches",
                 (Column("batch_sharpness", "Batch Sharpness", (Curve(r"$\mathbb{E}_B[g_B^\top H_B g_B/\|g_B\|^2]$"),), with_se=True,
                         ylabel=r"$\mathbb{E}_B[g_B^\top H_B g_B/\|g_B\|^2]$"),),
-                _batch_sharpness, final="always", final_stream="final"),
+                _batch_sharpness, final="always", final_stream="final", partition_draws=True),
     Measurement("step_sharpness", "the same Rayleigh quotient on the step's own batch",
                 (Column("step_sharpness", "step sharpness", (Curve("raw", faint=True), Curve("smoothed", smooth=True)),
                         ylabel=r"$g_B^\top H_B g_B/\|g_B\|^2$, step's $B$"),),
@@ -302,7 +310,7 @@ MEASUREMENTS: tuple[Measurement, ...] = (
     Measurement("batch_sharpness_ratio", "E_B[g_B^T H_B g_B] / E_B[|g_B|^2] (ratio of means)",
                 (Column("batch_sharpness_ratio", "Batch Sharpness", (Curve(r"$\mathbb{E}_B[g_B^\top H_B g_B]/\mathbb{E}_B[\|g_B\|^2]$", dashed=True),),
                         with_se=True),),
-                _batch_sharpness_ratio),
+                _batch_sharpness_ratio, partition_draws=True),
     Measurement("batch_lambdamax", "mean top eigenvalue of mini-batch Hessians E_B[lambda_max(H_B)]",
                 (Column("batch_lambda_max", "λ_max", (Curve(r"$\mathbb{E}_B[\lambda_{\max}(H_B)]$", dashed=True),), with_se=True),),
                 _batch_lambdamax, cadence=(5, 20)),
@@ -312,7 +320,7 @@ MEASUREMENTS: tuple[Measurement, ...] = (
     Measurement("gauss_newton", "lambda_max and Batch Sharpness of the Gauss-Newton matrix",
                 (Column("gn_lambda_max", "Gauss–Newton", (Curve(r"$\lambda_{\max}(G)$"),), ylabel="curvature of $G$"),
                  Column("gn_batch_sharpness", "Gauss–Newton", (Curve(r"$\mathbb{E}_B[g_B^\top G_B g_B/\|g_B\|^2]$", dashed=True),), with_se=True)),
-                _gauss_newton),
+                _gauss_newton, partition_draws=True),
     Measurement("gradient_norm", "E_B[|g_B|^2] and |g|^2",
                 (Column("grad_norm_sq_batch", "gradient norm²", (Curve(r"$\mathbb{E}_B\|g_B\|^2$"),), with_se=True,
                         ylabel="squared gradient norm"),

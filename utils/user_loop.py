@@ -28,7 +28,7 @@ from utils import schedule
 from utils.config import ADAM_BETAS, CONFIG_VERSION, RunConfig
 from utils.launch import USER_LOOP
 from utils.models import count_parameters
-from utils.monitor import Monitor, closed_form_measurements
+from utils.monitor import Monitor, closed_form_measurements, partition_draw_measurements
 from utils.registry import BY_NAME, NAMES
 from utils.results import BASE_COLUMNS, TIME_COLUMN, ResultsWriter, atomic_write_json
 from utils.training import evaluate
@@ -214,6 +214,7 @@ class CurvatureLogger:
                 "schedule": {"full_loss": self.full_loss, **self.monitor.schedule},
                 "measurement_mode": "train",
                 "closed_forms": closed_form_measurements(cfg, self.model, X),
+                "partition_draws": partition_draw_measurements(cfg, X),
             },
             "user_loop": {"model": type(self.model).__name__, "loss": self.loss_name, "data": self.data.source,
                           "optimizer": type(optimizer).__name__ if optimizer is not None else None},
