@@ -222,3 +222,30 @@ def test_a_model_vmap_refuses_falls_back_to_the_loop_with_the_plain_value(measur
     assert fast.value == pytest.approx(plain.value, rel=1e-12) and fast.se == pytest.approx(plain.se, rel=1e-9)
     # Decided once: the model now takes the loop, and says so.
     assert batch_route(model, loss_fn, X, Y, batch_size=3) == "double-backward"
+
+
+class _RowBranchingNet(_ValueBranchingNet):
+    """The same rescaling decided row by row in a Python loop: each sample's loss depends on that
+    sample alone (as the closed forms need), and vmap still refuses the ``.item()``."""
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden(x))
+        h = torch.stack([row * 0.9 if row.abs().max().item() > 0.5 else row for row in h])
+        return self.out(h)
+
+
+def test_closed_forms_of_a_model_vmap_refuses_take_per_sample_gradients_one_at_a_time():
+    from curvature_reference import batch_derivatives, exact_ghg_family
+    from utils import measures
+    from utils.estimators import measurement_generator
+
+    torch.manual_seed(0)
+    model, (X, Y) = _RowBranchingNet().double(), tiny_data(N, "mse")
+    loss_fn = LOSSES["mse"]
+    noise = measures.gni(model, loss_fn, X, Y, 3, generator=measurement_generator(5, 0))
+    with pytest.warns(UserWarning, match="cannot run under torch.func.vmap"):
+        batch, _ = measures.gradient_norms(model, loss_fn, X, Y, 3, generator=measurement_generator(5, 0))
+    assert noise.exact and batch.exact
+    assert noise.value == pytest.approx(exact_ghg_family(model, loss_fn, X, Y, 3)["gni"], rel=1e-10)
+    norms = [(g @ g).item() for g, _ in batch_derivatives(model, loss_fn, X, Y, 3)]
+    assert batch.value == pytest.approx(sum(norms) / len(norms), rel=1e-10)

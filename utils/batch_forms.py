@@ -198,16 +198,16 @@ def _vmap_or_loop(model, vmapped: Callable, loop: Callable) -> Callable:
     then recorded in ``_VMAP_REFUSED``); from then on the same forms by ``loop``, a batch at a
     time. A user's model may branch on a tensor's value or call ``.item()``: its measurement is
     then slower, never wrong or failed (an error of the model itself comes back from the loop)."""
-    def forms(idx):
+    def forms(*args):
         if model not in _VMAP_REFUSED:
             try:
-                return vmapped(idx)
+                return vmapped(*args)
             except Exception as error:  # noqa: BLE001 - any refusal; the loop re-raises a real error
                 _VMAP_REFUSED.add(model)
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 warnings.warn(f"{type(model).__name__} cannot run under torch.func.vmap ({reason[:160]}); "
                               "its batches are measured one at a time", stacklevel=2)
-        return loop(idx)
+        return loop(*args)
     return forms
 
 
@@ -406,7 +406,7 @@ def per_sample_gradients(model, loss_fn, X, Y, *, train_mode=True):
     """The per-sample gradients g_i = grad l_i of every row of (X, Y), as blocks (c, P) in order.
 
     One ``torch.func.vmap`` of ``grad`` over the rows of a block, c rows at a time so a block
-    holds at most ``_VMAP_NUMBERS`` numbers. Only where g_i is defined: not under train-mode
+    holds at most ``_VMAP_NUMBERS`` numbers (one row at a time for a model vmap refuses). Only where g_i is defined: not under train-mode
     BatchNorm (a batch of one has no statistics to normalise by)."""
     if train_mode and has_batchnorm(model):
         raise ValueError("per-sample gradients are not defined under train-mode BatchNorm")
@@ -420,10 +420,14 @@ def per_sample_gradients(model, loss_fn, X, Y, *, train_mode=True):
         gradient = grad(lambda v: loss_fn(functional_call(model, (v, frozen, buffers), (x[None],)), y[None]))(primals)
         return torch.cat([gradient[name].reshape(-1) for name in names])
 
+    def one_at_a_time(xs, ys):
+        return torch.stack([sample_gradient(x, y) for x, y in zip(xs, ys)])
+
+    block_gradients = _vmap_or_loop(model, vmap(sample_gradient), one_at_a_time)
     rows = max(1, _VMAP_NUMBERS // num_params(model))
     with model_mode(model, train_mode):
         for start in range(0, X.shape[0], rows):
-            yield vmap(sample_gradient)(X[start:start + rows], Y[start:start + rows]).detach()
+            yield block_gradients(X[start:start + rows], Y[start:start + rows]).detach()
 
 
 def _batch_gradients(model, loss_fn, X, Y, idx, train_mode) -> torch.Tensor:
