@@ -242,10 +242,34 @@ def test_closed_forms_of_a_model_vmap_refuses_take_per_sample_gradients_one_at_a
     torch.manual_seed(0)
     model, (X, Y) = _RowBranchingNet().double(), tiny_data(N, "mse")
     loss_fn = LOSSES["mse"]
-    noise = measures.gni(model, loss_fn, X, Y, 3, generator=measurement_generator(5, 0))
     with pytest.warns(UserWarning, match="cannot run under torch.func.vmap"):
-        batch, _ = measures.gradient_norms(model, loss_fn, X, Y, 3, generator=measurement_generator(5, 0))
+        noise = measures.gni(model, loss_fn, X, Y, 3, generator=measurement_generator(5, 0))
+    batch, _ = measures.gradient_norms(model, loss_fn, X, Y, 3, generator=measurement_generator(5, 0))
     assert noise.exact and batch.exact
     assert noise.value == pytest.approx(exact_ghg_family(model, loss_fn, X, Y, 3)["gni"], rel=1e-10)
     norms = [(g @ g).item() for g, _ in batch_derivatives(model, loss_fn, X, Y, 3)]
     assert batch.value == pytest.approx(sum(norms) / len(norms), rel=1e-10)
+
+
+def test_a_model_that_mixes_the_samples_of_a_batch_is_sampled_not_taken_in_closed_form():
+    """The batch-max branch of _ValueBranchingNet couples the samples: g_B is not the mean of the
+    per-sample gradients, so the closed forms would be wrong; GNI and E_B|g_B|^2 are sampled
+    instead and agree with the averages over all C(10, 3) batches within their SEs."""
+    from curvature_reference import batch_derivatives, exact_ghg_family
+    from utils import measures
+    from utils.estimators import measurement_generator
+    from utils.noise_decomposition import samples_separable
+
+    torch.manual_seed(0)
+    model, (X, Y) = _ValueBranchingNet().double(), tiny_data(N, "mse")
+    loss_fn = LOSSES["mse"]
+    with pytest.warns(UserWarning, match="cannot run under torch.func.vmap"):
+        assert not samples_separable(model, loss_fn, X, Y)
+        assert samples_separable(_RowBranchingNet().double(), loss_fn, X, Y)
+    options = {"generator": measurement_generator(5, 0), "min_samples": 200, "max_samples": 400}
+    noise = measures.gni(model, loss_fn, X, Y, 3, **options)
+    batch, _ = measures.gradient_norms(model, loss_fn, X, Y, 3, **options)
+    assert not noise.exact and noise.n >= 200 and not batch.exact and batch.n >= 200
+    assert abs(noise.value - exact_ghg_family(model, loss_fn, X, Y, 3)["gni"]) < 4 * noise.se
+    norms = [(g @ g).item() for g, _ in batch_derivatives(model, loss_fn, X, Y, 3)]
+    assert abs(batch.value - sum(norms) / len(norms)) < 4 * batch.se

@@ -18,7 +18,8 @@ exactly, with no batches drawn:
 
 Where that costs less than the Monte Carlo estimate would need to meet its target (predicted
 from its first ``min_samples`` batches, :meth:`utils.estimators.SamplesAhead.predicted_total`),
-the measurements take it (:func:`closed_form_allowed` says where they may): the estimate then
+the measurements take it (:func:`closed_form_allowed` says where they may, and
+:func:`samples_separable` checks that the model keeps its samples apart): the estimate then
 has se = 0, n = 0 and ``exact`` set.
 """
 
@@ -30,6 +31,7 @@ import torch
 
 from utils import batch_forms
 from utils.estimators import GNI_REL_SE, MAX_SAMPLES, Estimate, SamplesAhead, draw_batches, mean_with_stopping
+from utils.hvp import flat_grad
 from utils.models import has_batchnorm
 from utils.sharded import is_sharded
 
@@ -45,6 +47,25 @@ def closed_form_allowed(model, X, *, train_mode: bool, exact: bool) -> bool:
     per-sample gradients (BatchNorm in train mode normalises by the batch, dropout draws one
     mask per batch), and not on data split over the ranks of a launch (:mod:`utils.sharded`)."""
     return not exact and not is_sharded(X) and not (train_mode and (has_batchnorm(model) or batch_forms.has_dropout(model)))
+
+
+# Enough rows for a batch-level statistic of a user's model to differ from each row's own.
+SEPARABILITY_PROBE_ROWS = 32
+
+
+def samples_separable(model, loss_fn, X, Y, *, train_mode=True) -> bool:
+    """Whether the gradient of a batch is the mean of its per-sample gradients, as the closed forms
+    need: (1/m) sum_i g_i against g_B on the first m = min(n, 32) rows, equal to within 1e4 units of
+    round-off of the data type (relative to the larger of |g_B| and the mean |g_i|). A model or loss
+    that mixes the samples of a batch (its own batch normalisation, a branch on a batch statistic)
+    fails it and is measured by sampling batches instead."""
+    rows = slice(0, min(X.shape[0], SEPARABILITY_PROBE_ROWS))
+    per_sample = torch.cat(list(batch_forms.per_sample_gradients(model, loss_fn, X[rows], Y[rows],
+                                                                 train_mode=train_mode)))
+    whole = flat_grad(model, loss_fn, X[rows], Y[rows], train_mode=train_mode).detach()
+    scale = max(float(whole.norm()), float(per_sample.norm(dim=1).mean()))
+    tolerance = 1e4 * torch.finfo(whole.dtype).eps
+    return float((per_sample.mean(dim=0) - whole).norm()) <= tolerance * scale
 
 
 def gradient_spread(model, loss_fn, X, Y, g: torch.Tensor, *, train_mode=True) -> float:
@@ -138,7 +159,8 @@ def gni_decomposition(model, loss_fn, X, Y, *, generator, sample_batch: int,
     forms = batch_forms.centred_forms(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
                                       exact=exact)
     c_sample, c_target = noise_factor(n, sample_batch), noise_factor(n, target_batch)
-    closed = closed_form and closed_form_allowed(model, X, train_mode=train_mode, exact=exact)
+    closed = (closed_form and closed_form_allowed(model, X, train_mode=train_mode, exact=exact)
+              and samples_separable(model, loss_fn, X, Y, train_mode=train_mode))
     if closed and n + 1 <= min_samples:
         return _closed_form(forms, X, 0, start)
 
