@@ -406,18 +406,15 @@ def per_sample_gradients(model, loss_fn, X, Y, *, train_mode=True):
     """The per-sample gradients g_i = grad l_i of every row of (X, Y), as blocks (c, P) in order.
 
     One ``torch.func.vmap`` of ``grad`` over the rows of a block, c rows at a time so a block
-    holds at most ``_VMAP_NUMBERS`` numbers (one row at a time for a model vmap refuses). Only where g_i is defined: not under train-mode
-    BatchNorm (a batch of one has no statistics to normalise by)."""
+    holds at most ``_VMAP_NUMBERS`` numbers (one row at a time for a model vmap refuses). Only
+    where g_i is defined: not under train-mode BatchNorm (a batch of one has no statistics to
+    normalise by)."""
     if train_mode and has_batchnorm(model):
         raise ValueError("per-sample gradients are not defined under train-mode BatchNorm")
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
-    params, X, Y = params_and_data(model, X, Y)
-    primals = {name: p.detach() for name, p in zip(names, params)}
-    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
-    buffers = dict(model.named_buffers())
+    names, primals, batch_loss, X, Y = _functional_batch_loss(model, loss_fn, X, Y)
 
     def sample_gradient(x, y):
-        gradient = grad(lambda v: loss_fn(functional_call(model, (v, frozen, buffers), (x[None],)), y[None]))(primals)
+        gradient = grad(lambda v: batch_loss(v, x[None], y[None]))(primals)
         return torch.cat([gradient[name].reshape(-1) for name in names])
 
     def one_at_a_time(xs, ys):
