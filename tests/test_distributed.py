@@ -138,6 +138,9 @@ def test_a_single_process_run_resumes_on_two_processes(results_env):
     result = launch(training.main, ["--resume", str(interrupted), "--quiet"], 2, results_env / "resume_err")
     assert result.exit_codes == [0, 0], result.stderr
     assert_same_run(single, interrupted)
+    record = json.load(open(interrupted / "config.json"))
+    assert record["launch"]["world_size"] == 1
+    assert [(r["step"], r["world_size"], r["backend"]) for r in record["resumes"]] == [(6, 2, "gloo")]
 
 
 def test_a_killed_rank_ends_the_job_with_one_line(results_env):

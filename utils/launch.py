@@ -414,6 +414,7 @@ def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int
         kept = None if last_row is None or step == first_step else read_results_table(results_path, fix=RESULTS_FIX)
         columns = _columns(monitor) if kept is None else _stored_columns(kept, _columns(monitor))
         try:
+            _record_resume(run_dir, record, setup, step)
             for later, later_path in list_checkpoints(run_dir):
                 if later > step:
                     os.unlink(later_path)
@@ -434,6 +435,16 @@ def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int
             raise UserError(f"{exc}; free space, then resume again") from None
         return run_dir, _finish(run_dir, setup, monitor, writer, signals, start_step=step,
                                 elapsed_before=state.get("wall_time", 0.0), cadences=cadences)
+
+
+def _record_resume(run_dir: str, record: dict, setup: Setup, step: int) -> None:
+    """Append to config.json's ``resumes`` where the run continued: the step, the launch (world
+    size and backend, which may differ from the first launch's ``launch``) and the device."""
+    resumed = {"step": step, "world_size": setup.world.size, "backend": setup.world.backend,
+               "device": str(setup.device),
+               "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    record["resumes"] = [*record.get("resumes", []), resumed]
+    atomic_write_json(os.path.join(run_dir, "config.json"), record)
 
 
 def resume_point(run_dir: str, resume_step: int | None, reach: int, row_is_due) -> tuple[int, str | None]:
