@@ -3,13 +3,15 @@
 The processes are forked from the test process (no new Python start, no torch import), each
 with torchrun's variables and one thread; each writes its stderr into ``rank<r>.err`` of a
 folder and reports its exit code. ``actions`` make a rank misbehave right after it logs a
-step: ``("sigterm", rank, step)`` sends it SIGTERM, ``("kill", rank, step)`` ends it at once.
+step: ``("sigterm", rank, step)`` sends it SIGTERM, ``("kill", rank, step)`` ends it at once,
+``("hang", rank, step)`` stops answering for HANG_S seconds, then ends it.
 """
 
 import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 import torch.multiprocessing as mp
@@ -18,6 +20,7 @@ import utils.training
 
 # A killed rank ends its peers' next collective at once on Gloo; the timeout bounds everything else.
 TEST_TIMEOUT_S = 30
+HANG_S = 10
 
 
 @dataclass
@@ -39,6 +42,9 @@ def _act_after(step_to_act: int, action: str):
         original(self, step, *args, **kwargs)
         if step == step_to_act:
             if action == "kill":
+                os._exit(9)
+            if action == "hang":
+                time.sleep(HANG_S)
                 os._exit(9)
             os.kill(os.getpid(), signal.SIGTERM)
 

@@ -151,6 +151,18 @@ def test_a_killed_rank_ends_the_job_with_one_line(results_env):
     assert list_checkpoints(launched)  # the folder keeps what it had, resumable
 
 
+def test_a_signal_while_a_peer_hangs_ends_within_the_signal_timeout(results_env, monkeypatch):
+    # Without the shorter wait rank 0 would sit in the stop's collective until the hung peer died
+    # (HANG_S later) and then report a lost peer, not the signal.
+    monkeypatch.setenv("EOSS_DIST_SIGNAL_TIMEOUT", "2")
+    launched, result = launched_run(results_env, BASE, 2, actions=[("hang", 1, 3), ("sigterm", 0, 3)])
+    assert result.exit_codes == [2, 9], result.stderr
+    message = result.stderr[0].strip().splitlines()[-1]
+    assert message.startswith("training.py: error: rank 0 of 2 caught SIGTERM and its peers did not join the stop "
+                              "within 2 s (EOSS_DIST_SIGNAL_TIMEOUT"), message
+    assert "--resume" in message and list_checkpoints(launched)
+
+
 def _coupled_parts(argv):
     """On each rank of a launch: a float64 resnet_bn's gradient, H v and G v (Gauss-Newton) on the
     whole data and on a batch, and its running statistics after one step; rank 0 saves them to argv[0]."""

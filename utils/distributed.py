@@ -8,7 +8,11 @@ every collective here is the identity, so the single-process code path is unchan
 
 Every collective has a timeout (``EOSS_DIST_TIMEOUT`` seconds, default 600): a rank that dies
 ends its peers' next collective with :class:`PeerLost`, one line that says how to continue,
-instead of a hang. Rank 0 alone writes files; the others compute the same run with it.
+instead of a hang. A rank that caught SIGINT or SIGTERM waits for its peers to agree on the
+stop for at most ``EOSS_DIST_SIGNAL_TIMEOUT`` seconds (default 60, as SLURM gives about two
+minutes between its signal and the kill): a peer that is gone or hung then ends it with
+:class:`PeerLost` instead of the full timeout. Rank 0 alone writes files; the others compute the
+same run with it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from utils.errors import UserError
 
 TIMEOUT_VARIABLE = "EOSS_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
+SIGNAL_TIMEOUT_VARIABLE = "EOSS_DIST_SIGNAL_TIMEOUT"
+DEFAULT_SIGNAL_TIMEOUT_S = 60.0
 _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE")
 
 
@@ -63,15 +69,25 @@ def local_rank() -> int:
 
 
 def timeout_seconds() -> float:
-    value = os.environ.get(TIMEOUT_VARIABLE)
+    return _seconds_from(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT_S)
+
+
+def signal_timeout_seconds() -> float:
+    """How long a rank that caught a signal waits for its peers to agree on the stop (never longer
+    than the timeout of every collective)."""
+    return min(_seconds_from(SIGNAL_TIMEOUT_VARIABLE, DEFAULT_SIGNAL_TIMEOUT_S), timeout_seconds())
+
+
+def _seconds_from(variable: str, default: float) -> float:
+    value = os.environ.get(variable)
     if value is None:
-        return DEFAULT_TIMEOUT_S
+        return default
     try:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
     if not seconds > 0:
-        raise UserError(f"{TIMEOUT_VARIABLE}={value!r} is not a positive number of seconds; set it to e.g. 600")
+        raise UserError(f"{variable}={value!r} is not a positive number of seconds; set it to e.g. {default:g}")
     return seconds
 
 
@@ -137,6 +153,23 @@ def any_rank(flag: bool, device="cpu") -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     _collective(dist.all_reduce, value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
+
+
+def agree_on_stop(signal_name: str, device="cpu") -> None:
+    """This rank caught ``signal_name``: tell the peers (their :func:`any_rank` of the same step
+    answers True) and wait for them at most :func:`signal_timeout_seconds`, so a peer that is
+    gone or hung ends the wait with :class:`PeerLost` instead of the full timeout."""
+    world = current()
+    if not world.distributed:
+        return
+    seconds = signal_timeout_seconds()
+    value = torch.tensor([1.0], device=device)
+    try:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, async_op=True).wait(timeout=datetime.timedelta(seconds=seconds))
+    except (RuntimeError, ValueError) as exc:
+        raise PeerLost(f"rank {world.rank} of {world.size} caught {signal_name} and its peers did not join the stop "
+                       f"within {seconds:g} s ({SIGNAL_TIMEOUT_VARIABLE}: {_first_line(exc)}); continue the run "
+                       f"from its last checkpoint with --resume RUN_DIR, with any number of processes") from None
 
 
 def from_main(compute):

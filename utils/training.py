@@ -314,7 +314,10 @@ def stop_signal(signals: SignalCatcher, setup: Setup, agreed: bool = False) -> s
     have agreed on a stop already."""
     if not setup.world.distributed:
         return signals.received
-    if agreed or distributed.any_rank(signals.received is not None, setup.device):
+    if signals.received is not None and not agreed:
+        distributed.agree_on_stop(signals.received.name, setup.device)
+        return signals.received
+    if agreed or distributed.any_rank(False, setup.device):
         return signals.received or signal.SIGTERM
     return None
 
