@@ -91,3 +91,16 @@ def test_an_interrupted_run_resumes_to_the_same_columns(tmp_path, monkeypatch):
 def test_mistakes_are_one_line(tmp_path, capsys, flags, message):
     assert training.main(["--steps", "1", "--quiet", "--run-dir", str(tmp_path / "run"), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_density_panels_share_their_axes():
+    """Two runs' densities are drawn on the same axes, so the outliers' reach compares: a narrow
+    spectrum with a lower peak gets the wide one's limits and the stability line stays in view."""
+    from utils.plotting import plot_density
+
+    wide, narrow = [-0.5, 0.0, 5.5], [0.0, 0.5, 1.0]
+    figure = plot_density([("GD", wide, [1e-3, 10.0, 1e-3], 5.0, "2/η"),
+                           ("SGD", narrow, [1e-4, 0.1, 1e-4], 8.0, "2/η")])
+    (gd, sgd) = figure.axes
+    assert gd.get_ylim() == sgd.get_ylim() and gd.get_ylim()[1] == pytest.approx(20.0)
+    assert gd.get_xlim() == sgd.get_xlim() and gd.get_xlim()[0] == -0.5 and gd.get_xlim()[1] > 8.0

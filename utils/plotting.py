@@ -373,14 +373,20 @@ def _layer_panels(frames) -> list[Panel]:
 
 def plot_density(panels) -> Figure:
     """Hessian eigenvalue densities side by side, as PyHessian draws them: the density on a log
-    axis (down to 10⁻⁶ of its peak) against the eigenvalue, with the stability line at
-    ``threshold`` (not drawn when nan). ``panels``: (title, eigenvalues, density, threshold,
+    axis (down to 10⁻⁶ of the highest peak) against the eigenvalue, with the stability line at
+    ``threshold`` (not drawn when nan). Every panel has the same axes, so that the reach of the
+    outliers compares at a glance. ``panels``: (title, eigenvalues, density, threshold,
     threshold_label) per panel."""
+    peak = max(max(density) for _, _, density, _, _ in panels)
+    low = min(min(grid) for _, grid, _, _, _ in panels)
+    high = max(max([*grid, threshold if math.isfinite(threshold) else -math.inf])
+               for _, grid, _, threshold, _ in panels)
     with matplotlib.rc_context(STYLE):
         fig, axes = new_figure(1, len(panels), height=2.4)
         for ax, (title, grid, density, threshold, threshold_label) in zip(axes, panels):
             ax.semilogy(grid, density, color="C0")
-            ax.set_ylim(max(density) * 1e-6, max(density) * 2)
+            ax.set_ylim(peak * 1e-6, peak * 2)
+            ax.set_xlim(low, high + 0.02 * (high - low))
             if math.isfinite(threshold):
                 ax.axvline(threshold, color="0.3", linestyle="--", linewidth=0.8,
                            label=f"{threshold_label} = {threshold:.4g}")
