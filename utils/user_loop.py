@@ -181,7 +181,8 @@ class CurvatureLogger:
     def _config(self, optimizer, require_lr: bool = True) -> RunConfig:
         o = self._options
         label = self.label or f"{self.data.source}_{type(self.model).__name__}"
-        dataset, _, model = label.partition("_")
+        # The model's name is the last part: "my_data_mlp" is model mlp on my_data.
+        dataset, _, model = label.rpartition("_") if "_" in label else (label, "", label)
         return measurement_config(o["measurements"], every=o["every"], batch_size=o["batch_size"], lr=o["lr"],
                                   optimizer=optimizer, loss_name=self.loss_name, seed=o["seed"], data=self.data,
                                   require_lr=require_lr,
@@ -246,12 +247,14 @@ class CurvatureLogger:
             row["full_loss"], row["full_accuracy"] = evaluate(self.model, self.loss_fn, self.data.X, self.data.Y)
         measured = self.monitor.measure(step, xb, yb)
         row.update(measured)
-        if batch_loss is None and xb is not None:
+        written = step % self.cfg.log_every == 0 or measured or "full_loss" in row
+        # The batch loss costs a forward pass: only for a row that is written (nan in the others).
+        if batch_loss is None and xb is not None and written:
             with torch.no_grad():
                 batch_loss = self.loss_fn(self.model(xb), yb).item()
-        row["batch_loss"] = batch_loss
+        row["batch_loss"] = math.nan if batch_loss is None else batch_loss
         row[TIME_COLUMN] = time.perf_counter() - self.started
-        if step % self.cfg.log_every == 0 or measured or "full_loss" in row:
+        if written:
             self.writer.write_row(row)
         self.last_step = step
         return row
