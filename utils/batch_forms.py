@@ -202,6 +202,8 @@ def _vmap_or_loop(model, vmapped: Callable, loop: Callable) -> Callable:
         if model not in _VMAP_REFUSED:
             try:
                 return vmapped(*args)
+            except torch.OutOfMemoryError:
+                raise  # too many batches per call, not a refusal: the callers' memory handling answers it
             except Exception as error:  # noqa: BLE001 - any refusal; the loop re-raises a real error
                 _VMAP_REFUSED.add(model)
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

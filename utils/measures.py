@@ -34,8 +34,8 @@ from utils.estimators import (BATCH_SHARPNESS_REL_SE, GNI_REL_SE, MAX_SAMPLES, E
                               ratio_of_means_with_stopping, sample_batch_indices)
 from utils.gauss_newton import GaussNewtonOperator
 from utils.hvp import PLAIN_HVP_MODE, HessianOperator, flat_params, trainable_params
-from utils.noise_decomposition import (closed_form_allowed, closed_form_cheaper, closed_form_decomposition,
-                                       gni_decomposition, gradient_spread, noise_factor, samples_separable)
+from utils.noise_decomposition import (closed_form_applies, closed_form_cheaper, closed_form_decomposition,
+                                       gni_decomposition, gradient_spread, noise_factor)
 
 
 def _product_mode(exact: bool):
@@ -205,8 +205,7 @@ def gni(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=None, min_sam
     if block_size < 1:
         raise UserError(f"block_size must be positive, got {block_size}")
     n = X.shape[0]
-    closed = (closed_form and closed_form_allowed(model, X, train_mode=train_mode, exact=exact)
-              and samples_separable(model, loss_fn, X, Y, train_mode=train_mode))
+    closed = closed_form and closed_form_applies(model, loss_fn, X, Y, train_mode=train_mode, exact=exact)
     if closed and n + 1 <= min_samples:
         return closed_form_decomposition(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
                                          started=start).gni(batch_size)
@@ -439,8 +438,7 @@ def gradient_norms(model, loss_fn, X, Y, batch_size, *, generator, chunk_size=No
         value = full.value + noise_factor(n, batch_size) * spread
         return Estimate(value, 0.0, 0, 0, time.perf_counter() - start, exact=True), full
 
-    closed = (closed_form and closed_form_allowed(model, X, train_mode=train_mode, exact=exact)
-              and samples_separable(model, loss_fn, X, Y, train_mode=train_mode))
+    closed = closed_form and closed_form_applies(model, loss_fn, X, Y, train_mode=train_mode, exact=exact)
     if closed and n <= min_samples * batch_size:
         return in_closed_form()
 

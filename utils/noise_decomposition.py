@@ -25,6 +25,7 @@ has se = 0, n = 0 and ``exact`` set.
 
 import math
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,19 @@ def closed_form_allowed(model, X, *, train_mode: bool, exact: bool) -> bool:
 
 # Enough rows for a batch-level statistic of a user's model to differ from each row's own.
 SEPARABILITY_PROBE_ROWS = 32
+# samples_separable's answer per model, loss and mode: a property of the code, checked once.
+_SEPARABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def closed_form_applies(model, loss_fn, X, Y, *, train_mode: bool, exact: bool) -> bool:
+    """:func:`closed_form_allowed` and, once per model, loss and mode, :func:`samples_separable`."""
+    if not closed_form_allowed(model, X, train_mode=train_mode, exact=exact):
+        return False
+    answers = _SEPARABLE.setdefault(model, {})
+    key = (loss_fn, train_mode)
+    if key not in answers:
+        answers[key] = samples_separable(model, loss_fn, X, Y, train_mode=train_mode)
+    return answers[key]
 
 
 def samples_separable(model, loss_fn, X, Y, *, train_mode=True) -> bool:
@@ -159,8 +173,7 @@ def gni_decomposition(model, loss_fn, X, Y, *, generator, sample_batch: int,
     forms = batch_forms.centred_forms(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
                                       exact=exact)
     c_sample, c_target = noise_factor(n, sample_batch), noise_factor(n, target_batch)
-    closed = (closed_form and closed_form_allowed(model, X, train_mode=train_mode, exact=exact)
-              and samples_separable(model, loss_fn, X, Y, train_mode=train_mode))
+    closed = closed_form and closed_form_applies(model, loss_fn, X, Y, train_mode=train_mode, exact=exact)
     if closed and n + 1 <= min_samples:
         return _closed_form(forms, X, 0, start)
 
