@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         written = write_text_files({os.path.join(folder, f"{stem}.csv"): table.to_csv(index=False)})
         written += write_figure(images, folder, stem)
         shown = ["lr", "batch", "optimizer", "lambda_max", "batch_sharpness", "batch_sharpness_se", "gap", "threshold"]
-        if table["dynamics"].nunique() > 1 or (table["dynamics"] != "SGD").any():
+        if (table["dynamics"] != "SGD").any():
             shown.insert(2, "dynamics")
         print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.5g}"))
         for path in written:

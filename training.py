@@ -15,6 +15,7 @@ from utils.cli import run_cli
 from utils.config import build_parser, config_from_args, explicit_settings, settings_from_args
 from utils.errors import UserError
 from utils.launch import StoppedBeforeStart, fork, resume, run
+from utils.runs import allowed_changes
 
 # Flags that may accompany --resume: they change how the run is shown, not what it computes.
 _RESUME_COMPATIBLE = {"resume", "resume_step", "quiet", "cpu", "device", "allow_changed_model", "allow_changed_data"}
@@ -26,7 +27,7 @@ def main(argv=None) -> int:
     def work():
         args = build_parser().parse_args(argv)
         command_line = ["training.py", *argv]
-        allow_changed = frozenset(kind for kind in ("model", "data") if getattr(args, f"allow_changed_{kind}"))
+        allow_changed = allowed_changes(args)
         if args.resume_step is not None and not args.resume:
             raise UserError("--resume-step needs --resume RUN_DIR")
         if args.cont_step is not None and not args.cont_run:

@@ -4,8 +4,8 @@
 
 Where the data hold few batches (G = floor(n / b) <= 8), the same-batch measurements take one
 Monte Carlo sample as the mean over the G disjoint batches of one random permutation
-(``partition_draws=True``, what a new run records in ``config.json``'s ``resolved.partition_draws``);
-before, every batch was an independent draw. Both are unbiased; they differ in the variance per
+(``partition_draws=True``; ``config.json``'s ``resolved.partition_draws`` lists the measurements
+drawn this way) instead of drawing every batch independently. Both are unbiased; they differ in the variance per
 batch computed. For each model and measurement, both ways spend the same fixed number of batches
 (``--budget``) and the variance per batch is SE^2 x batches; its ratio is how many times fewer
 batches the partitions need for the same SE. Then both run to the default 0.5 % target (cap 1000
