@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from utils.errors import UserError
 from utils.losses import LOSS_NAMES
+from utils.results import atomic_output
 
 DATASET_NAMES = ("digits", "synthetic", "mnist1d", "cifar10", "fmnist", "mnist", "svhn")
 DATA_FILE_SUFFIX = ".npz"
@@ -251,10 +252,8 @@ def _generate_mnist1d(path: Path) -> None:
               "x_test": generated["x_test"].astype(np.float32), "y_test": generated["y_test"].astype(np.int64)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".tmp_{path.name}")
-        with open(temporary, "wb") as f:
+        with atomic_output(str(path)) as temporary, open(temporary, "wb") as f:
             np.savez(f, **arrays)
-        temporary.replace(path)
     except OSError as err:
         raise UserError(f"cannot cache mnist1d in {path.parent} ({err.strerror or err}); set $DATASETS to a writable folder") from err
 
