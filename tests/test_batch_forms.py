@@ -8,6 +8,8 @@ from curvature_reference import (LOSSES, dense_gauss_newton, dense_gradient, den
                                  forbid_fast_routes, tiny_cnn, tiny_data, tiny_images, tiny_mlp, tiny_resnet,
                                  tiny_resnet_bn)
 from utils import batch_forms
+from utils.models import build_model
+from utils.taylor import taylor_quadratic_forms
 from utils.batch_forms import (batch_quadratic_forms, batch_route, centred_forms, chain_quadratic_forms,
                                gauss_newton_forms, gauss_newton_route, noise_route, same_batch_route,
                                vmapped_quadratic_forms)
@@ -24,17 +26,22 @@ def test_the_route_follows_the_model_and_the_device():
     assert batch_route(cnn, LOSSES["ce"], X, Y, exact=True) == "double-backward"
     assert batch_route(tiny_mlp(), LOSSES["mse"], mlp_X, mlp_Y) == "stacked-gram"
     assert batch_route(tiny_mlp(), LOSSES["mse"], mlp_X, mlp_Y, exact=True) == "double-backward"
-    # BatchNorm: vmapped on a GPU; on the CPU where batches are small enough to be overhead-bound.
+    # BatchNorm and residual networks: vmapped on a GPU; on the CPU by Taylor coefficients, vmapped
+    # where batches are small enough to be overhead-bound.
     bn = tiny_mlp(batchnorm=True)
     assert batch_route(bn, LOSSES["mse"], mlp_X, mlp_Y, device="cuda") == "vmap-double-backward"
-    assert batch_route(bn, LOSSES["mse"], mlp_X, mlp_Y) == "double-backward"
-    assert batch_route(bn, LOSSES["mse"], mlp_X, mlp_Y, batch_size=8) == "vmap-double-backward"
+    assert batch_route(bn, LOSSES["mse"], mlp_X, mlp_Y) == "taylor"
+    assert batch_route(bn, LOSSES["mse"], mlp_X, mlp_Y, batch_size=8) == "vmap-taylor"
     images = torch.zeros(4, 3, 32, 32)
-    assert batch_route(tiny_resnet(), LOSSES["mse"], images, mlp_Y[:4], batch_size=16) == "double-backward"
+    assert batch_route(tiny_resnet(), LOSSES["mse"], images, mlp_Y[:4], batch_size=16) == "taylor"
     assert batch_route(tiny_resnet(), LOSSES["mse"], images[:, :, :8, :8], mlp_Y[:4], batch_size=16) == \
-        "vmap-double-backward"
+        "vmap-taylor"
     with_dropout = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout(0.1), nn.Flatten(), nn.Linear(18, 2)).double()
     assert batch_route(with_dropout, LOSSES["ce"], X, Y, device="cuda") == "double-backward"
+    assert batch_route(with_dropout, LOSSES["ce"], X, Y) == "double-backward"
+    # A model outside the Taylor rules (attention) keeps double backward.
+    assert batch_route(build_model("vit", (3, 8, 8), 2), LOSSES["mse"], images[:, :, :8, :8], mlp_Y[:4],
+                       batch_size=4) == "vmap-double-backward"
 
 
 ROUTES = {  # (model, loss, data, exact) taking each same-batch route on the CPU; vmap is forced
@@ -43,13 +50,15 @@ ROUTES = {  # (model, loss, data, exact) taking each same-batch route on the CPU
     "double-backward": lambda: (tiny_mlp(batchnorm=True), LOSSES["mse"], tiny_data(N, "mse"), False),  # forced
     "exact": lambda: (tiny_mlp(), LOSSES["ce"], tiny_data(N, "ce"), True),
     "vmap-double-backward": lambda: (tiny_cnn(), LOSSES["ce"], tiny_images(N, "ce"), False),
+    "taylor": lambda: (tiny_mlp(batchnorm=True), LOSSES["ce"], tiny_data(N, "ce"), False),
+    "vmap-taylor": lambda: (tiny_mlp(batchnorm=True), LOSSES["mse"], tiny_data(N, "mse"), False),  # forced
 }
 
 
 @pytest.mark.parametrize("name", sorted(ROUTES))
 def test_every_same_batch_route_gives_the_dense_terms(name, monkeypatch):
     model, loss_fn, (X, Y), exact = ROUTES[name]()
-    if name in ("vmap-double-backward", "double-backward"):
+    if name in ("vmap-double-backward", "double-backward", "vmap-taylor"):
         monkeypatch.setattr(batch_forms, "batch_route", lambda *args, **kwargs: name)
     route = same_batch_route(model, loss_fn, X, Y, 3, exact=exact)
     # Twice: the Gram route gathers the rows of every sample once the batches asked for n rows.
@@ -121,14 +130,19 @@ def test_residual_networks_take_vmap_with_batch_statistics_per_batch(case, loss_
                 module.running_var.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
     buffers = [b.clone() for b in model.buffers()]
     idx = IDX[:3]
-    assert batch_route(model, loss_fn, X, Y, batch_size=3) == "vmap-double-backward"
+    assert batch_route(model, loss_fn, X, Y, batch_size=3) == "vmap-taylor"
     quadratics, norms = same_batch_route(model, loss_fn, X, Y, 3, train_mode=train_mode).forms(idx)
     assert_dense_per_batch(model, loss_fn, X, Y, idx, quadratics, norms, train_mode)
     plain = batch_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
+    for others in (vmapped_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode),  # on a GPU
+                   taylor_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode, vectorised=False)):
+        torch.testing.assert_close(others, plain, rtol=1e-11, atol=0)
     torch.testing.assert_close((quadratics, norms), plain, rtol=1e-11, atol=0)
     route = gauss_newton_route(model, loss_fn, X, Y, 3, train_mode=train_mode)
-    for terms in (route.forms(idx), gauss_newton_forms(model, loss_fn, X, Y, idx, train_mode=train_mode,
-                                                       vectorised=False)):
+    for terms in (route.forms(idx), gauss_newton_forms(model, loss_fn, X, Y, idx, train_mode=train_mode),
+                  gauss_newton_forms(model, loss_fn, X, Y, idx, train_mode=train_mode, vectorised=False),
+                  taylor_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode, vectorised=False,
+                                         gauss_newton=True)):
         for rows, quadratic, norm2 in zip(idx.tolist(), *terms):
             g = dense_gradient(model, loss_fn, X[rows], Y[rows], train_mode)
             G = dense_gauss_newton(model, loss_name, X[rows], Y[rows], train_mode)

@@ -19,23 +19,33 @@ Same-batch terms, by the route :func:`batch_route` names (recorded as ``batch_ro
                           Gram matrices, many batches per call; once the batches have asked for
                           n rows, every sample's activations and errors are computed once and
                           gathered from then on.
+    vmap-taylor, taylor   on the CPU, models whose graph :mod:`utils.taylor` differentiates
+                          (convolutions, Linear layers, BatchNorm, element-wise activations,
+                          residual sums, pooling by averages: ``resnet``, ``resnet_bn``): one
+                          forward and backward pass gives g_B and the errors at every node, one
+                          forward pass along g_B the first Taylor coefficient and each node's own
+                          second-order term, and g_B^T H_B g_B follows without a double backward,
+                          about two gradients per batch. Vmapped over the batches of a call where
+                          a batch is small (at most ``_CPU_VMAP_NUMBERS`` input numbers, b = 16 of
+                          3x8x8 but not b = 8 of 3x32x32), where a single small batch is bound by
+                          per-operation overhead; else a batch at a time. In train mode each
+                          batch is normalised by its own statistics.
     vmap-double-backward  other models without dropout on a GPU, and on the CPU where a batch is
-                          small (at most ``_CPU_VMAP_NUMBERS`` input numbers, b = 16 of 3x8x8 but
-                          not b = 8 of 3x32x32): one double backward per batch, for all the
-                          batches of a call at once under ``vmap``, since a single small batch is
-                          bound by per-operation overhead. BatchNorm runs there as plain tensor
-                          operations (:func:`plain_batchnorm`), each batch normalised by its own
-                          statistics in train mode.
+                          small: one double backward per batch, for all the batches of a call at
+                          once under ``vmap``. BatchNorm runs there as plain tensor operations
+                          (:func:`plain_batchnorm`), each batch normalised by its own statistics
+                          in train mode.
                           A model vmap refuses (``.item()``, control flow on a tensor's value)
-                          takes double-backward from its first call on, with a warning.
+                          takes double-backward (or taylor) from its first call on, with a warning.
     r-operator            other layer chains (:func:`utils.r_operator.is_chain`, the ``cnn``
                           model) on the CPU: one primal pass per batch, and g_B^T H_B g_B as a
                           second directional derivative by forward differentiation.
-    double-backward       everything else (ResNets on larger CPU inputs, dropout): one graph and
+    double-backward       everything else (dropout, attention on larger CPU inputs): one graph and
                           one double backward per batch.
 
-Gauss–Newton terms (g_B^T G_B g_B, |g_B|^2) (:func:`gauss_newton_forms`) take the same vmapped
-call where the same-batch terms do, else the same function one batch at a time.
+Gauss–Newton terms (g_B^T G_B g_B, |g_B|^2) take the first Taylor coefficient J_B g_B where the
+same-batch terms take a Taylor route; otherwise :func:`gauss_newton_forms`, vmapped where the
+same-batch terms are, else one batch at a time.
 
 Full-data and centred forms: Linear/activation chains carry many batch directions through one
 pass over the data with the Gram engine; other models take Hessian-vector products on the whole
@@ -61,6 +71,7 @@ from utils.hvp import (PLAIN_HVP_MODE, HessianOperator, flat_grad, forward_in_cu
                        params_and_data, quadratic_form_of_gradient, trainable_params)
 from utils.models import has_batchnorm
 from utils.r_operator import ChainCurvature, is_chain
+from utils.taylor import taylor_program, taylor_quadratic_forms
 
 # Samples computed ahead of the stopping rule by the Gram route: at least this many rows per stacked pass.
 _MIN_ROWS_AHEAD = 256
@@ -77,10 +88,10 @@ _VMAP_ACTIVATION_NUMBERS = 1 << 28
 _ACTIVATIONS_PER_INPUT = 250
 # Batches computed ahead of the stopping rule on the vmapped route.
 _VMAP_MIN_AHEAD = 8
-# Input numbers of one batch up to which the CPU takes the vmapped route: below it a batch's
-# double backward is bound by per-operation overhead (ResNet-20 with BatchNorm, b = 16 of
-# 3x8x8 = 3072 numbers: 2-3x faster vmapped, 32 batches a call), above it by arithmetic (b = 8
-# of 3x32x32: 0.85-1.3x), where the loop keeps its smaller memory.
+# Input numbers of one batch up to which the CPU takes a vmapped route: below it a batch is bound
+# by per-operation overhead (ResNet-20 with BatchNorm, b = 16 of 3x8x8 = 3072 numbers: 2-3x
+# faster vmapped, 32 batches a call), above it by arithmetic (b = 8 of 3x32x32: 0.85-1.3x),
+# where a batch at a time keeps the smaller memory.
 _CPU_VMAP_NUMBERS = 4096
 # Batches per vmapped call on the CPU: more only grow the tensors past the caches.
 _CPU_VMAP_PER_CALL = 32
@@ -131,9 +142,10 @@ def batch_route(model, loss_fn, X, Y, *, device=None, exact: bool = False, batch
         return "vmap-double-backward"
     if is_chain(model):
         return "r-operator"
-    if batch_size is not None and batch_size * X[0].numel() <= _CPU_VMAP_NUMBERS:
-        return "vmap-double-backward"
-    return "double-backward"
+    small = batch_size is not None and batch_size * X[0].numel() <= _CPU_VMAP_NUMBERS
+    if taylor_program(model) is not None:
+        return "vmap-taylor" if small else "taylor"
+    return "vmap-double-backward" if small else "double-backward"
 
 
 def has_dropout(model) -> bool:
@@ -161,6 +173,9 @@ def same_batch_route(model, loss_fn, X, Y, batch_size, *, train_mode=True, exact
         def chain_terms(idx):
             return chain_quadratic_forms(model, loss_fn, X, Y, idx)
         return Route(chain_terms, per_call=_GRAPHS_PER_CALL, min_block=1, ahead=False)
+
+    if route in ("taylor", "vmap-taylor"):
+        return _taylor_route(model, loss_fn, X, Y, batch_size, route, train_mode=train_mode, gauss_newton=False)
 
     # Each batch's graph is freed before the next is built, so a call may take many batches.
     return Route(double_backward_terms, per_call=_GRAPHS_PER_CALL, min_block=1, ahead=False)
@@ -191,6 +206,19 @@ class _StackedTerms:
             if self.cache is None:
                 return self.net.batch_terms(self.X[idx], self.Y[idx])
             return self.net.batch_terms_of(self.cache.map(lambda t: t[idx]))
+
+
+def _taylor_route(model, loss_fn, X, Y, batch_size, route, *, train_mode, gauss_newton) -> Route:
+    """The route of :func:`utils.taylor.taylor_quadratic_forms`: vmapped (``vmap-taylor``) or a
+    batch at a time (``taylor``)."""
+    def forms(idx, vectorised):
+        return taylor_quadratic_forms(model, loss_fn, X, Y, idx, train_mode=train_mode, vectorised=vectorised,
+                                      gauss_newton=gauss_newton)
+
+    if route == "taylor":
+        return Route(lambda idx: forms(idx, False), per_call=_GRAPHS_PER_CALL, min_block=1, ahead=False)
+    return _vmapped_route(_vmap_or_loop(model, lambda idx: forms(idx, True), lambda idx: forms(idx, False)),
+                          model, X, batch_size)
 
 
 def _vmap_or_loop(model, vmapped: Callable, loop: Callable) -> Callable:
@@ -365,12 +393,16 @@ def gauss_newton_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mode=Tr
 
 
 def gauss_newton_route(model, loss_fn, X, Y, batch_size, *, train_mode=True) -> Route:
-    """The route of the Gauss–Newton terms: vmapped where the same-batch terms are, else a batch
-    at a time (:func:`gauss_newton_forms`)."""
+    """The route of the Gauss–Newton terms: by the first Taylor coefficient where the same-batch
+    terms take a Taylor route, else vmapped where they are vmapped, else a batch at a time
+    (:func:`gauss_newton_forms`)."""
     def one_at_a_time(idx):
         return gauss_newton_forms(model, loss_fn, X, Y, idx, train_mode=train_mode, vectorised=False)
 
-    if batch_route(model, loss_fn, X, Y, batch_size=batch_size) == "vmap-double-backward":
+    route = batch_route(model, loss_fn, X, Y, batch_size=batch_size)
+    if route in ("taylor", "vmap-taylor"):
+        return _taylor_route(model, loss_fn, X, Y, batch_size, route, train_mode=train_mode, gauss_newton=True)
+    if route == "vmap-double-backward":
         def vmapped_terms(idx):
             return gauss_newton_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
         return _vmapped_route(_vmap_or_loop(model, vmapped_terms, one_at_a_time), model, X, batch_size)
