@@ -8,11 +8,11 @@ from curvature_reference import (LOSSES, dense_gauss_newton, dense_gradient, den
                                  forbid_fast_routes, tiny_cnn, tiny_data, tiny_images, tiny_mlp, tiny_resnet,
                                  tiny_resnet_bn)
 from utils import batch_forms
-from utils.models import build_model
-from utils.taylor import taylor_quadratic_forms
 from utils.batch_forms import (batch_quadratic_forms, batch_route, centred_forms, chain_quadratic_forms,
                                gauss_newton_forms, gauss_newton_route, noise_route, same_batch_route,
                                vmapped_quadratic_forms)
+from utils.models import build_model
+from utils.taylor import taylor_quadratic_forms
 
 N = 10
 IDX = torch.tensor([[0, 3, 5], [1, 2, 9], [4, 6, 8], [7, 0, 2]])

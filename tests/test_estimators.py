@@ -146,11 +146,13 @@ def test_draw_batches_draws_as_a_one_batch_loop():
     assert torch.equal(draw_batches(9, 4, 5, measurement_generator(0, 1)), expected)
 
 
-@pytest.mark.parametrize("predict, min_block", [(True, 1), (True, 50), (False, 1), (False, 7)])
-def test_samples_ahead_change_the_blocks_not_the_estimate(predict, min_block):
+@pytest.mark.parametrize("predict, min_block, max_block", [(True, 1, None), (True, 50, None), (False, 1, None),
+                                                          (False, 7, None), (True, 1, 12)])
+def test_samples_ahead_change_the_blocks_not_the_estimate(predict, min_block, max_block):
     """The rule sees the samples one by one in the order computed, so the estimate is the brute-force
-    one whatever the blocks; predicted blocks waste few samples, unpredicted ones compute only what the
-    rule asks for, in whole blocks of ``min_block``."""
+    one whatever the blocks; predicted blocks waste few samples (at most ``max_block`` at a time,
+    the prediction renewed after each), unpredicted ones compute only what the rule asks for, in
+    whole blocks of ``min_block``."""
     x = np.random.default_rng(5).normal(3.0, 1.0, size=2000)
     rel_se = 0.03
     value, se, k = mean_reference(x, 20, 1000, rel_se)
@@ -162,12 +164,15 @@ def test_samples_ahead_change_the_blocks_not_the_estimate(predict, min_block):
         done = sum(blocks[:-1])
         return torch.as_tensor(x[done : done + m])
 
-    ahead = SamplesAhead(compute, rel_se=rel_se, max_samples=1000, min_block=min_block, predict=predict)
+    ahead = SamplesAhead(compute, rel_se=rel_se, max_samples=1000, min_block=min_block, predict=predict,
+                         max_block=max_block)
     est = mean_with_stopping(ahead, min_samples=20, max_samples=1000, rel_se=rel_se)
     assert est.n == k
     assert est.value == pytest.approx(value, rel=1e-13) and est.se == pytest.approx(se, rel=1e-10)
     assert ahead.computed == sum(blocks) >= k
-    if predict:
+    if max_block is not None:
+        assert blocks[0] == 20 and max(blocks[1:]) == max_block and ahead.computed - k < max_block
+    elif predict:
         assert len(blocks) < 10 and ahead.computed < 1.5 * k + min_block
     else:
         assert blocks == [20] + [min_block] * (len(blocks) - 1) and ahead.computed - k < min_block

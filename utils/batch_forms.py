@@ -69,9 +69,9 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from utils.gram import ROW_BUDGET, LinearNetwork, linear_network, squared_norm
 from utils.hvp import (PLAIN_HVP_MODE, HessianOperator, flat_grad, forward_in_current_mode, model_mode, num_params,
                        params_and_data, quadratic_form_of_gradient, trainable_params)
-from utils.models import has_batchnorm
+from utils.models import BATCHNORMS, has_batchnorm
 from utils.r_operator import ChainCurvature, is_chain
-from utils.taylor import taylor_program, taylor_quadratic_forms
+from utils.taylor import plain_batchnorm_parts, taylor_program, taylor_quadratic_forms
 
 # Samples computed ahead of the stopping rule by the Gram route: at least this many rows per stacked pass.
 _MIN_ROWS_AHEAD = 256
@@ -95,7 +95,6 @@ _VMAP_MIN_AHEAD = 8
 _CPU_VMAP_NUMBERS = 4096
 # Batches per vmapped call on the CPU: more only grow the tensors past the caches.
 _CPU_VMAP_PER_CALL = 32
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Batch gradients held at once by the Hessian-operator route of the centred forms.
 _OPERATOR_BLOCK = 10
 # Models whose forward torch.func.vmap refused (``.item()``, control flow on a tensor's value,
@@ -250,29 +249,15 @@ def _vmapped_route(forms, model, X, batch_size) -> Route:
 
 
 def _plain_batchnorm_forward(norm, x):
-    """``norm``'s output by plain tensor operations: batch statistics (biased variance) in
-    train mode or without running statistics, else the running ones; the running statistics
-    are read, never written."""
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    if norm.training or norm.running_mean is None:
-        dims = [0, *range(2, x.dim())]
-        mean = x.mean(dim=dims, keepdim=True)
-        var = (x - mean).square().mean(dim=dims, keepdim=True)
-    else:
-        mean, var = norm.running_mean.view(shape), norm.running_var.view(shape)
-    out = (x - mean) * torch.rsqrt(var + norm.eps)
-    if norm.weight is not None:
-        out = out * norm.weight.view(shape) + norm.bias.view(shape)
-    return out
+    return plain_batchnorm_parts(norm, x, norm.weight, norm.bias)[0]
 
 
 @contextmanager
 def plain_batchnorm(model):
-    """Every BatchNorm layer of ``model`` computed by plain tensor operations while inside, which
-    ``vmap`` and forward-mode and double differentiation all see through (``F.batch_norm``'s
-    double backward has no batching rule). Under ``vmap`` over batches each batch keeps its own
+    """Every BatchNorm layer of ``model`` computed by plain tensor operations while inside
+    (:func:`utils.taylor.plain_batchnorm_parts`). Under ``vmap`` over batches each batch keeps its own
     statistics. Same values as BatchNorm to round-off."""
-    norms = [m for m in model.modules() if isinstance(m, _BATCHNORMS)]
+    norms = [m for m in model.modules() if isinstance(m, BATCHNORMS)]
     for norm in norms:
         norm.forward = types.MethodType(_plain_batchnorm_forward, norm)
     try:

@@ -221,16 +221,20 @@ class SamplesAhead:
 
         k' = 1.1 k (relative SE after k / rel_se)^2,
 
-    and is at least ``min_block``, so few samples are computed and not used; ``predict=False``
-    computes only what the rule asks for, in blocks of at least ``min_block``. ``rule_samples``
+    and is at least ``min_block``, so few samples are computed and not used; a predicted block is
+    at most ``max_block`` (one call of a route that computes at most that many at once), and the
+    prediction is renewed from the samples of each block, so an early, noisy prediction does not
+    commit to all the samples it asks for. ``predict=False`` computes only what the rule asks
+    for, in blocks of at least ``min_block``. ``rule_samples``
     maps the stored columns to the samples the rule sees when those differ (for the prediction
     only). ``computed`` counts every sample computed, used or not.
     """
 
     def __init__(self, compute, *, rel_se: float, max_samples: int, min_block: int,
-                 predict: bool = True, rule_samples=None):
+                 predict: bool = True, rule_samples=None, max_block: int | None = None):
         self.compute, self.rel_se, self.max_samples = compute, rel_se, max_samples
         self.min_block = max(1, min_block)
+        self.max_block = max_samples if max_block is None else max(self.min_block, max_block)
         self.predict = predict
         self.rule_samples = rule_samples or (lambda columns: columns)
         self.columns = None
@@ -246,7 +250,8 @@ class SamplesAhead:
         if self.predict and k >= 2 and self.rel_se > 0:
             relative = _relative_se(self.rule_samples(self.columns))
             if np.isfinite(relative):
-                block = max(block, math.ceil(1.1 * k * (relative / self.rel_se) ** 2) - k)
+                predicted = math.ceil(1.1 * k * (relative / self.rel_se) ** 2) - k
+                block = max(block, min(predicted, self.max_block))
         return min(block, self.max_samples - k)
 
     def predicted_total(self, m: int) -> int:

@@ -120,7 +120,7 @@ def _samples_ahead(route, n, batch_size, generator, device, *, rel_se, max_sampl
         return columns if paired else columns[0]
 
     return SamplesAhead(compute, rel_se=rel_se, max_samples=max_samples, min_block=-(-route.min_block // per_group),
-                        predict=route.ahead)
+                        max_block=max(1, route.per_call // per_group), predict=route.ahead)
 
 
 def _same_batch_estimate(route, X, batch_size, generator, *, rule, min_samples, max_samples, rel_se, sample,

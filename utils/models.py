@@ -65,7 +65,7 @@ _ACTIVATION_GAINS = {
     "silu": math.sqrt(2.0),
     "gelu": math.sqrt(2.0),
 }
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _RESNET_STAGES = ((16, 1), (32, 2), (64, 2))
 _RESNET_BLOCKS_PER_STAGE = 3
 
@@ -128,7 +128,7 @@ def count_parameters(model: nn.Module) -> int:
 
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether any BatchNorm layer is present (its output then depends on the whole batch)."""
-    return any(isinstance(m, _BATCHNORMS) for m in model.modules())
+    return any(isinstance(m, BATCHNORMS) for m in model.modules())
 
 
 def _check_arguments(name, input_shape, output_dim, width, depth, activation):
@@ -352,7 +352,7 @@ def _kaiming_init(model, *, hidden_gain, init_scale, generator):
         if layer.bias is not None:
             layer.bias.zero_()
     for norm in model.modules():
-        if isinstance(norm, (*_BATCHNORMS, nn.LayerNorm)):
+        if isinstance(norm, (*BATCHNORMS, nn.LayerNorm)):
             norm.weight.fill_(1.0)
             norm.bias.zero_()
     if isinstance(model, _ViT):

@@ -52,9 +52,9 @@ from torch.func import grad, vmap
 
 from utils.activations import activation_name, derivatives
 from utils.hvp import model_mode, params_and_data
+from utils.models import BATCHNORMS
 from utils.r_operator import quiet_jvp
 
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LAYERS = (*_CONVOLUTIONS, nn.Linear)
 _RESHAPING_MODULES = (nn.Identity, nn.Flatten, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
@@ -84,7 +84,7 @@ class TaylorProgram:
         def has_source(node):
             if node.op == "call_module":
                 module = self.modules[node.target]
-                return isinstance(module, _LAYERS + _BATCHNORMS) or activation_name(module) not in (None, "relu")
+                return isinstance(module, _LAYERS + BATCHNORMS) or activation_name(module) not in (None, "relu")
             return node.op == "call_function" and _ACTIVATION_FUNCTIONS.get(node.target) not in (None, "relu")
         return [node.name for node in self.nodes if has_source(node)]
 
@@ -104,13 +104,12 @@ class TaylorProgram:
             elif node.op == "call_module":
                 module = self.modules[node.target]
                 inputs = cache[node.args[0].name]
+                parameters = self._parameters(values, node.target)
                 if isinstance(module, _LAYERS):
-                    value = _apply(module, inputs, *self._parameters(values, node.target))
-                elif isinstance(module, _BATCHNORMS):
-                    weight, bias = self._parameters(values, node.target)
-                    normalised, scale = _normalised(module, inputs)
+                    value = _apply(module, inputs, *parameters)
+                elif isinstance(module, BATCHNORMS):
+                    value, normalised, scale = plain_batchnorm_parts(module, inputs, *parameters)
                     cache[node.name + ":normalised"], cache[node.name + ":scale"] = normalised, scale
-                    value = normalised if weight is None else _affine(normalised, weight, bias)
                 else:
                     value = module(inputs)
             else:
@@ -169,7 +168,7 @@ class TaylorProgram:
             if own_terms and first is not None and weight_dot is not None:
                 own = _apply(module, first, 2 * weight_dot, None)  # the factor on the small weight tensor
             return z_dot, own
-        if isinstance(module, _BATCHNORMS):
+        if isinstance(module, BATCHNORMS):
             weight, _ = self._parameters(values, node.target)
             return _batchnorm_terms(module, cache[node.name + ":normalised"], cache[node.name + ":scale"], first,
                                     weight, tangents.get(f"{node.target}.weight"), tangents.get(f"{node.target}.bias"),
@@ -285,7 +284,7 @@ def _supported_module(module, node) -> bool:
         return False
     if isinstance(module, _CONVOLUTIONS):
         return module.padding_mode == "zeros"
-    return isinstance(module, _LAYERS + _BATCHNORMS + _RESHAPING_MODULES) or activation_name(module) is not None
+    return isinstance(module, _LAYERS + BATCHNORMS + _RESHAPING_MODULES) or activation_name(module) is not None
 
 
 def _supported_function(node: fx.Node) -> bool:
@@ -367,22 +366,24 @@ def _channel_shape(x):
     return [1, -1] + [1] * (x.dim() - 2)
 
 
-def _normalised(norm, x):
-    """(normalised input, scale) of BatchNorm on one batch: batch statistics (biased variance) in
-    train mode or without running statistics, else the running ones (read, never written)."""
+def plain_batchnorm_parts(norm, x, weight, bias):
+    """(output, normalised input, scale) of BatchNorm layer ``norm`` on the batch x with affine
+    parameters ``weight`` and ``bias`` (None without), by plain tensor operations that ``vmap``,
+    forward-mode and double differentiation all see through (``F.batch_norm``'s double backward
+    has no batching rule): batch statistics (biased variance) in train mode or without running
+    statistics, else the running ones, read and never written."""
+    shape = _channel_shape(x)
     if _uses_batch_statistics(norm):
         dims = [0, *range(2, x.dim())]
         centred = x - x.mean(dim=dims, keepdim=True)
         scale = torch.rsqrt(centred.square().mean(dim=dims, keepdim=True) + norm.eps)
-        return centred * scale, scale
-    shape = _channel_shape(x)
-    scale = torch.rsqrt(norm.running_var.view(shape) + norm.eps)
-    return (x - norm.running_mean.view(shape)) * scale, scale
-
-
-def _affine(normalised, weight, bias):
-    shape = _channel_shape(normalised)
-    return torch.addcmul(bias.view(shape), normalised, weight.view(shape))
+    else:
+        centred = x - norm.running_mean.view(shape)
+        scale = torch.rsqrt(norm.running_var.view(shape) + norm.eps)
+    normalised = centred * scale
+    if weight is None:
+        return normalised, normalised, scale
+    return torch.addcmul(bias.view(shape), normalised, weight.view(shape)), normalised, scale
 
 
 def _batchnorm_terms(norm, normalised, scale, x_dot, weight, weight_dot, bias_dot, own_terms):
