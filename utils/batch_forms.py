@@ -43,9 +43,9 @@ Same-batch terms, by the route :func:`batch_route` names (recorded as ``batch_ro
     double-backward       everything else (dropout, attention on larger CPU inputs): one graph and
                           one double backward per batch.
 
-Gauss–Newton terms (g_B^T G_B g_B, |g_B|^2) take the first Taylor coefficient J_B g_B where the
-same-batch terms take a Taylor route; otherwise :func:`gauss_newton_forms`, vmapped where the
-same-batch terms are, else one batch at a time.
+Gauss–Newton terms (g_B^T G_B g_B, |g_B|^2) take the first Taylor coefficient J_B g_B on the CPU
+wherever :mod:`utils.taylor` differentiates the model (Linear networks too); otherwise
+:func:`gauss_newton_forms`, vmapped where the same-batch terms are, else one batch at a time.
 
 Full-data and centred forms: Linear/activation chains carry many batch directions through one
 pass over the data with the Gram engine; other models take Hessian-vector products on the whole
@@ -141,10 +141,21 @@ def batch_route(model, loss_fn, X, Y, *, device=None, exact: bool = False, batch
         return "vmap-double-backward"
     if is_chain(model):
         return "r-operator"
-    small = batch_size is not None and batch_size * X[0].numel() <= _CPU_VMAP_NUMBERS
-    if taylor_program(model) is not None:
-        return "vmap-taylor" if small else "taylor"
-    return "vmap-double-backward" if small else "double-backward"
+    return _cpu_taylor_route(model, X, batch_size) or (
+        "vmap-double-backward" if _small_on_the_cpu(X, batch_size) else "double-backward")
+
+
+def _small_on_the_cpu(X, batch_size) -> bool:
+    return batch_size is not None and batch_size * X[0].numel() <= _CPU_VMAP_NUMBERS
+
+
+def _cpu_taylor_route(model, X, batch_size) -> str | None:
+    """``vmap-taylor`` or ``taylor`` for a model on the CPU with a :func:`utils.taylor.taylor_program`
+    (no dropout, not refused by vmap), else None."""
+    if (trainable_params(model)[0].device.type != "cpu" or has_dropout(model) or model in _VMAP_REFUSED
+            or taylor_program(model) is None):
+        return None
+    return "vmap-taylor" if _small_on_the_cpu(X, batch_size) else "taylor"
 
 
 def has_dropout(model) -> bool:
@@ -378,16 +389,16 @@ def gauss_newton_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mode=Tr
 
 
 def gauss_newton_route(model, loss_fn, X, Y, batch_size, *, train_mode=True) -> Route:
-    """The route of the Gauss–Newton terms: by the first Taylor coefficient where the same-batch
-    terms take a Taylor route, else vmapped where they are vmapped, else a batch at a time
-    (:func:`gauss_newton_forms`)."""
+    """The route of the Gauss–Newton terms: by the first Taylor coefficient on the CPU wherever
+    :mod:`utils.taylor` differentiates the model (Linear networks included), else vmapped where
+    the same-batch terms are, else a batch at a time (:func:`gauss_newton_forms`)."""
     def one_at_a_time(idx):
         return gauss_newton_forms(model, loss_fn, X, Y, idx, train_mode=train_mode, vectorised=False)
 
-    route = batch_route(model, loss_fn, X, Y, batch_size=batch_size)
-    if route in ("taylor", "vmap-taylor"):
-        return _taylor_route(model, loss_fn, X, Y, batch_size, route, train_mode=train_mode, gauss_newton=True)
-    if route == "vmap-double-backward":
+    taylor = _cpu_taylor_route(model, X, batch_size)
+    if taylor is not None:
+        return _taylor_route(model, loss_fn, X, Y, batch_size, taylor, train_mode=train_mode, gauss_newton=True)
+    if batch_route(model, loss_fn, X, Y, batch_size=batch_size) == "vmap-double-backward":
         def vmapped_terms(idx):
             return gauss_newton_forms(model, loss_fn, X, Y, idx, train_mode=train_mode)
         return _vmapped_route(_vmap_or_loop(model, vmapped_terms, one_at_a_time), model, X, batch_size)

@@ -216,18 +216,18 @@ class SamplesAhead:
     ``compute(m)`` draws the next m batches from the generator and returns their m samples (a
     tensor, or a pair of tensors for a ratio of means). The rule still sees the samples one by
     one in the order drawn, so the estimate is the one a one-batch-at-a-time loop gives; only
-    the block sizes change. Each block is sized from the samples so far, to reach the count k'
-    at which the relative SE (~ 1/sqrt(k)) is predicted to pass ``rel_se``,
+    the block sizes change. Each block is sized from the samples so far: half the way to the
+    count k' at which the relative SE (~ 1/sqrt(k)) is predicted to pass ``rel_se``,
 
         k' = 1.1 k (relative SE after k / rel_se)^2,
 
-    and is at least ``min_block``, so few samples are computed and not used; a predicted block is
-    at most ``max_block`` (one call of a route that computes at most that many at once), and the
-    prediction is renewed from the samples of each block, so an early, noisy prediction does not
-    commit to all the samples it asks for. ``predict=False`` computes only what the rule asks
-    for, in blocks of at least ``min_block``. ``rule_samples``
-    maps the stored columns to the samples the rule sees when those differ (for the prediction
-    only). ``computed`` counts every sample computed, used or not.
+    at least ``min_block`` and at most ``max_block`` (one call of a route that computes at most
+    that many at once). The prediction is renewed from each block's samples, so an early, noisy
+    one (its variance is estimated from few samples) does not commit to all it asks for, and few
+    samples are computed and not used. ``predict=False`` computes only what the rule asks for, in
+    blocks of at least ``min_block``. ``rule_samples`` maps the stored columns to the samples the
+    rule sees when those differ (for the prediction only). ``computed`` counts every sample
+    computed, used or not.
     """
 
     def __init__(self, compute, *, rel_se: float, max_samples: int, min_block: int,
@@ -250,8 +250,8 @@ class SamplesAhead:
         if self.predict and k >= 2 and self.rel_se > 0:
             relative = _relative_se(self.rule_samples(self.columns))
             if np.isfinite(relative):
-                predicted = math.ceil(1.1 * k * (relative / self.rel_se) ** 2) - k
-                block = max(block, min(predicted, self.max_block))
+                remaining = math.ceil(1.1 * k * (relative / self.rel_se) ** 2) - k
+                block = max(block, min(math.ceil(remaining / 2), self.max_block))
         return min(block, self.max_samples - k)
 
     def predicted_total(self, m: int) -> int:
