@@ -39,13 +39,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from typing import NamedTuple
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, HERE]
+
+from _timing import in_turns, timed  # noqa: E402
 
 from utils import measures  # noqa: E402
 from utils.batch_forms import batch_route  # noqa: E402
@@ -77,40 +79,9 @@ def problem(name: str, n: int, device: str, side: int = 32):
     return model, data.X_train, data.Y_train
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str):
-    synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return time.perf_counter() - start, out
-
-
 def repeat(fn, repeats: int, device: str):
     """(list of seconds, last result) of ``repeats`` calls."""
-    return interleaved({"": (fn, repeats)}, device)[""]
-
-
-def interleaved(calls: dict, device: str, warm_up: bool = False) -> dict:
-    """{name: (list of seconds, last result)} for {name: (fn, repeats)}, run in turns.
-
-    Taking turns spreads the load of a shared machine over every method alike, so their
-    ratios hold even when absolute times drift; ``warm_up`` makes one untimed call of each.
-    """
-    if warm_up:
-        for fn, _ in calls.values():
-            timed(fn, device)
-    results = {name: ([], None) for name in calls}
-    for turn in range(max(r for _, r in calls.values())):
-        for name, (fn, repeats) in calls.items():
-            if turn < repeats:
-                seconds, out = timed(fn, device)
-                results[name] = (results[name][0] + [seconds], out)
-    return results
+    return in_turns({"": (fn, repeats)}, device)[""]
 
 
 def row(model: str, measurement: str, method: str, seconds: list[float], *, hvps=None, samples=None,
@@ -296,7 +267,7 @@ def bench_gradient_and_hvp(name, model, X, Y, args, with_hvp: bool):
             "vmap forward-over-reverse": (lambda: vmap(lambda t: jvp(grad(loss_of), (detached,), (t,))[1])(
                 dict(zip(names, batched))), args.repeats),
         })
-    results = interleaved(calls, args.device, warm_up=True)
+    results = in_turns(calls, args.device, warm_up=True)
     gradient = results["gradient"][0]
     rows = [row(name, "full-batch gradient", "forward + backward", gradient)]
     if not with_hvp:
@@ -603,7 +574,7 @@ def bench_batch_sharpness(name, model, X, Y, args, batch_sizes):
         plain_rayleigh(model, X[:b], Y[:b])
         measures.batch_sharpness(model, mse_loss, X, Y, b, generator=measurement_generator(1, b), min_samples=2,
                                  max_samples=2)
-        results = interleaved({
+        results = in_turns({
             "ours": (lambda: measures.batch_sharpness(model, mse_loss, X, Y, b, generator=measurement_generator(0, b),
                                                       **options), args.repeats),
             "baseline": (lambda: plain_batch_sharpness(model, X, Y, b, measurement_generator(0, b), **options),
@@ -621,7 +592,7 @@ def bench_gni(name, model, X, Y, args):
     b = 8
     limits = {"max_samples": args.gni_max_samples}
     count = args.gni_baseline_samples
-    results = interleaved({
+    results = in_turns({
         "ours": (lambda: measures.gni(model, mse_loss, X, Y, b, generator=measurement_generator(0, 3), **limits),
                  args.repeats),
         "baseline": (lambda: plain_gni_samples(model, X, Y, b, measurement_generator(0, 3), count), 1)},

@@ -27,12 +27,14 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, HERE]
+
+from _timing import in_turns, timed  # noqa: E402
 
 from utils import measures  # noqa: E402
 from utils.batch_forms import batch_route, gauss_newton_route, same_batch_route  # noqa: E402
@@ -56,22 +58,6 @@ def problem(name, n, side, loss):
     return build_model(name, (3, side, side), 10), data.X_train, data.Y_train
 
 
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
-
-
-def in_turns(calls: dict, repeats: int) -> dict:
-    """name -> (seconds of each repeat, last result), the calls taking turns."""
-    out = {name: ([], None) for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            seconds, result = timed(fn)
-            out[name] = (out[name][0] + [seconds], result)
-    return out
-
-
 def estimate_rows(args) -> list[dict]:
     rows = []
     for case, (name, train_mode) in CASES.items():
@@ -83,7 +69,7 @@ def estimate_rows(args) -> list[dict]:
                                train_mode=train_mode, exact=exact, **LIMITS)
             measure(model, mse_loss, X, Y, args.batch, generator=measurement_generator(1, 1), min_samples=2,
                     max_samples=2, train_mode=train_mode)  # one-off costs of a first call, untimed
-            results = in_turns({"ours": lambda: run(False), "plain": lambda: run(True)}, args.repeats)
+            results = in_turns({"ours": (lambda: run(False), args.repeats), "plain": (lambda: run(True), args.repeats)})
             (ours_s, ours), (plain_s, plain) = results["ours"], results["plain"]
             rows.append({"case": case, "measurement": label, "route": route, "ours_seconds": ours_s,
                          "plain_seconds": plain_s, "speedup": statistics.median(plain_s) / statistics.median(ours_s),
@@ -153,7 +139,7 @@ def closed_form_rows(args) -> list[dict]:
                                                              closed_form=closed, generator=measurement_generator(0, 4),
                                                              max_samples=1000)[0]}
     for label, call in calls.items():
-        results = in_turns({"ours": lambda: call(True), "sampled": lambda: call(False)}, args.repeats)
+        results = in_turns({"ours": (lambda: call(True), args.repeats), "sampled": (lambda: call(False), args.repeats)})
         (ours_s, ours), (sampled_s, sampled) = results["ours"], results["sampled"]
         rows.append({"measurement": label, "ours_seconds": ours_s, "sampled_seconds": sampled_s,
                      "speedup": statistics.median(sampled_s) / statistics.median(ours_s), "value": ours.value,

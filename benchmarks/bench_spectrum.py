@@ -25,17 +25,18 @@ against Hutchinson on the same probes, the fraction of eigenvalues above 1/eta, 
 
 import argparse
 import json
-import math
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 from torch.func import functional_call
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, HERE]
+
+from _timing import in_turns  # noqa: E402
 
 from utils import measures, spectrum  # noqa: E402
 from utils.data import load_dataset  # noqa: E402
@@ -47,17 +48,10 @@ from utils.models import build_model  # noqa: E402
 REPEATS = 1  # set from --repeats: each time is the fastest of that many runs, the least disturbed by other work
 
 
-def timed(fn, device):
-    best = None
-    for _ in range(REPEATS):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best or math.inf, time.perf_counter() - start)
-    return best, out
+def fastest(fn, device):
+    """(seconds of the fastest of ``REPEATS`` calls, last result)."""
+    seconds, out = in_turns({"": (fn, REPEATS)}, device)[""]
+    return min(seconds), out
 
 
 def dense_hessian(model, loss, X, Y) -> torch.Tensor:
@@ -166,11 +160,11 @@ def cost(args) -> dict:
         return measurement_generator(0, 0, device=device)
 
     flat_grad(model, loss, X, Y)  # warm-up
-    gradient_seconds, _ = timed(lambda: flat_grad(model, loss, X, Y), device)
+    gradient_seconds, _ = fastest(lambda: flat_grad(model, loss, X, Y), device)
     op = HessianOperator(model, loss, X, Y)
     v = torch.randn(op.dim, 1, generator=torch.Generator().manual_seed(0)).to(device)
     op.matvec(v)  # warm-up (builds the graph)
-    product_seconds, _ = timed(lambda: HessianOperator(model, loss, X, Y).matvec(v), device)
+    product_seconds, _ = fastest(lambda: HessianOperator(model, loss, X, Y).matvec(v), device)
     rows = []
 
     def row(name, seconds, hvps, value):
@@ -179,23 +173,23 @@ def cost(args) -> dict:
 
     row("full-batch gradient", gradient_seconds, 0, None)
     row("one full-batch product H v (its graph built)", product_seconds, 1, None)
-    seconds, (eig, top) = timed(lambda: measures.lambda_max(model, loss, X, Y, generator=generator()), device)
+    seconds, (eig, top) = fastest(lambda: measures.lambda_max(model, loss, X, Y, generator=generator()), device)
     row("lambda_max (Lanczos)", seconds, top.hvps, top.value)
-    seconds, (_, low) = timed(lambda: spectrum.lambda_min(model, loss, X, Y, lambda_max=top.value,
+    seconds, (_, low) = fastest(lambda: spectrum.lambda_min(model, loss, X, Y, lambda_max=top.value,
                                                           generator=generator()), device)
     row("lambda_min, lambda_max known", seconds, low.hvps, low.value)
-    seconds, (_, alone) = timed(lambda: spectrum.lambda_min(model, loss, X, Y, generator=generator()), device)
+    seconds, (_, alone) = fastest(lambda: spectrum.lambda_min(model, loss, X, Y, generator=generator()), device)
     row("lambda_min alone", seconds, alone.hvps, alone.value)
     for name, vectors in (("gradient overlap k=1, vectors reused", eig.vectors), ("gradient overlap k=1, solved", None)):
-        seconds, (full, batch) = timed(lambda vectors=vectors: spectrum.gradient_overlap(
+        seconds, (full, batch) = fastest(lambda vectors=vectors: spectrum.gradient_overlap(
             model, loss, X, Y, args.batch, k=1, vectors=vectors, generator=generator()), device)
         row(name, seconds, full.hvps, f"full {full.value:.4g}, batch {batch.value:.4g} ({batch.n} batches)")
     cap = args.layer_probes or MAX_SAMPLES
-    seconds, layers = timed(lambda: spectrum.layer_sharpness(model, loss, X, Y, generator=generator(),
+    seconds, layers = fastest(lambda: spectrum.layer_sharpness(model, loss, X, Y, generator=generator(),
                                                              min_samples=min(10, cap), max_samples=cap), device)
     row(f"layer sharpness ({len(layers.names)} blocks, {layers.probes} probes)", seconds, layers.hvps,
         f"max block lambda_max {max(layers.lambda_max):.4g}")
-    seconds, density = timed(lambda: spectrum.spectral_density(model, loss, X, Y, generator=generator(),
+    seconds, density = fastest(lambda: spectrum.spectral_density(model, loss, X, Y, generator=generator(),
                                                                probes=args.density_probes,
                                                                steps=args.density_steps), device)
     expected = args.density_probes * args.density_steps

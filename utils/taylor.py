@@ -77,6 +77,16 @@ class TaylorProgram:
         self.nodes = [node for node in graph.nodes if node.op != "output"]
         self.output = next(node for node in graph.nodes if node.op == "output").args[0]
         self.modules = dict(model.named_modules())
+        self._shapes = {}
+
+    def output_shapes(self, values: dict, x: torch.Tensor) -> dict:
+        """Node name -> the shape of its output on a batch shaped like ``x`` (one pass per shape)."""
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self._shapes:
+            with torch.no_grad():
+                _, cache = self.primal(values, x)
+            self._shapes[key] = {name: value.shape for name, value in cache.items()}
+        return self._shapes[key]
 
     def source_nodes(self) -> list[str]:
         """Names of the nodes that may have an own term (layers, BatchNorm, activations other
@@ -239,9 +249,7 @@ def taylor_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mod
 
     with model_mode(model, train_mode):
         if vectorised:
-            with torch.no_grad():  # the probes' shapes, from one batch
-                _, cache = program.primal(primals, X[idx[0]])
-            shapes = {name: cache[name].shape for name in sources}
+            shapes = {name: program.output_shapes(primals, X[idx[0]])[name] for name in sources}
             quadratic, norm2 = vmap(lambda xb, yb: vmapped_terms(xb, yb, shapes))(X[idx], Y[idx])
         else:
             quadratic, norm2 = (torch.stack(t) for t in zip(*(one_batch(X[rows], Y[rows]) for rows in idx)))
