@@ -117,7 +117,9 @@ class Measurement:
     optional positive integer, named so in the help (the switch holds it; 0 is off, the bare flag 1). ``closed_form``: its Monte Carlo
     estimate is computed exactly from per-sample gradients where that is cheaper
     (:mod:`utils.noise_decomposition`). ``partition_draws``: its same-batch samples may be means over
-    the disjoint batches of one random permutation (:func:`utils.measures.partition_size`)."""
+    the disjoint batches of one random permutation (:func:`utils.measures.partition_size`).
+    ``draws_batches``: it draws random mini-batches by index (which data given as a pure
+    iterable cannot serve)."""
 
     name: str
     help: str
@@ -134,6 +136,7 @@ class Measurement:
     argument: str | None = None
     closed_form: bool = False
     partition_draws: bool = False
+    draws_batches: bool = False
 
     @property
     def flag(self) -> str:
@@ -298,7 +301,7 @@ MEASUREMENTS: tuple[Measurement, ...] = (
     Measurement("batch_sharpness", "E_B[g_B^T H_B g_B / |g_B|^2] over random batches",
                 (Column("batch_sharpness", "Batch Sharpness", (Curve(r"$\mathbb{E}_B[g_B^\top H_B g_B/\|g_B\|^2]$"),), with_se=True,
                         ylabel=r"$\mathbb{E}_B[g_B^\top H_B g_B/\|g_B\|^2]$"),),
-                _batch_sharpness, final="always", final_stream="final", partition_draws=True),
+                _batch_sharpness, final="always", final_stream="final", partition_draws=True, draws_batches=True),
     Measurement("step_sharpness", "the same Rayleigh quotient on the step's own batch",
                 (Column("step_sharpness", "step sharpness", (Curve("raw", faint=True), Curve("smoothed", smooth=True)),
                         ylabel=r"$g_B^\top H_B g_B/\|g_B\|^2$, step's $B$"),),
@@ -306,30 +309,31 @@ MEASUREMENTS: tuple[Measurement, ...] = (
     Measurement("gni", "gradient-noise interaction E_B[g_B^T H g_B] / |g|^2",
                 (Column("gni", "GNI", (Curve(r"$\mathbb{E}_B[g_B^\top H g_B]/\|g\|^2$"),), with_se=True,
                         ylabel=r"$\mathbb{E}_B[g_B^\top H g_B]/\|g\|^2$"),),
-                _gni, cadence=(5, 20), final="always", final_stream="final_gni", closed_form=True),
+                _gni, cadence=(5, 20), final="always", final_stream="final_gni", closed_form=True, draws_batches=True),
     Measurement("batch_sharpness_ratio", "E_B[g_B^T H_B g_B] / E_B[|g_B|^2] (ratio of means)",
                 (Column("batch_sharpness_ratio", "Batch Sharpness", (Curve(r"$\mathbb{E}_B[g_B^\top H_B g_B]/\mathbb{E}_B[\|g_B\|^2]$", dashed=True),),
                         with_se=True),),
-                _batch_sharpness_ratio, partition_draws=True),
+                _batch_sharpness_ratio, partition_draws=True, draws_batches=True),
     Measurement("batch_lambdamax", "mean top eigenvalue of mini-batch Hessians E_B[lambda_max(H_B)]",
                 (Column("batch_lambda_max", "λ_max", (Curve(r"$\mathbb{E}_B[\lambda_{\max}(H_B)]$", dashed=True),), with_se=True),),
-                _batch_lambdamax, cadence=(5, 20)),
+                _batch_lambdamax, cadence=(5, 20), draws_batches=True),
     Measurement("hessian_trace", "tr(H) by Hutchinson's estimator with Rademacher probes",
                 (Column("hessian_trace", "Hessian trace", (Curve(r"$\mathrm{tr}\,H$"),), with_se=True, ylabel=r"$\mathrm{tr}\,H$"),),
                 _hessian_trace, cadence=(5, 20), line=None),
     Measurement("gauss_newton", "lambda_max and Batch Sharpness of the Gauss-Newton matrix",
                 (Column("gn_lambda_max", "Gauss–Newton", (Curve(r"$\lambda_{\max}(G)$"),), ylabel="curvature of $G$"),
                  Column("gn_batch_sharpness", "Gauss–Newton", (Curve(r"$\mathbb{E}_B[g_B^\top G_B g_B/\|g_B\|^2]$", dashed=True),), with_se=True)),
-                _gauss_newton, partition_draws=True),
+                _gauss_newton, partition_draws=True, draws_batches=True),
     Measurement("gradient_norm", "E_B[|g_B|^2] and |g|^2",
                 (Column("grad_norm_sq_batch", "gradient norm²", (Curve(r"$\mathbb{E}_B\|g_B\|^2$"),), with_se=True,
                         ylabel="squared gradient norm"),
                  Column("grad_norm_sq_full", "gradient norm²", (Curve(r"$\|g\|^2$", dashed=True),))),
-                _gradient_norm, cadence=(20, 180), line=None, log_scale=True, closed_form=True),
+                _gradient_norm, cadence=(20, 180), line=None, log_scale=True, closed_form=True,
+                draws_batches=True),
     Measurement("momentum_sharpness", "E_B[s^T H_B s] / E_B[s^T g_B] along the momentum update s (needs --momentum)",
                 (Column("momentum_sharpness", "momentum sharpness", (Curve(r"$\mathbb{E}_B[s^\top H_B s]/\mathbb{E}_B[s^\top g_B]$"),), with_se=True,
                         ylabel=r"$\mathbb{E}_B[s^\top H_B s]/\mathbb{E}_B[s^\top g_B]$"),),
-                _momentum_sharpness, needs="momentum", needs_reason="measures the momentum update"),
+                _momentum_sharpness, needs="momentum", needs_reason="measures the momentum update", draws_batches=True),
     Measurement("preconditioned_sharpness",
                 "lambda_max of Adam's preconditioned Hessian P^-1/2 H P^-1/2 over the coordinates Adam has seen (needs --adam)",
                 (Column("preconditioned_sharpness", "preconditioned sharpness", (Curve(r"$\lambda_{\max}(P^{-1/2} H P^{-1/2})$"),),
@@ -348,7 +352,7 @@ MEASUREMENTS: tuple[Measurement, ...] = (
                         ylabel=r"share of $\|g\|^2$ in span$(u_1 \ldots u_k)$"),
                  Column("grad_overlap_batch", "gradient in top-k eigenspace", (Curve(r"$\mathbb{E}_B[\|P_k g_B\|^2/\|g_B\|^2]$", dashed=True),),
                         with_se=True)),
-                _gradient_overlap, line=None, argument="K"),
+                _gradient_overlap, line=None, argument="K", draws_batches=True),
     Measurement("layer_sharpness", "lambda_max and Hutchinson trace of each diagonal Hessian block "
                 "(per parameter tensor, or per module with --layer-groups module)",
                 (Column("layer_sharpness", extra=_layer_columns, valued=False),),

@@ -29,15 +29,14 @@ from utils.config import ADAM_BETAS, CONFIG_VERSION, RunConfig
 from utils.launch import USER_LOOP
 from utils.models import count_parameters
 from utils.monitor import Monitor, closed_form_measurements, partition_draw_measurements
-from utils.registry import BY_NAME, NAMES
+from utils.registry import BY_NAME, MEASUREMENTS, NAMES
 from utils.results import BASE_COLUMNS, TIME_COLUMN, ResultsWriter, atomic_write_json
 from utils.training import evaluate
 from utils.user_inputs import UserData, as_data, as_loss
 
 # The measurements that draw random mini-batches by index: a pure iterable of data has no
 # indices, so it serves only the others (full-batch quantities and the step's own batch).
-SAMPLED = frozenset({"batch_sharpness", "gni", "batch_sharpness_ratio", "batch_lambdamax", "gauss_newton",
-                     "gradient_norm", "momentum_sharpness", "gradient_overlap"})
+SAMPLED = frozenset(m.name for m in MEASUREMENTS if m.draws_batches)
 
 
 def optimizer_settings(optimizer) -> dict:
