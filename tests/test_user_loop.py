@@ -210,6 +210,10 @@ def test_the_loggers_folder_equals_training_pys_and_the_scripts_read_it(results_
     run_dir = results_env / "own"
     record = json.loads((run_dir / "config.json").read_text())
     assert record["written_by"] == "user_loop" and record["config"]["lr"] == 0.1
+    trained = json.loads((results_env / "trained" / "config.json").read_text())
+    for key in ("measurement_mode", "hvp_mode", "batch_route", "closed_forms", "partition_draws"):
+        assert record["resolved"][key] == trained["resolved"][key]  # how the measurements were computed
+    assert record["versions"] == trained["versions"]
     assert plot_results.main([str(run_dir), "--quiet"]) == 0 and (run_dir / "results.png").exists()
     assert sharpness_gap.main([str(run_dir), "--quiet", "--out", str(results_env / "gap")]) == 0
     capsys.readouterr()

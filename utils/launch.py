@@ -50,9 +50,6 @@ def _git_commit() -> str | None:
 
 def config_record(setup: Setup, measurement_plan: dict, command_line: list[str] | None) -> dict:
     """The contents of config.json: every setting resolved, plus what the run was built from."""
-    import numpy
-    import torchvision
-
     cfg, data = setup.cfg, setup.data
     return {
         "version": CONFIG_VERSION,
@@ -67,29 +64,38 @@ def config_record(setup: Setup, measurement_plan: dict, command_line: list[str] 
             "num_params": count_parameters(setup.model),
             "checkpoint_every": cfg.checkpoint_every or default_checkpoint_every(setup.total_steps),
             "schedule": {"full_loss": full_loss_schedule(cfg, setup.total_steps), **measurement_plan},
-            "measurement_mode": "train",
-            "hvp_mode": measurement_hvp_mode(setup.model, setup.device, exact=cfg.exact_measurements),
-            "batch_route": _batch_route(setup),
-            "closed_forms": closed_form_measurements(cfg, setup.model, data.X_train),
-            "partition_draws": partition_draw_measurements(cfg, data.X_train),
+            **measurement_routes(cfg, setup.model, setup.loss_fn, data.X_train, data.Y_train, setup.device),
         },
         "device": str(setup.device),
         "launch": {"world_size": setup.world.size, "backend": setup.world.backend},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "numpy": numpy.__version__},
-        "git_commit": _git_commit(),
-        "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command_line": command_line,
+        **provenance(command_line),
     }
 
 
-def _batch_route(setup: Setup) -> str:
-    """The route of the same-batch terms; ``sharded`` for the parts of a batch summed over ranks."""
-    data = setup.data
-    if sharded.is_sharded(data.X_train):
-        return "sharded"
-    return batch_route(setup.model, setup.loss_fn, data.X_train, data.Y_train, device=setup.device,
-                       exact=setup.cfg.exact_measurements, batch_size=setup.cfg.batch)
+def measurement_routes(cfg, model, loss_fn, X, Y, device) -> dict:
+    """The part of config.json's ``resolved`` that says how the measurements are computed: the
+    BatchNorm mode, the Hessian products' mode, the same-batch route (``sharded`` for batches
+    whose parts are summed over ranks), the measurements computed exactly and those drawn as
+    partitions."""
+    route = "sharded" if sharded.is_sharded(X) else batch_route(model, loss_fn, X, Y, device=device,
+                                                                 exact=cfg.exact_measurements, batch_size=cfg.batch)
+    return {"measurement_mode": "train",
+            "hvp_mode": measurement_hvp_mode(model, device, exact=cfg.exact_measurements),
+            "batch_route": route,
+            "closed_forms": closed_form_measurements(cfg, model, X),
+            "partition_draws": partition_draw_measurements(cfg, X)}
+
+
+def provenance(command_line: list[str] | None) -> dict:
+    """Versions, commit, start time and command line of a run, for its config.json."""
+    import numpy
+    import torchvision
+
+    return {"versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "numpy": numpy.__version__},
+            "git_commit": _git_commit(),
+            "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command_line": command_line}
 
 
 class _NoWriter:
@@ -495,8 +501,9 @@ def note_changed_products(record: dict, setup: Setup) -> None:
     (another device, or a code update that chose a faster mode): its measurements then agree
     with the first part to round-off, not bit for bit."""
     resolved = record.get("resolved", {})
-    now = {"hvp_mode": measurement_hvp_mode(setup.model, setup.device, exact=setup.cfg.exact_measurements),
-           "batch_route": _batch_route(setup)}
+    routes = measurement_routes(setup.cfg, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
+                                setup.device)
+    now = {key: routes[key] for key in ("hvp_mode", "batch_route")}
     changed = [f"{key} {resolved[key]} -> {value}" for key, value in now.items()
                if resolved.get(key) not in (None, value)]
     if changed:

@@ -14,10 +14,8 @@ buffers and the preconditioned sharpness Adam's second moments.
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
-import platform
 import sys
 import time
 import warnings
@@ -26,9 +24,9 @@ import torch
 
 from utils import schedule
 from utils.config import ADAM_BETAS, CONFIG_VERSION, RunConfig
-from utils.launch import USER_LOOP
+from utils.launch import USER_LOOP, measurement_routes, provenance
 from utils.models import count_parameters
-from utils.monitor import Monitor, closed_form_measurements, partition_draw_measurements
+from utils.monitor import Monitor
 from utils.registry import BY_NAME, MEASUREMENTS, NAMES
 from utils.results import BASE_COLUMNS, TIME_COLUMN, ResultsWriter, atomic_write_json
 from utils.training import evaluate
@@ -196,8 +194,6 @@ class CurvatureLogger:
         self.monitor = Monitor(cfg, 1, self.model, self.loss_fn, X, Y, optimizer)
         self.monitor.folder = self.run_dir
         self.full_loss = schedule.every(cfg.full_loss_every)
-        import numpy
-
         with torch.no_grad():
             output = self.model(X[:1])
         output_dim = 1 if output.dim() == 1 else int(output.shape[-1])
@@ -212,16 +208,12 @@ class CurvatureLogger:
                 "output_dim": output_dim,
                 "num_params": count_parameters(self.model),
                 "schedule": {"full_loss": self.full_loss, **self.monitor.schedule},
-                "measurement_mode": "train",
-                "closed_forms": closed_form_measurements(cfg, self.model, X),
-                "partition_draws": partition_draw_measurements(cfg, X),
+                **measurement_routes(cfg, self.model, self.loss_fn, X, Y, self.device),
             },
             "user_loop": {"model": type(self.model).__name__, "loss": self.loss_name, "data": self.data.source,
                           "optimizer": type(optimizer).__name__ if optimizer is not None else None},
             "device": str(self.device),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__},
-            "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command_line": [os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python", *sys.argv[1:]],
+            **provenance([os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]),
         }
         os.makedirs(self.run_dir, exist_ok=True)
         atomic_write_json(os.path.join(self.run_dir, "config.json"), record)
