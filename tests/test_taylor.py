@@ -163,6 +163,36 @@ class _FreeParameter(nn.Module):
         return self.out(x.flatten(1)) * self.scale
 
 
+class _PaddedWithOnes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(38, 2)
+
+    def forward(self, x):
+        return self.out(F.pad(x.flatten(1), (1, 1), value=1.0))
+
+
+class _ModeBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(36, 2)
+
+    def forward(self, x):
+        h = torch.tanh(x.flatten(1))
+        if self.training:
+            h = h * 0.5
+        return self.out(h)
+
+
+class _TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(36, 2)
+
+    def forward(self, x):
+        return self.out(x.flatten(1)), x
+
+
 def _hooked():
     model = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(36), nn.Linear(36, 2))
     model[2].register_forward_hook(lambda module, args, output: output * 2)
@@ -170,7 +200,7 @@ def _hooked():
 
 
 @pytest.mark.parametrize("make", [
-    _MaxPooled, _Reshaped, _FreeParameter, _hooked,
+    _MaxPooled, _Reshaped, _FreeParameter, _hooked, _PaddedWithOnes, _ModeBranch, _TwoOutputs,
     lambda: nn.Sequential(nn.Flatten(), nn.BatchNorm1d(36), nn.ReLU(inplace=True), nn.Linear(36, 2)),
     lambda: nn.Sequential(nn.Flatten(), nn.LayerNorm(36), nn.Linear(36, 2)),
     lambda: build_model("vit", (1, 8, 8), 2),
@@ -185,3 +215,47 @@ def test_the_built_in_residual_networks_and_batchnorm_chains_have_a_program():
     chain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2))
     assert taylor_program(chain) is not None
     assert math.isfinite(taylor_quadratic_forms(chain.double(), LOSSES["mse"], *images("mse"), IDX)[0].sum().item())
+
+
+class _Tied(nn.Module):
+    """Two Linear layers sharing one weight, and a constant times a node."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.out(0.5 * torch.tanh(self.b(torch.tanh(self.a(x.flatten(1)[:, :3])))))
+
+
+def test_a_weight_shared_by_two_layers_moves_at_both():
+    torch.manual_seed(0)
+    model, (X, Y) = _Tied().double(), images("mse")
+    quadratics, norms = taylor_quadratic_forms(model, LOSSES["mse"], X, Y, IDX)
+    for rows, quadratic, norm2 in zip(IDX.tolist(), quadratics, norms):
+        g = dense_gradient(model, LOSSES["mse"], X[rows], Y[rows])
+        H = dense_hessian(model, LOSSES["mse"], X[rows], Y[rows])
+        assert quadratic.item() == pytest.approx((g @ H @ g).item(), rel=1e-11)
+        assert norm2.item() == pytest.approx((g @ g).item(), rel=1e-12)
+
+
+def test_a_model_changed_after_its_first_program_is_traced_anew():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    first = taylor_program(model)
+    assert first is not None and taylor_program(model) is first
+    handle = model[3].register_forward_hook(lambda module, args, output: output * 2)
+    assert taylor_program(model) is None
+    handle.remove()
+    model[2] = nn.SiLU()  # a swapped module gives another graph, whose forms are the dense ones
+    X, Y = images("mse")
+    quadratics, _ = taylor_quadratic_forms(model, LOSSES["mse"], X, Y, IDX[:1])
+    g = dense_gradient(model, LOSSES["mse"], X[IDX[0]], Y[IDX[0]])
+    H = dense_hessian(model, LOSSES["mse"], X[IDX[0]], Y[IDX[0]])
+    assert quadratics[0].item() == pytest.approx((g @ H @ g).item(), rel=1e-11)
+    hook = nn.modules.module.register_module_forward_hook(lambda module, args, output: output)
+    try:
+        assert taylor_program(model) is None
+    finally:
+        hook.remove()
+    assert taylor_program(model) is not None

@@ -77,6 +77,11 @@ class TaylorProgram:
         self.nodes = [node for node in graph.nodes if node.op != "output"]
         self.output = next(node for node in graph.nodes if node.op == "output").args[0]
         self.modules = dict(model.named_modules())
+        # A parameter shared by two modules has one name (its first), under which its value and
+        # direction come: both uses then move together.
+        canonical = {id(p): name for name, p in model.named_parameters()}
+        self.parameter_names = {target: [canonical.get(id(getattr(module, attr, None))) for attr in ("weight", "bias")]
+                                for target, module in self.modules.items()}
         self._shapes = {}
 
     def output_shapes(self, values: dict, x: torch.Tensor) -> dict:
@@ -159,7 +164,11 @@ class TaylorProgram:
 
     def _parameters(self, values, target):
         module = self.modules[target]
-        return [values.get(f"{target}.{name}", getattr(module, name, None)) for name in ("weight", "bias")]
+        return [values.get(name, getattr(module, attr, None)) if name is not None else getattr(module, attr, None)
+                for name, attr in zip(self.parameter_names[target], ("weight", "bias"))]
+
+    def _directions(self, tangents, target):
+        return [None if name is None else tangents.get(name) for name in self.parameter_names[target]]
 
     def _module_terms(self, node, values, cache, tangents, firsts, own_terms):
         module = self.modules[node.target]
@@ -167,8 +176,7 @@ class TaylorProgram:
         inputs, first = cache[argument.name], firsts[argument]
         if isinstance(module, _LAYERS):
             weight, bias = self._parameters(values, node.target)
-            weight_dot = tangents.get(f"{node.target}.weight")
-            bias_dot = tangents.get(f"{node.target}.bias") if bias is not None else None
+            weight_dot, bias_dot = self._directions(tangents, node.target)
             z_dot = None if weight_dot is None else _apply(module, inputs, weight_dot, None)
             if first is not None:
                 z_dot = _plus(z_dot, _apply(module, first, weight, bias_dot))
@@ -181,8 +189,7 @@ class TaylorProgram:
         if isinstance(module, BATCHNORMS):
             weight, _ = self._parameters(values, node.target)
             return _batchnorm_terms(module, cache[node.name + ":normalised"], cache[node.name + ":scale"], first,
-                                    weight, tangents.get(f"{node.target}.weight"), tangents.get(f"{node.target}.bias"),
-                                    own_terms)
+                                    weight, *self._directions(tangents, node.target), own_terms)
         name = activation_name(module)
         if name is not None:
             return _activation_terms(name, inputs, first, own_terms)
@@ -191,10 +198,17 @@ class TaylorProgram:
 
 def taylor_program(model: nn.Module) -> TaylorProgram | None:
     """The :class:`TaylorProgram` of ``model``, or None where it has a node outside the module
-    docstring's rules or cannot be traced (traced once per model)."""
-    if model not in _PROGRAMS:
-        _PROGRAMS[model] = _traced_program(model)
-    return _PROGRAMS[model]
+    docstring's rules, cannot be traced, traces differently in train and eval mode, or has
+    hooks (its own or global ones). Traced once per model and structure: a module swapped or
+    hooked later is traced anew."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return None
+    structure = tuple((name, id(m), len(m._forward_hooks), len(m._forward_pre_hooks))
+                      for name, m in model.named_modules())
+    cached = _PROGRAMS.get(model)
+    if cached is None or cached[0] != structure:
+        _PROGRAMS[model] = cached = (structure, _traced_program(model))
+    return cached[1]
 
 
 def taylor_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mode=True, vectorised=True,
@@ -213,6 +227,8 @@ def taylor_quadratic_forms(model, loss_fn, X, Y, idx: torch.Tensor, *, train_mod
     nodes' outputs), else one batch at a time by autograd.
     """
     program = taylor_program(model)
+    if program is None:
+        raise ValueError(f"{type(model).__name__} is outside the rules of utils.taylor (see taylor_program)")
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     params, X, Y = params_and_data(model, X, Y)
     primals = {name: p.detach() for name, p in zip(names, params)}
@@ -260,15 +276,23 @@ def _traced_program(model: nn.Module) -> TaylorProgram | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph = fx.symbolic_trace(model).graph
+            graphs = []
+            for training in (True, False):  # a forward that branches on self.training has no one graph
+                with model_mode(model, training):
+                    graphs.append(fx.symbolic_trace(model))
     except Exception:  # noqa: BLE001 - any model fx cannot trace takes another route
         return None
+    if graphs[0].code != graphs[1].code:
+        return None
+    graph = graphs[0].graph
     modules = dict(model.named_modules())
     if any(m._forward_hooks or m._forward_pre_hooks for m in modules.values()):
         return None  # hooks would be skipped by the program's own layers
     called = set()
     for node in graph.nodes:
         if node.op == "output":
+            if not isinstance(node.args[0], fx.Node):
+                return None  # one output tensor only
             continue
         if node.op == "placeholder":
             if node.next.op == "placeholder":
@@ -279,8 +303,10 @@ def _traced_program(model: nn.Module) -> TaylorProgram | None:
             called.add(node.target)
         elif not _supported_function(node):
             return None
-    # Every parameter belongs to a module the graph calls (one called twice moves at both calls).
-    if any(name.rpartition(".")[0] not in called for name, _ in model.named_parameters()):
+    # Every parameter is one of the weights and biases of the modules the graph calls (a module
+    # called twice, or a parameter shared by two, moves at every use).
+    used = {id(getattr(modules[target], attr, None)) for target in called for attr in ("weight", "bias")}
+    if any(id(p) not in used for p in model.parameters()):
         return None
     return TaylorProgram(model, graph)
 
@@ -304,7 +330,18 @@ def _supported_function(node: fx.Node) -> bool:
         return not node.kwargs
     if node.target in _ACTIVATION_FUNCTIONS:
         return len(node.args) == 1 and not node.kwargs.get("inplace", False)
+    if node.target is operator.mul and len(node.args) == 2 and not isinstance(node.args[1], fx.Node):
+        return isinstance(node.args[0], fx.Node)
+    if node.target is operator.mul and len(node.args) == 2:  # a constant times the node
+        return not isinstance(node.args[0], fx.Node) and isinstance(node.args[1], fx.Node)
+    if node.target is F.pad and not _pads_with_zeros(node):
+        return False  # a constant other than 0 makes the padding affine, not linear
     return node.target in _LINEAR_FUNCTIONS and _one_argument_from_graph(node)
+
+
+def _pads_with_zeros(node: fx.Node) -> bool:
+    arguments = dict(zip(("input", "pad", "mode", "value"), node.args), **node.kwargs)
+    return arguments.get("mode", "constant") != "constant" or arguments.get("value") in (None, 0, 0.0)
 
 
 def _one_argument_from_graph(node: fx.Node) -> bool:
@@ -334,6 +371,9 @@ def _function_terms(node: fx.Node, cache, firsts, own_terms):
     argument = node.args[0]
     if target in _ACTIVATION_FUNCTIONS:
         return _activation_terms(_ACTIVATION_FUNCTIONS[target], cache[argument.name], firsts[argument], own_terms)
+    if target is operator.mul and not isinstance(argument, fx.Node):  # a constant times the node
+        first = firsts[node.args[1]]
+        return (None if first is None else argument * first), None
     first = firsts[argument]
     if first is None:
         return None, None
