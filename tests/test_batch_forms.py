@@ -39,6 +39,10 @@ def test_the_route_follows_the_model_and_the_device():
     with_dropout = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout(0.1), nn.Flatten(), nn.Linear(18, 2)).double()
     assert batch_route(with_dropout, LOSSES["ce"], X, Y, device="cuda") == "double-backward"
     assert batch_route(with_dropout, LOSSES["ce"], X, Y) == "double-backward"
+    # A model vmap refused keeps the Taylor forms, a batch at a time.
+    refused = tiny_mlp(batchnorm=True)
+    batch_forms._VMAP_REFUSED.add(refused)
+    assert batch_route(refused, LOSSES["mse"], mlp_X, mlp_Y, batch_size=8) == "taylor"
     # A model outside the Taylor rules (attention) keeps double backward.
     assert batch_route(build_model("vit", (3, 8, 8), 2), LOSSES["mse"], images[:, :, :8, :8], mlp_Y[:4],
                        batch_size=4) == "vmap-double-backward"
@@ -50,7 +54,7 @@ ROUTES = {  # (model, loss, data, exact) taking each same-batch route on the CPU
     "double-backward": lambda: (tiny_mlp(batchnorm=True), LOSSES["mse"], tiny_data(N, "mse"), False),  # forced
     "exact": lambda: (tiny_mlp(), LOSSES["ce"], tiny_data(N, "ce"), True),
     "vmap-double-backward": lambda: (tiny_cnn(), LOSSES["ce"], tiny_images(N, "ce"), False),
-    "taylor": lambda: (tiny_mlp(batchnorm=True), LOSSES["ce"], tiny_data(N, "ce"), False),
+    "taylor": lambda: (tiny_mlp(batchnorm=True), LOSSES["ce"], tiny_data(N, "ce"), False),  # forced
     "vmap-taylor": lambda: (tiny_mlp(batchnorm=True), LOSSES["mse"], tiny_data(N, "mse"), False),  # forced
 }
 
@@ -58,7 +62,7 @@ ROUTES = {  # (model, loss, data, exact) taking each same-batch route on the CPU
 @pytest.mark.parametrize("name", sorted(ROUTES))
 def test_every_same_batch_route_gives_the_dense_terms(name, monkeypatch):
     model, loss_fn, (X, Y), exact = ROUTES[name]()
-    if name in ("vmap-double-backward", "double-backward", "vmap-taylor"):
+    if name in ("vmap-double-backward", "double-backward", "vmap-taylor", "taylor"):
         monkeypatch.setattr(batch_forms, "batch_route", lambda *args, **kwargs: name)
     route = same_batch_route(model, loss_fn, X, Y, 3, exact=exact)
     # Twice: the Gram route gathers the rows of every sample once the batches asked for n rows.

@@ -1,6 +1,7 @@
 """Same-batch forms from Taylor coefficients (utils/taylor.py) against dense float64 derivatives."""
 
-import math
+import gc
+import weakref
 
 import pytest
 import torch
@@ -212,9 +213,22 @@ def test_models_outside_the_rules_have_no_program(make):
 def test_the_built_in_residual_networks_and_batchnorm_chains_have_a_program():
     for name in ("resnet", "resnet_bn"):
         assert taylor_program(build_model(name, (3, 8, 8), 10)) is not None
-    chain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2))
+    chain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2)).double()
     assert taylor_program(chain) is not None
-    assert math.isfinite(taylor_quadratic_forms(chain.double(), LOSSES["mse"], *images("mse"), IDX)[0].sum().item())
+    X, Y = images("mse")
+    quadratics, _ = taylor_quadratic_forms(chain, LOSSES["mse"], X, Y, IDX[:1])
+    g = dense_gradient(chain, LOSSES["mse"], X[IDX[0]], Y[IDX[0]])
+    H = dense_hessian(chain, LOSSES["mse"], X[IDX[0]], Y[IDX[0]])
+    assert quadratics[0].item() == pytest.approx((g @ H @ g).item(), rel=1e-11)
+
+
+def test_the_cached_program_does_not_keep_its_model_alive():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 2))
+    assert taylor_program(model) is not None
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
 
 
 class _Tied(nn.Module):
@@ -241,18 +255,23 @@ def test_a_weight_shared_by_two_layers_moves_at_both():
 
 
 def test_a_model_changed_after_its_first_program_is_traced_anew():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4),
+                          nn.Tanh(), nn.Linear(4, 2)).double()
     first = taylor_program(model)
     assert first is not None and taylor_program(model) is first
-    handle = model[3].register_forward_hook(lambda module, args, output: output * 2)
+    handle = model[7].register_forward_hook(lambda module, args, output: output * 2)
     assert taylor_program(model) is None
     handle.remove()
-    model[2] = nn.SiLU()  # a swapped module gives another graph, whose forms are the dense ones
     X, Y = images("mse")
-    quadratics, _ = taylor_quadratic_forms(model, LOSSES["mse"], X, Y, IDX[:1])
-    g = dense_gradient(model, LOSSES["mse"], X[IDX[0]], Y[IDX[0]])
-    H = dense_hessian(model, LOSSES["mse"], X[IDX[0]], Y[IDX[0]])
-    assert quadratics[0].item() == pytest.approx((g @ H @ g).item(), rel=1e-11)
+    for change in ("a module swapped", "a weight tied"):
+        if change == "a module swapped":
+            model[2] = nn.SiLU()
+        else:
+            model[5].weight = model[3].weight
+        quadratics, _ = taylor_quadratic_forms(model, LOSSES["mse"], X, Y, IDX[:1])
+        g = dense_gradient(model, LOSSES["mse"], X[IDX[0]], Y[IDX[0]])
+        H = dense_hessian(model, LOSSES["mse"], X[IDX[0]], Y[IDX[0]])
+        assert quadratics[0].item() == pytest.approx((g @ H @ g).item(), rel=1e-11), change
     hook = nn.modules.module.register_module_forward_hook(lambda module, args, output: output)
     try:
         assert taylor_program(model) is None

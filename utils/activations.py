@@ -23,13 +23,6 @@ def activation_name(module: nn.Module) -> str | None:
     return _NAMES.get(type(module))
 
 
-def derivatives(name: str, z: torch.Tensor):
-    """(act'(z), act''(z) or None where it is zero)."""
-    if name == "relu":
-        return (z > 0).to(z.dtype), None
-    return activate(name, z)[1:]
-
-
 def activate(name: str, z: torch.Tensor):
     """(act(z), act'(z), act''(z) or None where it is zero)."""
     if name == "relu":

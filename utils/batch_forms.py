@@ -71,6 +71,7 @@ from utils.hvp import (PLAIN_HVP_MODE, HessianOperator, flat_grad, forward_in_cu
                        params_and_data, quadratic_form_of_gradient, trainable_params)
 from utils.models import BATCHNORMS, has_batchnorm
 from utils.r_operator import ChainCurvature, is_chain
+from utils.resources import is_out_of_memory
 from utils.taylor import plain_batchnorm_parts, taylor_program, taylor_quadratic_forms
 
 # Samples computed ahead of the stopping rule by the Gram route: at least this many rows per stacked pass.
@@ -135,14 +136,15 @@ def batch_route(model, loss_fn, X, Y, *, device=None, exact: bool = False, batch
         return "stacked-gram"
     params = trainable_params(model)
     device = torch.device(device) if device is not None else params[0].device
-    if has_dropout(model) or model in _VMAP_REFUSED:
+    if has_dropout(model):
         return "double-backward"
     if device.type == "cuda":
-        return "vmap-double-backward"
+        return "double-backward" if model in _VMAP_REFUSED else "vmap-double-backward"
     if is_chain(model):
         return "r-operator"
     return _cpu_taylor_route(model, X, batch_size) or (
-        "vmap-double-backward" if _small_on_the_cpu(X, batch_size) else "double-backward")
+        "vmap-double-backward" if _small_on_the_cpu(X, batch_size) and model not in _VMAP_REFUSED
+        else "double-backward")
 
 
 def _small_on_the_cpu(X, batch_size) -> bool:
@@ -150,12 +152,11 @@ def _small_on_the_cpu(X, batch_size) -> bool:
 
 
 def _cpu_taylor_route(model, X, batch_size) -> str | None:
-    """``vmap-taylor`` or ``taylor`` for a model on the CPU with a :func:`utils.taylor.taylor_program`
-    (no dropout, not refused by vmap), else None."""
-    if (trainable_params(model)[0].device.type != "cpu" or has_dropout(model) or model in _VMAP_REFUSED
-            or taylor_program(model) is None):
+    """``vmap-taylor`` or ``taylor`` (a batch at a time: large batches, or a model vmap refused)
+    for a model on the CPU without dropout that has a :func:`utils.taylor.taylor_program`, else None."""
+    if trainable_params(model)[0].device.type != "cpu" or has_dropout(model) or taylor_program(model) is None:
         return None
-    return "vmap-taylor" if _small_on_the_cpu(X, batch_size) else "taylor"
+    return "vmap-taylor" if _small_on_the_cpu(X, batch_size) and model not in _VMAP_REFUSED else "taylor"
 
 
 def has_dropout(model) -> bool:
@@ -240,9 +241,9 @@ def _vmap_or_loop(model, vmapped: Callable, loop: Callable) -> Callable:
         if model not in _VMAP_REFUSED:
             try:
                 return vmapped(*args)
-            except torch.OutOfMemoryError:
-                raise  # too many batches per call, not a refusal: the callers' memory handling answers it
             except Exception as error:  # noqa: BLE001 - any refusal; the loop re-raises a real error
+                if is_out_of_memory(error):
+                    raise  # too many batches per call, not a refusal: the callers' memory handling answers it
                 _VMAP_REFUSED.add(model)
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 warnings.warn(f"{type(model).__name__} cannot run under torch.func.vmap ({reason[:160]}); "

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
 
-from utils.activations import activation_name, derivatives
+from utils.activations import activate, activation_name
 from utils.hvp import model_mode, params_and_data
 from utils.models import BATCHNORMS
 from utils.r_operator import quiet_jvp
@@ -76,7 +76,9 @@ class TaylorProgram:
     def __init__(self, model: nn.Module, graph: fx.Graph):
         self.nodes = [node for node in graph.nodes if node.op != "output"]
         self.output = next(node for node in graph.nodes if node.op == "output").args[0]
-        self.modules = dict(model.named_modules())
+        # Without the root module: the program is cached per model in a weak dictionary, whose
+        # values must not keep the model alive.
+        self.modules = {name: module for name, module in model.named_modules() if name}
         # A parameter shared by two modules has one name (its first), under which its value and
         # direction come: both uses then move together.
         canonical = {id(p): name for name, p in model.named_parameters()}
@@ -199,12 +201,13 @@ class TaylorProgram:
 def taylor_program(model: nn.Module) -> TaylorProgram | None:
     """The :class:`TaylorProgram` of ``model``, or None where it has a node outside the module
     docstring's rules, cannot be traced, traces differently in train and eval mode, or has
-    hooks (its own or global ones). Traced once per model and structure: a module swapped or
-    hooked later is traced anew."""
+    hooks (its own or global ones). Traced once per model and structure: a module or parameter
+    swapped, tied or hooked later is traced anew."""
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return None
-    structure = tuple((name, id(m), len(m._forward_hooks), len(m._forward_pre_hooks))
-                      for name, m in model.named_modules())
+    structure = (tuple((name, id(m), len(m._forward_hooks), len(m._forward_pre_hooks))
+                       for name, m in model.named_modules()),
+                 tuple((name, id(p)) for name, p in model.named_parameters(remove_duplicate=False)))
     cached = _PROGRAMS.get(model)
     if cached is None or cached[0] != structure:
         _PROGRAMS[model] = cached = (structure, _traced_program(model))
@@ -388,7 +391,7 @@ def _activation_terms(name, z, z_dot, own_terms):
     if name == "relu":
         # relu'(z) zdot by the kernel of autograd's own ReLU backward: one pass, no mask tensor
         return torch.ops.aten.threshold_backward(z_dot, z, 0), None
-    d1, d2 = derivatives(name, z)
+    _, d1, d2 = activate(name, z)
     return d1 * z_dot, (d2 * z_dot * z_dot if own_terms and d2 is not None else None)
 
 
