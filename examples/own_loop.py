@@ -46,9 +46,11 @@ generator = torch.Generator().manual_seed(1)
 for step in range(args.steps):
     batch = torch.randint(0, len(X), (args.batch,), generator=generator)
     xb, yb = X[batch], Y[batch]
-    logger.log(step, optimizer, batch=(xb, yb))  # before the update, on the parameters it acts on
     optimizer.zero_grad()
-    loss_fn(model(xb), yb).backward()
+    loss = loss_fn(model(xb), yb)
+    # Before the update, on the parameters it acts on; the step's loss spares the logger a forward pass.
+    logger.log(step, optimizer, batch=(xb, yb), batch_loss=loss.item())
+    loss.backward()
     optimizer.step()
 summary = logger.close()
 print(f"final train loss {summary['final_train_loss']:.4g}; 2/eta = {2 / args.lr:g}")

@@ -276,3 +276,24 @@ def test_the_readmes_commands_run(results_env, monkeypatch, capsys):
     assert (out / "results.png").exists() and "final train loss" in capsys.readouterr().out
     assert sharpness_gap.main([*gap[1:], "--quiet"]) == 0 and (out / "sharpness_gap.csv").exists()
     assert len(open(os.path.join(ROOT, own_loop[0])).read().splitlines()) <= 60
+
+
+def test_a_batchnorm_or_embedding_model_is_measured_without_touching_its_state(tmp_path):
+    """The logger leaves a user's running statistics alone (and a BatchNorm1d model, which one row
+    cannot pass in train mode, still starts); integer inputs reach an Embedding as integers."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 2)).double()
+    X, Y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    buffers = [b.clone() for b in model.buffers()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    logger = CurvatureLogger(str(tmp_path / "bn"), model, "mse", (X, Y), measurements=["batch_sharpness"], every=1,
+                             batch_size=4)
+    row = logger.log(0, optimizer, batch=(X[:4], Y[:4]))
+    logger.close()
+    assert math.isfinite(row["batch_sharpness"]) and math.isfinite(row["batch_loss"])
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+
+    tokens = torch.randint(0, 10, (16, 3))
+    embedded = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(12, 2)).double()
+    assert math.isfinite(measure(embedded, "mse", (tokens, Y), ["lambdamax"], batch_size=4, lr=0.1)["lambda_max"].value)

@@ -24,6 +24,7 @@ import torch
 
 from utils import schedule
 from utils.config import ADAM_BETAS, CONFIG_VERSION, RunConfig
+from utils.hvp import forward, forward_in_current_mode
 from utils.launch import USER_LOOP, measurement_routes, provenance
 from utils.models import count_parameters
 from utils.monitor import Monitor
@@ -194,8 +195,8 @@ class CurvatureLogger:
         self.monitor = Monitor(cfg, 1, self.model, self.loss_fn, X, Y, optimizer)
         self.monitor.folder = self.run_dir
         self.full_loss = schedule.every(cfg.full_loss_every)
-        with torch.no_grad():
-            output = self.model(X[:1])
+        with torch.no_grad():  # eval mode: one row through a train-mode BatchNorm has no statistics
+            output = forward(self.model, X[:1], train_mode=False)
         output_dim = 1 if output.dim() == 1 else int(output.shape[-1])
         record = {
             "version": CONFIG_VERSION,
@@ -239,10 +240,11 @@ class CurvatureLogger:
         measured = self.monitor.measure(step, xb, yb)
         row.update(measured)
         written = step % self.cfg.log_every == 0 or measured or "full_loss" in row
-        # The batch loss costs a forward pass: only for a row that is written (nan in the others).
+        # The batch loss costs a forward pass (pass batch_loss= to spare it): only for a row that is
+        # written (nan in the others), and leaving the user's running statistics alone.
         if batch_loss is None and xb is not None and written:
             with torch.no_grad():
-                batch_loss = self.loss_fn(self.model(xb), yb).item()
+                batch_loss = self.loss_fn(forward_in_current_mode(self.model, xb), yb).item()
         row["batch_loss"] = math.nan if batch_loss is None else batch_loss
         row[TIME_COLUMN] = time.perf_counter() - self.started
         if written:
