@@ -65,7 +65,9 @@ def script_and_arguments(line: str) -> tuple[str, list[str]] | None:
     return None
 
 
-COMMANDS = [(os.path.relpath(path, ROOT), line) for path in DOCUMENTS for line in shell_commands(path)]
+# Shell lines that run one of the project's scripts (not pip, cd, git ...).
+COMMANDS = [(os.path.relpath(path, ROOT), line) for path in DOCUMENTS for line in shell_commands(path)
+            if script_and_arguments(line) is not None]
 
 
 def test_the_readme_has_commands_to_check():
@@ -74,10 +76,7 @@ def test_the_readme_has_commands_to_check():
 
 @pytest.mark.parametrize("where, line", COMMANDS, ids=[f"{path}:{line[:60]}" for path, line in COMMANDS])
 def test_a_documented_command_names_flags_its_script_has(where, line, results_env):
-    found = script_and_arguments(line)
-    if found is None:
-        return
-    script, arguments = found
+    script, arguments = script_and_arguments(line)
     if "..." in arguments:  # an elided command line: only what is written can be checked
         arguments = arguments[:arguments.index("...")]
     name = os.path.basename(script)
