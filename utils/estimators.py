@@ -86,8 +86,7 @@ def draw_partitions(n: int, b: int, groups: int, per_group: int, generator: torc
     if not 1 <= b * per_group <= n:
         raise UserError(f"{per_group} disjoint batches of {b} need at least {b * per_group} samples, "
                         f"the data hold {n}; pass a smaller batch size")
-    return torch.cat([torch.randperm(n, generator=generator, device=generator.device)[:b * per_group].view(per_group, b)
-                      for _ in range(groups)]).to(device)
+    return draw_batches(n, b * per_group, groups, generator, device).reshape(groups * per_group, b)
 
 
 def group_limits(min_samples: int, max_samples: int, per_group: int) -> dict:
