@@ -196,7 +196,8 @@ def _start_folder(cfg: RunConfig, record: dict, signals: SignalCatcher) -> tuple
     return run_dir, lock
 
 
-def _results_comments(cfg: RunConfig, command_line) -> list[str]:
+def results_comments(cfg: RunConfig, command_line) -> list[str]:
+    """The comment lines at the head of results.txt."""
     return [f"EOSS results: dataset {cfg.dataset}, model {cfg.model}, loss {cfg.loss}, lr {cfg.lr:g}, batch {cfg.batch}",
             "command: " + " ".join(command_line or [])]
 
@@ -254,7 +255,7 @@ def run(cfg: RunConfig, command_line: list[str] | None = None) -> tuple[str, dic
         record = config_record(setup, monitor.schedule, command_line)
         run_dir, lock = _on_main(lambda: _start_folder(cfg, record, signals))
         with lock:
-            writer = _new_results(run_dir, monitor, _results_comments(cfg, command_line)) if main else _NoWriter()
+            writer = _new_results(run_dir, monitor, results_comments(cfg, command_line)) if main else _NoWriter()
             return run_dir, _finish(run_dir, setup, monitor, writer, signals, start_step=0, elapsed_before=0.0)
 
 
@@ -265,12 +266,13 @@ def _new_results(run_dir: str, monitor: Monitor, comments: list[str]) -> Results
     try:
         if os.path.exists(path):
             os.unlink(path)
-        return ResultsWriter(path, _columns(monitor), comments)
+        return ResultsWriter(path, results_columns(monitor), comments)
     except OutOfSpace as exc:
         raise UserError(f"{exc}; free space, then start the run with training.py --resume {run_dir}") from None
 
 
-def _columns(monitor: Monitor) -> list[str]:
+def results_columns(monitor: Monitor) -> list[str]:
+    """The columns of results.txt for the measurements of ``monitor``."""
     return list(BASE_COLUMNS) + monitor.columns + [TIME_COLUMN]
 
 
@@ -418,7 +420,7 @@ def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int
             return run_dir, _finish(run_dir, setup, monitor, _NoWriter(), signals, start_step=step,
                                     elapsed_before=state.get("wall_time", 0.0), cadences=cadences)
         kept = None if last_row is None or step == first_step else read_results_table(results_path, fix=RESULTS_FIX)
-        columns = _columns(monitor) if kept is None else _stored_columns(kept, _columns(monitor))
+        columns = results_columns(monitor) if kept is None else _stored_columns(kept, results_columns(monitor))
         try:
             _record_resume(run_dir, record, setup, step)
             for later, later_path in list_checkpoints(run_dir):
@@ -427,13 +429,13 @@ def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int
             if os.path.isfile(summary_path):
                 os.unlink(summary_path)
             if last_row is None or step == first_step:
-                comments = _results_comments(cfg, record.get("command_line"))
+                comments = results_comments(cfg, record.get("command_line"))
                 if parent:
                     comments.append(f"continued from {parent['run_dir']} at step {first_step}")
                 writer = _new_results(run_dir, monitor, comments)
             else:
                 atomic_write_text(results_path, kept.before(step).text())
-                left_out = tuple(c for c in _columns(monitor) if c not in columns)
+                left_out = tuple(c for c in results_columns(monitor) if c not in columns)
                 writer = ResultsWriter(results_path, columns, append=True, left_out=left_out)
         except PermissionError as exc:
             raise UserError(f"cannot write into {run_dir} ({exc.strerror}); resume needs a writable run folder")
@@ -564,7 +566,7 @@ def fork(parent_dir: str, cont_step: int, overrides: dict, command_line: list[st
         record["parent"] = {"run_dir": os.path.abspath(parent_dir), "step": step, "checkpoint": os.path.basename(path)}
         run_dir, lock = _on_main(lambda: _start_folder(cfg, record, signals))
         with lock:
-            comments = _results_comments(cfg, command_line) + [f"continued from {os.path.abspath(parent_dir)} at step {step}"]
+            comments = results_comments(cfg, command_line) + [f"continued from {os.path.abspath(parent_dir)} at step {step}"]
             writer = _new_results(run_dir, monitor, comments) if main else _NoWriter()
             return run_dir, _finish(run_dir, setup, monitor, writer, signals, start_step=step,
                                     elapsed_before=state.get("wall_time", 0.0))

@@ -25,11 +25,11 @@ import torch
 from utils import schedule
 from utils.config import ADAM_BETAS, CONFIG_VERSION, RunConfig
 from utils.hvp import forward, forward_in_current_mode
-from utils.launch import USER_LOOP, measurement_routes, provenance
+from utils.launch import USER_LOOP, measurement_routes, provenance, results_columns, results_comments
 from utils.models import count_parameters
 from utils.monitor import Monitor
 from utils.registry import BY_NAME, MEASUREMENTS, NAMES
-from utils.results import BASE_COLUMNS, TIME_COLUMN, ResultsWriter, atomic_write_json
+from utils.results import TIME_COLUMN, ResultsWriter, atomic_write_json
 from utils.training import evaluate
 from utils.user_inputs import UserData, as_data, as_loss
 
@@ -218,10 +218,8 @@ class CurvatureLogger:
         }
         os.makedirs(self.run_dir, exist_ok=True)
         atomic_write_json(os.path.join(self.run_dir, "config.json"), record)
-        columns = list(BASE_COLUMNS) + self.monitor.columns + [TIME_COLUMN]
-        comments = [f"EOSS results: dataset {cfg.dataset}, model {cfg.model}, loss {cfg.loss}, lr {cfg.lr:g}, "
-                    f"batch {cfg.batch}", "command: " + " ".join(record["command_line"])]
-        self.writer = ResultsWriter(os.path.join(self.run_dir, "results.txt"), columns, comments)
+        self.writer = ResultsWriter(os.path.join(self.run_dir, "results.txt"), results_columns(self.monitor),
+                                    results_comments(cfg, record["command_line"]))
 
     def log(self, step: int, optimizer=None, *, batch=None, batch_loss: float | None = None) -> dict:
         """Measure what is due at ``step`` on the current parameters (before update ``step``)
