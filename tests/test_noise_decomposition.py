@@ -210,3 +210,25 @@ def test_closed_forms_are_chosen_only_where_cheaper_and_defined():
                      gradient_norms(batchnorm, loss_fn, *small, 3, generator=measurement_generator(0, 1))[0],
                      gradient_norms(model, loss_fn, *small, 3, generator=measurement_generator(0, 1), exact=True)[0]):
         assert not estimate.exact and estimate.n >= 20
+
+
+class _BatchScaled(torch.nn.Module):
+    """A row's output depends on the whole batch (divided by the batch's largest entry)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.linear(x)
+        return h / h.abs().max()
+
+
+def test_config_lists_closed_forms_only_for_models_whose_samples_separate():
+    from utils.config import RunConfig
+    from utils.monitor import closed_form_measurements
+
+    cfg = RunConfig(gni=True, gradient_norm=True)
+    X, Y = tiny_data(40, "mse")
+    assert closed_form_measurements(cfg, tiny_mlp(), LOSSES["mse"], X, Y) == ["gni", "gradient_norm"]
+    assert closed_form_measurements(cfg, _BatchScaled().double(), LOSSES["mse"], X, Y) == []

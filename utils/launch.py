@@ -82,7 +82,7 @@ def measurement_routes(cfg, model, loss_fn, X, Y, device) -> dict:
     return {"measurement_mode": "train",
             "hvp_mode": measurement_hvp_mode(model, device, exact=cfg.exact_measurements),
             "batch_route": route,
-            "closed_forms": closed_form_measurements(cfg, model, X),
+            "closed_forms": closed_form_measurements(cfg, model, loss_fn, X, Y),
             "partition_draws": partition_draw_measurements(cfg, X)}
 
 

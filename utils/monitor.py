@@ -20,7 +20,7 @@ from utils.errors import UserError
 from utils.estimators import Estimate, measurement_generator
 from utils.hvp import flat_params
 from utils.measures import partition_size
-from utils.noise_decomposition import closed_form_allowed
+from utils.noise_decomposition import closed_form_applies
 from utils.registry import MEASUREMENTS, Context
 
 # The tolerance of final.json's float64 solves (Measurement.final_float64): float32 Hessian
@@ -64,12 +64,13 @@ def measurement_schedule(cfg, total_steps: int) -> dict:
     return plan
 
 
-def closed_form_measurements(cfg, model, X) -> list[str]:
+def closed_form_measurements(cfg, model, loss_fn, X, Y) -> list[str]:
     """The enabled measurements whose estimates are computed exactly from per-sample gradients
     where that is cheaper than sampling (``config.json``: ``resolved.closed_forms``; whether a
     given one was, ``_n`` = 0 in results.txt and the ``exact`` counts of summary.json): none with
-    ``--exact-measurements``, under train-mode BatchNorm or on data split over ranks."""
-    if not closed_form_allowed(model, X, train_mode=True, exact=cfg.exact_measurements):
+    ``--exact-measurements``, under train-mode BatchNorm, on data split over ranks, or for a
+    model whose samples' losses are not separable (:func:`utils.noise_decomposition.closed_form_applies`)."""
+    if not closed_form_applies(model, loss_fn, X, Y, train_mode=True, exact=cfg.exact_measurements):
         return []
     return [m.name for m in MEASUREMENTS if m.closed_form and getattr(cfg, m.name)]
 
@@ -100,7 +101,7 @@ class Monitor:
         # saved in checkpoints, so a resumed run counts its whole length.
         self.estimate_counts = {}
         # A resumed run keeps the closed forms recorded when it started (launch sets them).
-        self.closed_forms = closed_form_measurements(cfg, model, X)
+        self.closed_forms = closed_form_measurements(cfg, model, loss_fn, X, Y)
         self.partition_draws = partition_draw_measurements(cfg, X)
         # theta_0 of --param-distance: the model as built from the config, before a checkpoint
         # is restored, so resumed and forked runs measure from the same initialisation.
