@@ -432,7 +432,13 @@ def test_frozen_adam_is_stable_just_below_38_over_eta_of_the_measured_sharpness(
     _, est = preconditioned_sharpness(model, loss_fn, X, Y, optimizer=optimizer, tol=1e-12,
                                       generator=torch.Generator().manual_seed(0))
     H = dense_hessian(model, loss_fn, X, Y).numpy()
-    P = adam_preconditioner(optimizer, model)[0].numpy()
+    # The frozen step written as torch's Adam writes it (not through adam_preconditioner):
+    # e <- e - lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - beta1^k), v_hat = v / (1 - beta2^k).
+    state = optimizer.state[model.weight]
+    beta1, beta2 = optimizer.param_groups[0]["betas"]
+    eps, steps = optimizer.param_groups[0]["eps"], int(state["step"])
+    v_hat = (state["exp_avg_sq"] / (1 - beta2 ** steps)).flatten().numpy()
+    P = (1 - beta1 ** steps) * (np.sqrt(v_hat) + eps)
     threshold_lr = 38 / est.value
     assert not frozen_adam_diverges(H, P, 0.97 * threshold_lr)
     assert frozen_adam_diverges(H, P, 1.03 * threshold_lr)
