@@ -26,6 +26,9 @@ Also: full-batch lambda_max of the MLP on ``--large-n`` samples with chunked pro
 fresh process (peak resident memory, or peak CUDA memory), and the 1000-step sanity run
 (64 samples, batch 4, --lambdamax --batch-sharpness) through ``training.main`` with its time
 and checkpoint size. ``--only`` picks sections; ``--quick`` shrinks everything for a smoke run.
+
+One script of about 850 lines, so that a single run times every measurement against the same
+baseline, on the same machine and load.
 """
 
 import argparse

@@ -53,6 +53,9 @@ data from :class:`utils.hvp.HessianOperator` in its default mode.
 
 ``exact`` (``--exact-measurements``) is the plain route throughout: double backward per batch,
 and plain double-backward Hessian products on the whole data.
+
+The routes and the choice between them stay in one module (about 550 lines), so that the rules
+above and the code that follows them are read, and tested against each other, in one place.
 """
 
 import types

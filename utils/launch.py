@@ -6,6 +6,9 @@ setting resolved, and what was derived from them) and trains it with
 checkpoint that its ``results.txt`` reaches, recomputing any rows a cut file lost; :func:`fork`
 starts a new folder from another run's checkpoint with changed settings. Signals, a full disk
 and too little memory end a run with its folder resumable and one line for the user.
+
+Starting, resuming and forking share the writing of config.json, the checks of a stored run and
+the handling of signals and faults, which is why they stay in one module of about 600 lines.
 """
 
 from __future__ import annotations

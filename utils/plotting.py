@@ -3,6 +3,9 @@
 Figures are built on matplotlib's object API with the Agg canvas (no pyplot, no display, no
 global backend switch), sized for a two-column paper (7 inches wide, 8-point text), and saved
 as PNG and PDF through temporary files, so a reader never sees half a figure.
+
+Both kinds of figure share the labels, panel layout, thresholds and saving, which keeps them in
+one module of about 500 lines.
 """
 
 from __future__ import annotations
