@@ -64,7 +64,7 @@ def test_a_stored_run_resumes_bit_identically(stored_run):
     assert training.main(["--resume", str(stored_run), "--quiet"]) == 0
     finished, now = read_results(os.path.join(HERE, "stored_run_finished_results.txt")), read_results(stored_run / "results.txt")
     kept = [c for c in finished.columns if not is_timing_column(c)]
-    pd.testing.assert_frame_equal(finished[kept], now[kept])
+    pd.testing.assert_frame_equal(finished[kept], now[kept], check_exact=True)
 
 
 def test_a_stored_run_forks_and_is_analysed(stored_run, tmp_path):

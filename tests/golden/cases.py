@@ -16,6 +16,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 EVERY_SGD_MEASUREMENT = ["--lambdamax", "--num-eigenvalues", "2", "--batch-sharpness", "--step-sharpness", "--gni",
                          "--batch-sharpness-ratio", "--batch-lambdamax", "--hessian-trace", "--gauss-newton",
                          "--gradient-norm", "--param-distance", "--final"]
+# The whole-spectrum measurements, on the MLP cases (small quadrature: its cost grows with probes x steps).
+SPECTRUM_MEASUREMENTS = ["--lambda-min", "--gradient-overlap", "2", "--layer-sharpness", "--spectral-density",
+                         "--density-probes", "2", "--density-steps", "8"]
 # The convolutional nets train on the whole set (b = n), where every batch estimate is exact and
 # stops at its fewest samples, and skip the trace, whose 1000 Rademacher probes would take minutes:
 # the MLP cases sample for real and cover the trace.
@@ -23,10 +26,10 @@ CONV_MEASUREMENTS = [flag for flag in EVERY_SGD_MEASUREMENT if flag != "--hessia
 CASES = {
     "mlp_mse_momentum": ["--dataset", "digits", "--num-data", "64", "--width", "16", "--batch", "16", "--lr", "0.05",
                          "--momentum", "0.9", "--steps", "6", "--measure-every", "3", *EVERY_SGD_MEASUREMENT,
-                         "--momentum-sharpness"],
+                         "--momentum-sharpness", *SPECTRUM_MEASUREMENTS],
     "mlp_ce_adam": ["--dataset", "digits", "--num-data", "32", "--width", "16", "--depth", "1", "--batch", "32",
                     "--loss", "ce", "--adam", "--lr", "0.003", "--steps", "4", "--measure-every", "2",
-                    *EVERY_SGD_MEASUREMENT, "--preconditioned-sharpness"],
+                    *EVERY_SGD_MEASUREMENT, "--preconditioned-sharpness", *SPECTRUM_MEASUREMENTS],
     "cnn_ce": ["--model", "cnn", "--dataset", "synthetic", "--input-shape", "1,12,12", "--num-classes", "3",
                "--num-data", "16", "--batch", "16", "--loss", "ce", "--lr", "0.02", "--steps", "2",
                "--measure-every", "2", *CONV_MEASUREMENTS],
