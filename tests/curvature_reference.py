@@ -146,17 +146,18 @@ def batch_derivatives(model, loss_fn, X, Y, b, train_mode=True):
             for idx in all_batches(X.shape[0], b)]
 
 
-def exact_ghg_family(model, loss_fn, X, Y, b) -> dict:
-    """Batch Sharpness E[g_B^T H_B g_B / |g_B|^2], its ratio form E[g_B^T H_B g_B] / E[|g_B|^2] and
-    GNI E[g_B^T H g_B] / |g|^2 as exact averages over all C(n, b) batches."""
-    H, g = dense_hessian(model, loss_fn, X, Y), dense_gradient(model, loss_fn, X, Y)
-    pairs = batch_derivatives(model, loss_fn, X, Y, b)
+def exact_ghg_family(model, loss_fn, X, Y, b, train_mode=True) -> dict:
+    """Batch Sharpness E[g_B^T H_B g_B / |g_B|^2], its ratio form E[g_B^T H_B g_B] / E[|g_B|^2],
+    GNI E[g_B^T H g_B] / |g|^2 and E[|g_B|^2] as exact averages over all C(n, b) batches, and |g|^2."""
+    H, g = dense_hessian(model, loss_fn, X, Y, train_mode), dense_gradient(model, loss_fn, X, Y, train_mode)
+    pairs = batch_derivatives(model, loss_fn, X, Y, b, train_mode)
     quadratic = np.array([(g_B @ H_B @ g_B).item() for g_B, H_B in pairs])
     norm2 = np.array([(g_B @ g_B).item() for g_B, _ in pairs])
     noise = np.array([(g_B @ H @ g_B).item() for g_B, _ in pairs])
     return {"batch_sharpness": float(np.mean(quadratic / norm2)),
             "batch_sharpness_ratio": float(quadratic.mean() / norm2.mean()),
-            "gni": float(noise.mean() / (g @ g).item())}
+            "gni": float(noise.mean() / (g @ g).item()),
+            "batch_norm2": float(norm2.mean()), "grad_norm2": (g @ g).item()}
 
 
 def per_sample_gradients(model, loss_fn, X, Y):

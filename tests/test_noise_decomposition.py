@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from curvature_reference import (LOSSES, all_batches, check_honest, dense_gradient, dense_hessian, drawn_batches,
-                                 exact_trace_HS, mean_reference, per_sample_gradients, tiny_cnn, tiny_data, tiny_images,
-                                 tiny_mlp)
+                                 exact_ghg_family, exact_trace_HS, mean_reference, per_sample_gradients, tiny_cnn,
+                                 tiny_data, tiny_images, tiny_mlp)
 from utils.estimators import measurement_generator
 from utils.losses import mse_loss
 from utils.measures import gni, gni_by_batch_size, gradient_norms
@@ -132,10 +132,8 @@ def test_decomposition_standard_errors_are_honest():
 def enumerated_noise(model, loss_fn, X, Y, b, train_mode):
     """(GNI, E_B|g_B|^2, |g|^2) averaged over every one of the C(n, b) batches, with dense float64
     derivatives."""
-    H, g = dense_hessian(model, loss_fn, X, Y, train_mode), dense_gradient(model, loss_fn, X, Y, train_mode)
-    batch_gradients = [dense_gradient(model, loss_fn, X[idx], Y[idx], train_mode) for idx in all_batches(X.shape[0], b)]
-    noise = np.mean([(v @ H @ v).item() for v in batch_gradients]) / (g @ g).item()
-    return noise, np.mean([(v @ v).item() for v in batch_gradients]), (g @ g).item()
+    exact = exact_ghg_family(model, loss_fn, X, Y, b, train_mode)
+    return exact["gni"], exact["batch_norm2"], exact["grad_norm2"]
 
 
 CLOSED_FORM_CASES = {  # (model, loss, data, train_mode)
