@@ -1,7 +1,8 @@
 """The README's commands: every one in README.md and docs/*.md names flags its script has
 (training.py and the analysis scripts parse theirs, sweep.py's grid and shared flags are
 training.py's, a laptop sweep dry-runs, a benchmark's flags are among those it declares), and the
-short tour runs end to end at a tiny size. (The Quick start runs in test_recipes.)"""
+short tour and the laptop sweep of the Sweeps section run end to end at a tiny size. (The Quick
+start runs in test_recipes.)"""
 
 import glob
 import os
@@ -104,13 +105,34 @@ def test_a_documented_command_names_flags_its_script_has(where, line, results_en
 
 
 
-def tour_commands() -> list[str]:
-    """The command lines of the README's short tour, in order."""
+def section_commands(heading: str) -> list[str]:
+    """The command lines of the shell blocks of the README's section ``heading``, in order."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         text = f.read()
-    tour = re.search(r"^## A short tour\n(.*?)^## ", text, flags=re.DOTALL | re.MULTILINE).group(1)
-    return [line for body in re.findall(r"^```\n(.*?)^```", tour, flags=re.DOTALL | re.MULTILINE)
-            for line in body.splitlines() if ".py" in line]
+    section = re.search(rf"^## {heading}\n(.*?)^## ", text, flags=re.DOTALL | re.MULTILINE).group(1)
+    return [line for body in re.findall(r"^```\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
+            for line in body.replace("\\\n", " ").splitlines() if ".py" in line]
+
+
+# A sweep's runs at a tiny size: after its grid and shared flags (later flags replace earlier ones).
+SWEEP_SMALL = ["--num-data", "64", "--steps", "2", "--measure-every", "1"]
+
+
+def tiny_sweep(arguments: list[str]) -> list[str]:
+    """A laptop sweep command cut to two grid points (the first value of every axis but the last,
+    the first two of that) of two steps on 64 images."""
+    cut = arguments.index("--") if "--" in arguments else len(arguments)
+    _, grid_tokens, _ = sweep_grid.parse_command_line(arguments)
+    grid = sweep_grid.parse_grid_tokens(grid_tokens)
+    axes = list(grid)
+    points = [[f"--{flag.replace('_', '-')}", *map(str, grid[flag][:2 if flag == axes[-1] else 1])] for flag in axes]
+    kept, rest = [], list(grid_tokens)  # sweep.py's own options, in order: the grid tokens taken out
+    for argument in arguments[:cut]:
+        if rest and argument == rest[0]:
+            rest.pop(0)
+        else:
+            kept.append(argument)
+    return [*kept, *[word for point in points for word in point], "--", *arguments[cut + 1:], *SWEEP_SMALL]
 
 
 # What makes each command of the tour small enough for a test (later flags replace earlier ones).
@@ -120,22 +142,36 @@ TOUR_SMALL = {
     "compute_final_gHg.py": ["--batch-sizes", "8", "16", "--max-samples", "20", "--quiet"],
     "sharpness_gap.py": [],
     "plot_results.py": [],
-    "sweep.py": ["--dry-run"],
 }
 
 
 def test_the_short_tour_runs(results_env, monkeypatch):
-    """Every command of the README's tour, in order, on 64 images and 20 steps (the sweep as a dry run)."""
+    """Every command of the README's tour, in order, on 64 images and 20 steps (the sweep: two
+    points of two steps)."""
     mains = {"training.py": training.main, "sweep.py": sweep.main, "compute_final_fullbs.py": compute_final_fullbs.main,
              "compute_final_gHg.py": compute_final_gHg.main, "sharpness_gap.py": sharpness_gap.main,
              "plot_results.py": plot_results.main}
     monkeypatch.chdir(results_env)  # the tour's relative results/... paths are $RESULTS's
-    lines = tour_commands()
+    lines = section_commands("A short tour")
     assert [script_and_arguments(line)[0] for line in lines][:3] == [
         "training.py", "compute_final_fullbs.py", "compute_final_gHg.py"]
     for line in lines:
         script, arguments = script_and_arguments(line)
         arguments = [os.path.join(ROOT, a) if a.startswith("examples/") else a for a in arguments]
-        cut = arguments.index("--") if "--" in arguments else len(arguments)  # sweep.py's shared flags follow --
-        small = arguments[:cut] + TOUR_SMALL[script] + arguments[cut:]
+        small = tiny_sweep(arguments) if script == "sweep.py" else arguments + TOUR_SMALL[script]
         assert mains[script](small) == 0, line
+
+
+def test_the_laptop_sweep_runs(results_env, monkeypatch, capsys):
+    """The Sweeps section's laptop commands, in order: the sweep (two points of two steps), its
+    status table and the overlay of its runs."""
+    monkeypatch.chdir(results_env)  # plot_results.py's results/sweeps/NAME is $RESULTS's
+    lines = section_commands("Sweeps")[:3]
+    (_, train), (_, status), (_, plot) = [script_and_arguments(line) for line in lines]
+    assert "--jobs" in train and status[0] == "status" and "plot_results.py" in lines[2], lines
+    assert sweep.main(tiny_sweep(train)) == 0
+    assert sweep.main(status) == 0
+    table = capsys.readouterr().out
+    assert table.count("finished") >= 2, table
+    assert plot_results.main(plot) == 0
+    assert "results_overlay" in capsys.readouterr().out
