@@ -71,6 +71,48 @@ def test_resume_recomputes_the_rows_cut_from_results(results_env, reference, cap
     same_results(reference, damaged)
 
 
+def cut_results_after(run_dir, step):
+    """Keep results.txt up to the row of ``step``, cut at a line boundary."""
+    lines = (run_dir / "results.txt").read_text().splitlines(keepends=True)
+    header = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    step_at = lines[header].rstrip("\n").split(",").index("step")
+    kept = [line for line in lines[header + 1:] if int(line.split(",")[step_at]) <= step]
+    (run_dir / "results.txt").write_text("".join(lines[:header + 1] + kept))
+
+
+@pytest.mark.parametrize("lose", ["old_checkpoints", "checkpoints_folder"])
+def test_resume_without_a_checkpoint_the_rows_reach_restarts_from_the_first_step(results_env, reference, capsys, lose):
+    """Only checkpoints after the last row are left (--keep-checkpoints 2, or none at all):
+    the run restarts from its first step, reproducing every row, never from fresh weights at
+    the row's step."""
+    damaged = results_env / "damaged"
+    assert training.main([*BASE, "--keep-checkpoints", "2", "--run-dir", str(damaged)]) == 0
+    assert [step for step, _ in list_checkpoints(damaged)] == [25, 30]
+    os.unlink(damaged / "summary.json")
+    cut_results_after(damaged, 16)
+    if lose == "checkpoints_folder":
+        shutil.rmtree(damaged / "checkpoints")
+    capsys.readouterr()
+    assert training.main(["--resume", str(damaged)]) == 0
+    err = capsys.readouterr().err
+    assert "no checkpoint at or before step 17" in err and "restarts from step 0" in err
+    same_results(reference, damaged)
+
+
+def test_a_fork_without_a_checkpoint_the_rows_reach_restarts_from_its_parents(results_env, reference, capsys):
+    fork = results_env / "fork"
+    assert training.main(["--cont-run", str(reference), "--cont-step", "12", "--lr", "0.1", "--run-dir", str(fork)]) == 0
+    complete = results_env / "complete"
+    shutil.copytree(fork, complete)
+    shutil.rmtree(fork / "checkpoints")
+    os.unlink(fork / "summary.json")
+    cut_results_after(fork, 20)
+    capsys.readouterr()
+    assert training.main(["--resume", str(fork)]) == 0
+    assert "restarts from step 10" in capsys.readouterr().err
+    same_results(complete, fork)
+
+
 def test_a_finished_run_whose_results_were_cut_is_completed_again(results_env, reference):
     damaged = results_env / "damaged"
     shutil.copytree(reference, damaged)
@@ -105,6 +147,10 @@ def test_resume_point_skips_steps_that_log_no_row(results_env):
     assert utils.launch.resume_point(str(run_dir), None, 13, every_fourth)[0] == 14
     assert utils.launch.resume_point(str(run_dir), None, 12, every_fourth)[0] == 7
     assert utils.launch.resume_point(str(run_dir), None, 0, every_fourth) == (0, str(run_dir / "checkpoints" / "step_0.pt"))
+    # Only checkpoints past a due row: the state at step 13 is saved nowhere, so the run starts over.
+    for step in (0, 7, 14):
+        os.unlink(run_dir / "checkpoints" / f"step_{step}.pt")
+    assert utils.launch.resume_point(str(run_dir), None, 13, every_fourth, first_step=3) == (3, None)
 
 
 # ----------------------------------------------------------------------------- 2. stale final files

@@ -333,7 +333,9 @@ def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None =
     Training continues at a step S whose earlier rows are all in results.txt: S is a
     checkpoint at or before the step after the last complete row (or later, when no step in
     between was due to be logged), so rows lost from a cut file are recomputed, never left
-    out. Rows at or after S and a cut-off last line are dropped first, so the finished file
+    out; where no such checkpoint is left (``--keep-checkpoints``, a deleted ``checkpoints/``)
+    S is the run's first step, with a note. Rows at or after S and a cut-off last line are
+    dropped first, so the finished file
     equals that of a run never interrupted (elapsed-time columns aside). A folder holding only
     config.json (stopped before its first checkpoint) starts at step 0, a fork at its parent's
     checkpoint. A run that ended (finished, stopped at its loss, diverged) with all its rows is
@@ -408,7 +410,12 @@ def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int
         due = row_schedule(setup, monitor, cadences)
 
         def start():
-            step, path = resume_point(run_dir, resume_step, first_step if last_row is None else last_row + 1, due)
+            reach = first_step if last_row is None else last_row + 1
+            step, path = resume_point(run_dir, resume_step, reach, due, first_step=first_step)
+            if path is None and reach > first_step:
+                print(f"note: {run_dir} has no checkpoint at or before step {reach}, the first row results.txt lacks; "
+                      f"the run restarts from step {first_step} and recomputes its rows, the same bit for bit on "
+                      f"the device that wrote them", file=sys.stderr)
             from_parent = path is None and parent is not None
             return step, _parent_checkpoint(run_dir, parent) if from_parent else path, from_parent
 
@@ -458,11 +465,13 @@ def _record_resume(run_dir: str, record: dict, setup: Setup, step: int) -> None:
     atomic_write_json(os.path.join(run_dir, "config.json"), record)
 
 
-def resume_point(run_dir: str, resume_step: int | None, reach: int, row_is_due) -> tuple[int, str | None]:
+def resume_point(run_dir: str, resume_step: int | None, reach: int, row_is_due,
+                 first_step: int = 0) -> tuple[int, str | None]:
     """(step, checkpoint) to continue from: the newest checkpoint at or before ``reach``, the
     first step whose row results.txt lacks, or later where ``row_is_due`` says no step from
-    ``reach`` up to it writes a row; (``reach``, None) when there is none, which is the first
-    step of the run when results.txt has no rows. ``resume_step`` asks for one checkpoint."""
+    ``reach`` up to it writes a row; (``first_step``, None) when there is none: the run
+    restarts from its first step (a fork's from its parent's checkpoint), since the state at
+    ``reach`` is saved nowhere. ``resume_step`` asks for one checkpoint."""
     usable = []
     for step, path in list_checkpoints(run_dir):
         if step > reach and any(row_is_due(t) for t in range(reach, step)):
@@ -477,7 +486,7 @@ def resume_point(run_dir: str, resume_step: int | None, reach: int, row_is_due) 
         return chosen[0]
     if usable:
         return usable[-1]
-    return reach, None
+    return first_step, None
 
 
 def _parent_checkpoint(run_dir: str, parent: dict) -> str:
