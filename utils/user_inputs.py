@@ -151,9 +151,9 @@ def as_loss(loss) -> tuple[Callable, str]:
     ``loss(outputs, targets)`` returning the mean loss of a batch.
 
     ``torch.nn.MSELoss()`` averages over the outputs too, which divides the Hessian, and so
-    every curvature value, by the number of outputs C against the paper's ``"mse"``: the
-    stability thresholds (2/eta ...) then hold for C times the measured values, so it gets a
-    warning.
+    every curvature value, by the number of outputs C against the paper's ``"mse"``. The
+    thresholds (2/eta ...) still hold for the eta that steps on that loss (whose update is the
+    paper's at eta/C), but its values are not the paper's, so it gets a warning.
     """
     if isinstance(loss, str):
         if loss not in LOSS_NAMES:
@@ -165,7 +165,8 @@ def as_loss(loss) -> tuple[Callable, str]:
         raise TypeError(f"loss must be 'mse', 'ce' or a callable, got {type(loss).__name__}")
     if isinstance(loss, torch.nn.MSELoss) and loss.reduction == "mean":
         warnings.warn("torch.nn.MSELoss() averages over the outputs as well as the samples: every curvature value is "
-                      "the paper's (loss='mse') divided by the number of outputs, and so are the thresholds it is "
-                      "compared with (2/eta for loss='mse'); pass loss='mse' for the paper's convention", stacklevel=3)
+                      "the paper's (loss='mse') divided by the number of outputs C; the thresholds stay 2/eta for "
+                      "the eta that steps on this loss (the paper's update at eta/C); pass loss='mse' for the "
+                      "paper's values", stacklevel=3)
     name = getattr(loss, "__name__", None) or type(loss).__name__
     return _MeanLoss(loss, name), name
