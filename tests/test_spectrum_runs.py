@@ -13,6 +13,7 @@ import training
 from curvature_reference import LOSSES, dense_hessian
 from run_checks import interrupt_at, same_results
 from utils.checkpoints import list_checkpoints
+from utils.plotting import LAMBDA_MAX, plot_runs
 from utils.results import read_results
 from utils.runs import load_run, load_weights, rebuild
 
@@ -49,6 +50,15 @@ def test_columns_files_and_final_record(tmp_path):
     final = json.loads((run_dir / "final.json").read_text())
     assert final["lambda_min"] <= final["lambda_max"] and 0 <= final["grad_overlap_full"] <= 1
     assert "grad_overlap_batch_se" in final and "density_trace" not in final
+    # The figure: λ_min dashed on the λ_max panel, and one small panel per layer with its line.
+    axes = {ax.get_title(): ax for ax in plot_runs([load_run(str(run_dir))], [frame]).axes if ax.get_visible()}
+    curves = {line.get_label(): line for line in axes[LAMBDA_MAX].get_lines()}
+    assert list(curves[r"$\lambda_{\min}$"].get_ydata()) == list(measured["lambda_min"])
+    assert curves[r"$\lambda_{\min}$"].get_linestyle() == "--"
+    for name in MODULES:
+        layer = {line.get_label(): line for line in axes[f"{LAMBDA_MAX} of {name}"].get_lines()}
+        assert list(layer[r"$\lambda_{\max}(H_{kk})$"].get_ydata()) == list(measured[f"layer_lambda_max/{name}"])
+        assert list(layer["2/η = 20"].get_ydata()) == [20, 20]
 
 
 def test_compute_final_fullbs_measures_the_spectrum_of_the_final_checkpoint(tmp_path, capsys):
@@ -104,3 +114,25 @@ def test_density_panels_share_their_axes():
     (gd, sgd) = figure.axes
     assert gd.get_ylim() == sgd.get_ylim() and gd.get_ylim()[1] == pytest.approx(20.0)
     assert gd.get_xlim() == sgd.get_xlim() and gd.get_xlim()[0] == -0.5 and gd.get_xlim()[1] > 8.0
+
+
+@pytest.mark.parametrize("optimiser, half_threshold", [(["--momentum", "0.5", "--lr", "0.75"], (2 + 2 * 0.5) / 0.75 / 2),
+                                                       (["--adam", "--lr", "0.1"], None)])
+def test_mass_above_half_the_threshold_of_the_runs_optimiser(tmp_path, optimiser, half_threshold):
+    """density_mass_above counts the quadrature weight above half the momentum threshold
+    (2 + 2 mu) / eta; with Adam, whose threshold bounds the preconditioned Hessian, it is nan."""
+    run_dir = tmp_path / "run"
+    assert training.main(["--dataset", "digits", "--num-data", "32", "--width", "6", "--batch", "8",
+                          "--steps", "3", "--measure-every", "2", "--quiet", "--cpu", "--spectral-density",
+                          "--density-probes", "2", "--density-steps", "4", *optimiser, "--run-dir", str(run_dir)]) == 0
+    measured = read_results(run_dir / "results.txt").dropna(subset=["density_trace"]).set_index("step")
+    assert list(measured.index) == [0, 2]
+    for step, row in measured.iterrows():
+        nodes = pd.read_csv(run_dir / "density" / f"step_{step}_nodes.csv")
+        if half_threshold is None:
+            assert pd.isna(row["density_mass_above"])
+        else:
+            above = nodes[nodes["node"] > half_threshold]["weight"].sum() / 2
+            assert row["density_mass_above"] == pytest.approx(above, abs=1e-12)
+            # Nodes between 1/eta and the momentum half-threshold tell the two apart.
+            assert step > 0 or nodes["node"].between(1 / 0.75, half_threshold).any()
