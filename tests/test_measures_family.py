@@ -401,6 +401,23 @@ def test_preconditioned_sharpness_leaves_out_and_counts_the_coordinates_adam_has
     assert unseen.value == int(((H != 0).any(dim=1) & ~seen).sum()) == 4 and unseen.hvps == 1
 
 
+def test_preconditioned_sharpness_is_nan_while_adam_has_seen_no_coordinate():
+    """After a step on a batch whose gradient is 0 everywhere (targets equal the outputs) Adam's
+    second moments are all 0: there is no coordinate to measure on, although H is not 0."""
+    model, (X, Y) = tiny_mlp(), tiny_data(N, "mse")
+    loss_fn = LOSSES["mse"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    optimizer.zero_grad()
+    with torch.no_grad():
+        fitted = model(X[:3])
+    loss_fn(model(X[:3]), fitted).backward()
+    optimizer.step()
+    assert not adam_preconditioner(optimizer, model)[1].any()
+    assert torch.linalg.eigvalsh(dense_hessian(model, loss_fn, X, Y))[-1] > 0
+    eig, est = preconditioned_sharpness(model, loss_fn, X, Y, optimizer=optimizer, generator=torch.Generator().manual_seed(0))
+    assert math.isnan(est.value) and est.hvps == 0 and eig.converged
+
+
 def frozen_adam_diverges(H: np.ndarray, P: np.ndarray, lr: float, beta1: float = 0.9, steps: int = 20000) -> bool:
     """Adam with its preconditioner P frozen, on the quadratic (1/2) e^T H e:
     m <- beta1 m + (1 - beta1) H e, e <- e - lr m / P (heavy-ball momentum on P^{-1} H)."""

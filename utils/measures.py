@@ -24,6 +24,7 @@ few helpers (batch drawing, the same-batch estimate, the product mode) and the n
 split by quantity, each part would import the others' helpers.
 """
 
+import math
 import time
 import warnings
 from dataclasses import replace
@@ -560,7 +561,8 @@ def preconditioned_sharpness(model, loss_fn, X, Y, *, optimizer, tol=EIG_TOL, ma
     them the value would be set by eps, so they are left out (:func:`unseen_with_curvature` counts
     them). Lanczos from a random start in S drawn from ``generator``; column
     ``preconditioned_sharpness``. Returns (EigResult, Estimate with se = nan); raises ValueError
-    before Adam's first step.
+    before Adam's first step. Where Adam has seen no coordinate yet (every gradient so far was 0)
+    the value is nan, at no product.
     """
     start = time.perf_counter()
     found = adam_preconditioner(optimizer, model)
@@ -569,6 +571,10 @@ def preconditioned_sharpness(model, loss_fn, X, Y, *, optimizer, tol=EIG_TOL, ma
     op = sharded.operator(HessianOperator, model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
                           mode=_product_mode(exact))
     P, seen = (t.to(device=op.device) for t in found)
+    if not seen.any():
+        nothing = torch.full((1,), math.nan, dtype=op.dtype)
+        result = eigs.EigResult(nothing, torch.zeros(op.dim, 1, dtype=op.dtype, device=op.device), nothing, 0, 0, True)
+        return result, exact_estimate(math.nan, 0, time.perf_counter() - start)
     scale = (P.to(op.dtype).rsqrt() * seen)[:, None]  # zero off S: the operator lives on S
 
     def matvec(V):  # the solvers pass blocks (P, m)
