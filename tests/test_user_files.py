@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import compute_final_fullbs
+import compute_final_gHg
 import training
 from utils.data import load_dataset
 from utils.errors import UserError
@@ -190,7 +191,19 @@ def test_model_file_run_records_it_and_refuses_a_changed_file(results_env, capsy
     assert "my_net.py changed since the run started" in err and "--allow-changed-model" in err
     err = one_line_error(capsys, compute_final_fullbs.main([run_dir, "--quiet"]))
     assert "changed since the run started" in err
+    err = one_line_error(capsys, compute_final_gHg.main([run_dir, "--quiet"]))
+    assert "my_net.py changed since the run started" in err and "--allow-changed-model" in err
+    folders = run_folders(results_env)
+    err = one_line_error(capsys, training.main(["--cont-run", run_dir, "--cont-step", "2", "--quiet"]))
+    assert "my_net.py changed since the run started" in err and "--allow-changed-model" in err
+    assert run_folders(results_env) == folders  # the refused fork left no folder
     assert training.main(["--resume", run_dir, "--allow-changed-model", "--quiet"]) == 0
+    assert "going on with it (--allow-changed-model)" in capsys.readouterr().err
+
+    source.unlink()
+    os.unlink(os.path.join(run_dir, "summary.json"))
+    err = one_line_error(capsys, training.main(["--resume", run_dir, "--allow-changed-model"]))
+    assert f"{source} does not exist; the run was started with it; put it back" in err
 
 
 BAD_MODELS = [
