@@ -109,6 +109,22 @@ def test_mlp_on_two_processes_is_the_single_process_run(results_env):
     assert sorted(os.listdir(launched)) == sorted(os.listdir(single))
 
 
+def test_closed_forms_of_gni_and_gradient_norm_on_two_processes_are_the_single_process_ones(results_env):
+    """n = 24: gradient_norm takes the closed form at once (n <= 20 b), GNI after the first 20 batches
+    predict more than n + 1 further ones; every rank makes both choices as one process does."""
+    argv = ["--width", "16", "--num-data", "24", "--batch", "8", "--quiet", "--steps", "3", "--measure-every", "1",
+            "--gni", "--gradient-norm"]
+    single = single_run(results_env, argv)
+    launched, result = launched_run(results_env, argv, 2)
+    assert result.exit_codes == [0, 0], result.stderr
+    assert_same_run(single, launched)
+    records = [json.load(open(run / "config.json"))["resolved"]["closed_forms"] for run in (single, launched)]
+    assert records[0] == records[1] == ["gni", "gradient_norm"]
+    counts = [json.load(open(run / "summary.json"))["estimates"] for run in (single, launched)]
+    assert counts[0] == counts[1] and counts[1]["gni"]["exact"] == counts[1]["grad_norm_sq_batch"]["exact"] == 3
+    assert list(read_results(os.path.join(launched, "results.txt"))["gni_hvps"]) == [45] * 3  # 20 batches, n + 1
+
+
 def test_cnn_on_three_processes_with_uneven_and_empty_parts(results_env):
     argv = ["--model", "cnn", "--dataset", "synthetic", "--input-shape", "1,12,12", "--num-classes", "3",
             "--width", "4", "--depth", "2", "--num-data", "23", "--batch", "2", "--quiet", "--steps", "5",

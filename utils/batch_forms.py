@@ -519,22 +519,21 @@ class _GramCentredForms:
             return torch.cat([block(idx[i : i + step]) for i in range(0, idx.shape[0], step)])
 
 
-class _OperatorCentredForms:
-    """The same quantities by full-batch Hessian-vector products (any model) in ``mode``
-    (None: :func:`utils.hvp.default_hvp_mode`)."""
+class OperatorCentredForms:
+    """The same quantities by Hessian-vector products on the whole data (any model): ``op`` a
+    Hessian operator (:class:`utils.hvp.HessianOperator`, or its sum over the ranks of a launch,
+    :class:`utils.sharded.ShardedOperator`) and ``batch_gradients(idx)`` the gradients of the
+    batches of the index rows ``idx`` (K, b) as the columns of a (P, K) block."""
 
-    def __init__(self, model, loss_fn, X, Y, chunk_size, train_mode, mode):
-        self.model, self.loss_fn, self.X, self.Y = model, loss_fn, X, Y
-        self.train_mode = train_mode
-        self.op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode, mode=mode)
-        self.g = self.op.gradient()
+    def __init__(self, op, batch_gradients: Callable):
+        self.op, self.batch_gradients = op, batch_gradients
+        self.g = op.gradient()
         self.norm2 = (self.g @ self.g).item()
-        self.gHg = (self.g @ self.op.matvec(self.g)).item()
+        self.gHg = (self.g @ op.matvec(self.g)).item()
 
     def centred(self, idx: torch.Tensor) -> torch.Tensor:
         def block(rows_idx):
-            gradients = _batch_gradients(self.model, self.loss_fn, self.X, self.Y, rows_idx, self.train_mode)
-            return self.op.quadratic_forms(gradients - self.g[:, None])
+            return self.op.quadratic_forms(self.batch_gradients(rows_idx) - self.g[:, None])
 
         return torch.cat([block(idx[i : i + _OPERATOR_BLOCK]) for i in range(0, idx.shape[0], _OPERATOR_BLOCK)])
 
@@ -546,5 +545,7 @@ def centred_forms(model, loss_fn, X, Y, *, chunk_size=None, train_mode=True, exa
     Hessian-vector products of the centred batch gradients."""
     net = None if exact else linear_network(model, loss_fn, X, Y)
     if net is None:
-        return _OperatorCentredForms(model, loss_fn, X, Y, chunk_size, train_mode, PLAIN_HVP_MODE if exact else None)
+        op = HessianOperator(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                             mode=PLAIN_HVP_MODE if exact else None)
+        return OperatorCentredForms(op, lambda idx: _batch_gradients(model, loss_fn, X, Y, idx, train_mode))
     return _GramCentredForms(net, model, loss_fn, X, Y, chunk_size)

@@ -79,14 +79,19 @@ def measurement_routes(cfg, model, loss_fn, X, Y, device) -> dict:
     """The part of config.json's ``resolved`` that says how the measurements are computed: the
     BatchNorm mode, the Hessian products' mode, the same-batch route (``sharded`` for batches
     whose parts are summed over ranks), the measurements computed exactly and those drawn as
-    partitions."""
-    route = "sharded" if sharded.is_sharded(X) else batch_route(model, loss_fn, X, Y, device=device,
-                                                                 exact=cfg.exact_measurements, batch_size=cfg.batch)
+    partitions. Under ``torchrun`` every rank calls it (the closed forms' check is collective)."""
     return {"measurement_mode": "train",
-            "hvp_mode": measurement_hvp_mode(model, device, exact=cfg.exact_measurements),
-            "batch_route": route,
+            **product_routes(cfg, model, loss_fn, X, Y, device),
             "closed_forms": closed_form_measurements(cfg, model, loss_fn, X, Y),
             "partition_draws": partition_draw_measurements(cfg, X)}
+
+
+def product_routes(cfg, model, loss_fn, X, Y, device) -> dict:
+    """``hvp_mode`` and ``batch_route`` of :func:`measurement_routes`: how the Hessian products
+    and the same-batch terms are computed."""
+    route = "sharded" if sharded.is_sharded(X) else batch_route(model, loss_fn, X, Y, device=device,
+                                                                 exact=cfg.exact_measurements, batch_size=cfg.batch)
+    return {"hvp_mode": measurement_hvp_mode(model, device, exact=cfg.exact_measurements), "batch_route": route}
 
 
 def provenance(command_line: list[str] | None) -> dict:
@@ -515,9 +520,7 @@ def note_changed_products(record: dict, setup: Setup) -> None:
     (another device, or a code update that chose a faster mode): its measurements then agree
     with the first part to round-off, not bit for bit."""
     resolved = record.get("resolved", {})
-    routes = measurement_routes(setup.cfg, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train,
-                                setup.device)
-    now = {key: routes[key] for key in ("hvp_mode", "batch_route")}
+    now = product_routes(setup.cfg, setup.model, setup.loss_fn, setup.data.X_train, setup.data.Y_train, setup.device)
     changed = [f"{key} {resolved[key]} -> {value}" for key, value in now.items()
                if resolved.get(key) not in (None, value)]
     if changed:

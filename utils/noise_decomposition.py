@@ -21,6 +21,12 @@ from its first ``min_samples`` batches, :meth:`utils.estimators.SamplesAhead.pre
 the measurements take it (:func:`closed_form_allowed` says where they may, and
 :func:`samples_separable` checks that the model keeps its samples apart): the estimate then
 has se = 0, n = 0 and ``exact`` set.
+
+Under ``torchrun`` (data split over the ranks, :mod:`utils.sharded`) the same sums are summed
+over the ranks: sum_i |g_i - g|^2 over each rank's rows, and tr(HS) with H v summed over the
+ranks for each per-sample gradient, which the rank that holds the sample computes and every
+rank receives (:func:`utils.sharded.batch_gradients`). The choice between the closed form and
+sampling is made on all-reduced numbers, so every rank makes the same one.
 """
 
 import math
@@ -30,11 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
-from utils import batch_forms
+from utils import batch_forms, distributed, sharded
 from utils.estimators import GNI_REL_SE, MAX_SAMPLES, Estimate, SamplesAhead, draw_batches, mean_with_stopping
 from utils.hvp import flat_grad
 from utils.models import has_batchnorm
-from utils.sharded import is_sharded
 
 
 def noise_factor(n: int, b: int) -> float:
@@ -44,10 +49,11 @@ def noise_factor(n: int, b: int) -> float:
 
 def closed_form_allowed(model, X, *, train_mode: bool, exact: bool) -> bool:
     """Whether the closed forms over per-sample gradients apply: not for ``exact``
-    (``--exact-measurements``: the plain Monte Carlo path), not where g_B is not the mean of
+    (``--exact-measurements``: the plain Monte Carlo path), and not where g_B is not the mean of
     per-sample gradients (BatchNorm in train mode normalises by the batch, dropout draws one
-    mask per batch), and not on data split over the ranks of a launch (:mod:`utils.sharded`)."""
-    return not exact and not is_sharded(X) and not (train_mode and (has_batchnorm(model) or batch_forms.has_dropout(model)))
+    mask per batch). Data split over the ranks of a launch (:mod:`utils.sharded`) take them too,
+    with every sum over the samples summed over the ranks."""
+    return not exact and not (train_mode and (has_batchnorm(model) or batch_forms.has_dropout(model)))
 
 
 # Enough rows for a batch-level statistic of a user's model to differ from each row's own.
@@ -72,11 +78,19 @@ def samples_separable(model, loss_fn, X, Y, *, train_mode=True) -> bool:
     need: (1/m) sum_i g_i against g_B on the first m = min(n, 32) rows, equal to within 1e4 units of
     round-off of the data type (relative to the larger of |g_B| and the mean |g_i|). A model or loss
     that mixes the samples of a batch (its own batch normalisation, a branch on a batch statistic)
-    fails it and is measured by sampling batches instead."""
-    rows = slice(0, min(X.shape[0], SEPARABILITY_PROBE_ROWS))
-    per_sample = torch.cat(list(batch_forms.per_sample_gradients(model, loss_fn, X[rows], Y[rows],
-                                                                 train_mode=train_mode)))
-    whole = flat_grad(model, loss_fn, X[rows], Y[rows], train_mode=train_mode).detach()
+    fails it and is measured by sampling batches instead. Data split over the ranks of a launch
+    gather those rows onto every rank, which all check the same rows and agree on the answer
+    (one that fails anywhere fails everywhere), so that all take the same branch."""
+    rows = torch.arange(min(X.shape[0], SEPARABILITY_PROBE_ROWS), device=X.device)
+    if sharded.is_sharded(X):
+        probe = _separable(model, loss_fn, sharded.gather_rows(X, rows), sharded.gather_rows(Y, rows), train_mode)
+        return not distributed.any_rank(not probe, device=X.device)
+    return _separable(model, loss_fn, X[rows], Y[rows], train_mode)
+
+
+def _separable(model, loss_fn, X, Y, train_mode) -> bool:
+    per_sample = torch.cat(list(batch_forms.per_sample_gradients(model, loss_fn, X, Y, train_mode=train_mode)))
+    whole = flat_grad(model, loss_fn, X, Y, train_mode=train_mode).detach()
     scale = max(float(whole.norm()), float(per_sample.norm(dim=1).mean()))
     tolerance = 1e4 * torch.finfo(whole.dtype).eps
     return float((per_sample.mean(dim=0) - whole).norm()) <= tolerance * scale
@@ -84,11 +98,13 @@ def samples_separable(model, loss_fn, X, Y, *, train_mode=True) -> bool:
 
 def gradient_spread(model, loss_fn, X, Y, g: torch.Tensor, *, train_mode=True) -> float:
     """(1/n) sum_i |g_i - g|^2 over the per-sample gradients g_i of (X, Y), ``g`` their mean
-    (:func:`utils.batch_forms.per_sample_gradients`, a block at a time)."""
-    total = 0.0
-    for block in batch_forms.per_sample_gradients(model, loss_fn, X, Y, train_mode=train_mode):
-        total += float((block - g).square().sum())
-    return total / X.shape[0]
+    (:func:`utils.batch_forms.per_sample_gradients`, a block at a time); on data split over the
+    ranks of a launch each rank sums over its rows and the sums are summed over the ranks."""
+    total = torch.zeros((), dtype=torch.float64, device=g.device)
+    for block in batch_forms.per_sample_gradients(model, loss_fn, sharded.local(X), sharded.local(Y),
+                                                  train_mode=train_mode):
+        total += (block - g).square().sum().double()
+    return float(distributed.all_reduce_sum(total)) / X.shape[0]
 
 
 def closed_form_cheaper(ahead: SamplesAhead, pilot: int, cost: int, per_sample: int = 1) -> bool:
@@ -136,7 +152,7 @@ def closed_form_decomposition(model, loss_fn, X, Y, *, chunk_size=None, train_mo
     the n per-sample gradients (n + 1 Hessian products, after ``spent`` already made since
     ``started``): se 0, no samples. Only where :func:`closed_form_allowed`."""
     started = time.perf_counter() if started is None else started
-    forms = batch_forms.centred_forms(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
+    forms = sharded.centred_forms(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode)
     return _closed_form(forms, X, spent, started)
 
 
@@ -156,7 +172,7 @@ def gni_decomposition(model, loss_fn, X, Y, *, generator, sample_batch: int,
     Random batches of ``sample_batch`` points (1 <= sample_batch < n) are drawn from
     ``generator`` until GNI at ``target_batch`` (default ``sample_batch``) has SE / |GNI| <
     ``rel_se`` (at least ``min_samples``, at most ``max_samples`` batches). The forms
-    (g_B - g)^T H (g_B - g) come from :func:`utils.batch_forms.centred_forms` (``exact``: plain
+    (g_B - g)^T H (g_B - g) come from :func:`utils.sharded.centred_forms` (``exact``: plain
     double backward), chunked by ``chunk_size``. Where the closed form over the n per-sample
     gradients costs fewer products than the estimate needs (at once when n + 1 <=
     ``min_samples``, else as predicted from the first ``min_samples`` batches) tr(HS) is exact
@@ -170,8 +186,8 @@ def gni_decomposition(model, loss_fn, X, Y, *, generator, sample_batch: int,
         raise ValueError("the identity needs per-sample gradients; with BatchNorm in train mode "
                          "measure GNI per batch size with utils.measures.gni")
     target_batch = sample_batch if target_batch is None else target_batch
-    forms = batch_forms.centred_forms(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
-                                      exact=exact)
+    forms = sharded.centred_forms(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                                  exact=exact)
     c_sample, c_target = noise_factor(n, sample_batch), noise_factor(n, target_batch)
     closed = closed_form and closed_form_applies(model, loss_fn, X, Y, train_mode=train_mode, exact=exact)
     if closed and n + 1 <= min_samples:

@@ -265,9 +265,7 @@ def noise_route(model, loss_fn, X, Y, batch_size, *, chunk_size=None, train_mode
                          mode=PLAIN_HVP_MODE if exact else None)
 
     def forms(idx):
-        parts = [ShardedOperator(_GradientOnly, model, loss_fn, X[rows], Y[rows], train_mode=train_mode)
-                 for rows in idx]
-        return op.quadratic_forms(all_reduce_sum(torch.stack([part.local_gradient() for part in parts], dim=1)))
+        return op.quadratic_forms(batch_gradients(model, loss_fn, X, Y, idx, train_mode=train_mode))
 
     def norm2():
         g = op.gradient()
@@ -275,6 +273,28 @@ def noise_route(model, loss_fn, X, Y, batch_size, *, chunk_size=None, train_mode
 
     return batch_forms.NoiseRoute(forms, per_call=single.per_call, min_block=single.min_block, ahead=single.ahead,
                                   norm2=norm2)
+
+
+def batch_gradients(model, loss_fn, X: Rows, Y: Rows, idx: torch.Tensor, *, train_mode=True) -> torch.Tensor:
+    """The gradients g_B of the batches of the index rows ``idx`` (K, b) as the columns of a (P, K)
+    block on every rank: each rank computes its rows' part of each and the parts are summed in
+    one collective. A batch of one row is that sample's gradient, computed by the rank that holds
+    it: the per-sample gradients of the closed forms are gathered so."""
+    parts = [ShardedOperator(_GradientOnly, model, loss_fn, X[rows], Y[rows], train_mode=train_mode) for rows in idx]
+    return all_reduce_sum(torch.stack([part.local_gradient() for part in parts], dim=1))
+
+
+def centred_forms(model, loss_fn, X, Y, *, chunk_size=None, train_mode=True, exact=False):
+    """:func:`utils.batch_forms.centred_forms`; for :class:`Rows`, |g|^2, g^T H g and
+    (g_B - g)^T H (g_B - g) with H, g and each g_B summed over the ranks
+    (:func:`batch_gradients`), so every rank holds the same numbers."""
+    if not isinstance(X, Rows):
+        return batch_forms.centred_forms(model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                                         exact=exact)
+    op = ShardedOperator(HessianOperator, model, loss_fn, X, Y, chunk_size=chunk_size, train_mode=train_mode,
+                         mode=PLAIN_HVP_MODE if exact else None)
+    return batch_forms.OperatorCentredForms(
+        op, lambda idx: batch_gradients(model, loss_fn, X, Y, idx, train_mode=train_mode))
 
 
 def mean_loss_backward(model, loss_fn, xb: Rows, yb: Rows) -> torch.Tensor:
