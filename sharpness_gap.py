@@ -22,7 +22,7 @@ import pandas as pd
 from utils.analysis import FINAL_FILES, current_final_records, sharpness_plateaus, tail_reaching_last
 from utils.cli import run_cli
 from utils.errors import UserError
-from utils.plotting import dynamics_label, plot_sharpness_gap, render_figure, write_figure
+from utils.plotting import dynamics_label, full_batch, plot_sharpness_gap, render_figure, write_figure
 from utils.runs import (SUMMARY_FIX, analysis_folder, build_analysis_parser, read_optional_json, read_run_results,
                         runs_from_args, selection_stem, write_text_files)
 
@@ -70,7 +70,7 @@ def run_row(run, tail: float, tail_only: bool) -> dict:
     cfg = run.cfg
     optimiser = "adam" if cfg.adam else ("nesterov" if cfg.nesterov else ("momentum" if cfg.momentum else "sgd"))
     return {"run_dir": run.run_dir, "dataset": cfg.dataset, "model": cfg.model, "lr": cfg.lr, "batch": cfg.batch,
-            "optimizer": optimiser, "momentum": cfg.momentum, "dynamics": dynamics_label(cfg),
+            "optimizer": optimiser, "momentum": cfg.momentum, "dynamics": dynamics_label(cfg), "full_batch": full_batch(run),
             "steps_logged": int(frame["step"].max()) + 1, **plateaus}
 
 

@@ -162,6 +162,18 @@ def test_sharpness_gap_table_and_figure(runs, tmp_path, capsys):
     assert (out / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
 
 
+def test_sharpness_gap_figure_names_gd_and_writes_the_gap_in_math_text():
+    """The batch size of a full-batch run is labelled GD, not only by its number, and the minus of
+    the gap is math text like the λ_max beside it (a bare U+2212 comes from another font)."""
+    row = {"lr": 0.4, "dynamics": "SGD", "optimizer": "sgd", "threshold": 5.0, "threshold_label": "2/η",
+           "lambda_max": 4.0, "batch_sharpness": 4.8, "batch_sharpness_se": 0.02, "gap": 0.8}
+    table = pd.DataFrame([{**row, "batch": 16, "full_batch": False}, {**row, "batch": 512, "full_batch": True}])
+    left, right = plot_sharpness_gap(table).axes
+    for ax in (left, right):
+        assert [label.get_text() for label in ax.get_xticklabels()] == ["16", "GD\n(b = n = 512)"]
+    assert right.get_ylabel() == r"Batch Sharpness $-$ $\lambda_{\max}$" and "−" not in right.get_title()
+
+
 def test_sharpness_gap_keeps_runs_of_other_dynamics_apart(runs, tmp_path, capsys):
     """A noisy-GD baseline at the step size and batch size of an SGD run is its own row, colour
     and legend entry, not averaged with the SGD run."""
@@ -250,6 +262,23 @@ def test_plot_results_single_run_panels_and_stability_line(runs):
     assert all(line.get_marker() == "o" for line in axes[1].get_lines()[:1] + axes[2].get_lines()[:1])  # 4 measurements
     assert not any(line.get_label().startswith("2/η") for line in axes[3].get_lines())
     assert figure.get_size_inches()[0] == 7.0
+
+
+def test_the_standard_error_band_spans_two_standard_errors_either_side(runs):
+    """With a large standard error (10 % of Batch Sharpness) the band is visibly tall: at every
+    measured step it reaches from value − 2 SE to value + 2 SE in data units."""
+    run = load_run(str(runs["a"]))
+    frame = read_run_results(run.run_dir)
+    frame["batch_sharpness_se"] = 0.1 * frame["batch_sharpness"].abs()
+    figure = plot_runs([run], [frame])
+    (band,) = next(ax for ax in figure.axes if ax.get_title() == "Batch Sharpness").collections
+    vertices = band.get_paths()[0].vertices
+    measured = frame.dropna(subset=["batch_sharpness"])
+    assert len(measured) >= 2
+    for step, value, se in zip(measured["step"], measured["batch_sharpness"], measured["batch_sharpness_se"]):
+        heights = vertices[vertices[:, 0] == step][:, 1]
+        assert heights.min() == pytest.approx(value - 2 * se) and heights.max() == pytest.approx(value + 2 * se)
+        assert heights.max() - heights.min() > 0
 
 
 def test_plot_results_latest_run_by_default(runs, capsys):

@@ -114,6 +114,9 @@ def test_density_panels_share_their_axes():
     (gd, sgd) = figure.axes
     assert gd.get_ylim() == sgd.get_ylim() and gd.get_ylim()[1] == pytest.approx(20.0)
     assert gd.get_xlim() == sgd.get_xlim() and gd.get_xlim()[0] == -0.5 and gd.get_xlim()[1] > 8.0
+    figure.canvas.draw()  # the legends in the same place of each panel, whatever the curves
+    places = [ax.get_legend().get_window_extent().transformed(ax.transAxes.inverted()).bounds for ax in (gd, sgd)]
+    assert places[0] == pytest.approx(places[1], abs=1e-6)
 
 
 @pytest.mark.parametrize("optimiser, half_threshold", [(["--momentum", "0.5", "--lr", "0.75"], (2 + 2 * 0.5) / 0.75 / 2),

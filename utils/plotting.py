@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import LogFormatterSciNotation, NullLocator, ScalarFormatter
+from matplotlib.ticker import LogFormatterSciNotation, NullLocator
 
 from utils.analysis import stability_label, stability_threshold
 from utils.errors import UserError
@@ -102,6 +102,8 @@ SE_BAND = 2
 
 LAMBDA_MAX = r"$\lambda_{\max}$"
 BATCH_SHARPNESS = r"$\mathbb{E}_B[g_B^\top H_B g_B/\|g_B\|^2]$"
+# The minus in math text, as λ_max beside it: a bare U+2212 falls back to another font's glyph.
+GAP = r"Batch Sharpness $-$ " + LAMBDA_MAX
 
 
 def math_title(title: str) -> str:
@@ -393,7 +395,7 @@ def plot_density(panels) -> Figure:
             if math.isfinite(threshold):
                 ax.axvline(threshold, color="0.3", linestyle="--", linewidth=0.8,
                            label=f"{threshold_label} = {threshold:.4g}")
-                ax.legend(frameon=False)
+                ax.legend(frameon=False, loc="upper center")  # the same place in every panel, not "best"
             ax.set_title(title)
             ax.set_xlabel("eigenvalue of $H$")
             ax.set_ylabel("density")
@@ -478,7 +480,9 @@ def plot_sharpness_gap(table) -> Figure:
     baseline, the optimiser), the mean over runs that share them and the batch size.
 
     Left: Batch Sharpness (solid, standard-error bars where known) and λ_max (dashed), with
-    each group's stability line (dotted). Right: the gap Batch Sharpness − λ_max.
+    each group's stability line (dotted). Right: the gap Batch Sharpness − λ_max. A batch size
+    at which the table's ``full_batch`` column says a run took the whole training set is
+    labelled GD (b = n).
     """
     kinds = ["dynamics", "optimizer"]
     groups = table.groupby(["lr", *kinds, "threshold", "threshold_label"], sort=True)
@@ -504,13 +508,14 @@ def plot_sharpness_gap(table) -> Figure:
         left.plot([], [], color="0.3", linestyle=":", label=" / ".join(sorted(set(table["threshold_label"]))))
         left.set_title("sharpness plateaus")
         left.set_ylabel("curvature")
-        right.set_title(f"gap: Batch Sharpness − {LAMBDA_MAX}")
-        right.set_ylabel(f"Batch Sharpness − {LAMBDA_MAX}")
+        right.set_title(f"gap: {GAP}")
+        right.set_ylabel(GAP)
         right.axhline(0, color="0.6", linewidth=0.6)
+        batches = sorted(set(table["batch"]))
+        gd = set(table.loc[table["full_batch"].astype(bool), "batch"]) if "full_batch" in table else set()
         for ax in (left, right):
             ax.set_xscale("log", base=2)
-            ax.set_xticks(sorted(set(table["batch"])))
-            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.set_xticks(batches, [f"GD\n(b = n = {b})" if b in gd else str(b) for b in batches])
             ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xlabel("batch size $b$ (log$_2$ scale)")
         left.legend(frameon=False)
