@@ -212,6 +212,22 @@ def test_preempted_job_is_requeued_and_resumes(results_env, tmp_path):
     assert states(sweep_dir) == {"lr0.05": ("finished", 1000, 1000)}
 
 
+def test_torchrun_exiting_1_after_its_processes_checkpointed_a_signal_is_an_interruption():
+    """torchrun passes SIGTERM on to its processes, which checkpoint (summary "interrupted", exit 143),
+    and exits 1 itself; exit 1 is a failure otherwise: without torchrun, without a summary this
+    attempt wrote, or with another status."""
+    from utils.sweep import attempt_failed
+    stopped = {"status": "interrupted", "exit_code": 143}
+    assert not attempt_failed(1, stopped, torchrun=True, summary_written_now=True)
+    assert attempt_failed(1, stopped, torchrun=False, summary_written_now=True)
+    assert attempt_failed(1, stopped, torchrun=True, summary_written_now=False)  # an earlier attempt's
+    assert attempt_failed(1, None, torchrun=True, summary_written_now=False)
+    assert attempt_failed(2, stopped, torchrun=True, summary_written_now=True)
+    assert not attempt_failed(1, {"status": "finished"}, torchrun=True, summary_written_now=False)
+    for code in (143, 130, -9, 0):
+        assert not attempt_failed(code, None, torchrun=False, summary_written_now=False)
+
+
 def test_crashing_run_is_reported_failed_and_retried(results_env, monkeypatch, capsys):
     crashing = results_env / "crashing_training.py"
     crashing.write_text("import sys\nprint('something broke', file=sys.stderr)\nsys.exit(3)\n")

@@ -42,6 +42,8 @@ from utils.run_lock import pid_alive, slurm_job
 from utils.sweep_grid import SWEEP_VERSION, shared_settings
 
 ENDED = ("finished", "stopped_at_loss", "diverged")
+# The module behind ``torchrun``: the launcher of a point run on several processes.
+TORCHRUN_MODULE = "torch.distributed.run"
 STATUSES = ("finished", "stopped_at_loss", "diverged", "interrupted", "failed", "running", "pending")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING_SCRIPT = os.path.join(REPO_ROOT, "training.py")
@@ -270,7 +272,7 @@ def point_command(sweep_dir: str, definition: dict, point: dict, python: str | N
     """
     launcher = [python or sys.executable]
     if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        launcher += ["-m", TORCHRUN_MODULE, "--standalone", "--nproc_per_node", str(processes)]
     run_dir = point_run_dir(sweep_dir, point["name"])
     summary = _read_json_or_none(os.path.join(run_dir, "summary.json"))
     if isinstance(summary, dict) and summary.get("status") in ENDED:
@@ -337,6 +339,9 @@ class Attempt:
     def __init__(self, sweep_dir: str, point: dict, command: list[str], marker_path: str, env: dict):
         self.sweep_dir, self.point, self.command, self.marker_path = sweep_dir, point, command, marker_path
         self.resumed = "--resume" in command
+        # A summary.json left by an earlier attempt is told from one this attempt writes by its time.
+        self.summary_path = os.path.join(point_run_dir(sweep_dir, point["name"]), "summary.json")
+        self.summary_before = _modified(self.summary_path)
         self.log_path = os.path.join(sweep_dir, "logs", f"{point['name']}.log")
         self._log = open(self.log_path, "a", encoding="utf-8")
         self._log.write(f"# {datetime.datetime.now().astimezone().isoformat(timespec='seconds')} "
@@ -357,10 +362,10 @@ class Attempt:
         """After the process ended: record a crash, release the marker, refresh the table."""
         returncode = self.process.wait()
         self._log.close()
-        summary = _read_json_or_none(os.path.join(point_run_dir(self.sweep_dir, self.point["name"]), "summary.json"))
-        ended = isinstance(summary, dict) and summary.get("status") in ENDED
-        # 130 / 143: stopped by a signal and checkpointed; negative: killed, resumable from its last checkpoint.
-        if not ended and returncode > 0 and returncode not in (130, 143):
+        summary = _read_json_or_none(self.summary_path)
+        written_now = summary is not None and _modified(self.summary_path) != self.summary_before
+        if attempt_failed(returncode, summary, torchrun=TORCHRUN_MODULE in self.command,
+                          summary_written_now=written_now):
             atomic_write_json(os.path.join(self.sweep_dir, "failed", f"{self.point['name']}.json"),
                               {"exit_code": returncode, "log": os.path.relpath(self.log_path, self.sweep_dir)})
         _release_marker(self.marker_path)
@@ -368,6 +373,28 @@ class Attempt:
         refresh_status(self.sweep_dir)
         return {"point": self.point["name"], "status": state["status"], "step": state["step"],
                 "total_steps": state["total_steps"], "returncode": returncode, "command": self.command}
+
+
+def _modified(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def attempt_failed(returncode: int, summary, *, torchrun: bool, summary_written_now: bool) -> bool:
+    """Whether an attempt that exited with ``returncode`` failed (else it ended, or it stopped and
+    resumes from its last checkpoint), given the run's summary.json (None without one).
+
+    130 / 143: training.py stopped by a signal and checkpointed; negative: killed, resumable from
+    its last checkpoint. ``torchrun`` passes a SIGTERM or SIGINT on to its processes, which
+    checkpoint and exit 143 / 130, and then exits 1 itself: an attempt under it that exits 1 with
+    an ``interrupted`` summary written during the attempt (``summary_written_now``; an older one
+    is a previous attempt's) was stopped, not failed."""
+    status = summary.get("status") if isinstance(summary, dict) else None
+    if status in ENDED or returncode <= 0 or returncode in (130, 143):
+        return False
+    return not (torchrun and returncode == 1 and status == "interrupted" and summary_written_now)
 
 
 def _write_marker(path: str, pids: list[int]) -> None:
