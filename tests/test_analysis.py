@@ -451,6 +451,9 @@ def test_truncated_results_without_newline_and_empty_results(runs, tmp_path):
         read_run_results(str(run_dir))
     header = next(line for line in text.split("\n") if not line.startswith("#"))
     (run_dir / "results.txt").write_text(f"# no rows yet\n{header}\n")
+    with pytest.raises(UserError, match="has no rows although the run finished"):
+        read_run_results(str(run_dir))
+    os.unlink(run_dir / "summary.json")  # a run that has not logged its first step
     assert read_run_results(str(run_dir)).empty
     (run_dir / "results.txt").write_text(text)
     pd.testing.assert_frame_equal(read_run_results(str(run_dir)), pd.read_csv(run_dir / "results.txt", comment="#"))

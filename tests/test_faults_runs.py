@@ -21,6 +21,7 @@ import pytest
 
 import compute_final_fullbs
 import compute_final_gHg
+import plot_results
 import sharpness_gap
 import training
 import utils.checkpoints
@@ -189,6 +190,21 @@ def test_final_scripts_refuse_a_cut_results_file(results_env, reference, capsys,
     assert script.main([str(reference), "--quiet"]) == 2
     one_error_line(capsys, "cut-off row")
     assert not (reference / "final_fullbs.json").exists() and not (reference / "final_ghg.json").exists()
+
+
+@pytest.mark.parametrize("last_row", [16, -1], ids=["line_boundary", "header_only"])
+def test_analysis_refuses_an_ended_run_whose_results_were_cut_at_a_line_boundary(results_env, reference, capsys, last_row):
+    """The file parses cleanly, but summary.json says the run ended at step 30: the rows stop short."""
+    cut_results_after(reference, last_row)
+    before = sorted(os.listdir(reference))
+    for script, extra in ((compute_final_fullbs, []), (compute_final_gHg, ["--max-samples", "25"]),
+                          (sharpness_gap, []), (plot_results, [])):
+        capsys.readouterr()
+        assert script.main([str(reference), "--quiet", *extra]) == 2, script.__name__
+        err = one_error_line(capsys, "although the run finished (summary.json: its last row is step 29)")
+        assert ("has no rows" if last_row < 0 else "stops at step 16") in err
+        assert f"training.py --resume {reference}" in err
+    assert sorted(os.listdir(reference)) == before
 
 
 @pytest.mark.parametrize("script, output", [(compute_final_fullbs, "final_fullbs.json"), (compute_final_gHg, "final_ghg.json")])

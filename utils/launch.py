@@ -384,11 +384,20 @@ def _ended_summary(run_dir: str) -> dict | None:
         summary = read_json(summary_path)
     except (OSError, ValueError):
         raise UserError(f"{summary_path} is damaged; delete it to resume the run from its newest checkpoint")
-    if not isinstance(summary, dict) or summary.get("status") not in ENDED:
+    final_row = ended_last_row(summary)
+    if final_row is None:
         return None
     last_row = last_complete_step(os.path.join(run_dir, "results.txt"))
-    final_row = summary.get("final_step", 0) - (summary["status"] == "finished")  # a finished run's last step is final_step - 1
     return summary if last_row is not None and last_row >= final_row else None
+
+
+def ended_last_row(summary) -> int | None:
+    """The step of the last row in results.txt of a run that ended, from its summary.json
+    (training.py writes the row of its last step always): final_step - 1 for a finished run,
+    final_step for one stopped at its loss or diverged; None for a run that did not end."""
+    if not isinstance(summary, dict) or summary.get("status") not in ENDED:
+        return None
+    return summary.get("final_step", 0) - (summary["status"] == "finished")
 
 
 def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int | None,

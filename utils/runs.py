@@ -25,7 +25,7 @@ from utils.config import RunConfig, results_root
 from utils.cli import OneLineParser, run_cli
 from utils.devices import check_device_name, float64_device, resolve_device
 from utils.errors import UserError
-from utils.launch import ENDED, read_run_config, refuse_user_loop
+from utils.launch import ENDED, USER_LOOP, ended_last_row, read_run_config, refuse_user_loop
 from utils.results import atomic_write_bytes, atomic_write_text, read_json, read_results_table
 from utils.training import Setup, build
 
@@ -170,10 +170,12 @@ def runs_from_args(args, *, default_latest: bool) -> list[Run]:
 
 def read_run_results(run_dir: str):
     """results.txt as a DataFrame (:meth:`~utils.results.ResultsTable.frame`), after checking
-    that every row is complete.
+    that every row is complete and, for a run that ended, that the rows reach its end.
 
     A row cut short by a hard kill (no final newline, or too few fields) is a UserError here,
-    not a row of NaNs: ``training.py --resume`` drops it and continues the run.
+    not a row of NaNs: ``training.py --resume`` drops it and continues the run. So is a file
+    cut at a line boundary (or left with its header only) whose summary.json says the run
+    ended: ``training.py --resume`` recomputes the rows it lost.
     """
     path = os.path.join(run_dir, "results.txt")
     if not os.path.isfile(path):
@@ -185,7 +187,26 @@ def read_run_results(run_dir: str):
     if table.cut:
         raise UserError(f"{path} ends in a cut-off row (the run was killed while writing); "
                         f"continue it with training.py --resume {run_dir}, which drops that row")
-    return table.frame()
+    frame = table.frame()
+    check_rows_reach_the_end(run_dir, int(frame["step"].iloc[-1]) if len(frame) else None)
+    return frame
+
+
+def check_rows_reach_the_end(run_dir: str, last_step: int | None) -> None:
+    """A UserError when summary.json says the run ended but results.txt's rows stop short of
+    its last step (the rule by which ``training.py --resume`` completes such a run). A user's
+    own loop writes only some steps' rows, so its folders are not checked."""
+    summary = read_optional_json(run_dir, "summary.json", fix=SUMMARY_FIX)
+    final_row = ended_last_row(summary)
+    if final_row is None or (last_step is not None and last_step >= final_row):
+        return
+    if (read_optional_json(run_dir, CONFIG_FILE) or {}).get("written_by") == USER_LOOP:
+        return
+    path = os.path.join(run_dir, "results.txt")
+    reach = "has no rows" if last_step is None else f"stops at step {last_step}"
+    raise UserError(f"{path} {reach} although the run {summary['status'].replace('stopped_at_loss', 'stopped at its loss')} (summary.json: its last row is step "
+                    f"{final_row}); rows were lost from the file: complete it with training.py --resume {run_dir}, "
+                    f"which recomputes them")
 
 
 SUMMARY_FIX = "delete it, then training.py --resume on the run rewrites it"
