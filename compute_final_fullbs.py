@@ -9,7 +9,7 @@ final checkpoint) and, with ``--all-checkpoints``, ``fullbs_checkpoints.csv`` (o
 checkpoint) into the run folder or ``--out DIR``, and prints a table. ``--lambda-min``,
 ``--layers`` and ``--density`` add the smallest eigenvalue, the curvature of each layer's block
 and the eigenvalue density of the final checkpoint to ``final_fullbs.json``; ``--density`` also
-writes ``density.csv``, ``density_nodes.csv`` and the figure ``density.png`` / ``density.pdf``.
+writes ``density.csv`` (with the ``step`` measured), ``density_nodes.csv`` and the figure ``density.png`` / ``density.pdf``.
 """
 
 import json
@@ -116,7 +116,7 @@ def measure(run, checkpoint: str, state: dict, args) -> tuple[int, dict[str, str
     if args.all_checkpoints:
         files["fullbs_checkpoints.csv"] = pd.DataFrame(records).to_csv(index=False)
     if density is not None:
-        files.update({"density.csv": density.grid_csv(), "density_nodes.csv": density.nodes_csv()})
+        files.update({"density.csv": density.grid_csv(step=record["step"]), "density_nodes.csv": density.nodes_csv()})
         figure = plot_density([(f"{run.name}, step {record['step']}", *density.on_grid(), hessian_threshold(run.cfg),
                                 stability_label(run.cfg))])
         files.update({f"density.{fmt}": image for fmt, image in render_figure(figure).items()})

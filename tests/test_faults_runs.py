@@ -34,6 +34,7 @@ from utils.checkpoints import list_checkpoints
 from utils.config import RunConfig
 from utils.resources import OutOfSpace
 from utils.results import ResultsWriter, read_results
+from utils.runs import load_run
 from utils.sweep import point_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,6 +178,24 @@ def test_a_final_file_of_an_earlier_step_is_ignored_as_stale(results_env, capsys
     assert compute_final_fullbs.main([str(run_dir), "--quiet"]) == 0
     assert sharpness_gap.main([str(run_dir), "--tail", "0.5"]) == 0
     assert pd.read_csv(run_dir / "sharpness_gap.csv").iloc[0]["lambda_max_source"] == "final_fullbs.json"
+
+
+def test_the_density_figure_names_the_step_its_density_measured(results_env, capsys):
+    """density.csv of step 12 stays when a later compute_final_fullbs.py without --density
+    measures step 30: the figure says step 12, with a note that it is not the final state."""
+    run_dir = results_env / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_at(patch, 11, signal.SIGTERM)
+        assert training.main([*BASE, "--run-dir", str(run_dir)]) == 143
+    assert compute_final_fullbs.main([str(run_dir), "--quiet", "--density"]) == 0
+    assert training.main(["--resume", str(run_dir)]) == 0
+    assert compute_final_fullbs.main([str(run_dir), "--quiet"]) == 0
+    assert json.loads((run_dir / "final_fullbs.json").read_text())["step"] == 30
+    capsys.readouterr()
+    [(title, *_)] = plot_results.density_panels([load_run(str(run_dir))])
+    assert title.endswith(", step 12")
+    assert "density.csv measured step 12, but the run's final step is 30" in capsys.readouterr().err
+    assert plot_results.main([str(run_dir), "--density", "--out", str(results_env / "figures")]) == 0
 
 
 # ----------------------------------------------------------------------------- 3. analysis of damaged or unfinished runs

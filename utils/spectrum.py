@@ -325,9 +325,12 @@ class SpectralDensity:
         kernel = np.exp(-0.5 * ((grid[:, None] - nodes[None, :]) / width) ** 2) / (width * math.sqrt(2 * math.pi))
         return grid, kernel @ weights
 
-    def grid_csv(self) -> str:
+    def grid_csv(self, step: int | None = None) -> str:
+        """The density on its grid as CSV (eigenvalue,density); with ``step``, a first column
+        ``step`` records the checkpoint measured, for a file whose name does not say it."""
         grid, density = self.on_grid()
-        return "eigenvalue,density\n" + "".join(f"{x!r},{y!r}\n" for x, y in zip(grid.tolist(), density.tolist()))
+        first, head = ("", "") if step is None else (f"{step},", "step,")
+        return f"{head}eigenvalue,density\n" + "".join(f"{first}{x!r},{y!r}\n" for x, y in zip(grid.tolist(), density.tolist()))
 
     def nodes_csv(self) -> str:
         rows = [f"{i},{self.nodes[i, j].item()!r},{self.weights[i, j].item()!r}\n"
