@@ -8,43 +8,45 @@ measurement at a time (each from the same state, on the random batches of step 0
 neither a layer chain nor a Linear network, so its products take the generic exact routes.
 Each row: the measurement's wall time (median over ``--repeats``), its Hessian-vector products
 (or per-batch quadratic forms), Monte Carlo samples, and the time in SGD steps of batch
-``--batch`` (forward, backward and update; median of 20 timed just before the measurement, so
-that a shared machine's changing load moves both alike).
+``--batch`` (forward, backward and update of a copy of the model; the median of 20, timed
+taking turns with the measurement, so that a shared machine's changing load moves both alike).
 """
 
 import argparse
+import copy
 import json
 import os
 import statistics
 import sys
-import time
+from functools import partial
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _timing import in_turns  # noqa: E402
+
 from utils.api import MEASUREMENTS, measure  # noqa: E402
 from utils.data import load_dataset  # noqa: E402
 from utils.devices import resolve_device  # noqa: E402
 from utils.losses import mse_loss  # noqa: E402
 from utils.models import build_model, count_parameters  # noqa: E402
 
+SGD_STEPS = 20
 
-def sgd_step_seconds(model, X, Y, batch, lr, repeats=20) -> float:
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+
+def sgd_step(model, X, Y, batch, lr):
+    """A call that takes one SGD step of a copy of ``model`` on a random batch of ``batch``
+    points: the cost of a step, while the model the measurements read stays as it is."""
+    stepped = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(stepped.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(repeats):
+
+    def step():
         idx = torch.randint(0, X.shape[0], (batch,), generator=generator).to(X.device)
-        start = time.perf_counter()
         optimizer.zero_grad()
-        mse_loss(model(X[idx]), Y[idx]).backward()
+        mse_loss(stepped(X[idx]), Y[idx]).backward()
         optimizer.step()
-        if X.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    model.load_state_dict(state)
-    return statistics.median(times)
+    return step
 
 
 def main(argv=None) -> int:
@@ -61,7 +63,8 @@ def main(argv=None) -> int:
     data = load_dataset("digits", root=None, loss="mse", num_data=args.num_data, device=device)
     X, Y = data.X_train, data.Y_train
     model = build_model("vit", data.input_shape, data.output_dim, width=64, depth=2, heads=4, patch=2).to(device)
-    step = sgd_step_seconds(model, X, Y, args.batch, args.lr)
+    step = statistics.median(in_turns({"sgd": (sgd_step(model, X, Y, args.batch, args.lr), SGD_STEPS)}, device,
+                                      warm_up=True)["sgd"][0])
     print(f"vit on {args.num_data} digits images ({count_parameters(model):,} parameters), {device}, "
           f"{torch.get_num_threads()} threads; SGD step (b = {args.batch}): {step * 1e3:.1f} ms")
     print(f"{'measurement':<26}{'seconds':>10}{'products':>10}{'samples':>9}{'x SGD step':>12}")
@@ -79,13 +82,11 @@ def main(argv=None) -> int:
             mse_loss(model(X[:args.batch]), Y[:args.batch]).backward()
             optimizer.step()
             model.load_state_dict(state)
-        step = sgd_step_seconds(model, X, Y, args.batch, args.lr)
-        times, values = [], None
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            values = measure(model, "mse", (X, Y), [name], batch_size=args.batch, optimizer=optimizer,
-                             batch=(X[:args.batch], Y[:args.batch]))
-            times.append(time.perf_counter() - start)
+        timings = in_turns({
+            "sgd": (sgd_step(model, X, Y, args.batch, args.lr), SGD_STEPS),
+            name: (partial(measure, model, "mse", (X, Y), [name], batch_size=args.batch, optimizer=optimizer,
+                           batch=(X[:args.batch], Y[:args.batch])), args.repeats)}, device)
+        step, (times, values) = statistics.median(timings["sgd"][0]), timings[name]
         seconds = statistics.median(times)
         estimates = [v for v in values.values() if hasattr(v, "hvps")]
         products = sum(e.hvps for e in estimates)
