@@ -129,11 +129,12 @@ def test_cnn_on_three_processes_with_uneven_and_empty_parts(results_env):
     argv = ["--model", "cnn", "--dataset", "synthetic", "--input-shape", "1,12,12", "--num-classes", "3",
             "--width", "4", "--depth", "2", "--num-data", "23", "--batch", "2", "--quiet", "--steps", "5",
             "--checkpoint-every", "4", "--full-loss-every", "2", "--lambdamax", "--batch-sharpness",
-            "--momentum", "0.9", "--measure-every", "4"]
+            "--momentum", "0.9", "--measure-every", "4", "--gni", "--final"]  # GNI in closed form, final.json
     single = single_run(results_env, argv)
     launched, result = launched_run(results_env, argv, 3)
     assert result.exit_codes == [0, 0, 0], result.stderr
     assert_same_run(single, launched)
+    assert json.load(open(launched / "config.json"))["resolved"]["closed_forms"] == ["gni"]
 
 
 def test_sigterm_on_one_rank_checkpoints_and_the_run_resumes_on_another_world_size(results_env):
@@ -240,7 +241,8 @@ def test_resnet_bn_on_two_processes_is_the_single_process_run(results_env):
     vector: in float32 the BatchNorm biases, whose gradients are small differences of large
     sums, agree only to about 3e-5 of their largest entry after 4 steps (the whole state to
     7e-7). (Batch Sharpness and GNI take the routes the MLP and CNN runs check, at a thousand
-    resnet_bn batches a measurement here.)"""
+    resnet_bn batches a measurement here, and so does final.json: --final would add 40 s to one
+    process alone.)"""
     argv = ["--model", "resnet_bn", "--dataset", "synthetic", "--input-shape", "3,8,8", "--num-classes", "3",
             "--width", "4", "--num-data", "12", "--batch", "4", "--lr", "0.01", "--quiet", "--steps", "4",
             "--checkpoint-every", "2", "--full-loss-every", "2", "--lambdamax", "--lambda-min", "--step-sharpness",
