@@ -190,11 +190,3 @@ def from_main(compute):
         raise UserError(value)
     return value
 
-
-def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank (picklable objects, e.g. a checkpoint's state)."""
-    if not current().distributed:
-        return obj
-    box = [obj if current().is_main else None]
-    _collective(dist.broadcast_object_list, box, src=0)
-    return box[0]
