@@ -35,7 +35,7 @@ from utils.config import RunConfig
 from utils.resources import OutOfSpace
 from utils.results import ResultsWriter, read_results
 from utils.runs import load_run
-from utils.sweep import point_command
+from utils.sweep import point_command, point_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--width", "16", "--num-data", "120", "--batch", "8", "--quiet", "--steps", "30",
@@ -306,6 +306,21 @@ def test_sweep_resumes_a_point_folder_that_holds_only_config_json(results_env, r
     assert command[2:4] == ["--resume", str(run_dir)] and (run_dir / "config.json").exists()
 
 
+def test_sweep_completes_a_finished_point_whose_results_were_cut(results_env, reference):
+    """As training.py --resume does: summary.json says finished, but the rows stop at step 16."""
+    sweep_dir = results_env / "sweep"
+    point = {"name": "p", "argv": ["--lr", "0.05"], "settings": {"lr": 0.05}}
+    run_dir = sweep_dir / "runs" / "p"
+    shutil.copytree(reference, run_dir)
+    assert point_command(str(sweep_dir), {"shared": ["--quiet"]}, point) is None
+    assert point_state(str(sweep_dir), point)["status"] == "finished"
+    cut_results_after(run_dir, 16)
+    command = point_command(str(sweep_dir), {"shared": ["--quiet"]}, point)
+    assert command is not None and command[2:4] == ["--resume", str(run_dir)]
+    assert point_state(str(sweep_dir), point)["status"] == "interrupted"
+    assert point_state(str(sweep_dir), point)["step"] == 17
+
+
 # ----------------------------------------------------------------------------- 5. one folder, several processes
 
 def _claim_and_record(run_dir, queue):
@@ -428,6 +443,23 @@ def test_running_out_of_memory_in_a_measurement_names_it_and_the_fix(results_env
     err = one_error_line(capsys, "the measurements at step 10 could not allocate 123 MB")
     assert "--hvp-chunk" in err
     assert not (results_env / "oom" / run_lock.LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("script, measurement", [(compute_final_fullbs, "full_batch_sharpness"),
+                                                  (compute_final_gHg, "ghg_family")])
+def test_running_out_of_memory_in_an_end_of_run_measurement_is_one_line(results_env, reference, monkeypatch, capsys,
+                                                                        script, measurement):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 123456789 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(script, measurement, refuse)
+    before = sorted(os.listdir(reference))
+    capsys.readouterr()
+    assert script.main([str(reference), "--quiet", "--cpu"]) == 2
+    err = one_error_line(capsys, f"out of memory: measuring {reference} at checkpoint step_30.pt could not allocate 123 MB")
+    assert "--hvp-chunk" in err
+    assert sorted(os.listdir(reference)) == before
 
 
 # ----------------------------------------------------------------------------- 7. a full disk

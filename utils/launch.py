@@ -35,7 +35,7 @@ from utils.models import count_parameters
 from utils.monitor import Monitor, closed_form_measurements, partition_draw_measurements
 from utils.resources import OutOfSpace
 from utils.results import (BASE_COLUMNS, TIME_COLUMN, ResultsWriter, atomic_write_json, atomic_write_text,
-                           make_run_folder, read_json, read_results_table, read_versioned_json)
+                           ended_last_row, make_run_folder, read_json, read_results_table, read_versioned_json)
 from utils.trackers import open_trackers
 from utils.training import (EXIT_CODES, Setup, build, default_checkpoint_every, full_loss_schedule, pick_device,
                             restore, row_schedule, train_loop)
@@ -302,8 +302,6 @@ def read_run_config(run_dir: str) -> dict:
     return record
 
 
-ENDED = ("finished", "stopped_at_loss", "diverged")
-
 # config.json's "written_by" of a folder that a user's own training loop wrote (utils.logger).
 USER_LOOP = "user_loop"
 
@@ -389,15 +387,6 @@ def _ended_summary(run_dir: str) -> dict | None:
         return None
     last_row = last_complete_step(os.path.join(run_dir, "results.txt"))
     return summary if last_row is not None and last_row >= final_row else None
-
-
-def ended_last_row(summary) -> int | None:
-    """The step of the last row in results.txt of a run that ended, from its summary.json
-    (training.py writes the row of its last step always): final_step - 1 for a finished run,
-    final_step for one stopped at its loss or diverged; None for a run that did not end."""
-    if not isinstance(summary, dict) or summary.get("status") not in ENDED:
-        return None
-    return summary.get("final_step", 0) - (summary["status"] == "finished")
 
 
 def _resume_claimed(run_dir: str, record: dict, cfg: RunConfig, resume_step: int | None,

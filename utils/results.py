@@ -24,6 +24,18 @@ from utils.resources import space_for
 
 BASE_COLUMNS = ("epoch", "step", "batch_loss", "full_loss", "full_accuracy")
 TIME_COLUMN = "wall_time"
+# summary.json's statuses of a run that ended; "interrupted" is the other one.
+ENDED = ("finished", "stopped_at_loss", "diverged")
+
+
+def ended_last_row(summary) -> int | None:
+    """The step of the last row in results.txt of a run that ended, from its summary.json
+    (training.py writes the row of its last step always): final_step - 1 for a finished run,
+    final_step for one stopped at its loss or diverged; None for a run that did not end. A
+    file whose rows stop short of it lost them, and ``training.py --resume`` completes the run."""
+    if not isinstance(summary, dict) or summary.get("status") not in ENDED:
+        return None
+    return summary.get("final_step", 0) - (summary["status"] == "finished")
 
 
 def format_value(value) -> str:

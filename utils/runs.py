@@ -25,8 +25,9 @@ from utils.config import RunConfig, results_root
 from utils.cli import OneLineParser, run_cli
 from utils.devices import check_device_name, float64_device, resolve_device
 from utils.errors import UserError
-from utils.launch import ENDED, USER_LOOP, ended_last_row, read_run_config, refuse_user_loop
-from utils.results import atomic_write_bytes, atomic_write_text, read_json, read_results_table
+from utils.launch import USER_LOOP, read_run_config, refuse_user_loop
+from utils.resources import memory_for
+from utils.results import ENDED, atomic_write_bytes, atomic_write_text, ended_last_row, read_json, read_results_table
 from utils.training import Setup, build
 
 CONFIG_FILE = "config.json"
@@ -412,6 +413,10 @@ def not_final_note(run: Run, step: int, state: dict) -> str | None:
             f"which is not the run's final state")
 
 
+ANALYSIS_TOO_BIG = ("take full-batch Hessian products in smaller chunks with --hvp-chunk, or measure where there is "
+                    "more memory (--cpu when the GPU's is too small)")
+
+
 def measure_newest_states(prog: str, argv, build_parser, check_args, measure) -> int:
     """``main()`` of an end-of-run analysis (``compute_final_*.py``).
 
@@ -421,6 +426,7 @@ def measure_newest_states(prog: str, argv, build_parser, check_args, measure) ->
     returns (step measured, {file name: text}, report lines). The files go into each run's
     output folder (:func:`output_folders`), all written before anything is printed; then the
     report lines, a note for each run not measured at its final state, and the paths written.
+    Memory that runs out while a run is measured is one line naming the run and the fix.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
 
@@ -431,7 +437,8 @@ def measure_newest_states(prog: str, argv, build_parser, check_args, measure) ->
         states = [newest_state(run) for run in runs]
         outputs, report = {}, []
         for run, folder, (path, state) in zip(runs, output_folders(runs, args.out), states):
-            step, files, lines = measure(run, path, state, args)
+            with memory_for(f"measuring {run.run_dir} at checkpoint {os.path.basename(path)}", ANALYSIS_TOO_BIG):
+                step, files, lines = measure(run, path, state, args)
             outputs.update({os.path.join(folder, name): text for name, text in files.items()})
             report += lines
             report += [note] if (note := not_final_note(run, step, state)) else []

@@ -37,11 +37,10 @@ import time
 
 from utils.cli import SignalCatcher
 from utils.errors import UserError
-from utils.results import atomic_write_json, parse_results, read_json, read_versioned_json
+from utils.results import ENDED, atomic_write_json, ended_last_row, parse_results, read_json, read_versioned_json
 from utils.run_lock import pid_alive, slurm_job
 from utils.sweep_grid import SWEEP_VERSION, shared_settings
 
-ENDED = ("finished", "stopped_at_loss", "diverged")
 # The module behind ``torchrun``: the launcher of a point run on several processes.
 TORCHRUN_MODULE = "torch.distributed.run"
 STATUSES = ("finished", "stopped_at_loss", "diverged", "interrupted", "failed", "running", "pending")
@@ -173,6 +172,13 @@ def _last_logged_step(results_path: str) -> int | None:
     return steps[-1] + 1 if steps else None
 
 
+def _rows_reach_the_end(run_dir: str, summary: dict) -> bool:
+    """Whether results.txt holds the rows up to the end that summary.json records for a run
+    that ended (:func:`utils.results.ended_last_row`); one cut short is completed on resume."""
+    done = _last_logged_step(os.path.join(run_dir, "results.txt"))
+    return done is not None and done - 1 >= ended_last_row(summary)
+
+
 def point_state(sweep_dir: str, point: dict) -> dict:
     """One row of the status table, read from the point's run folder and markers."""
     name = point["name"]
@@ -183,6 +189,8 @@ def point_state(sweep_dir: str, point: dict) -> dict:
     if isinstance(record, dict):
         entry["total_steps"] = record.get("resolved", {}).get("total_steps")
     summary = _read_json_or_none(os.path.join(run_dir, "summary.json"))
+    if isinstance(summary, dict) and summary.get("status") in ENDED and not _rows_reach_the_end(run_dir, summary):
+        summary = None  # its rows were cut: the run is to be completed, as training.py --resume does
     marker = _read_json_or_none(os.path.join(sweep_dir, "running", f"{name}.json"))
     failed = _read_json_or_none(os.path.join(sweep_dir, "failed", f"{name}.json"))
     if _marker_is_live(marker):
@@ -263,7 +271,8 @@ def _progress(entry: dict) -> str:
 
 def point_command(sweep_dir: str, definition: dict, point: dict, python: str | None = None,
                   clear: bool = False, processes: int = 1) -> list[str] | None:
-    """The training.py command that moves the point forward now, or None when its run has ended.
+    """The training.py command that moves the point forward now, or None when its run has ended
+    with all its rows (one whose results.txt was cut is completed with --resume).
 
     A folder with a config.json is continued with --resume (without a checkpoint yet, from
     step 0); a folder without one holds nothing of a run (it died while claiming the folder)
@@ -275,7 +284,7 @@ def point_command(sweep_dir: str, definition: dict, point: dict, python: str | N
         launcher += ["-m", TORCHRUN_MODULE, "--standalone", "--nproc_per_node", str(processes)]
     run_dir = point_run_dir(sweep_dir, point["name"])
     summary = _read_json_or_none(os.path.join(run_dir, "summary.json"))
-    if isinstance(summary, dict) and summary.get("status") in ENDED:
+    if isinstance(summary, dict) and summary.get("status") in ENDED and _rows_reach_the_end(run_dir, summary):
         return None
     if os.path.isfile(os.path.join(run_dir, "config.json")):
         quiet = ["--quiet"] if "--quiet" in definition["shared"] else []
