@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from utils import measures, sharded, spectrum
+from utils import measures, spectrum
 from utils.config import ADAM_BETAS
 from utils.errors import UserError
 from utils.estimators import BATCH_SHARPNESS_REL_SE, GNI_REL_SE, MAX_SAMPLES, Estimate, measurement_generator
@@ -165,13 +165,13 @@ def gni_all_batch_sizes(model, loss_fn, X, Y, batch_sizes, *, measure_seed: int,
     (:func:`utils.measures.gni_by_batch_size`), c_b = (n - b) / (b (n - 1)).
 
     None where that identity does not hold: with BatchNorm, g_B is not the mean of the
-    per-sample gradients of B; with n < 2 there is no noise to sample. None too for data split
-    over the ranks of a launch (:class:`utils.sharded.Rows`), where GNI is measured at each b
-    by :func:`utils.measures.gni`, whose products are summed over the ranks. The batches come from
+    per-sample gradients of B; with n < 2 there is no noise to sample. On data split over the
+    ranks of a launch (:class:`utils.sharded.Rows`) the forms are summed over the ranks
+    (:func:`utils.sharded.centred_forms`), with the same batches. The batches come from
     ``measurement_generator(measure_seed, step)``; ``exact`` estimates tr(HS) by double-backward
     Hessian-vector products instead of stacked Gram products.
     """
-    if has_batchnorm(model) or X.shape[0] < 2 or sharded.is_sharded(X):
+    if has_batchnorm(model) or X.shape[0] < 2:
         return None
     return measures.gni_by_batch_size(model, loss_fn, X, Y, batch_sizes, chunk_size=chunk_size,
                                       generator=measurement_generator(measure_seed, step, device=X.device),
