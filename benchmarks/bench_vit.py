@@ -9,7 +9,9 @@ neither a layer chain nor a Linear network, so its products take the generic exa
 Each row: the measurement's wall time (median over ``--repeats``), its Hessian-vector products
 (or per-batch quadratic forms), Monte Carlo samples, and the time in SGD steps of batch
 ``--batch`` (forward, backward and update of a copy of the model; the median of 20, timed
-taking turns with the measurement, so that a shared machine's changing load moves both alike).
+taking turns with the measurement). On the CPU the times are the process's CPU seconds (all its
+threads), which other jobs on a shared machine do not move, as they move wall time tenfold
+over a measurement; on a GPU, wall seconds.
 """
 
 import argparse
@@ -18,6 +20,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from functools import partial
 
 import torch
@@ -60,13 +63,14 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
     data = load_dataset("digits", root=None, loss="mse", num_data=args.num_data, device=device)
     X, Y = data.X_train, data.Y_train
     model = build_model("vit", data.input_shape, data.output_dim, width=64, depth=2, heads=4, patch=2).to(device)
     step = statistics.median(in_turns({"sgd": (sgd_step(model, X, Y, args.batch, args.lr), SGD_STEPS)}, device,
-                                      warm_up=True)["sgd"][0])
+                                      warm_up=True, clock=clock)["sgd"][0])
     print(f"vit on {args.num_data} digits images ({count_parameters(model):,} parameters), {device}, "
-          f"{torch.get_num_threads()} threads; SGD step (b = {args.batch}): {step * 1e3:.1f} ms")
+          f"{torch.get_num_threads()} threads, {'CPU' if device.type == 'cpu' else 'wall'} seconds; SGD step (b = {args.batch}): {step * 1e3:.1f} ms")
     print(f"{'measurement':<26}{'seconds':>10}{'products':>10}{'samples':>9}{'x SGD step':>12}")
     rows = []
     # The first Hessian product picks its mode and builds its functions; no measurement pays for that.
@@ -85,7 +89,7 @@ def main(argv=None) -> int:
         timings = in_turns({
             "sgd": (sgd_step(model, X, Y, args.batch, args.lr), SGD_STEPS),
             name: (partial(measure, model, "mse", (X, Y), [name], batch_size=args.batch, optimizer=optimizer,
-                           batch=(X[:args.batch], Y[:args.batch])), args.repeats)}, device)
+                           batch=(X[:args.batch], Y[:args.batch])), args.repeats)}, device, clock=clock)
         step, (times, values) = statistics.median(timings["sgd"][0]), timings[name]
         seconds = statistics.median(times)
         estimates = [v for v in values.values() if hasattr(v, "hvps")]
