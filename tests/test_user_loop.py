@@ -297,3 +297,23 @@ def test_a_batchnorm_or_embedding_model_is_measured_without_touching_its_state(t
     tokens = torch.randint(0, 10, (16, 3))
     embedded = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(12, 2)).double()
     assert math.isfinite(measure(embedded, "mse", (tokens, Y), ["lambdamax"], batch_size=4, lr=0.1)["lambda_max"].value)
+
+
+def test_optimisers_whose_threshold_the_suite_does_not_state_are_measured_with_a_warning():
+    from utils.user_loop import optimizer_settings
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    cases = [(torch.optim.RMSprop(params, lr=0.01), "RMSprop is neither SGD nor Adam", {"lr": 0.01}),
+             (torch.optim.SGD(params, lr=0.1, weight_decay=1e-3), "SGD's weight_decay 0.001",
+              {"lr": 0.1, "momentum": 0.0, "nesterov": False}),
+             (torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.5), "SGD's dampening is 0.5",
+              {"lr": 0.1, "momentum": 0.9, "nesterov": False}),
+             (torch.optim.AdamW(params, lr=0.001), "AdamW's weight_decay 0.01", {"lr": 0.001, "adam": True})]
+    for optimizer, warning, settings in cases:
+        with pytest.warns(UserWarning, match=re.escape(warning)):
+            assert optimizer_settings(optimizer) == settings
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert optimizer_settings(torch.optim.SGD(params, lr=0.1, momentum=0.9)) == {"lr": 0.1, "momentum": 0.9,
+                                                                                      "nesterov": False}
+        assert optimizer_settings(torch.optim.Adam(params, lr=0.001)) == {"lr": 0.001, "adam": True}

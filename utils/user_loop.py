@@ -40,9 +40,13 @@ SAMPLED = frozenset(m.name for m in MEASUREMENTS if m.draws_batches)
 
 def optimizer_settings(optimizer) -> dict:
     """The RunConfig settings of ``optimizer``: lr, momentum and nesterov of SGD, adam for Adam
-    (whose threshold the suite states for beta_1 = 0.9)."""
+    (whose threshold the suite states for beta_1 = 0.9). The stability thresholds are those of
+    plain SGD, heavy-ball or Nesterov momentum without dampening, and Adam; any other optimiser,
+    dampening or weight decay (which adds its coefficient to every curvature the step sees) is
+    measured all the same, with a warning that the line drawn does not hold for it."""
     group = optimizer.param_groups[0]
     settings = {"lr": float(group["lr"])}
+    name = type(optimizer).__name__
     if isinstance(optimizer, torch.optim.Adam):
         if tuple(group["betas"]) != ADAM_BETAS:
             warnings.warn(f"Adam's betas are {tuple(group['betas'])}; the threshold 38/eta drawn for Adam assumes "
@@ -50,6 +54,15 @@ def optimizer_settings(optimizer) -> dict:
         settings["adam"] = True
     elif isinstance(optimizer, torch.optim.SGD):
         settings.update(momentum=float(group.get("momentum", 0.0)), nesterov=bool(group.get("nesterov", False)))
+        if group.get("dampening", 0.0):
+            warnings.warn(f"SGD's dampening is {group['dampening']}; the momentum threshold drawn assumes none",
+                          stacklevel=3)
+    else:
+        warnings.warn(f"{name} is neither SGD nor Adam: the measurements read only its step size, and the "
+                      "stability line drawn is plain SGD's 2/eta", stacklevel=3)
+    if group.get("weight_decay", 0.0):
+        warnings.warn(f"{name}'s weight_decay {group['weight_decay']} adds to every curvature its step sees; the "
+                      "stability line drawn assumes none", stacklevel=3)
     return settings
 
 
