@@ -290,6 +290,10 @@ def test_a_batchnorm_or_embedding_model_is_measured_without_touching_its_state(t
     logger = CurvatureLogger(str(tmp_path / "bn"), model, "mse", (X, Y), measurements=["batch_sharpness"], every=1,
                              batch_size=4)
     row = logger.log(0, optimizer, batch=(X[:4], Y[:4]))
+    # A learning-rate schedule moves the step size the thresholds were taken from: said once.
+    optimizer.param_groups[0]["lr"] = 0.05
+    with pytest.warns(UserWarning, match="the step size moved from 0.1 to 0.05"):
+        logger.log(1, optimizer, batch=(X[:4], Y[:4]))
     logger.close()
     assert math.isfinite(row["batch_sharpness"]) and math.isfinite(row["batch_loss"])
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))

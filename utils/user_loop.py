@@ -188,6 +188,7 @@ class CurvatureLogger:
         self.monitor = self.writer = None
         self.started = time.perf_counter()
         self.last_step = None
+        self._step_size_moved = False
 
     def _config(self, optimizer, require_lr: bool = True) -> RunConfig:
         o = self._options
@@ -243,6 +244,7 @@ class CurvatureLogger:
         if self.last_step is not None and step <= self.last_step:
             raise ValueError(f"step {step} comes after step {self.last_step}; log each step once, in order")
         self.monitor.optimizer = optimizer
+        self._check_step_size(optimizer)
         xb, yb = _step_batch(self.cfg, batch, self.device, self.dtype)
         epoch = step // max(1, self.data.X.shape[0] // self.cfg.batch)  # training.py's epochs of n // b steps
         row = {"epoch": epoch, "step": step}
@@ -262,6 +264,17 @@ class CurvatureLogger:
             self.writer.write_row(row)
         self.last_step = step
         return row
+
+    def _check_step_size(self, optimizer) -> None:
+        """The run's thresholds come from the step size of the first logged step: say once when the
+        optimiser's has moved since (a learning-rate schedule), since its lines no longer hold."""
+        if optimizer is None or self._step_size_moved:
+            return
+        lr = float(optimizer.param_groups[0]["lr"])
+        if lr != self.cfg.lr:
+            self._step_size_moved = True
+            warnings.warn(f"the step size moved from {self.cfg.lr:g} to {lr:g}: the stability thresholds of this "
+                          "run (lines, density_mass_above, momentum sharpness) keep the first one", stacklevel=3)
 
     def close(self, *, final: bool = False) -> dict:
         """Write summary.json (and with ``final`` final.json: lambda_max, Batch Sharpness and
