@@ -63,7 +63,7 @@ def density_panels(runs) -> list[tuple]:
     """(title, eigenvalues, density, threshold, threshold label) of every run from the density.csv
     of compute_final_fullbs.py --density, titled by the run's settings and the step measured
     (density.csv's ``step``; a later compute_final_fullbs.py without --density leaves the file
-    as it was), with a note when that is not the final step of a run that ended."""
+    as it was), with a note when that is not the run's final step (``final_step`` of summary.json)."""
     titles = run_labels(runs) if len(runs) > 1 else [run_title(runs[0].cfg)]
     panels = []
     for run, title in zip(runs, titles):
@@ -84,14 +84,18 @@ def density_panels(runs) -> list[tuple]:
 
 def density_step(run, frame) -> int | None:
     """The step a density.csv measured, from its ``step`` column (None, with a note, for a file
-    written before it had one); a note when a run that ended has a later final step."""
+    written before it had one, or one that is not a step number); a note when the run's final step
+    is another."""
     recompute = f"recompute it with compute_final_fullbs.py {run.run_dir} --density"
     path = os.path.join(run.run_dir, "density.csv")
     steps = frame["step"].unique() if "step" in frame else []
-    if len(steps) != 1:
+    try:
+        step = int(steps[0]) if len(steps) == 1 else None
+    except (TypeError, ValueError):  # a step that is not a number (edited by hand, nan)
+        step = None
+    if step is None:
         print(f"note: {path} does not say which step it measured; {recompute}", file=sys.stderr)
         return None
-    step = int(steps[0])
     final_step = (read_optional_json(run.run_dir, "summary.json", fix=SUMMARY_FIX) or {}).get("final_step")
     if final_step is not None and final_step != step:
         print(f"note: {path} measured step {step}, but the run's final step is {final_step}; {recompute}",

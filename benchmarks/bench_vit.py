@@ -6,7 +6,7 @@ The default vit (width 64, depth 2, 4 heads, patch 2: 69,066 parameters) on ``--
 digits images with mse, measured at its initialisation through :func:`utils.api.measure`, one
 measurement at a time (each from the same state, on the random batches of step 0). A vit is
 neither a layer chain nor a Linear network, so its products take the generic exact routes.
-Each row: the measurement's wall time (median over ``--repeats``), its Hessian-vector products
+Each row: the measurement's time (median over ``--repeats``; CPU or wall seconds, below), its Hessian-vector products
 (or per-batch quadratic forms), Monte Carlo samples, and the time in SGD steps of batch
 ``--batch`` (forward, backward and update of a copy of the model; the median of 20, timed
 taking turns with the measurement). On the CPU the times are the process's CPU seconds (all its

@@ -172,6 +172,9 @@ def test_sharpness_gap_figure_names_gd_and_writes_the_gap_in_math_text():
     for ax in (left, right):
         assert [label.get_text() for label in ax.get_xticklabels()] == ["16", "GD\n(b = n = 512)"]
     assert right.get_ylabel() == r"Batch Sharpness $-$ $\lambda_{\max}$" and "−" not in right.get_title()
+    # An SGD run at b = 512 on a larger set beside the full-batch one: 512 is no longer GD alone.
+    mixed = pd.concat([table, pd.DataFrame([{**row, "lr": 0.2, "batch": 512, "full_batch": False}])])
+    assert [label.get_text() for label in plot_sharpness_gap(mixed).axes[0].get_xticklabels()] == ["16", "512"]
 
 
 def test_sharpness_gap_keeps_runs_of_other_dynamics_apart(runs, tmp_path, capsys):

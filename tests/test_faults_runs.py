@@ -196,6 +196,15 @@ def test_the_density_figure_names_the_step_its_density_measured(results_env, cap
     assert title.endswith(", step 12")
     assert "density.csv measured step 12, but the run's final step is 30" in capsys.readouterr().err
     assert plot_results.main([str(run_dir), "--density", "--out", str(results_env / "figures")]) == 0
+    # A step column edited into something that is not a step number: a note, never a traceback.
+    table = (run_dir / "density.csv").read_text().splitlines()
+    step_column = table[0].split(",").index("step")
+    edited = [table[0]] + [",".join("twelve" if i == step_column else cell for i, cell in enumerate(row.split(",")))
+                           for row in table[1:]]
+    (run_dir / "density.csv").write_text("\n".join(edited) + "\n")
+    [(title, *_)] = plot_results.density_panels([load_run(str(run_dir))])
+    assert "step" not in title.split(",")[-1]
+    assert "density.csv does not say which step it measured" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- 3. analysis of damaged or unfinished runs
@@ -224,6 +233,15 @@ def test_analysis_refuses_an_ended_run_whose_results_were_cut_at_a_line_boundary
         assert ("has no rows" if last_row < 0 else "stops at step 16") in err
         assert f"training.py --resume {reference}" in err
     assert sorted(os.listdir(reference)) == before
+
+
+def test_a_summary_whose_final_step_is_not_a_number_is_one_line(reference, capsys):
+    summary = json.loads((reference / "summary.json").read_text())
+    (reference / "summary.json").write_text(json.dumps({**summary, "final_step": "30"}))
+    for script, argv in ((sharpness_gap, [str(reference), "--quiet"]), (training, ["--resume", str(reference)])):
+        capsys.readouterr()
+        assert script.main(argv) == 2, script.__name__
+        one_error_line(capsys, "summary.json: final_step '30' is not a step number; delete it")
 
 
 @pytest.mark.parametrize("script, output", [(compute_final_fullbs, "final_fullbs.json"), (compute_final_gHg, "final_ghg.json")])

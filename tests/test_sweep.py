@@ -215,7 +215,7 @@ def test_preempted_job_is_requeued_and_resumes(results_env, tmp_path):
 def test_torchrun_exiting_1_after_its_processes_checkpointed_a_signal_is_an_interruption():
     """torchrun passes SIGTERM on to its processes, which checkpoint (summary "interrupted", exit 143),
     and exits 1 itself; exit 1 is a failure otherwise: without torchrun, without a summary this
-    attempt wrote, or with another status."""
+    attempt wrote, or with another status (a full disk's interrupted summary has no exit code)."""
     from utils.sweep import attempt_failed
     stopped = {"status": "interrupted", "exit_code": 143}
     assert not attempt_failed(1, stopped, torchrun=True, summary_written_now=True)
@@ -223,6 +223,8 @@ def test_torchrun_exiting_1_after_its_processes_checkpointed_a_signal_is_an_inte
     assert attempt_failed(1, stopped, torchrun=True, summary_written_now=False)  # an earlier attempt's
     assert attempt_failed(1, None, torchrun=True, summary_written_now=False)
     assert attempt_failed(2, stopped, torchrun=True, summary_written_now=True)
+    full_disk = {"status": "interrupted", "final_step": 10, "reason": "no space left on device"}
+    assert attempt_failed(1, full_disk, torchrun=True, summary_written_now=True)
     assert not attempt_failed(1, {"status": "finished"}, torchrun=True, summary_written_now=False)
     for code in (143, 130, -9, 0):
         assert not attempt_failed(code, None, torchrun=False, summary_written_now=False)

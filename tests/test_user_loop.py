@@ -288,8 +288,8 @@ def test_a_batchnorm_or_embedding_model_is_measured_without_touching_its_state(t
     buffers = [b.clone() for b in model.buffers()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     logger = CurvatureLogger(str(tmp_path / "bn"), model, "mse", (X, Y), measurements=["batch_sharpness"], every=1,
-                             batch_size=4)
-    row = logger.log(0, optimizer, batch=(X[:4], Y[:4]))
+                             batch_size=4, lr=0.2)
+    row = logger.log(0, optimizer, batch=(X[:4], Y[:4]))  # lr= (the thresholds' step size) need not be the optimiser's
     # A learning-rate schedule moves the step size the thresholds were taken from: said once.
     optimizer.param_groups[0]["lr"] = 0.05
     with pytest.warns(UserWarning, match="the step size moved from 0.1 to 0.05"):

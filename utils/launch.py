@@ -382,7 +382,7 @@ def _ended_summary(run_dir: str) -> dict | None:
         summary = read_json(summary_path)
     except (OSError, ValueError):
         raise UserError(f"{summary_path} is damaged; delete it to resume the run from its newest checkpoint")
-    final_row = ended_last_row(summary)
+    final_row = ended_last_row(summary, summary_path)
     if final_row is None:
         return None
     last_row = last_complete_step(os.path.join(run_dir, "results.txt"))

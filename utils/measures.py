@@ -572,7 +572,7 @@ def preconditioned_sharpness(model, loss_fn, X, Y, *, optimizer, tol=EIG_TOL, ma
                           mode=_product_mode(exact))
     P, seen = (t.to(device=op.device) for t in found)
     if not seen.any():
-        nothing = torch.full((1,), math.nan, dtype=op.dtype)
+        nothing = torch.full((1,), math.nan, dtype=op.dtype, device=op.device)
         result = eigs.EigResult(nothing, torch.zeros(op.dim, 1, dtype=op.dtype, device=op.device), nothing, 0, 0, True)
         return result, exact_estimate(math.nan, 0, time.perf_counter() - start)
     scale = (P.to(op.dtype).rsqrt() * seen)[:, None]  # zero off S: the operator lives on S

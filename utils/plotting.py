@@ -481,8 +481,8 @@ def plot_sharpness_gap(table) -> Figure:
 
     Left: Batch Sharpness (solid, standard-error bars where known) and λ_max (dashed), with
     each group's stability line (dotted). Right: the gap Batch Sharpness − λ_max. A batch size
-    at which the table's ``full_batch`` column says a run took the whole training set is
-    labelled GD (b = n).
+    at which the table's ``full_batch`` column says every run took the whole training set is
+    labelled GD (b = n = that size).
     """
     kinds = ["dynamics", "optimizer"]
     groups = table.groupby(["lr", *kinds, "threshold", "threshold_label"], sort=True)
@@ -512,7 +512,8 @@ def plot_sharpness_gap(table) -> Figure:
         right.set_ylabel(GAP)
         right.axhline(0, color="0.6", linewidth=0.6)
         batches = sorted(set(table["batch"]))
-        gd = set(table.loc[table["full_batch"].astype(bool), "batch"]) if "full_batch" in table else set()
+        gd = ({b for b, rows in table.groupby("batch") if rows["full_batch"].astype(bool).all()}
+              if "full_batch" in table else set())
         for ax in (left, right):
             ax.set_xscale("log", base=2)
             ax.set_xticks(batches, [f"GD\n(b = n = {b})" if b in gd else str(b) for b in batches])

@@ -28,14 +28,19 @@ TIME_COLUMN = "wall_time"
 ENDED = ("finished", "stopped_at_loss", "diverged")
 
 
-def ended_last_row(summary) -> int | None:
-    """The step of the last row in results.txt of a run that ended, from its summary.json
-    (training.py writes the row of its last step always): final_step - 1 for a finished run,
-    final_step for one stopped at its loss or diverged; None for a run that did not end. A
-    file whose rows stop short of it lost them, and ``training.py --resume`` completes the run."""
+def ended_last_row(summary, path: str = "summary.json") -> int | None:
+    """The step of the last row in results.txt of a run that ended, from its summary.json at
+    ``path`` (training.py writes the row of its last step always): final_step - 1 for a finished
+    run, final_step for one stopped at its loss or diverged; None for a run that did not end. A
+    file whose rows stop short of it lost them, and ``training.py --resume`` completes the run.
+    A final_step that is not a step number is a UserError."""
     if not isinstance(summary, dict) or summary.get("status") not in ENDED:
         return None
-    return summary.get("final_step", 0) - (summary["status"] == "finished")
+    final_step = summary.get("final_step", 0)
+    if isinstance(final_step, bool) or not isinstance(final_step, int):
+        raise UserError(f"{path}: final_step {final_step!r} is not a step number; delete it, then training.py "
+                        "--resume on the run rewrites it")
+    return final_step - (summary["status"] == "finished")
 
 
 def format_value(value) -> str:

@@ -198,7 +198,7 @@ def check_rows_reach_the_end(run_dir: str, last_step: int | None) -> None:
     its last step (the rule by which ``training.py --resume`` completes such a run). A user's
     own loop writes only some steps' rows, so its folders are not checked."""
     summary = read_optional_json(run_dir, "summary.json", fix=SUMMARY_FIX)
-    final_row = ended_last_row(summary)
+    final_row = ended_last_row(summary, os.path.join(run_dir, "summary.json"))
     if final_row is None or (last_step is not None and last_step >= final_row):
         return
     if (read_optional_json(run_dir, CONFIG_FILE) or {}).get("written_by") == USER_LOOP:

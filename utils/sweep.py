@@ -176,7 +176,10 @@ def _rows_reach_the_end(run_dir: str, summary: dict) -> bool:
     """Whether results.txt holds the rows up to the end that summary.json records for a run
     that ended (:func:`utils.results.ended_last_row`); one cut short is completed on resume."""
     done = _last_logged_step(os.path.join(run_dir, "results.txt"))
-    return done is not None and done - 1 >= ended_last_row(summary)
+    try:
+        return done is not None and done - 1 >= ended_last_row(summary)
+    except UserError:  # a damaged summary: the point resumes, and resuming names the problem
+        return False
 
 
 def point_state(sweep_dir: str, point: dict) -> dict:
@@ -398,12 +401,14 @@ def attempt_failed(returncode: int, summary, *, torchrun: bool, summary_written_
     130 / 143: training.py stopped by a signal and checkpointed; negative: killed, resumable from
     its last checkpoint. ``torchrun`` passes a SIGTERM or SIGINT on to its processes, which
     checkpoint and exit 143 / 130, and then exits 1 itself: an attempt under it that exits 1 with
-    an ``interrupted`` summary written during the attempt (``summary_written_now``; an older one
-    is a previous attempt's) was stopped, not failed."""
+    an ``interrupted`` summary of a signal (exit code 130 / 143) written during the attempt
+    (``summary_written_now``; an older one is a previous attempt's) was stopped, not failed. A
+    full disk also leaves an ``interrupted`` summary, without an exit code: that attempt failed."""
     status = summary.get("status") if isinstance(summary, dict) else None
     if status in ENDED or returncode <= 0 or returncode in (130, 143):
         return False
-    return not (torchrun and returncode == 1 and status == "interrupted" and summary_written_now)
+    signalled = status == "interrupted" and summary.get("exit_code") in (130, 143)
+    return not (torchrun and returncode == 1 and signalled and summary_written_now)
 
 
 def _write_marker(path: str, pids: list[int]) -> None:

@@ -188,7 +188,7 @@ class CurvatureLogger:
         self.monitor = self.writer = None
         self.started = time.perf_counter()
         self.last_step = None
-        self._step_size_moved = False
+        self._first_step_size, self._step_size_moved = None, False
 
     def _config(self, optimizer, require_lr: bool = True) -> RunConfig:
         o = self._options
@@ -266,15 +266,17 @@ class CurvatureLogger:
         return row
 
     def _check_step_size(self, optimizer) -> None:
-        """The run's thresholds come from the step size of the first logged step: say once when the
+        """The run's thresholds come from its step size at the first logged step: say once when the
         optimiser's has moved since (a learning-rate schedule), since its lines no longer hold."""
         if optimizer is None or self._step_size_moved:
             return
         lr = float(optimizer.param_groups[0]["lr"])
-        if lr != self.cfg.lr:
+        if self._first_step_size is None:
+            self._first_step_size = lr
+        elif lr != self._first_step_size:
             self._step_size_moved = True
-            warnings.warn(f"the step size moved from {self.cfg.lr:g} to {lr:g}: the stability thresholds of this "
-                          "run (lines, density_mass_above, momentum sharpness) keep the first one", stacklevel=3)
+            warnings.warn(f"the step size moved from {self._first_step_size:g} to {lr:g}: the stability thresholds "
+                          "of this run (lines, density_mass_above, momentum sharpness) keep the first", stacklevel=3)
 
     def close(self, *, final: bool = False) -> dict:
         """Write summary.json (and with ``final`` final.json: lambda_max, Batch Sharpness and
