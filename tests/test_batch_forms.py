@@ -1,5 +1,10 @@
 """Per-batch quadratic forms (utils/batch_forms.py): every route against dense float64 derivatives."""
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -14,6 +19,7 @@ from utils.batch_forms import (batch_quadratic_forms, batch_route, centred_forms
 from utils.models import build_model
 from utils.taylor import taylor_quadratic_forms
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 10
 IDX = torch.tensor([[0, 3, 5], [1, 2, 9], [4, 6, 8], [7, 0, 2]])
 
@@ -291,3 +297,48 @@ def test_a_model_that_mixes_the_samples_of_a_batch_is_sampled_not_taken_in_close
     assert abs(noise.value - exact_ghg_family(model, loss_fn, X, Y, 3)["gni"]) < 4 * noise.se
     norms = [(g @ g).item() for g, _ in batch_derivatives(model, loss_fn, X, Y, 3)]
     assert abs(batch.value - sum(norms) / len(norms)) < 4 * batch.se
+
+
+_REUSE_CHECK = """
+import ctypes, resource, sys
+sys.path.insert(0, {root!r})
+from utils.resources import keep_freed_memory
+kept = keep_freed_memory() if {keep} else False
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 16 << 20
+def touched():
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    return block
+libc.free(touched())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+libc.free(touched())
+print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (size // 4096))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's malloc only")
+def test_freed_memory_is_reused_without_faulting_its_pages_in_again():
+    """After keep_freed_memory a freed 16 MiB block is handed out again with its pages still
+    mapped (next to no page faults); by default glibc returns it to the system and every page
+    faults in anew. Fresh processes without torch: the setting is process-wide."""
+    def faults_per_page(keep):
+        out = subprocess.run([sys.executable, "-c", _REUSE_CHECK.format(root=ROOT, keep=keep)], capture_output=True,
+                             text=True, check=True, timeout=60).stdout.split()
+        return out[0] == "True", float(out[1])
+    assert faults_per_page(True) == (True, pytest.approx(0, abs=0.05))
+    kept, faults = faults_per_page(False)
+    assert not kept and faults > 0.5
+
+
+def test_a_vectorised_route_on_the_cpu_keeps_freed_memory(monkeypatch):
+    calls = []
+    monkeypatch.setattr(batch_forms, "keep_freed_memory", lambda: calls.append(1))
+    X, Y = torch.randn(N, 1, 8, 8, dtype=torch.float64), tiny_data(N, "mse")[1]
+    model = tiny_resnet_bn()
+    assert batch_route(model, LOSSES["mse"], X, Y, batch_size=3) == "vmap-taylor"
+    same_batch_route(model, LOSSES["mse"], X, Y, 3)
+    assert calls == [1]

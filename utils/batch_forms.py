@@ -74,7 +74,7 @@ from utils.hvp import (PLAIN_HVP_MODE, HessianOperator, flat_grad, forward_in_cu
                        params_and_data, quadratic_form_of_gradient, trainable_params)
 from utils.models import BATCHNORMS, has_batchnorm
 from utils.r_operator import ChainCurvature, is_chain
-from utils.resources import is_out_of_memory
+from utils.resources import is_out_of_memory, keep_freed_memory
 from utils.taylor import plain_batchnorm_parts, taylor_program, taylor_quadratic_forms
 
 # Samples computed ahead of the stopping rule by the Gram route: at least this many rows per stacked pass.
@@ -257,7 +257,10 @@ def _vmap_or_loop(model, vmapped: Callable, loop: Callable) -> Callable:
 
 def _vmapped_route(forms, model, X, batch_size) -> Route:
     """A :class:`Route` of vmapped ``forms``, as many batches per call as memory allows."""
-    cap = _GRAPHS_PER_CALL if trainable_params(model)[0].device.type == "cuda" else _CPU_VMAP_PER_CALL
+    device_type = trainable_params(model)[0].device.type
+    if device_type == "cpu":
+        keep_freed_memory()  # each call allocates and frees its working set anew
+    cap = _GRAPHS_PER_CALL if device_type == "cuda" else _CPU_VMAP_PER_CALL
     per_call = max(1, min(cap, _VMAP_NUMBERS // num_params(model),
                           _VMAP_ACTIVATION_NUMBERS // (batch_size * X[0].numel() * _ACTIVATIONS_PER_INPUT)))
     return Route(forms, per_call=per_call, min_block=min(per_call, _VMAP_MIN_AHEAD), ahead=True)

@@ -9,10 +9,13 @@ and the bytes it needed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
+import platform
 import re
 import resource
+import sys
 
 from utils.errors import UserError
 
@@ -20,6 +23,11 @@ _CPU_REQUEST = re.compile(r"allocate (\d+) bytes")
 _CUDA_REQUEST = re.compile(r"[Tt]ried to allocate ([\d.]+) ([KMGT]i?B)")
 _UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
 _OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# mallopt parameters (glibc's malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# The largest block glibc accepts as its mmap threshold on 64-bit systems.
+_LARGEST_MMAP_THRESHOLD = 32 * 2**20
+_freed_memory_kept = False
 
 
 def format_bytes(count: float) -> str:
@@ -85,6 +93,34 @@ def state_bytes(value) -> int:
     if isinstance(value, (list, tuple)):
         return sum(state_bytes(v) for v in value)
     return 64
+
+
+def keep_freed_memory(trim_bytes: int = 256 * 2**20) -> bool:
+    """Have glibc's malloc keep up to ``trim_bytes`` of freed memory for reuse, once per process;
+    True where that is in effect (Linux with glibc), False elsewhere.
+
+    A vectorised measurement call on the CPU allocates and frees some 100 MB of tensors of
+    0.1-10 MB each. By default glibc hands the freed top of its heap back to the system once more
+    than twice its (adaptive) mmap threshold is free there, so the next call faults every page in
+    again: 25,000 page faults and a tenth of the time of a call of 32 batches of ResNet-20 with
+    BatchNorm (8x8 inputs, b = 16). Here blocks below 32 MiB come from the heap and freed memory
+    is trimmed only beyond ``trim_bytes``; the process's resident size then stays near its peak.
+    """
+    global _freed_memory_kept
+    if _freed_memory_kept:
+        return True
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    # Setting the trim threshold alone would also freeze the adaptive mmap threshold at its
+    # current value (128 KiB at start), sending every tensor above it to mmap and back.
+    _freed_memory_kept = (mallopt(_M_MMAP_THRESHOLD, _LARGEST_MMAP_THRESHOLD) == 1
+                          and mallopt(_M_TRIM_THRESHOLD, min(trim_bytes, 2**31 - 1)) == 1)
+    return _freed_memory_kept
 
 
 def available_memory(device) -> int | None:

@@ -156,7 +156,7 @@ class TaylorProgram:
             else:
                 first, own = _function_terms(node, cache, firsts, errors is not None)
             if own is not None:
-                term = torch.dot(errors[node.name].reshape(-1), own.reshape(-1))
+                term = (errors[node.name] * own).sum()  # torch.dot runs as a slow bmm under vmap
                 paired = term if paired is None else paired + term
             firsts[node] = first
         first = firsts[self.output]
@@ -426,8 +426,8 @@ def plain_batchnorm_parts(norm, x, weight, bias):
     shape = _channel_shape(x)
     if _uses_batch_statistics(norm):
         dims = [0, *range(2, x.dim())]
-        centred = x - x.mean(dim=dims, keepdim=True)
-        scale = torch.rsqrt(centred.square().mean(dim=dims, keepdim=True) + norm.eps)
+        centred = x - _channel_mean(x, dims)
+        scale = torch.rsqrt(_channel_mean(centred.square(), dims) + norm.eps)
     else:
         centred = x - norm.running_mean.view(shape)
         scale = torch.rsqrt(norm.running_var.view(shape) + norm.eps)
@@ -456,7 +456,7 @@ def _batchnorm_terms(norm, normalised, scale, x_dot, weight, weight_dot, bias_do
     dims = [0, *range(2, normalised.dim())]
 
     def mean_of(t):
-        return t.mean(dim=dims, keepdim=True)
+        return _channel_mean(t, dims)
     u = (x_dot - mean_of(x_dot)) * scale
     a = mean_of(normalised * u)
     # ydot = gamma u + n (gammadot - gamma a) + betadot
@@ -469,6 +469,15 @@ def _batchnorm_terms(norm, normalised, scale, x_dot, weight, weight_dot, bias_do
     if gamma_dot is not None:
         along_n, along_u = along_n - 2 * gamma_dot * a, along_u + 2 * gamma_dot
     return y_dot, torch.addcmul(normalised * along_n, u, along_u)
+
+
+def _channel_mean(t, dims):
+    """The mean over ``dims`` (kept), as a sum scaled afterwards: the gradient of a mean would
+    divide a tensor of the input's size, that of the sum only scales the small result."""
+    count = 1
+    for dim in dims:
+        count *= t.shape[dim]
+    return t.sum(dim=dims, keepdim=True) * (1.0 / count)
 
 
 def _addcmul(start, t, factor):
