@@ -8,8 +8,9 @@ and Gauss–Newton Batch Sharpness to their 0.5 % target (or the 1000-batch cap)
 route and by the plain one (``exact=True``, ``--exact-measurements``: one double backward, or one
 Gauss–Newton operator, per batch). Both draw the same batches from the same generator and stop
 on the same rule, so their values agree to round-off and only the time differs; they run in
-turns, so the ratios hold when the load drifts. Speed-ups are of the medians over
-``--repeats`` turns (in brackets: of the fastest turns).
+turns, so the ratios hold when the load drifts, and both under the allocator setting that the
+vectorised routes make (:func:`utils.resources.keep_freed_memory`, set here before the first
+turn). Speed-ups are of the medians over ``--repeats`` turns (in brackets: of the fastest turns).
 
 On 3 x 32 x 32 inputs, b = 8: the cost per batch of each route in gradient-equivalents (the
 time of one plain forward and backward pass on the same b rows), fastest of
@@ -43,6 +44,7 @@ from utils.estimators import draw_batches, measurement_generator  # noqa: E402
 from utils.hvp import model_mode, trainable_params  # noqa: E402
 from utils.losses import ce_loss, mse_loss  # noqa: E402
 from utils.models import build_model  # noqa: E402
+from utils.resources import keep_freed_memory  # noqa: E402
 
 LIMITS = {"rel_se": 0.005, "max_samples": 1000}
 MEASUREMENTS = {"Batch Sharpness": measures.batch_sharpness, "ratio form": measures.batch_sharpness_ratio,
@@ -167,7 +169,8 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    kept = keep_freed_memory()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, freed memory kept for reuse: {kept}")
     out = {"settings": vars(args)}
     if "estimates" in args.only:
         print("| model, n = 48 of 3x8x8, b = 16 | measurement | route | ours | plain | speed-up | ours: value ± SE "

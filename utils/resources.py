@@ -12,10 +12,8 @@ import contextlib
 import ctypes
 import errno
 import os
-import platform
 import re
 import resource
-import sys
 
 from utils.errors import UserError
 
@@ -27,7 +25,7 @@ _OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 # The largest block glibc accepts as its mmap threshold on 64-bit systems.
 _LARGEST_MMAP_THRESHOLD = 32 * 2**20
-_freed_memory_kept = False
+_freed_memory_kept: bool | None = None  # once asked: whether the setting took
 
 
 def format_bytes(count: float) -> str:
@@ -107,20 +105,22 @@ def keep_freed_memory(trim_bytes: int = 256 * 2**20) -> bool:
     is trimmed only beyond ``trim_bytes``; the process's resident size then stays near its peak.
     """
     global _freed_memory_kept
-    if _freed_memory_kept:
-        return True
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return False
+    if _freed_memory_kept is None:
+        _freed_memory_kept = _set_glibc_thresholds(min(trim_bytes, 2**31 - 1))
+    return _freed_memory_kept
+
+
+def _set_glibc_thresholds(trim_bytes: int) -> bool:
     try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return False
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (ValueError, OSError, AttributeError):  # no such name, another C library, or no mallopt
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # Setting the trim threshold alone would also freeze the adaptive mmap threshold at its
     # current value (128 KiB at start), sending every tensor above it to mmap and back.
-    _freed_memory_kept = (mallopt(_M_MMAP_THRESHOLD, _LARGEST_MMAP_THRESHOLD) == 1
-                          and mallopt(_M_TRIM_THRESHOLD, min(trim_bytes, 2**31 - 1)) == 1)
-    return _freed_memory_kept
+    return mallopt(_M_MMAP_THRESHOLD, _LARGEST_MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, trim_bytes) == 1
 
 
 def available_memory(device) -> int | None:
