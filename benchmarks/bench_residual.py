@@ -9,7 +9,7 @@ route and by the plain one (``exact=True``, ``--exact-measurements``: one double
 Gauss–Newton operator, per batch). Both draw the same batches from the same generator and stop
 on the same rule, so their values agree to round-off and only the time differs; they run in
 turns, so the ratios hold when the load drifts, and both under the allocator setting that the
-vectorised routes make (:func:`utils.resources.keep_freed_memory`, set here before the first
+per-batch routes make (:func:`utils.resources.keep_freed_memory`, set here before the first
 turn). Speed-ups are of the medians over ``--repeats`` turns (in brackets: of the fastest turns).
 
 On 3 x 32 x 32 inputs, b = 8: the cost per batch of each route in gradient-equivalents (the

@@ -334,11 +334,19 @@ def test_freed_memory_is_reused_without_faulting_its_pages_in_again():
     assert not kept and faults > 0.5
 
 
-def test_a_vectorised_route_on_the_cpu_keeps_freed_memory(monkeypatch):
+def test_every_route_on_the_cpu_keeps_freed_memory(monkeypatch):
+    """Vectorised or a batch at a time, ours or the plain one, same-batch, Gauss–Newton or
+    full-data forms: a route built for a model on the CPU keeps freed memory."""
     calls = []
     monkeypatch.setattr(batch_forms, "keep_freed_memory", lambda: calls.append(1))
+    model, loss_fn = tiny_resnet_bn(), LOSSES["mse"]
     X, Y = torch.randn(N, 1, 8, 8, dtype=torch.float64), tiny_data(N, "mse")[1]
-    model = tiny_resnet_bn()
-    assert batch_route(model, LOSSES["mse"], X, Y, batch_size=3) == "vmap-taylor"
-    same_batch_route(model, LOSSES["mse"], X, Y, 3)
-    assert calls == [1]
+    assert batch_route(model, loss_fn, X, Y, batch_size=3) == "vmap-taylor"
+    large = torch.randn(N, 1, 32, 32, dtype=torch.float64)
+    assert batch_route(model, loss_fn, large, Y, batch_size=N) == "taylor"
+    same_batch_route(model, loss_fn, X, Y, 3)
+    same_batch_route(model, loss_fn, large, Y, N)
+    same_batch_route(model, loss_fn, X, Y, 3, exact=True)
+    gauss_newton_route(model, loss_fn, X, Y, 3)
+    noise_route(model, loss_fn, X, Y, 3, min_samples=2, max_samples=4, block_size=2)
+    assert len(calls) == 5

@@ -167,9 +167,17 @@ def has_dropout(model) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules())
 
 
+def _keep_freed_memory_on_the_cpu(model) -> None:
+    """Each call of a route allocates and frees its working set anew; on the CPU glibc would hand
+    it back to the system and fault it in again at the next (:func:`utils.resources.keep_freed_memory`)."""
+    if trainable_params(model)[0].device.type == "cpu":
+        keep_freed_memory()
+
+
 def same_batch_route(model, loss_fn, X, Y, batch_size, *, train_mode=True, exact=False) -> Route:
     """The route of :func:`batch_route` for batches of ``batch_size`` rows of (X, Y): ``forms(idx)``
     returns the pair (g_B^T H_B g_B, |g_B|^2), each (K,)."""
+    _keep_freed_memory_on_the_cpu(model)
     route = batch_route(model, loss_fn, X, Y, exact=exact, batch_size=batch_size)
     if route == "stacked-gram":
         return Route(_StackedTerms(linear_network(model, loss_fn, X, Y), X, Y),
@@ -257,10 +265,7 @@ def _vmap_or_loop(model, vmapped: Callable, loop: Callable) -> Callable:
 
 def _vmapped_route(forms, model, X, batch_size) -> Route:
     """A :class:`Route` of vmapped ``forms``, as many batches per call as memory allows."""
-    device_type = trainable_params(model)[0].device.type
-    if device_type == "cpu":
-        keep_freed_memory()  # each call allocates and frees its working set anew
-    cap = _GRAPHS_PER_CALL if device_type == "cuda" else _CPU_VMAP_PER_CALL
+    cap = _GRAPHS_PER_CALL if trainable_params(model)[0].device.type == "cuda" else _CPU_VMAP_PER_CALL
     per_call = max(1, min(cap, _VMAP_NUMBERS // num_params(model),
                           _VMAP_ACTIVATION_NUMBERS // (batch_size * X[0].numel() * _ACTIVATIONS_PER_INPUT)))
     return Route(forms, per_call=per_call, min_block=min(per_call, _VMAP_MIN_AHEAD), ahead=True)
@@ -399,6 +404,8 @@ def gauss_newton_route(model, loss_fn, X, Y, batch_size, *, train_mode=True) -> 
     """The route of the Gauss–Newton terms: by the first Taylor coefficient on the CPU wherever
     :mod:`utils.taylor` differentiates the model (Linear networks included), else vmapped where
     the same-batch terms are, else a batch at a time (:func:`gauss_newton_forms`)."""
+    _keep_freed_memory_on_the_cpu(model)
+
     def one_at_a_time(idx):
         return gauss_newton_forms(model, loss_fn, X, Y, idx, train_mode=train_mode, vectorised=False)
 
@@ -475,6 +482,7 @@ def noise_route(model, loss_fn, X, Y, batch_size, *, chunk_size=None, train_mode
     ``chunk_size``) for batches of ``batch_size``: the Gram engine, many directions per pass and
     at least ``min_samples`` ahead, for Linear/activation chains; otherwise ``block_size``
     batch gradients at a time through :class:`utils.hvp.HessianOperator`."""
+    _keep_freed_memory_on_the_cpu(model)
     net = None if exact else linear_network(model, loss_fn, X, Y)
     if net is not None:
         with torch.no_grad():
