@@ -338,10 +338,9 @@ def resume(run_dir: str, resume_step: int | None = None, *, quiet: bool | None =
     between was due to be logged), so rows lost from a cut file are recomputed, never left
     out; where no such checkpoint is left (``--keep-checkpoints``, a deleted ``checkpoints/``)
     S is the run's first step, with a note. Rows at or after S and a cut-off last line are
-    dropped first, so the finished file
-    equals that of a run never interrupted (elapsed-time columns aside). A folder holding only
-    config.json (stopped before its first checkpoint) starts at step 0, a fork at its parent's
-    checkpoint. A run that ended (finished, stopped at its loss, diverged) with all its rows is
+    dropped first, so the finished file equals that of a run never interrupted (elapsed-time
+    columns aside). A folder holding only config.json (stopped before its first checkpoint)
+    starts at step 0, a fork at its parent's checkpoint. A run that ended (finished, stopped at its loss, diverged) with all its rows is
     left untouched and returned with ``already_done``; branch from it with :func:`fork`
     instead. A run that another live process is training is refused (:mod:`utils.run_lock`),
     and so is a folder written by a user's own loop. ``allow_changed`` accepts changed user

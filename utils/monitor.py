@@ -68,8 +68,8 @@ def closed_form_measurements(cfg, model, loss_fn, X, Y) -> list[str]:
     """The enabled measurements whose estimates are computed exactly from per-sample gradients
     where that is cheaper than sampling (``config.json``: ``resolved.closed_forms``; whether a
     given one was, ``_n`` = 0 in results.txt and the ``exact`` counts of summary.json): none with
-    ``--exact-measurements``, under train-mode BatchNorm, or for a
-    model whose samples' losses are not separable (:func:`utils.noise_decomposition.closed_form_applies`)."""
+    ``--exact-measurements``, under train-mode BatchNorm, or for a model whose samples' losses
+    are not separable (:func:`utils.noise_decomposition.closed_form_applies`)."""
     if not closed_form_applies(model, loss_fn, X, Y, train_mode=True, exact=cfg.exact_measurements):
         return []
     return [m.name for m in MEASUREMENTS if m.closed_form and getattr(cfg, m.name)]

@@ -40,6 +40,7 @@ on a value, max pooling, attention, a parameter used outside its module, a hook,
 callers then take another route.
 """
 
+import math
 import operator
 import warnings
 import weakref
@@ -474,10 +475,7 @@ def _batchnorm_terms(norm, normalised, scale, x_dot, weight, weight_dot, bias_do
 def _channel_mean(t, dims):
     """The mean over ``dims`` (kept), as a sum scaled afterwards: the gradient of a mean would
     divide a tensor of the input's size, that of the sum only scales the small result."""
-    count = 1
-    for dim in dims:
-        count *= t.shape[dim]
-    return t.sum(dim=dims, keepdim=True) * (1.0 / count)
+    return t.sum(dim=dims, keepdim=True) * (1.0 / math.prod(t.shape[dim] for dim in dims))
 
 
 def _addcmul(start, t, factor):
